@@ -1,0 +1,42 @@
+"""Rewards r(x_0, c): functions of a batch of images in [0, 1], shape (B, 3, H, W), and their
+prompts, returning one float per image as a tensor of shape (B,).
+
+`REWARDS` maps the names that `train.py --reward` accepts to these functions.
+"""
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_pil(images):
+    """(B, 3, H, W) floats in [0, 1] -> list of 8-bit RGB PIL images."""
+    array = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+    return [Image.fromarray(a) for a in array.permute(0, 2, 3, 1).cpu().numpy()]
+
+
+def jpeg_kilobytes(images):
+    """Size of each image saved as JPEG at quality 95, in kB (bytes / 1000) (paper, section 5)."""
+    sizes = []
+    for image in to_pil(images):
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=95)
+        sizes.append(buffer.tell() / 1000)
+    return torch.tensor(np.array(sizes), dtype=torch.float32)
+
+
+def jpeg_compressibility(images, prompts):
+    """Minus the JPEG size: smaller files score higher."""
+    return -jpeg_kilobytes(images)
+
+
+def jpeg_incompressibility(images, prompts):
+    """Plus the JPEG size: larger files score higher."""
+    return jpeg_kilobytes(images)
+
+
+REWARDS = {
+    "jpeg": jpeg_compressibility,
+    "jpeg_incompressibility": jpeg_incompressibility,
+}

@@ -1,0 +1,142 @@
+"""The policy: Stable Diffusion's denoiser, sampled with DDIM and read as a Gaussian policy.
+
+DDPO (Black et al. 2023, section 4.1) treats each reverse-diffusion step as an action. With
+eta > 0 a DDIM step draws x_{t-1} from a diagonal Gaussian whose mean depends on the UNet, so
+every step has a log-probability. This file loads a pipeline, takes that step with its
+log-prob, and samples whole trajectories, keeping everything the update needs.
+"""
+import math
+
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers.utils.torch_utils import randn_tensor
+from tqdm import tqdm
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def load_pipeline(model, device="cpu", dtype=torch.float32):
+    """A Stable-Diffusion-1.x pipeline from a hub id or a local folder, ready for DDPO.
+
+    The safety checker is off (it blacks out images, which a reward would learn to exploit), the
+    scheduler is DDIM with the model's own noise schedule, and every weight starts frozen: the
+    trainer decides what to unfreeze (a LoRA or the whole UNet).
+    """
+    pipe = StableDiffusionPipeline.from_pretrained(
+        model, dtype=dtype, safety_checker=None, requires_safety_checker=False
+    )
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    for module in (pipe.vae, pipe.text_encoder, pipe.unet):
+        module.requires_grad_(False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def ddim_step_with_logprob(
+    scheduler, model_output, timestep, sample, eta=1.0, prev_sample=None, generator=None, reduce="mean"
+):
+    """One DDIM step x_t -> x_{t-1} and log p_theta(x_{t-1} | x_t, c) (DESIGN.md section 2).
+
+    timestep is a scalar or one per sample. If prev_sample is given it is scored (the action taken
+    at sampling time) instead of drawn. reduce: "sum" is the true log-density over all latent
+    elements; "mean" divides it by their count, as the public DDPO code does and as its clip range
+    1e-4 assumes (a summed ratio over 16,384 elements explodes at once); "none" keeps every element.
+    """
+    if eta <= 0:
+        raise ValueError(f"eta={eta}: a DDIM step with eta <= 0 is deterministic and has no log-prob; use eta > 0 (the paper: 1)")
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"reduce={reduce!r}: use one of {REDUCTIONS}")
+    if scheduler.config.prediction_type != "epsilon" or scheduler.config.thresholding:
+        raise ValueError("only epsilon-prediction schedulers without thresholding are supported (SD 1.x)")
+
+    # alpha-bar at t and at the previous timestep t' of the inference schedule
+    t = torch.as_tensor(timestep, device=sample.device).reshape(-1)
+    t_prev = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    alphas_cumprod = scheduler.alphas_cumprod.to(sample.device)
+    final = scheduler.final_alpha_cumprod.to(sample.device)
+    abar = alphas_cumprod[t]
+    abar_prev = torch.where(t_prev >= 0, alphas_cumprod[t_prev.clamp(min=0)], final)  # t' < 0: the final value
+    abar, abar_prev = (a.view(-1, *[1] * (sample.ndim - 1)) for a in (abar, abar_prev))
+
+    eps = model_output.float()
+    x0_hat = (sample - (1 - abar).sqrt() * eps) / abar.sqrt()
+    if scheduler.config.clip_sample:
+        x0_hat = x0_hat.clamp(-scheduler.config.clip_sample_range, scheduler.config.clip_sample_range)
+    variance = (1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)
+    std = eta * variance.sqrt()  # sigma_t
+    mean = abar_prev.sqrt() * x0_hat + (1 - abar_prev - std**2).sqrt() * eps  # the only part that depends on theta
+
+    if prev_sample is None:
+        noise = randn_tensor(eps.shape, generator=generator, device=eps.device, dtype=eps.dtype)
+        prev_sample = mean + std * noise
+    prev_sample = prev_sample.detach()  # the action is data, not a function of theta
+
+    # log N(x_{t-1}; mean_t, sigma_t^2 I), element by element
+    log_prob = -((prev_sample - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    if reduce != "none":
+        dims = tuple(range(1, log_prob.ndim))
+        log_prob = log_prob.mean(dim=dims) if reduce == "mean" else log_prob.sum(dim=dims)
+    return prev_sample, log_prob
+
+
+def guided_eps(unet, latents, timesteps, prompt_embeds, negative_embeds, guidance_scale):
+    """The policy's noise prediction. Classifier-free guidance is part of the policy (DESIGN.md
+    section 2): eps = eps_u + w (eps_c - eps_u), eps_u from the empty prompt. Sampling and training
+    both call this, so the trained log-prob is the sampled one."""
+    if guidance_scale <= 1:
+        return unet(latents, timesteps, prompt_embeds).sample
+    negative = negative_embeds.expand(len(latents), -1, -1)
+    eps_u, eps_c = unet(
+        torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), torch.cat([negative, prompt_embeds])
+    ).sample.chunk(2)
+    return eps_u + guidance_scale * (eps_c - eps_u)
+
+
+def policy_log_prob(pipe, latents, next_latents, timesteps, prompt_embeds, negative_embeds, guidance_scale, eta, reduce="mean"):
+    """log p_theta(a_t | s_t) of stored actions under the current weights, with gradient: the
+    state is (prompt_embeds, timesteps, latents), the action is next_latents."""
+    eps = guided_eps(pipe.unet, latents, timesteps, prompt_embeds, negative_embeds, guidance_scale)
+    _, log_prob = ddim_step_with_logprob(pipe.scheduler, eps, timesteps, latents, eta=eta, prev_sample=next_latents, reduce=reduce)
+    return log_prob
+
+
+def encode_prompts(pipe, prompts):
+    """Frozen CLIP text embeddings, one (tokens, dim) matrix per prompt."""
+    return pipe.encode_prompt(list(prompts), pipe.unet.device, 1, False)[0]
+
+
+@torch.no_grad()
+def sample_trajectories(pipe, prompts, num_steps=50, guidance_scale=5.0, eta=1.0, batch_size=8, generator=None, reduce="mean", progress=False):
+    """Roll out the policy once per prompt, batch_size at a time.
+
+    Returns a dict of tensors, batch first: latents (B, T+1, C, h, w) from x_T to x_0, log_probs
+    (B, T) of each taken step, timesteps (B, T), prompt_embeds (B, tokens, dim), negative_embeds
+    (1, tokens, dim), images (B, 3, H, W) in [0, 1]; and prompts, the list of B strings.
+    """
+    device = pipe.unet.device
+    pipe.scheduler.set_timesteps(num_steps, device=device)
+    negative_embeds = encode_prompts(pipe, [""])
+    shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+    batches = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="sampling", disable=not progress, leave=False):
+        batch_prompts = list(prompts[start : start + batch_size])
+        n = len(batch_prompts)
+        prompt_embeds = encode_prompts(pipe, batch_prompts)
+        latents = [randn_tensor((n, *shape), generator=generator, device=device) * pipe.scheduler.init_noise_sigma]
+        log_probs = []
+        for t in pipe.scheduler.timesteps:
+            eps = guided_eps(pipe.unet, latents[-1], t.expand(n), prompt_embeds, negative_embeds, guidance_scale)
+            x_prev, log_prob = ddim_step_with_logprob(pipe.scheduler, eps, t, latents[-1], eta=eta, generator=generator, reduce=reduce)
+            latents.append(x_prev)
+            log_probs.append(log_prob)
+        decoded = pipe.vae.decode(latents[-1] / pipe.vae.config.scaling_factor).sample
+        batches.append({
+            "latents": torch.stack(latents, dim=1),
+            "log_probs": torch.stack(log_probs, dim=1),
+            "timesteps": pipe.scheduler.timesteps.expand(n, -1),
+            "prompt_embeds": prompt_embeds,
+            "images": pipe.image_processor.postprocess(decoded.float(), output_type="pt"),
+        })
+    trajectories = {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
+    trajectories.update(negative_embeds=negative_embeds, prompts=list(prompts))
+    return trajectories
