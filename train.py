@@ -1,0 +1,288 @@
+"""Fine-tune a Stable Diffusion 1.x UNet with DDPO (Black et al. 2023). One epoch is:
+sample trajectories -> reward -> advantages -> minibatch updates -> log.
+
+    python train.py --reward jpeg                      # the paper's settings
+    python train.py --model path/to/pipeline --epochs 5 --samples-per-epoch 16 --batch-size 4
+
+The policy and its log-prob are in sampler.py, advantages and losses in ddpo.py, rewards in rewards.py.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # before transformers is imported: keep the console for results
+
+from ddpo import PerPromptStatTracker, batch_advantages, ddpo_is_loss, ddpo_sf_loss, diagnostics
+from rewards import REWARDS, to_pil
+from sampler import load_pipeline, policy_log_prob, sample_trajectories
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
+
+DATA = Path(__file__).parent / "data"
+PROMPT_SETS = {"simple_animals": ("simple_animals.txt", 45), "imagenet_animals": ("imagenet_classes.txt", 398)}
+ALGOS = ("ddpo-is", "ddpo-sf")
+LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the UNet's attention projections
+
+
+def arg(default, help, **kwargs):
+    return field(default=default, metadata=dict(help=help, **kwargs))
+
+
+@dataclass
+class Config:
+    # model
+    model: str = arg("CompVis/stable-diffusion-v1-4", "hub id or local folder of a Stable Diffusion 1.x pipeline")
+    lora_rank: int = arg(4, "rank of the LoRA on the UNet's attention projections; 0 fine-tunes the whole UNet")
+    # task
+    reward: str = arg("jpeg", "reward function", choices=tuple(REWARDS))
+    prompts: str = arg("imagenet_animals", f"a built-in prompt set ({', '.join(PROMPT_SETS)}) or a text file, one prompt a line")
+    # sampling (paper, section 5: DDIM, 50 steps, eta 1, guidance 5)
+    num_steps: int = arg(50, "DDIM steps T per trajectory")
+    guidance_scale: float = arg(5.0, "classifier-free guidance weight w, part of the policy")
+    eta: float = arg(1.0, "DDIM noise level; must be > 0 for the step to have a log-prob")
+    # algorithm (paper, section 4 and DESIGN.md section 5)
+    algo: str = arg("ddpo-is", "DDPO_IS (clipped importance sampling) or DDPO_SF (REINFORCE)", choices=ALGOS)
+    epochs: int = arg(100, "epochs, each one round of sampling and updates")
+    samples_per_epoch: int = arg(256, "trajectories sampled per epoch")
+    batch_size: int = arg(8, "trajectories per forward pass, sampling and training (memory only, not the maths)")
+    updates_per_epoch: int = arg(None, "optimiser steps per epoch; default 4 for ddpo-is (minibatches of 64), 1 for ddpo-sf")
+    timestep_fraction: float = arg(1.0, "fraction of each trajectory's steps trained on, drawn per sample")
+    clip_range: float = arg(1e-4, "PPO clip range eps on the per-element (mean-reduced) ratio")
+    adv_clip_max: float = arg(5.0, "advantages are clipped to [-adv_clip_max, adv_clip_max]")
+    per_prompt_stat_tracking: bool = arg(True, "normalise rewards per prompt (else over the batch)")
+    buffer_size: int = arg(32, "rewards kept per prompt for its statistics")
+    min_count: int = arg(16, "rewards a prompt needs before its own statistics replace the batch's")
+    # optimiser (AdamW, paper's settings)
+    lr: float = arg(None, "learning rate; default 3e-4 with LoRA, 1e-5 for the whole UNet")
+    weight_decay: float = arg(1e-4, "AdamW weight decay")
+    max_grad_norm: float = arg(1.0, "gradient norm clip")
+    # system
+    seed: int = arg(0, "seed for prompts, noise, shuffling and LoRA init")
+    out: str = arg(None, "run folder; default runs/<reward>-<algo>-<time>")
+    mixed_precision: str = arg("no", "autocast the frozen networks and UNet forwards", choices=("no", "fp16", "bf16"))
+    device: str = arg(None, "torch device; default cuda when available, else cpu")
+
+
+def fail(message):
+    print(f"train.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.error = fail  # one line, exit status 2
+    for f in dataclasses.fields(Config):
+        meta = dict(f.metadata)
+        if f.type is bool:
+            meta["action"] = argparse.BooleanOptionalAction
+        else:
+            meta.setdefault("type", f.type)
+        parser.add_argument("--" + f.name.replace("_", "-"), default=f.default, **meta)
+    cfg = Config(**vars(parser.parse_args(argv)))
+    # derived values, computed once
+    cfg.updates_per_epoch = cfg.updates_per_epoch or (4 if cfg.algo == "ddpo-is" else 1)
+    cfg.lr = cfg.lr or (3e-4 if cfg.lora_rank > 0 else 1e-5)
+    cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg.out = cfg.out or f"runs/{cfg.reward}-{cfg.algo}-{time.strftime('%Y%m%d-%H%M%S')}"
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg):
+    """Refuse bad input before anything is loaded or written."""
+    for name, value in vars(cfg).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    for name in ("num_steps", "epochs", "samples_per_epoch", "batch_size", "updates_per_epoch", "buffer_size", "min_count"):
+        if getattr(cfg, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("eta", "clip_range", "lr", "adv_clip_max"):
+        if getattr(cfg, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
+    if cfg.lora_rank < 0:
+        fail(f"--lora-rank must be >= 0 (0 = whole UNet), got {cfg.lora_rank}")
+    if not 0 < cfg.timestep_fraction <= 1:
+        fail(f"--timestep-fraction must be in (0, 1], got {cfg.timestep_fraction}")
+    if cfg.samples_per_epoch % (cfg.updates_per_epoch * cfg.batch_size):
+        fail(f"--samples-per-epoch ({cfg.samples_per_epoch}) must be a multiple of --updates-per-epoch x --batch-size ({cfg.updates_per_epoch} x {cfg.batch_size})")
+    if cfg.mixed_precision == "fp16" and not cfg.device.startswith("cuda"):
+        fail("--mixed-precision fp16 needs a CUDA device; use bf16 or no on the CPU")
+    if Path(cfg.out).exists() and any(Path(cfg.out).iterdir()):
+        fail(f"--out {cfg.out} is not empty; choose a new folder")
+    load_prompts(cfg.prompts)
+
+
+def load_prompts(name):
+    """A built-in prompt set (data/README.md) or a text file, one prompt a line."""
+    file, count = PROMPT_SETS.get(name, (None, None))
+    path = DATA / file if file else Path(name)
+    if not path.is_file():
+        fail(f"--prompts {name}: no such set or file; use one of {', '.join(PROMPT_SETS)} or a text file")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()][:count]
+    if not prompts:
+        fail(f"--prompts {name}: the file has no prompts; write one prompt a line")
+    return prompts
+
+
+def add_trainable(unet, lora_rank):
+    """A LoRA on the attention projections (kept in fp32), or the whole UNet when rank is 0."""
+    if lora_rank == 0:
+        unet.to(torch.float32).requires_grad_(True)
+    else:
+        from diffusers.training_utils import cast_training_params
+        from peft import LoraConfig
+
+        unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+        cast_training_params(unet, dtype=torch.float32)
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
+def save_weights(pipe, out, lora_rank):
+    """lora/ in diffusers' format (for load_lora_weights), or unet/ after a full fine-tune."""
+    if lora_rank == 0:
+        pipe.unet.save_pretrained(out / "unet")
+        return
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
+    type(pipe).save_lora_weights(out / "lora", unet_lora_layers=layers)
+
+
+def update(cfg, pipe, traj, advantages, optimizer, params, rng, autocast):
+    """Minibatch updates on one epoch's samples (section 4.2). Samples are shuffled, and each
+    sample visits its own random order of timesteps; gradients accumulate over the steps and the
+    microbatches of one minibatch, so each optimiser step sees the mean loss over both."""
+    num_samples, num_steps = traj["log_probs"].shape
+    device = traj["latents"].device
+    train_steps = max(1, int(num_steps * cfg.timestep_fraction))
+    microbatches = cfg.samples_per_epoch // (cfg.updates_per_epoch * cfg.batch_size)  # per optimiser step
+    order = torch.as_tensor(rng.permutation(num_samples), device=device)
+    step_order = torch.as_tensor(rng.random((num_samples, num_steps)).argsort(axis=1)[:, :train_steps], device=device)
+    stats = defaultdict(list)
+    for i, start in enumerate(tqdm(range(0, num_samples, cfg.batch_size), desc="training", leave=False)):
+        rows = order[start : start + cfg.batch_size]
+        for j in range(train_steps):
+            steps = step_order[rows, j]
+            with autocast:
+                log_prob = policy_log_prob(
+                    pipe, traj["latents"][rows, steps], traj["latents"][rows, steps + 1], traj["timesteps"][rows, steps],
+                    traj["prompt_embeds"][rows], traj["negative_embeds"], cfg.guidance_scale, cfg.eta,
+                )
+            old_log_prob = traj["log_probs"][rows, steps]
+            if cfg.algo == "ddpo-sf":
+                loss = ddpo_sf_loss(log_prob, advantages[rows], cfg.adv_clip_max)
+            else:
+                loss = ddpo_is_loss(log_prob, old_log_prob, advantages[rows], cfg.clip_range, cfg.adv_clip_max)
+            (loss / (train_steps * microbatches)).backward()
+            stats["loss"].append(loss.item())
+            for key, value in diagnostics(log_prob, old_log_prob, cfg.clip_range).items():
+                stats[key].append(value)
+        if (i + 1) % microbatches == 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad()
+    return {key: float(np.mean(values)) for key, values in stats.items()}
+
+
+def save_grid(images, captions, path, size=128, cols=4):
+    """A grid of images, each captioned underneath."""
+    pictures = to_pil(images)
+    rows = math.ceil(len(pictures) / cols)
+    canvas = Image.new("RGB", (cols * size, rows * (size + 28)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for k, (picture, caption) in enumerate(zip(pictures, captions)):
+        x, y = (k % cols) * size, (k // cols) * (size + 28)
+        canvas.paste(picture.resize((size, size), Image.NEAREST if picture.width < size else Image.BILINEAR), (x, y))
+        draw.text((x + 3, y + size + 2), caption, fill="black")
+    canvas.save(path)
+
+
+def plot_rewards(history, reward, path):
+    queries = [m["reward_queries"] for m in history]
+    mean, std = np.array([m["reward_mean"] for m in history]), np.array([m["reward_std"] for m in history])
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(queries, mean, marker="o")
+    ax.fill_between(queries, mean - std, mean + std, alpha=0.25, label="mean ± std over the epoch's samples")
+    ax.set(xlabel="reward queries", ylabel=f"reward ({reward})", title="DDPO training")
+    ax.legend(loc="best", fontsize=8)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    device = torch.device(cfg.device)
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+    autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=cfg.mixed_precision != "no")
+    try:
+        pipe = load_pipeline(cfg.model, device, weight_dtype)
+    except OSError as error:
+        fail(f"--model {cfg.model}: cannot load it ({str(error).splitlines()[0]}); pass a local pipeline folder or pre-download the model")
+    params = add_trainable(pipe.unet, cfg.lora_rank)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)
+    generator = torch.Generator(device).manual_seed(cfg.seed)
+    reward_fn = REWARDS[cfg.reward]
+    prompt_set = load_prompts(cfg.prompts)
+    tracker = PerPromptStatTracker(cfg.buffer_size, cfg.min_count) if cfg.per_prompt_stat_tracking else None
+
+    out = Path(cfg.out)
+    (out / "samples").mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    print(f"DDPO {cfg.algo} on {cfg.model} ({cfg.device}), reward {cfg.reward}, {len(prompt_set)} prompts -> {out}")
+    history = []
+    for epoch in range(cfg.epochs):
+        # 1. sample: roll out the current policy, one trajectory per drawn prompt
+        start = time.time()
+        prompts = [prompt_set[i] for i in rng.integers(len(prompt_set), size=cfg.samples_per_epoch)]
+        with autocast:
+            traj = sample_trajectories(pipe, prompts, cfg.num_steps, cfg.guidance_scale, cfg.eta, cfg.batch_size, generator, progress=True)
+        sample_seconds = time.time() - start
+        # 2. reward r(x_0, c) on the decoded images
+        rewards = reward_fn(traj["images"], prompts).float()
+        # 3. advantages: rewards normalised per prompt, or over the batch (section 4.3)
+        advantages = tracker.update(prompts, rewards.numpy()) if tracker else batch_advantages(rewards.numpy())
+        advantages = torch.as_tensor(advantages, dtype=torch.float32, device=device)
+        # 4. update the policy on these samples
+        start = time.time()
+        stats = update(cfg, pipe, traj, advantages, optimizer, params, rng, autocast)
+        train_seconds = time.time() - start
+        # 5. log
+        metrics = {
+            "epoch": epoch, "reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(),
+            "reward_queries": (epoch + 1) * cfg.samples_per_epoch, **stats,
+            "sample_seconds": sample_seconds, "train_seconds": train_seconds,
+        }
+        history.append(metrics)
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        captions = [f"{p[:20]}\n{r:.2f}" for p, r in zip(prompts, rewards.tolist())]
+        save_grid(traj["images"][:16], captions[:16], out / "samples" / f"epoch_{epoch:04d}.png")
+        plot_rewards(history, cfg.reward, out / "reward_curve.png")
+        save_weights(pipe, out, cfg.lora_rank)
+        print(
+            f"epoch {epoch}: reward {metrics['reward_mean']:.3f} ± {metrics['reward_std']:.3f} | "
+            f"loss {stats['loss']:.4g} kl {stats['approx_kl']:.2e} clipfrac {stats['clipfrac']:.3f} | "
+            f"sample {sample_seconds:.1f}s train {train_seconds:.1f}s"
+        )
+    return history
+
+
+if __name__ == "__main__":
+    main()
