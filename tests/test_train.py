@@ -1,0 +1,54 @@
+"""train.py end to end on the tiny pipeline: the run folder, the saved LoRA, and refused input."""
+import json
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+import train
+
+TINY_RUN = ["--epochs", "1", "--samples-per-epoch", "8", "--batch-size", "2", "--num-steps", "4", "--prompts", "simple_animals"]
+
+
+def test_one_epoch_writes_the_run_folder_and_a_loadable_lora(tiny_pipeline_dir, tmp_path):
+    out = tmp_path / "run"
+    history = train.main(["--model", str(tiny_pipeline_dir), "--out", str(out), "--lr", "1e-2", *TINY_RUN])
+    assert len(history) == 1
+    config = json.loads((out / "config.json").read_text())
+    assert config["updates_per_epoch"] == 4 and config["algo"] == "ddpo-is"
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 1
+    for key in ("epoch", "reward_mean", "reward_std", "reward_queries", "loss", "approx_kl", "clipfrac", "sample_seconds", "train_seconds"):
+        assert key in metrics[0]
+    assert metrics[0]["reward_queries"] == 8 and metrics[0]["reward_mean"] < 0
+    assert (out / "samples" / "epoch_0000.png").is_file() and (out / "reward_curve.png").is_file()
+
+    base = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
+    tuned = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
+    tuned.load_lora_weights(out / "lora")
+    latents, t, text = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 16, 32)
+    with torch.no_grad():
+        change = (tuned.unet(latents, t, text).sample - base.unet(latents, t, text).sample).abs().max()
+    assert change > 0  # the trained LoRA is loaded and moves the UNet
+
+
+def test_full_unet_fine_tune_saves_the_unet(tiny_pipeline_dir, tmp_path):
+    out = tmp_path / "run"
+    train.main(["--model", str(tiny_pipeline_dir), "--out", str(out), "--lora-rank", "0", "--algo", "ddpo-sf", *TINY_RUN])
+    assert json.loads((out / "config.json").read_text())["lr"] == 1e-5
+    assert (out / "unet" / "config.json").is_file() and not (out / "lora").exists()
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--reward", "nonsense"), ("--algo", "ppo"), ("--eta", "0"), ("--num-steps", "0"), ("--clip-range", "-1"),
+    ("--lora-rank", "-1"), ("--timestep-fraction", "1.5"), ("--samples-per-epoch", "7"), ("--lr", "nan"),
+    ("--prompts", "no_such_file.txt"), ("--mixed-precision", "fp16"),
+])
+def test_bad_input_exits_2_with_one_line_naming_the_flag(flag, value, tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit:
+        train.main(["--out", str(out), "--device", "cpu", flag, value])
+    assert exit.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and flag in error
+    assert not out.exists()
