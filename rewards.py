@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+import toy_world
+
 
 def to_pil(images):
     """(B, 3, H, W) floats in [0, 1] -> list of 8-bit RGB PIL images."""
@@ -39,4 +41,5 @@ def jpeg_incompressibility(images, prompts):
 REWARDS = {
     "jpeg": jpeg_compressibility,
     "jpeg_incompressibility": jpeg_incompressibility,
+    "toy_alignment": toy_world.judge,  # the bundled model's stand-in for the paper's VLM alignment
 }
