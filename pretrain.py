@@ -1,0 +1,177 @@
+"""Pretrain the bundled tiny text-to-image model on the toy world (toy_world.py), on a CPU.
+
+    python pretrain.py --out models/tiny-shapes      # the shipped model: under an hour on 2 cores
+
+The result has Stable Diffusion 1.x's shape, scaled down: a CLIP tokenizer (one token a word of
+the world, characters otherwise) and text encoder, a VAE (64 x 64 images <-> 4 x 8 x 8 latents,
+a factor 8 as in SD), a cross-attention UNet, and DDIM on SD v1.4's noise schedule. Phase 1 trains
+the VAE; phase 2 trains the UNet and text encoder on the VAE's latents with the usual noise-
+prediction loss, dropping 10 % of the captions so that classifier-free guidance works.
+"""
+import argparse
+import dataclasses
+import os
+import string
+import time
+from dataclasses import dataclass
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from diffusers.training_utils import EMAModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+import toy_world
+
+# SD v1.4's noise schedule, as its scheduler config ships it
+SD14_SCHEDULER = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+    set_alpha_to_one=False, steps_offset=1, clip_sample=False, prediction_type="epsilon",
+)
+
+
+@dataclass
+class Config:
+    out: str = "models/tiny-shapes"
+    seed: int = 0
+    vae_steps: int = 1200
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-6
+    dataset_size: int = 20000  # images encoded once for phase 2
+    unet_steps: int = 6000
+    unet_batch: int = 64
+    unet_lr: float = 1e-3
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    save_every: int = 1000
+
+
+def make_tokenizer(words, max_length=8):
+    """A CLIP BPE tokenizer whose merges spell each given word as one token; any other text
+    falls back to single characters."""
+    chars = sorted(set(string.ascii_lowercase + string.digits + "-,.'"))
+    vocab = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
+    merges = []
+    for word in words:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:  # merge left to right: r e d</w> -> re d</w> -> red</w>
+            merges.append((pieces[0], pieces[1]))
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+            if pieces[0] not in vocab:
+                vocab.append(pieces[0])
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=max_length)
+
+
+def build_pipeline(image_size=64, vae_channels=(16, 32, 64, 64), unet_channels=(32, 64, 64), text_dim=64,
+                   text_layers=2, words=(), max_length=8, seed=0):
+    """A random-weight SD-1.x-shaped pipeline; the VAE downsamples by 2 ** (len(vae_channels) - 1)."""
+    torch.manual_seed(seed)
+    tokenizer = make_tokenizer(words, max_length)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer.get_vocab()), hidden_size=text_dim, intermediate_size=2 * text_dim,
+        num_hidden_layers=text_layers, num_attention_heads=4, max_position_embeddings=max_length,
+        bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    ))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=vae_channels, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * len(vae_channels), up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
+        norm_num_groups=8, sample_size=image_size,
+    )
+    attention = ("CrossAttnDownBlock2D",) * (len(unet_channels) - 1)
+    unet = UNet2DConditionModel(
+        sample_size=image_size // 2 ** (len(vae_channels) - 1), in_channels=4, out_channels=4,
+        block_out_channels=unet_channels, layers_per_block=1, down_block_types=attention + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(unet_channels) - 1),
+        cross_attention_dim=text_dim, attention_head_dim=8, norm_num_groups=8,
+    )
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=DDIMScheduler(**SD14_SCHEDULER),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def train_vae(vae, cfg, rng):
+    """Phase 1: reconstruct world images through the 4 x 8 x 8 latent (L1 plus a tiny KL)."""
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0)
+    schedule = get_cosine_schedule_with_warmup(optimizer, 100, cfg.vae_steps)
+    start = time.time()
+    for step in range(cfg.vae_steps):
+        images = toy_world.sample_batch(cfg.vae_batch, rng)[0] * 2 - 1
+        posterior = vae.encode(images).latent_dist
+        reconstruction = vae.decode(posterior.sample()).sample
+        loss = F.l1_loss(reconstruction, images) + cfg.kl_weight * posterior.kl().mean()
+        loss.backward()
+        optimizer.step(), schedule.step(), optimizer.zero_grad()
+        if step % 100 == 0 or step == cfg.vae_steps - 1:
+            print(f"vae step {step}: l1 {F.l1_loss(reconstruction, images).item():.4f} ({time.time() - start:.0f}s)", flush=True)
+
+
+@torch.no_grad()
+def encode_dataset(vae, cfg, rng):
+    """Encode a fixed set of world images once: latent means, stds and captions."""
+    means, stds, prompts = [], [], []
+    for _ in range(cfg.dataset_size // 250):
+        images, batch_prompts = toy_world.sample_batch(250, rng)
+        posterior = vae.encode(images * 2 - 1).latent_dist
+        means.append(posterior.mean), stds.append(posterior.std), prompts.extend(batch_prompts)
+    return torch.cat(means), torch.cat(stds), prompts
+
+
+def train_unet(pipe, means, stds, prompts, cfg, rng):
+    """Phase 2: the noise-prediction loss ||eps - eps_theta(x_t, t, c)||^2 on scaled latents,
+    training the UNet and the text encoder together, with EMA weights kept for sampling."""
+    params = list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters())
+    pipe.unet.requires_grad_(True), pipe.text_encoder.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-4)
+    schedule = get_cosine_schedule_with_warmup(optimizer, 200, cfg.unet_steps)
+    ema = EMAModel(params, decay=cfg.ema_decay)
+    scaling = pipe.vae.config.scaling_factor
+    start = time.time()
+    for step in range(cfg.unet_steps):
+        rows = rng.integers(len(prompts), size=cfg.unet_batch)
+        latents = (means[rows] + stds[rows] * torch.randn_like(stds[rows])) * scaling
+        captions = ["" if rng.random() < cfg.caption_dropout else prompts[i] for i in rows]
+        ids = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (len(rows),))
+        noisy = pipe.scheduler.add_noise(latents, noise, timesteps)
+        loss = F.mse_loss(pipe.unet(noisy, timesteps, pipe.text_encoder(ids)[0]).sample, noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step(), schedule.step(), optimizer.zero_grad()
+        ema.step(params)
+        if step % 100 == 0 or step == cfg.unet_steps - 1:
+            print(f"unet step {step}: loss {loss.item():.4f} ({time.time() - start:.0f}s)", flush=True)
+        if (step + 1) % cfg.save_every == 0 or step == cfg.unet_steps - 1:
+            ema.store(params), ema.copy_to(params)
+            pipe.save_pretrained(cfg.out)
+            ema.restore(params)
+    pipe.unet.requires_grad_(False), pipe.text_encoder.requires_grad_(False)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Config):
+        parser.add_argument("--" + f.name.replace("_", "-"), type=f.type, default=f.default)
+    cfg = Config(**vars(parser.parse_args(argv)))
+    rng = np.random.default_rng(cfg.seed)
+    words = ["a", *toy_world.COLOURS, *toy_world.SHAPES]
+    pipe = build_pipeline(image_size=toy_world.SIZE, words=words, seed=cfg.seed)
+    print(f"parameters: unet {sum(p.numel() for p in pipe.unet.parameters()) / 1e6:.2f}M, "
+          f"vae {sum(p.numel() for p in pipe.vae.parameters()) / 1e6:.2f}M, "
+          f"text encoder {sum(p.numel() for p in pipe.text_encoder.parameters()) / 1e6:.2f}M", flush=True)
+    train_vae(pipe.vae, cfg, rng)
+    means, stds, prompts = encode_dataset(pipe.vae, cfg, rng)
+    pipe.vae.register_to_config(scaling_factor=1 / means.std().item())  # unit-variance latents, as SD's 0.18215
+    pipe.vae.requires_grad_(False)
+    train_unet(pipe, means, stds, prompts, cfg, rng)
+    return pipe
+
+
+if __name__ == "__main__":
+    main()
