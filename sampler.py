@@ -9,10 +9,15 @@ import math
 
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers.training_utils import cast_training_params
+from diffusers.utils import convert_state_dict_to_diffusers
 from diffusers.utils.torch_utils import randn_tensor
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
 from tqdm import tqdm
 
 REDUCTIONS = ("mean", "sum", "none")
+LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the UNet's attention projections
 
 
 def load_pipeline(model, device="cpu", dtype=torch.float32):
@@ -30,6 +35,25 @@ def load_pipeline(model, device="cpu", dtype=torch.float32):
         module.requires_grad_(False)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def add_trainable(unet, lora_rank):
+    """A LoRA on the attention projections (kept in fp32), or the whole UNet when rank is 0."""
+    if lora_rank == 0:
+        unet.to(torch.float32).requires_grad_(True)
+    else:
+        unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+        cast_training_params(unet, dtype=torch.float32)
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
+def save_weights(pipe, out, lora_rank):
+    """lora/ in diffusers' format (for load_lora_weights), or unet/ after a full fine-tune."""
+    if lora_rank == 0:
+        pipe.unet.save_pretrained(out / "unet")
+        return
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
+    type(pipe).save_lora_weights(out / "lora", unet_lora_layers=layers)
 
 
 def ddim_step_with_logprob(

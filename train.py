@@ -1,10 +1,12 @@
 """Fine-tune a Stable Diffusion 1.x UNet with DDPO (Black et al. 2023). One epoch is:
 sample trajectories -> reward -> advantages -> minibatch updates -> log.
 
-    python train.py --reward jpeg                      # the paper's settings
-    python train.py --model path/to/pipeline --epochs 5 --samples-per-epoch 16 --batch-size 4
+    python train.py --reward jpeg                      # SD v1.4 on CUDA, else the bundled CPU model
+    python train.py --model CompVis/stable-diffusion-v1-4 --reward jpeg_incompressibility
 
-The policy and its log-prob are in sampler.py, advantages and losses in ddpo.py, rewards in rewards.py.
+Defaults are the paper's SD v1.4 settings; with the bundled model the preset "tiny" scales them to a
+CPU (every flag given still wins). The policy and its log-prob are in sampler.py, advantages and
+losses in ddpo.py, rewards in rewards.py.
 """
 import argparse
 import dataclasses
@@ -25,17 +27,34 @@ from tqdm import tqdm
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # before transformers is imported: keep the console for results
 
+import toy_world
 from ddpo import PerPromptStatTracker, batch_advantages, ddpo_is_loss, ddpo_sf_loss, diagnostics
 from rewards import REWARDS, to_pil
-from sampler import load_pipeline, policy_log_prob, sample_trajectories
+from sampler import add_trainable, load_pipeline, policy_log_prob, sample_trajectories, save_weights
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
 DATA = Path(__file__).parent / "data"
-PROMPT_SETS = {"simple_animals": ("simple_animals.txt", 45), "imagenet_animals": ("imagenet_classes.txt", 398)}
+BUNDLED_MODEL = Path(__file__).parent / "models" / "tiny-shapes"
+SD14 = "CompVis/stable-diffusion-v1-4"
+
+
+def read_lines(path):
+    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+PROMPT_SETS = {
+    "imagenet_animals": lambda: read_lines(DATA / "imagenet_classes.txt")[:398],
+    "simple_animals": lambda: read_lines(DATA / "simple_animals.txt"),
+    "shapes": lambda: toy_world.PROMPTS,
+}
+# The paper's settings scaled to the bundled model on a 2-core CPU (README, "The CPU demo")
+PRESETS = {
+    "paper": {},
+    "tiny": dict(prompts="shapes", num_steps=20, guidance_scale=3.0, epochs=12, samples_per_epoch=64, batch_size=16, lr=1e-3),
+}
 ALGOS = ("ddpo-is", "ddpo-sf")
-LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the UNet's attention projections
 
 
 def arg(default, help, **kwargs):
@@ -45,7 +64,8 @@ def arg(default, help, **kwargs):
 @dataclass
 class Config:
     # model
-    model: str = arg("CompVis/stable-diffusion-v1-4", "hub id or local folder of a Stable Diffusion 1.x pipeline")
+    model: str = arg("auto", f"hub id or local folder of a Stable Diffusion 1.x pipeline; auto: {SD14} with CUDA, else the bundled {BUNDLED_MODEL.name}")
+    preset: str = arg("auto", "settings to start from: the paper's, or tiny for the bundled model on a CPU; auto: tiny with the bundled model", choices=("auto", *PRESETS))
     lora_rank: int = arg(4, "rank of the LoRA on the UNet's attention projections; 0 fine-tunes the whole UNet")
     # task
     reward: str = arg("jpeg", "reward function", choices=tuple(REWARDS))
@@ -87,12 +107,21 @@ def parse_args(argv=None):
     parser.error = fail  # one line, exit status 2
     for f in dataclasses.fields(Config):
         meta = dict(f.metadata)
+        meta["help"] += "" if f.default is None else f" (default: {f.default})"
         if f.type is bool:
             meta["action"] = argparse.BooleanOptionalAction
         else:
             meta.setdefault("type", f.type)
-        parser.add_argument("--" + f.name.replace("_", "-"), default=f.default, **meta)
-    cfg = Config(**vars(parser.parse_args(argv)))
+        parser.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, **meta)
+    given = vars(parser.parse_args(argv))  # only the flags on the command line
+    model, preset = given.pop("model", "auto"), given.pop("preset", "auto")
+    if model == "auto":
+        model = SD14 if torch.cuda.is_available() else str(BUNDLED_MODEL)
+        why = f"CUDA is available, so {SD14}" if torch.cuda.is_available() else "no CUDA device, so the bundled CPU model models/tiny-shapes"
+        print(f"--model auto: {why} (choose with --model)")
+    if preset == "auto":
+        preset = "tiny" if Path(model).resolve() == BUNDLED_MODEL.resolve() else "paper"
+    cfg = Config(**{**PRESETS[preset], **given, "model": model, "preset": preset})
     # derived values, computed once
     cfg.updates_per_epoch = cfg.updates_per_epoch or (4 if cfg.algo == "ddpo-is" else 1)
     cfg.lr = cfg.lr or (3e-4 if cfg.lora_rank > 0 else 1e-5)
@@ -128,39 +157,14 @@ def validate(cfg):
 
 def load_prompts(name):
     """A built-in prompt set (data/README.md) or a text file, one prompt a line."""
-    file, count = PROMPT_SETS.get(name, (None, None))
-    path = DATA / file if file else Path(name)
-    if not path.is_file():
+    if name in PROMPT_SETS:
+        return PROMPT_SETS[name]()
+    if not Path(name).is_file():
         fail(f"--prompts {name}: no such set or file; use one of {', '.join(PROMPT_SETS)} or a text file")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()][:count]
+    prompts = read_lines(name)
     if not prompts:
         fail(f"--prompts {name}: the file has no prompts; write one prompt a line")
     return prompts
-
-
-def add_trainable(unet, lora_rank):
-    """A LoRA on the attention projections (kept in fp32), or the whole UNet when rank is 0."""
-    if lora_rank == 0:
-        unet.to(torch.float32).requires_grad_(True)
-    else:
-        from diffusers.training_utils import cast_training_params
-        from peft import LoraConfig
-
-        unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
-        cast_training_params(unet, dtype=torch.float32)
-    return [p for p in unet.parameters() if p.requires_grad]
-
-
-def save_weights(pipe, out, lora_rank):
-    """lora/ in diffusers' format (for load_lora_weights), or unet/ after a full fine-tune."""
-    if lora_rank == 0:
-        pipe.unet.save_pretrained(out / "unet")
-        return
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
-    type(pipe).save_lora_weights(out / "lora", unet_lora_layers=layers)
 
 
 def update(cfg, pipe, traj, advantages, optimizer, params, rng, autocast):
@@ -241,6 +245,7 @@ def main(argv=None):
     reward_fn = REWARDS[cfg.reward]
     prompt_set = load_prompts(cfg.prompts)
     tracker = PerPromptStatTracker(cfg.buffer_size, cfg.min_count) if cfg.per_prompt_stat_tracking else None
+    toy_prompts = set(prompt_set) <= set(toy_world.PROMPTS)  # then the toy world's judge reports fidelity
 
     out = Path(cfg.out)
     (out / "samples").mkdir(parents=True, exist_ok=True)
@@ -267,6 +272,7 @@ def main(argv=None):
         metrics = {
             "epoch": epoch, "reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(),
             "reward_queries": (epoch + 1) * cfg.samples_per_epoch, **stats,
+            **({"fidelity": toy_world.judge(traj["images"], prompts).mean().item()} if toy_prompts else {}),
             "sample_seconds": sample_seconds, "train_seconds": train_seconds,
         }
         history.append(metrics)
@@ -276,10 +282,10 @@ def main(argv=None):
         save_grid(traj["images"][:16], captions[:16], out / "samples" / f"epoch_{epoch:04d}.png")
         plot_rewards(history, cfg.reward, out / "reward_curve.png")
         save_weights(pipe, out, cfg.lora_rank)
+        fidelity = f" fidelity {metrics['fidelity']:.3f}" if toy_prompts else ""
         print(
-            f"epoch {epoch}: reward {metrics['reward_mean']:.3f} ± {metrics['reward_std']:.3f} | "
-            f"loss {stats['loss']:.4g} kl {stats['approx_kl']:.2e} clipfrac {stats['clipfrac']:.3f} | "
-            f"sample {sample_seconds:.1f}s train {train_seconds:.1f}s"
+            f"epoch {epoch}: reward {metrics['reward_mean']:.3f} ± {metrics['reward_std']:.3f}{fidelity} | loss {stats['loss']:.4g} "
+            f"kl {stats['approx_kl']:.2e} clipfrac {stats['clipfrac']:.3f} | sample {sample_seconds:.1f}s train {train_seconds:.1f}s"
         )
     return history
 

@@ -3,10 +3,9 @@ import math
 
 import pytest
 import torch
-from conftest import sd14_scheduler, tiny_pipeline
-from peft import LoraConfig
+from conftest import sd14_scheduler
 
-from sampler import ddim_step_with_logprob, load_pipeline, policy_log_prob, sample_trajectories
+from sampler import add_trainable, ddim_step_with_logprob, load_pipeline, policy_log_prob, sample_trajectories
 
 NUM_STEPS = 10
 SHAPE = (3, 4, 8, 8)
@@ -65,7 +64,7 @@ def test_eta_zero_has_no_density():
 
 def test_recomputed_log_prob_equals_sampling_log_prob_with_cfg_and_lora(tiny_pipeline_dir):
     pipe = load_pipeline(tiny_pipeline_dir)
-    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    add_trainable(pipe.unet, lora_rank=4)
     with torch.no_grad():  # give the LoRA non-zero weights, so it changes the policy
         for name, param in pipe.unet.named_parameters():
             if "lora_B" in name:
