@@ -5,11 +5,18 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from diffusers import DDIMScheduler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pretrain import SD14_SCHEDULER, build_pipeline  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    """Every test starts from the same random state: the suite is deterministic."""
+    torch.manual_seed(0)
 
 
 def sd14_scheduler(num_steps):

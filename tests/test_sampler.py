@@ -35,15 +35,17 @@ def test_ddim_step_equals_diffusers_step_for_same_noise(eta, step):
 
 @pytest.mark.parametrize("step", [0, NUM_STEPS - 1])
 def test_log_prob_reductions_match_normal_density(step):
+    torch.manual_seed(step)
     scheduler = sd14_scheduler(NUM_STEPS)
     t = scheduler.timesteps[step]
-    sample, eps, prev = torch.randn(SHAPE), torch.randn(SHAPE), torch.randn(SHAPE)
+    sample, eps = torch.randn(SHAPE), torch.randn(SHAPE)
     mean, std = diffusers_mean_and_std(scheduler, eps, t, sample, eta=1.0)
+    prev = mean + std * torch.randn(SHAPE)  # an action the policy could take
     expected = torch.distributions.Normal(mean, std).log_prob(prev)
     log_prob = {r: ddim_step_with_logprob(scheduler, eps, t, sample, prev_sample=prev, reduce=r)[1] for r in ("sum", "mean", "none")}
     assert log_prob["none"].shape == SHAPE
-    torch.testing.assert_close(log_prob["none"], expected, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(log_prob["sum"], expected.sum(dim=(1, 2, 3)), rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(log_prob["none"], expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(log_prob["sum"], expected.sum(dim=(1, 2, 3)), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(log_prob["mean"], log_prob["sum"] / (4 * 8 * 8), rtol=1e-6, atol=1e-6)
 
 
