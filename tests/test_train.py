@@ -42,7 +42,7 @@ def test_full_unet_fine_tune_saves_the_unet(tiny_pipeline_dir, tmp_path):
 @pytest.mark.parametrize("flag, value", [
     ("--reward", "nonsense"), ("--algo", "ppo"), ("--eta", "0"), ("--num-steps", "0"), ("--clip-range", "-1"),
     ("--lora-rank", "-1"), ("--timestep-fraction", "1.5"), ("--samples-per-epoch", "7"), ("--lr", "nan"),
-    ("--prompts", "no_such_file.txt"), ("--mixed-precision", "fp16"),
+    ("--prompts", "no_such_file.txt"), ("--mixed-precision", "fp16"), ("--model", "no-such/model"),
 ])
 def test_bad_input_exits_2_with_one_line_naming_the_flag(flag, value, tmp_path, capsys):
     out = tmp_path / "run"
