@@ -47,9 +47,9 @@ def before_after(lora_dir, path, n=8):
     """Base and fine-tuned model on the same prompts and the same initial noise, one row each."""
     preset = PRESETS["tiny"]
     prompts = toy_world.PROMPTS[::2][:n]
+    pipe = load_pipeline(BUNDLED_MODEL)
     rows = []
     for tuned in (False, True):
-        pipe = load_pipeline(BUNDLED_MODEL)
         if tuned:
             pipe.load_lora_weights(lora_dir)
         traj = sample_trajectories(pipe, prompts, preset["num_steps"], preset["guidance_scale"], generator=torch.Generator().manual_seed(0))
