@@ -16,12 +16,18 @@ normalised reward of its sample (section 4.3). The objective J = E[r(x_0, c)] ha
     grad J = E[ sum_t grad log p_theta(x_{t-1} | x_t, c) * A ]
 
 estimated directly (DDPO_SF, REINFORCE) or through importance ratios with a PPO-style clip so
-that one batch of samples can feed several updates (DDPO_IS).
+that one batch of samples can feed several updates (DDPO_IS). Two baselines and one extension
+share the loop: reward-weighted regression (RWR, dense or sparse), which treats the whole chain as
+one bandit step and regresses on its own best samples, and pixel-wise PXPO, which gives every
+latent position its own advantage from a per-pixel reward map.
 """
 from collections import defaultdict, deque
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+
+from rewards import scalar
 
 
 class PerPromptStatTracker:
@@ -29,28 +35,52 @@ class PerPromptStatTracker:
 
     Each prompt keeps a buffer of its last buffer_size rewards. Once the buffer holds min_count
     rewards its mean and std are used, before that the whole batch's: A = (r - mean) / (std + 1e-6).
+    Given reward maps (B, h, w) too (PXPO), each position of a map is normalised by its image's
+    statistics instead: A_ij = (R_ij - mean) / (std + 1e-6), which is A wherever the map is flat.
     """
 
     def __init__(self, buffer_size=32, min_count=16):
         self.buffer_size, self.min_count = buffer_size, min_count
         self.buffers = defaultdict(lambda: deque(maxlen=self.buffer_size))
 
-    def update(self, prompts, rewards):
+    def update(self, prompts, rewards, maps=None):
         rewards = np.asarray(rewards, dtype=np.float64)
-        advantages = np.empty_like(rewards)
+        values = rewards if maps is None else np.asarray(maps, dtype=np.float64)
+        advantages = np.empty_like(values)
         for prompt in set(prompts):
             rows = np.array([p == prompt for p in prompts])
             buffer = self.buffers[prompt]
             buffer.extend(rewards[rows])
             ref = np.asarray(buffer) if len(buffer) >= self.min_count else rewards
-            advantages[rows] = (rewards[rows] - ref.mean()) / (ref.std() + 1e-6)
+            advantages[rows] = (values[rows] - ref.mean()) / (ref.std() + 1e-6)
         return advantages
 
 
-def batch_advantages(rewards):
-    """Without per-prompt tracking: normalise over the batch."""
+def batch_advantages(rewards, maps=None):
+    """Without per-prompt tracking: normalise over the batch (maps: each position, as above)."""
     rewards = np.asarray(rewards, dtype=np.float64)
-    return (rewards - rewards.mean()) / (rewards.std() + 1e-6)
+    values = rewards if maps is None else np.asarray(maps, dtype=np.float64)
+    return (values - rewards.mean()) / (rewards.std() + 1e-6)
+
+
+def advantages(algo, prompts, rewards, latent_size, tracker=None, beta=0.2):
+    """What weighs each sample in the update, as a tensor. DDPO: its advantage, the reward
+    normalised by its prompt's statistics (tracker) or the batch's (section 4.3). PXPO: the same for
+    each latent position of the reward map pooled to latent_size (a scalar reward is a flat map).
+    RWR: exp(beta * r), or 1 for the top 10 %, per prompt when a tracker is given, else over the
+    batch, scaled to average 1 over the epoch."""
+    scores = scalar(rewards).cpu().numpy()
+    if algo.startswith("rwr"):
+        groups = prompts if tracker is not None else None
+        weights = rwr_weights(scores, groups, beta) if algo == "rwr" else sparse_rwr_weights(scores, groups)
+        weights = weights / weights.mean()
+    else:
+        maps = None
+        if algo == "pxpo":
+            reward_map = rewards if rewards.dim() == 3 else rewards[:, None, None].expand(-1, *latent_size)
+            maps = pool_to_latent(reward_map, latent_size).cpu().numpy()
+        weights = tracker.update(prompts, scores, maps) if tracker is not None else batch_advantages(scores, maps)
+    return torch.as_tensor(weights, dtype=torch.float32, device=rewards.device)
 
 
 def ddpo_sf_loss(log_prob, advantages, adv_clip_max):
@@ -80,3 +110,51 @@ def diagnostics(log_prob, old_log_prob, clip_range):
         "approx_kl": 0.5 * (diff**2).mean().item(),
         "clipfrac": ((diff.exp() - 1).abs() > clip_range).float().mean().item(),
     }
+
+
+def pxpo_loss(log_prob, advantages, adv_clip_max):
+    """PXPO (arXiv 2404.04356, as DESIGN.md section 3 reads it): the score-function surrogate with
+    one advantage per latent position. log_prob (B, C, h, w) holds each element's log-density,
+    advantages (B, h, w); each position's log-prob, its channels summed, is weighted by its own
+    advantage, and the sum is divided by the element count as DDPO's mean reduction is. With a
+    constant map this is exactly ddpo_sf_loss on the mean log-prob."""
+    advantages = advantages.clamp(-adv_clip_max, adv_clip_max)
+    return -(advantages * log_prob.sum(dim=1)).sum() / log_prob.numel()
+
+
+def pool_to_latent(reward_map, latent_size):
+    """A reward map (B, H, W) at image resolution -> (B, h, w): each latent cell gets the mean of
+    the H/h x W/w pixel patch it decodes to (an average pool; SD's VAE: 8 x 8 pixels a cell)."""
+    return F.adaptive_avg_pool2d(reward_map[:, None].float(), latent_size)[:, 0]
+
+
+def rwr_weights(rewards, prompts=None, beta=0.2):
+    """Reward-weighted regression (DESIGN.md section 3): w = exp(beta * r) / Z, with Z making the
+    weights average 1 over the batch, or over each prompt's samples when prompts are given."""
+    rewards = np.asarray(rewards, dtype=np.float64)
+    groups = [np.ones(len(rewards), bool)] if prompts is None else [np.array([p == q for p in prompts]) for q in set(prompts)]
+    weights = np.empty_like(rewards)
+    for rows in groups:
+        w = np.exp(beta * (rewards[rows] - rewards[rows].max()))  # shifted: exp cannot overflow
+        weights[rows] = w / w.mean()
+    return weights
+
+
+def sparse_rwr_weights(rewards, prompts=None, top=0.1):
+    """Sparse RWR: weight 1 for the top fraction of rewards (at least one sample), 0 for the rest;
+    ranked over the batch, or within each prompt's samples when prompts are given."""
+    rewards = np.asarray(rewards, dtype=np.float64)
+    groups = [np.arange(len(rewards))] if prompts is None else [np.flatnonzero([p == q for p in prompts]) for q in set(prompts)]
+    weights = np.zeros_like(rewards)
+    for rows in groups:
+        keep = max(1, int(np.ceil(top * len(rows) - 1e-9)))
+        weights[rows[np.argsort(-rewards[rows], kind="stable")[:keep]]] = 1.0
+    return weights
+
+
+def rwr_loss(eps_pred, noise, weights):
+    """The denoising loss ||eps - eps_theta(x_t, t, c)||^2 (per-element mean) of each sample, times
+    its weight, averaged. With weights scaled to average 1 over the epoch's samples, the
+    minibatches of an epoch add up to the weighted mean, on the plain denoising loss's scale."""
+    errors = ((eps_pred.float() - noise) ** 2).mean(dim=tuple(range(1, noise.dim())))
+    return (weights * errors).mean()

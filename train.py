@@ -10,7 +10,7 @@ losses in ddpo.py, rewards in rewards.py.
 """
 import argparse
 import dataclasses
-import json
+import functools
 import math
 import os
 import sys
@@ -19,22 +19,18 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 for library in ("TRANSFORMERS", "DIFFUSERS"):  # before they are imported: keep the console for results
     os.environ.setdefault(f"{library}_VERBOSITY", "error")
 
+import ddpo
 import toy_world
-from ddpo import PerPromptStatTracker, batch_advantages, ddpo_is_loss, ddpo_sf_loss, diagnostics
-from rewards import REWARDS, to_pil
+from rewards import REWARDS, scalar
+from run_folder import log_epoch, write_config
 from sampler import add_trainable, load_pipeline, policy_log_prob, sample_trajectories, save_weights
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
 DATA = Path(__file__).parent / "data"
 BUNDLED_MODEL = Path(__file__).parent / "models" / "tiny-shapes"
@@ -58,7 +54,7 @@ PRESETS = {
     "tiny": dict(prompts="shapes", num_steps=20, guidance_scale=3.0, epochs=45, samples_per_epoch=64, batch_size=16,
                  timestep_fraction=0.5, lr=1e-2, clip_range=8e-4),
 }
-ALGOS = ("ddpo-is", "ddpo-sf")
+ALGOS = ("ddpo-is", "ddpo-sf", "rwr", "rwr-sparse", "pxpo")
 
 
 def arg(default, help, **kwargs):
@@ -79,17 +75,20 @@ class Config:
     guidance_scale: float = arg(5.0, "classifier-free guidance weight w, part of the policy")
     eta: float = arg(1.0, "DDIM noise level; must be > 0 for the step to have a log-prob")
     # algorithm (paper, section 4 and DESIGN.md section 5)
-    algo: str = arg("ddpo-is", "DDPO_IS (clipped importance sampling) or DDPO_SF (REINFORCE)", choices=ALGOS)
+    algo: str = arg("ddpo-is", "DDPO_IS (clipped importance sampling), DDPO_SF (REINFORCE), reward-weighted regression "
+                    "(dense or top 10 %%), or pixel-wise PXPO (ddpo.py)", choices=ALGOS)
     epochs: int = arg(100, "epochs, each one round of sampling and updates")
     samples_per_epoch: int = arg(256, "trajectories sampled per epoch")
     batch_size: int = arg(8, "trajectories per forward pass, sampling and training (memory only, not the maths)")
-    updates_per_epoch: int = arg(None, "optimiser steps per epoch; default 4 for ddpo-is (minibatches of 64), 1 for ddpo-sf")
+    updates_per_epoch: int = arg(None, "optimiser steps per epoch; default 4 for ddpo-is and rwr (minibatches of 64), 1 for ddpo-sf and pxpo")
     timestep_fraction: float = arg(1.0, "fraction of each trajectory's steps trained on, drawn per sample")
     clip_range: float = arg(1e-4, "PPO clip range eps on the per-element (mean-reduced) ratio")
     adv_clip_max: float = arg(5.0, "advantages are clipped to [-adv_clip_max, adv_clip_max]")
-    per_prompt_stat_tracking: bool = arg(True, "normalise rewards per prompt (else over the batch)")
+    per_prompt_stat_tracking: bool = arg(True, "normalise rewards per prompt (else over the batch); rwr: weights per prompt")
     buffer_size: int = arg(32, "rewards kept per prompt for its statistics")
     min_count: int = arg(16, "rewards a prompt needs before its own statistics replace the batch's")
+    beta: float = arg(0.2, "rwr: inverse temperature of the weights exp(beta * r)")
+    target_color: str = arg("1,1,1", "pixel_color: the target colour as R,G,B in [0, 1]")
     # optimiser (AdamW, paper's settings)
     lr: float = arg(None, "learning rate; default 3e-4 with LoRA, 1e-5 for the whole UNet")
     weight_decay: float = arg(1e-4, "AdamW weight decay")
@@ -127,7 +126,7 @@ def parse_args(argv=None):
         preset = "tiny" if Path(model).resolve() == BUNDLED_MODEL.resolve() else "paper"
     cfg = Config(**{**PRESETS[preset], **given, "model": model, "preset": preset})
     # derived values, computed once
-    cfg.updates_per_epoch = cfg.updates_per_epoch or (4 if cfg.algo == "ddpo-is" else 1)
+    cfg.updates_per_epoch = cfg.updates_per_epoch or (1 if cfg.algo in ("ddpo-sf", "pxpo") else 4)
     cfg.lr = cfg.lr or (3e-4 if cfg.lora_rank > 0 else 1e-5)
     cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg.out = cfg.out or f"runs/{cfg.reward}-{cfg.algo}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -143,9 +142,15 @@ def validate(cfg):
     for name in ("num_steps", "epochs", "samples_per_epoch", "batch_size", "updates_per_epoch", "buffer_size", "min_count"):
         if getattr(cfg, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("eta", "clip_range", "lr", "adv_clip_max"):
+    for name in ("eta", "clip_range", "lr", "adv_clip_max", "beta"):
         if getattr(cfg, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
+    try:
+        target = [float(v) for v in cfg.target_color.split(",")]
+    except ValueError:
+        target = []
+    if len(target) != 3 or not all(0 <= v <= 1 for v in target):
+        fail(f"--target-color must be three numbers in [0, 1] as R,G,B, got {cfg.target_color!r}")
     if cfg.lora_rank < 0:
         fail(f"--lora-rank must be >= 0 (0 = whole UNet), got {cfg.lora_rank}")
     if not 0 < cfg.timestep_fraction <= 1:
@@ -171,6 +176,30 @@ def load_prompts(name):
     return prompts
 
 
+def objective(cfg, pipe, traj, advantages, rows, steps, rng):
+    """The loss of samples `rows` at their timestep indices `steps`, and DDPO's diagnostics."""
+    embeds = traj["prompt_embeds"][rows]
+    if cfg.algo.startswith("rwr"):  # the ordinary denoising loss on the sample x_0, fresh noise, any t
+        x0 = traj["latents"][rows, -1]
+        noise = torch.randn_like(x0)
+        t = torch.as_tensor(rng.integers(pipe.scheduler.config.num_train_timesteps, size=len(rows)), device=x0.device)
+        eps_pred = pipe.unet(pipe.scheduler.add_noise(x0, noise, t), t, embeds).sample
+        return ddpo.rwr_loss(eps_pred, noise, advantages[rows]), {}
+    log_prob = policy_log_prob(
+        pipe, traj["latents"][rows, steps], traj["latents"][rows, steps + 1], traj["timesteps"][rows, steps],
+        embeds, traj["negative_embeds"], cfg.guidance_scale, cfg.eta, reduce="none" if cfg.algo == "pxpo" else "mean",
+    )
+    old_log_prob = traj["log_probs"][rows, steps]
+    if cfg.algo == "pxpo":
+        loss = ddpo.pxpo_loss(log_prob, advantages[rows], cfg.adv_clip_max)
+        log_prob = log_prob.mean(dim=(1, 2, 3))
+    elif cfg.algo == "ddpo-sf":
+        loss = ddpo.ddpo_sf_loss(log_prob, advantages[rows], cfg.adv_clip_max)
+    else:
+        loss = ddpo.ddpo_is_loss(log_prob, old_log_prob, advantages[rows], cfg.clip_range, cfg.adv_clip_max)
+    return loss, ddpo.diagnostics(log_prob, old_log_prob, cfg.clip_range)
+
+
 def update(cfg, pipe, traj, advantages, optimizer, params, rng, autocast):
     """Minibatch updates on one epoch's samples (section 4.2). Samples are shuffled, and each
     sample visits its own random order of timesteps; gradients accumulate over the steps and the
@@ -185,51 +214,16 @@ def update(cfg, pipe, traj, advantages, optimizer, params, rng, autocast):
     for i, start in enumerate(tqdm(range(0, num_samples, cfg.batch_size), desc="training", leave=False)):
         rows = order[start : start + cfg.batch_size]
         for j in range(train_steps):
-            steps = step_order[rows, j]
             with autocast:
-                log_prob = policy_log_prob(
-                    pipe, traj["latents"][rows, steps], traj["latents"][rows, steps + 1], traj["timesteps"][rows, steps],
-                    traj["prompt_embeds"][rows], traj["negative_embeds"], cfg.guidance_scale, cfg.eta,
-                )
-            old_log_prob = traj["log_probs"][rows, steps]
-            if cfg.algo == "ddpo-sf":
-                loss = ddpo_sf_loss(log_prob, advantages[rows], cfg.adv_clip_max)
-            else:
-                loss = ddpo_is_loss(log_prob, old_log_prob, advantages[rows], cfg.clip_range, cfg.adv_clip_max)
+                loss, diagnostics = objective(cfg, pipe, traj, advantages, rows, step_order[rows, j], rng)
             (loss / (train_steps * microbatches)).backward()
-            stats["loss"].append(loss.item())
-            for key, value in diagnostics(log_prob, old_log_prob, cfg.clip_range).items():
+            for key, value in {"loss": loss.item(), **diagnostics}.items():
                 stats[key].append(value)
         if (i + 1) % microbatches == 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad()
     return {key: float(np.mean(values)) for key, values in stats.items()}
-
-
-def save_grid(images, captions, path, size=128, cols=4):
-    """A grid of images, each captioned underneath."""
-    pictures = to_pil(images)
-    rows = math.ceil(len(pictures) / cols)
-    canvas = Image.new("RGB", (cols * size, rows * (size + 28)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for k, (picture, caption) in enumerate(zip(pictures, captions)):
-        x, y = (k % cols) * size, (k // cols) * (size + 28)
-        canvas.paste(picture.resize((size, size), Image.NEAREST if picture.width < size else Image.BILINEAR), (x, y))
-        draw.text((x + 3, y + size + 2), caption, fill="black")
-    canvas.save(path)
-
-
-def plot_rewards(history, reward, path):
-    queries = [m["reward_queries"] for m in history]
-    mean, std = np.array([m["reward_mean"] for m in history]), np.array([m["reward_std"] for m in history])
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(queries, mean, marker="o")
-    ax.fill_between(queries, mean - std, mean + std, alpha=0.25, label="mean ± std over the epoch's samples")
-    ax.set(xlabel="reward queries", ylabel=f"reward ({reward})", title="DDPO training")
-    ax.legend(loc="best", fontsize=8)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
 
 
 def main(argv=None):
@@ -248,14 +242,15 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)
     generator = torch.Generator(device).manual_seed(cfg.seed)
     reward_fn = REWARDS[cfg.reward]
+    if cfg.reward == "pixel_color":
+        reward_fn = functools.partial(reward_fn, target=[float(v) for v in cfg.target_color.split(",")])
     prompt_set = load_prompts(cfg.prompts)
-    tracker = PerPromptStatTracker(cfg.buffer_size, cfg.min_count) if cfg.per_prompt_stat_tracking else None
+    tracker = ddpo.PerPromptStatTracker(cfg.buffer_size, cfg.min_count) if cfg.per_prompt_stat_tracking else None
     toy_prompts = set(prompt_set) <= set(toy_world.PROMPTS)  # then the toy world's judge reports fidelity
 
     out = Path(cfg.out)
-    (out / "samples").mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    print(f"DDPO {cfg.algo} on {cfg.model} ({cfg.device}), reward {cfg.reward}, {len(prompt_set)} prompts -> {out}")
+    write_config(out, dataclasses.asdict(cfg))
+    print(f"{cfg.algo} on {cfg.model} ({cfg.device}), reward {cfg.reward}, {len(prompt_set)} prompts -> {out}")
     history = []
     for epoch in range(cfg.epochs):
         # 1. sample: roll out the current policy, one trajectory per drawn prompt
@@ -264,11 +259,11 @@ def main(argv=None):
         with autocast:
             traj = sample_trajectories(pipe, prompts, cfg.num_steps, cfg.guidance_scale, cfg.eta, cfg.batch_size, generator, progress=True)
         sample_seconds = time.time() - start
-        # 2. reward r(x_0, c) on the decoded images
-        rewards = reward_fn(traj["images"], prompts).float()
-        # 3. advantages: rewards normalised per prompt, or over the batch (section 4.3)
-        advantages = tracker.update(prompts, rewards.cpu().numpy()) if tracker else batch_advantages(rewards.cpu().numpy())
-        advantages = torch.as_tensor(advantages, dtype=torch.float32, device=device)
+        # 2. reward r(x_0, c) on the decoded images (a map (B, H, W) for a pixel-wise reward)
+        reward_out = reward_fn(traj["images"], prompts).float().to(device)
+        rewards = scalar(reward_out)
+        # 3. advantages (RWR: weights)
+        advantages = ddpo.advantages(cfg.algo, prompts, reward_out, traj["latents"].shape[-2:], tracker, cfg.beta)
         # 4. update the policy on these samples
         start = time.time()
         stats = update(cfg, pipe, traj, advantages, optimizer, params, rng, autocast)
@@ -281,16 +276,13 @@ def main(argv=None):
             "sample_seconds": sample_seconds, "train_seconds": train_seconds,
         }
         history.append(metrics)
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        captions = [f"{p[:20]}\n{r:.2f}" for p, r in zip(prompts, rewards.tolist())]
-        save_grid(traj["images"][:16], captions[:16], out / "samples" / f"epoch_{epoch:04d}.png")
-        plot_rewards(history, cfg.reward, out / "reward_curve.png")
+        log_epoch(out, history, traj["images"], [f"{p[:20]}\n{r:.2f}" for p, r in zip(prompts, rewards.tolist())], cfg.reward)
         save_weights(pipe, out, cfg.lora_rank)
         fidelity = f" fidelity {metrics['fidelity']:.3f}" if toy_prompts else ""
+        ppo = f" kl {stats['approx_kl']:.2e} clipfrac {stats['clipfrac']:.3f}" if "approx_kl" in stats else ""
         print(
-            f"epoch {epoch}: reward {metrics['reward_mean']:.3f} ± {metrics['reward_std']:.3f}{fidelity} | loss {stats['loss']:.4g} "
-            f"kl {stats['approx_kl']:.2e} clipfrac {stats['clipfrac']:.3f} | sample {sample_seconds:.1f}s train {train_seconds:.1f}s"
+            f"epoch {epoch}: reward {metrics['reward_mean']:.3f} ± {metrics['reward_std']:.3f}{fidelity} | loss {stats['loss']:.4g}{ppo} "
+            f"| sample {sample_seconds:.1f}s train {train_seconds:.1f}s"
         )
     return history
 

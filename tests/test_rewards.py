@@ -1,11 +1,11 @@
-"""Rewards (paper, section 5): JPEG size at quality 95, in kB."""
+"""Rewards (paper, section 5): JPEG size at quality 95, in kB; the pixel-wise colour reward."""
 import io
 
 import pytest
 import torch
 from PIL import Image
 
-from rewards import REWARDS, jpeg_kilobytes, to_pil
+from rewards import REWARDS, jpeg_kilobytes, scalar, to_pil
 
 
 def test_jpeg_size_is_the_file_size_at_quality_95():
@@ -25,3 +25,15 @@ def test_flat_image_is_more_compressible_than_noise():
 def test_to_pil_rounds_to_8_bit():
     image = to_pil(torch.tensor([0.0, 0.5, 1.0]).view(1, 3, 1, 1))[0]
     assert isinstance(image, Image.Image) and image.getpixel((0, 0)) == (0, 128, 255)
+
+
+def test_pixel_color_is_a_map_of_closeness_to_the_target_and_its_mean_is_the_reward():
+    images = torch.zeros(2, 3, 4, 4)
+    images[0] = 1.0  # all white: the target
+    images[1, :, 0, 0] = 1.0  # black with one white pixel
+    reward_map = REWARDS["pixel_color"](images, ["a", "b"], target=(1.0, 1.0, 1.0))
+    assert reward_map.shape == (2, 4, 4)
+    torch.testing.assert_close(reward_map[0], torch.ones(4, 4))
+    assert reward_map[1, 0, 0] == 1.0 and reward_map[1, 1, 1] == pytest.approx(0.0, abs=1e-6)
+    torch.testing.assert_close(scalar(reward_map), torch.tensor([1.0, 1 / 16]))
+    torch.testing.assert_close(scalar(torch.tensor([0.5, 2.0])), torch.tensor([0.5, 2.0]))

@@ -1,9 +1,11 @@
 """train.py end to end on the tiny pipeline: the run folder, the saved LoRA, and refused input."""
 import json
 
+import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
 
 import train
 
@@ -39,10 +41,25 @@ def test_full_unet_fine_tune_saves_the_unet(tiny_pipeline_dir, tmp_path):
     assert (out / "unet" / "config.json").is_file() and not (out / "lora").exists()
 
 
+@pytest.mark.parametrize("algo, reward", [
+    ("ddpo-sf", "jpeg"), ("rwr", "jpeg"), ("rwr-sparse", "jpeg"), ("pxpo", "jpeg"), ("pxpo", "pixel_color"), ("ddpo-is", "pixel_color"),
+])
+def test_every_algorithm_trains_one_epoch_and_moves_the_lora(algo, reward, tiny_pipeline_dir, tmp_path):
+    out = tmp_path / "run"
+    history = train.main(["--model", str(tiny_pipeline_dir), "--out", str(out), "--algo", algo, "--reward", reward, "--lr", "1e-2", *TINY_RUN])
+    assert len(history) == 1 and np.isfinite(history[0]["loss"])
+    assert ("approx_kl" in history[0]) == algo.startswith(("ddpo", "pxpo"))
+    if reward == "pixel_color":
+        assert 0 < history[0]["reward_mean"] < 1  # the map's mean
+    lora = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
+    assert any(name.endswith("lora.up.weight") and value.abs().max() > 0 for name, value in lora.items())  # up starts at 0
+
+
 @pytest.mark.parametrize("flag, value", [
     ("--reward", "nonsense"), ("--algo", "ppo"), ("--eta", "0"), ("--num-steps", "0"), ("--clip-range", "-1"),
     ("--lora-rank", "-1"), ("--timestep-fraction", "1.5"), ("--samples-per-epoch", "7"), ("--lr", "nan"),
     ("--prompts", "no_such_file.txt"), ("--mixed-precision", "fp16"), ("--model", "no-such/model"),
+    ("--beta", "0"), ("--target-color", "red"), ("--target-color", "1,1"), ("--target-color", "2,0,0"),
 ])
 def test_bad_input_exits_2_with_one_line_naming_the_flag(flag, value, tmp_path, capsys):
     out = tmp_path / "run"

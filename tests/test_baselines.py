@@ -1,0 +1,113 @@
+"""The baselines and the extension (DESIGN.md section 3): RWR's weights, sparse RWR's selection,
+and PXPO's per-position credit, which must reduce to DDPO when the reward map is flat."""
+import numpy as np
+import pytest
+import torch
+from conftest import sd14_scheduler
+
+from ddpo import PerPromptStatTracker, advantages, batch_advantages, ddpo_sf_loss, pool_to_latent, pxpo_loss, rwr_loss, rwr_weights, sparse_rwr_weights
+from sampler import ddim_step_with_logprob
+
+
+def test_rwr_weights_are_exp_beta_r_averaging_one():
+    rewards = np.array([-3.0, -1.0, 0.5, 2.0])
+    weights = rwr_weights(rewards, beta=0.2)
+    assert weights.mean() == pytest.approx(1.0)
+    np.testing.assert_allclose(weights / weights[0], np.exp(0.2 * (rewards - rewards[0])))
+
+
+def test_rwr_weights_per_prompt_average_one_within_each_prompt_and_ignore_its_offset():
+    prompts = ["cat", "dog", "cat", "dog", "dog"]
+    rewards = np.array([1.0, 5.0, 2.0, 6.0, 9.0])
+    weights = rwr_weights(rewards, prompts, beta=0.5)
+    cat, dog = np.array([0, 2]), np.array([1, 3, 4])
+    assert weights[cat].mean() == pytest.approx(1.0) and weights[dog].mean() == pytest.approx(1.0)
+    shifted = rewards + np.array([0, 100, 0, 100, 100])  # one prompt is simply easier
+    np.testing.assert_allclose(rwr_weights(shifted, prompts, beta=0.5), weights)
+    assert not np.allclose(rwr_weights(rewards, beta=0.5), weights)  # over the batch they differ
+
+
+def test_rwr_weights_do_not_overflow():
+    assert np.isfinite(rwr_weights(np.array([1e4, 0.0]), beta=1.0)).all()
+
+
+def test_sparse_rwr_keeps_the_top_tenth_per_prompt():
+    rng = np.random.default_rng(0)
+    prompts = ["cat"] * 30 + ["dog"] * 20 + ["owl"] * 4
+    rewards = rng.normal(size=len(prompts))
+    weights = sparse_rwr_weights(rewards, prompts)
+    assert set(weights) == {0.0, 1.0}
+    for prompt, kept in (("cat", 3), ("dog", 2), ("owl", 1)):  # 10 %, at least one
+        rows = np.array([p == prompt for p in prompts])
+        assert weights[rows].sum() == kept
+        assert rewards[rows][weights[rows] == 1].min() > rewards[rows][weights[rows] == 0].max()
+    assert sparse_rwr_weights(rewards).sum() == 6  # over the batch: 10 % of 54, rounded up
+
+
+def test_rwr_loss_is_the_weighted_denoising_loss():
+    eps_pred, noise = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    weights = torch.tensor([0.0, 1.0, 2.0])
+    per_sample = ((eps_pred - noise) ** 2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(rwr_loss(eps_pred, noise, weights), (weights * per_sample).mean())
+    torch.testing.assert_close(rwr_loss(eps_pred, noise, torch.ones(3)), ((eps_pred - noise) ** 2).mean())
+
+
+def test_pool_to_latent_averages_each_cells_pixel_patch():
+    reward_map = torch.rand(2, 16, 16)
+    pooled = pool_to_latent(reward_map, (2, 2))
+    assert pooled.shape == (2, 2, 2)
+    torch.testing.assert_close(pooled[1, 0, 1], reward_map[1, :8, 8:].mean())
+    torch.testing.assert_close(pool_to_latent(torch.full((1, 64, 64), 0.3), (8, 8)), torch.full((1, 8, 8), 0.3))
+
+
+def per_element_log_prob(eps):
+    """log p(x_{t-1} | x_t) of every latent element, (B, C, h, w), as a function of the prediction."""
+    scheduler = sd14_scheduler(10)
+    generator = torch.Generator().manual_seed(1)
+    sample = torch.randn(3, 4, 4, 4, generator=generator)
+    prev = torch.randn(3, 4, 4, 4, generator=generator)
+    return ddim_step_with_logprob(scheduler, eps, scheduler.timesteps[3], sample, prev_sample=prev, reduce="none")[1]
+
+
+def test_pxpo_with_a_constant_map_is_ddpo_sf():
+    advantages = torch.tensor([1.5, -0.5, 0.2])
+    eps = torch.randn(3, 4, 4, 4).requires_grad_(True)
+    pxpo = pxpo_loss(per_element_log_prob(eps), advantages[:, None, None].expand(3, 4, 4), 5.0)
+    (pxpo_grad,) = torch.autograd.grad(pxpo, eps)
+    sf = ddpo_sf_loss(per_element_log_prob(eps).mean(dim=(1, 2, 3)), advantages, 5.0)
+    (sf_grad,) = torch.autograd.grad(sf, eps)
+    torch.testing.assert_close(pxpo, sf)
+    torch.testing.assert_close(pxpo_grad, sf_grad)
+    assert sf_grad.abs().max() > 0
+
+
+def test_pxpo_credits_each_latent_position_with_its_own_advantage():
+    advantages = torch.zeros(3, 4, 4)
+    advantages[0, 1, 2] = 2.0
+    eps = torch.randn(3, 4, 4, 4).requires_grad_(True)
+    (grad,) = torch.autograd.grad(pxpo_loss(per_element_log_prob(eps), advantages, 5.0), eps)
+    assert (grad[0, :, 1, 2].abs() > 0).all()  # every channel at the credited position
+    grad[0, :, 1, 2] = 0
+    assert grad.abs().max() == 0  # and nothing elsewhere
+
+
+def test_reward_maps_are_normalised_by_their_images_statistics():
+    prompts, rewards = ["cat", "cat", "dog", "dog"], np.array([1.0, 2.0, 5.0, 9.0])
+    flat = np.broadcast_to(rewards[:, None, None], (4, 2, 2))
+    tracker = PerPromptStatTracker(buffer_size=8, min_count=2)
+    expected = PerPromptStatTracker(buffer_size=8, min_count=2).update(prompts, rewards)
+    np.testing.assert_allclose(tracker.update(prompts, rewards, flat), np.broadcast_to(expected[:, None, None], (4, 2, 2)))
+    bumped = flat.copy()
+    bumped[0, 0, 0] += 1.0
+    advantages = batch_advantages(rewards, bumped)
+    assert advantages[0, 0, 0] == pytest.approx(batch_advantages(rewards)[0] + 1 / (rewards.std() + 1e-6))
+
+
+def test_pxpo_advantages_of_a_scalar_reward_are_ddpos_at_every_position():
+    prompts, rewards = ["cat", "dog", "cat", "dog"], torch.tensor([1.0, 3.0, 2.0, 7.0])
+    ddpo_advantages = advantages("ddpo-is", prompts, rewards, (8, 8))
+    pxpo_advantages = advantages("pxpo", prompts, rewards, (8, 8))
+    assert pxpo_advantages.shape == (4, 8, 8)
+    torch.testing.assert_close(pxpo_advantages, ddpo_advantages[:, None, None].expand(4, 8, 8))
+    weights = advantages("rwr-sparse", prompts, rewards, (8, 8), PerPromptStatTracker())
+    torch.testing.assert_close(weights, torch.tensor([0.0, 0.0, 2.0, 2.0]))  # the best of each prompt, mean 1
