@@ -4,12 +4,19 @@
     metrics.jsonl         one line of metrics per epoch
     samples/epoch_N.png   the first 16 samples of each epoch, captioned with prompt and reward
     reward_curve.png      reward mean and spread against reward queries
+    checkpoints/epoch_N.pt  what `train.py --resume` needs to continue exactly after epoch N
+
+Files that a crash must never leave half-written (checkpoints, metrics.jsonl when a resume
+rewrites it) are written aside and renamed into place: a rename is atomic, so a kill at any moment
+leaves either the old file or the new one.
 """
 import json
 import math
+import os
 
 import matplotlib
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 from rewards import to_pil
@@ -29,6 +36,33 @@ def log_epoch(out, history, images, captions, reward):
         f.write(json.dumps(history[-1]) + "\n")
     save_grid(images[:16], captions[:16], out / "samples" / f"epoch_{history[-1]['epoch']:04d}.png")
     plot_rewards(history, reward, out / "reward_curve.png")
+
+
+def write_atomic(path, write):
+    """write(tmp_path), flushed to disk, then renamed onto path."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(out, state, keep):
+    """checkpoints/epoch_N.pt for the state after epoch N (state["epoch"]); the oldest beyond keep go."""
+    folder = out / "checkpoints"
+    folder.mkdir(exist_ok=True)
+    write_atomic(folder / f"epoch_{state['epoch']:04d}.pt", lambda tmp: torch.save(state, tmp))
+    for old in sorted(folder.glob("epoch_*.pt"))[:-keep]:
+        old.unlink()
+
+
+def load_checkpoint(out):
+    """The latest checkpoint's state, and metrics.jsonl cut back to the epochs it covers."""
+    path = sorted((out / "checkpoints").glob("epoch_*.pt"))[-1]
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    lines = "".join(json.dumps(m) + "\n" for m in state["history"])
+    write_atomic(out / "metrics.jsonl", lambda tmp: tmp.write_text(lines))
+    return state
 
 
 def save_grid(images, captions, path, size=128, cols=4):

@@ -6,6 +6,7 @@ every step has a log-probability. This file loads a pipeline, takes that step wi
 log-prob, and samples whole trajectories, keeping everything the update needs.
 """
 import math
+import shutil
 
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -48,12 +49,21 @@ def add_trainable(unet, lora_rank):
 
 
 def save_weights(pipe, out, lora_rank):
-    """lora/ in diffusers' format (for load_lora_weights), or unet/ after a full fine-tune."""
+    """lora/ in diffusers' format (for load_lora_weights), or unet/ after a full fine-tune. Written
+    into a folder aside, then swapped in: a crash leaves the previous epoch's weights whole."""
+    final = out / ("unet" if lora_rank == 0 else "lora")
+    fresh, old = out / f".{final.name}.new", out / f".{final.name}.old"
+    for leftover in (fresh, old):
+        shutil.rmtree(leftover, ignore_errors=True)
     if lora_rank == 0:
-        pipe.unet.save_pretrained(out / "unet")
-        return
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
-    type(pipe).save_lora_weights(out / "lora", unet_lora_layers=layers)
+        pipe.unet.save_pretrained(fresh)
+    else:
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
+        type(pipe).save_lora_weights(fresh, unet_lora_layers=layers)
+    if final.exists():
+        final.rename(old)
+    fresh.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def ddim_step_with_logprob(

@@ -25,7 +25,7 @@ import toy_world  # noqa: E402
 from rewards import jpeg_kilobytes  # noqa: E402
 from sampler import load_pipeline, sample_trajectories  # noqa: E402
 from run_folder import save_grid  # noqa: E402
-from train import BUNDLED_MODEL, PRESETS  # noqa: E402
+from config import BUNDLED_MODEL, PRESETS  # noqa: E402
 
 
 def run_seed(seed, out):

@@ -5,14 +5,14 @@ import os
 import torch
 
 import toy_world
-import train
+import config
 from sampler import load_pipeline, sample_trajectories
 
 
 def test_bundled_model_loads_offline_and_samples_a_batch(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    pipe = load_pipeline(train.BUNDLED_MODEL)
-    size_mb = sum(f.stat().st_size for f in train.BUNDLED_MODEL.rglob("*") if f.is_file()) / 1e6
+    pipe = load_pipeline(config.BUNDLED_MODEL)
+    size_mb = sum(f.stat().st_size for f in config.BUNDLED_MODEL.rglob("*") if f.is_file()) / 1e6
     assert size_mb <= 15
     traj = sample_trajectories(pipe, toy_world.PROMPTS[:4], num_steps=5, guidance_scale=3.0, generator=torch.Generator().manual_seed(0))
     assert traj["images"].shape == (4, 3, 64, 64) and traj["latents"].shape == (4, 6, 4, 8, 8)
@@ -21,13 +21,13 @@ def test_bundled_model_loads_offline_and_samples_a_batch(monkeypatch):
 
 def test_model_auto_without_cuda_picks_the_bundled_model_and_the_tiny_preset(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    cfg = train.parse_args(["--out", str(tmp_path / "run"), "--epochs", "3"])
-    assert os.path.samefile(cfg.model, train.BUNDLED_MODEL) and cfg.preset == "tiny"
+    cfg = config.parse_args(["--out", str(tmp_path / "run"), "--epochs", "3"])
+    assert os.path.samefile(cfg.model, config.BUNDLED_MODEL) and cfg.preset == "tiny"
     assert cfg.prompts == "shapes" and cfg.epochs == 3  # the preset, and a flag that overrides it
-    assert cfg.samples_per_epoch == train.PRESETS["tiny"]["samples_per_epoch"]
+    assert cfg.samples_per_epoch == config.PRESETS["tiny"]["samples_per_epoch"]
     assert "bundled" in capsys.readouterr().out
 
 
 def test_other_models_keep_the_papers_settings(tmp_path):
-    cfg = train.parse_args(["--model", "some/hub-id", "--out", str(tmp_path / "run")])
+    cfg = config.parse_args(["--model", "some/hub-id", "--out", str(tmp_path / "run")])
     assert cfg.preset == "paper" and cfg.samples_per_epoch == 256 and cfg.num_steps == 50 and cfg.lr == 3e-4

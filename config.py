@@ -1,0 +1,186 @@
+"""The settings of a training run: one Config dataclass, filled by argparse from train.py's flags.
+
+Defaults are the paper's settings for SD v1.4 (DESIGN.md section 5). A preset rescales them for
+another model ("tiny": the bundled CPU model); every flag given on the command line still wins.
+Bad input is refused here, before anything is loaded or written: one line, exit status 2.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import toy_world
+from rewards import REWARDS
+
+DATA = Path(__file__).parent / "data"
+BUNDLED_MODEL = Path(__file__).parent / "models" / "tiny-shapes"
+SD14 = "CompVis/stable-diffusion-v1-4"
+
+
+def read_lines(path):
+    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+PROMPT_SETS = {
+    "imagenet_animals": lambda: read_lines(DATA / "imagenet_classes.txt")[:398],
+    "simple_animals": lambda: read_lines(DATA / "simple_animals.txt"),
+    "shapes": lambda: toy_world.PROMPTS,
+}
+# The paper's settings scaled to the bundled model on a 2-core CPU (README, "The CPU demo"). The
+# clip range grows by sqrt(16384 / 256) = 8: the mean log-ratio over the 256 latent elements of a
+# 4 x 8 x 8 latent is that much noisier than over SD's 16,384.
+PRESETS = {
+    "paper": {},
+    "tiny": dict(prompts="shapes", num_steps=20, guidance_scale=3.0, epochs=45, samples_per_epoch=64, batch_size=16,
+                 timestep_fraction=0.5, lr=1e-2, clip_range=8e-4),
+}
+ALGOS = ("ddpo-is", "ddpo-sf", "rwr", "rwr-sparse", "pxpo")
+
+
+def arg(default, help, **kwargs):
+    return field(default=default, metadata=dict(help=help, **kwargs))
+
+
+@dataclass
+class Config:
+    # model
+    model: str = arg("auto", f"hub id or local folder of a Stable Diffusion 1.x pipeline; auto: {SD14} with CUDA, else the bundled {BUNDLED_MODEL.name}")
+    preset: str = arg("auto", "settings to start from: the paper's, or tiny for the bundled model on a CPU; auto: tiny with the bundled model", choices=("auto", *PRESETS))
+    lora_rank: int = arg(4, "rank of the LoRA on the UNet's attention projections; 0 fine-tunes the whole UNet")
+    # task
+    reward: str = arg("jpeg", "reward function", choices=tuple(REWARDS))
+    prompts: str = arg("imagenet_animals", f"a built-in prompt set ({', '.join(PROMPT_SETS)}) or a text file, one prompt a line")
+    # sampling (paper, section 5: DDIM, 50 steps, eta 1, guidance 5)
+    num_steps: int = arg(50, "DDIM steps T per trajectory")
+    guidance_scale: float = arg(5.0, "classifier-free guidance weight w, part of the policy")
+    eta: float = arg(1.0, "DDIM noise level; must be > 0 for the step to have a log-prob")
+    # algorithm (paper, section 4 and DESIGN.md section 5)
+    algo: str = arg("ddpo-is", "DDPO_IS (clipped importance sampling), DDPO_SF (REINFORCE), reward-weighted regression "
+                    "(dense or top 10 %%), or pixel-wise PXPO (ddpo.py)", choices=ALGOS)
+    epochs: int = arg(100, "epochs, each one round of sampling and updates")
+    samples_per_epoch: int = arg(256, "trajectories sampled per epoch")
+    batch_size: int = arg(8, "trajectories per forward pass, sampling and training (memory only, not the maths)")
+    updates_per_epoch: int = arg(None, "optimiser steps per epoch; default 4 for ddpo-is and rwr (minibatches of 64), 1 for ddpo-sf and pxpo")
+    timestep_fraction: float = arg(1.0, "fraction of each trajectory's steps trained on, drawn per sample")
+    clip_range: float = arg(1e-4, "PPO clip range eps on the per-element (mean-reduced) ratio")
+    adv_clip_max: float = arg(5.0, "advantages are clipped to [-adv_clip_max, adv_clip_max]")
+    per_prompt_stat_tracking: bool = arg(True, "normalise rewards per prompt (else over the batch); rwr: weights per prompt")
+    buffer_size: int = arg(32, "rewards kept per prompt for its statistics")
+    min_count: int = arg(16, "rewards a prompt needs before its own statistics replace the batch's")
+    beta: float = arg(0.2, "rwr: inverse temperature of the weights exp(beta * r)")
+    target_color: str = arg("1,1,1", "pixel_color: the target colour as R,G,B in [0, 1]")
+    # optimiser (AdamW, paper's settings)
+    lr: float = arg(None, "learning rate; default 3e-4 with LoRA, 1e-5 for the whole UNet")
+    weight_decay: float = arg(1e-4, "AdamW weight decay")
+    max_grad_norm: float = arg(1.0, "gradient norm clip")
+    # system
+    seed: int = arg(0, "seed for prompts, noise, shuffling and LoRA init")
+    out: str = arg(None, "run folder; default runs/<reward>-<algo>-<time>")
+    mixed_precision: str = arg("no", "autocast the frozen networks and UNet forwards", choices=("no", "fp16", "bf16"))
+    device: str = arg(None, "torch device; default cuda when available, else cpu")
+    checkpoint_every: int = arg(1, "epochs between checkpoints (checkpoints/epoch_N.pt: everything --resume needs)")
+    keep_checkpoints: int = arg(2, "checkpoints kept, the latest ones")
+    resume: str = arg(None, "continue the run in this folder from its last checkpoint, with its saved settings (--epochs may extend it)")
+
+
+def fail(message):
+    print(f"train.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_args(argv=None, description=None):
+    parser = argparse.ArgumentParser(prog="train.py", description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.error = fail  # one line, exit status 2
+    for f in dataclasses.fields(Config):
+        meta = dict(f.metadata)
+        meta["help"] += "" if f.default is None else f" (default: {f.default})"
+        if f.type is bool:
+            meta["action"] = argparse.BooleanOptionalAction
+        else:
+            meta.setdefault("type", f.type)
+        parser.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, **meta)
+    given = vars(parser.parse_args(argv))  # only the flags on the command line
+    if "resume" in given:
+        return resumed_config(given)
+    model, preset = given.pop("model", "auto"), given.pop("preset", "auto")
+    if model == "auto":
+        model = SD14 if torch.cuda.is_available() else str(BUNDLED_MODEL)
+        why = f"CUDA is available, so {SD14}" if torch.cuda.is_available() else "no CUDA device, so the bundled CPU model models/tiny-shapes"
+        print(f"--model auto: {why} (choose with --model)")
+    if preset == "auto":
+        preset = "tiny" if Path(model).resolve() == BUNDLED_MODEL.resolve() else "paper"
+    cfg = Config(**{**PRESETS[preset], **given, "model": model, "preset": preset})
+    # derived values, computed once
+    if cfg.updates_per_epoch is None:
+        cfg.updates_per_epoch = 1 if cfg.algo in ("ddpo-sf", "pxpo") else 4
+    if cfg.lr is None:
+        cfg.lr = 3e-4 if cfg.lora_rank > 0 else 1e-5
+    cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg.out = cfg.out or f"runs/{cfg.reward}-{cfg.algo}-{time.strftime('%Y%m%d-%H%M%S')}"
+    validate(cfg)
+    return cfg
+
+
+def resumed_config(given):
+    """The saved settings of the run to resume; only --epochs may change (to run it further)."""
+    folder = Path(given.pop("resume"))
+    others = sorted(set(given) - {"epochs"})
+    if others:
+        fail(f"--resume continues a run with its saved settings: only --epochs may go with it, not --{others[0].replace('_', '-')}")
+    if not any((folder / "checkpoints").glob("epoch_*.pt")) or not (folder / "config.json").is_file():
+        fail(f"--resume {folder}: no checkpoint there (checkpoints/epoch_N.pt and config.json); give the folder of a run that saved one")
+    cfg = Config(**{**json.loads((folder / "config.json").read_text()), **given, "out": str(folder), "resume": str(folder)})
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg):
+    """Refuse bad input before anything is loaded or written."""
+    for name, value in vars(cfg).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    for name in ("num_steps", "epochs", "samples_per_epoch", "batch_size", "updates_per_epoch", "buffer_size", "min_count",
+                 "checkpoint_every", "keep_checkpoints"):
+        if getattr(cfg, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("eta", "clip_range", "lr", "adv_clip_max", "beta"):
+        if getattr(cfg, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
+    try:
+        target = [float(v) for v in cfg.target_color.split(",")]
+    except ValueError:
+        target = []
+    if len(target) != 3 or not all(0 <= v <= 1 for v in target):
+        fail(f"--target-color must be three numbers in [0, 1] as R,G,B, got {cfg.target_color!r}")
+    if cfg.lora_rank < 0:
+        fail(f"--lora-rank must be >= 0 (0 = whole UNet), got {cfg.lora_rank}")
+    if not 0 < cfg.timestep_fraction <= 1:
+        fail(f"--timestep-fraction must be in (0, 1], got {cfg.timestep_fraction}")
+    if cfg.samples_per_epoch % (cfg.updates_per_epoch * cfg.batch_size):
+        fail(f"--samples-per-epoch ({cfg.samples_per_epoch}) must be a multiple of --updates-per-epoch x --batch-size ({cfg.updates_per_epoch} x {cfg.batch_size})")
+    if not Path(cfg.model).is_dir() and not re.fullmatch(r"[\w.-]+/[\w.-]+", cfg.model):
+        fail(f"--model {cfg.model}: no such folder, nor a hub id of the form owner/name; give a pipeline folder or a hub id")
+    if cfg.mixed_precision == "fp16" and not cfg.device.startswith("cuda"):
+        fail("--mixed-precision fp16 needs a CUDA device; use bf16 or no on the CPU")
+    if not cfg.resume and Path(cfg.out).exists() and any(Path(cfg.out).iterdir()):
+        fail(f"--out {cfg.out} is not empty: choose a new folder, or continue that run with --resume {cfg.out}")
+    load_prompts(cfg.prompts)
+
+
+def load_prompts(name):
+    """A built-in prompt set (data/README.md) or a text file, one prompt a line."""
+    if name in PROMPT_SETS:
+        return PROMPT_SETS[name]()
+    if not Path(name).is_file():
+        fail(f"--prompts {name}: no such set or file; use one of {', '.join(PROMPT_SETS)} or a text file")
+    prompts = read_lines(name)
+    if not prompts:
+        fail(f"--prompts {name}: the file has no prompts; write one prompt a line")
+    return prompts

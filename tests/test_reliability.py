@@ -1,0 +1,148 @@
+"""Reliability (issue 7): exact resume, checkpoints that survive a crash, Ctrl-C, non-finite
+values that never reach the weights, and bad input refused before anything is written."""
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+import run_folder
+import train
+from rewards import REWARDS
+
+TIMING = ("sample_seconds", "train_seconds")
+
+
+@pytest.fixture
+def run_args(tiny_pipeline_dir, tmp_path):
+    """A tiny run whose two prompts repeat, so the per-prompt reward buffers fill and matter."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+    return lambda out, epochs: ["--model", str(tiny_pipeline_dir), "--out", str(out), "--epochs", str(epochs), "--samples-per-epoch", "8",
+                                "--batch-size", "2", "--num-steps", "4", "--prompts", str(prompts), "--lr", "1e-2", "--min-count", "4", "--buffer-size", "6"]
+
+
+def metrics(out):
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in m.items() if k not in TIMING} for m in lines]
+
+
+def test_a_resumed_run_writes_the_same_metrics_as_an_uninterrupted_one(run_args, tmp_path):
+    train.main(run_args(tmp_path / "straight", 4))
+    train.main(run_args(tmp_path / "resumed", 2))
+    train.main(["--resume", str(tmp_path / "resumed"), "--epochs", "4"])
+    assert len(metrics(tmp_path / "straight")) == 4
+    assert metrics(tmp_path / "resumed") == metrics(tmp_path / "straight")  # every value but the wall-clock times
+
+
+def test_checkpoints_keep_the_latest_ones(run_args, tmp_path):
+    train.main(run_args(tmp_path / "run", 4) + ["--keep-checkpoints", "2"])
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["epoch_0002.pt", "epoch_0003.pt"]
+
+
+def test_a_crash_while_saving_a_checkpoint_leaves_a_run_that_resumes_exactly(run_args, tmp_path, monkeypatch):
+    train.main(run_args(tmp_path / "straight", 3))
+    real_save = torch.save
+
+    def crash_in_the_middle(state, path):  # epoch 1's checkpoint: half a file on disk, then the process dies
+        if state["epoch"] == 1:
+            real_save(state, path)
+            with open(path, "r+b") as f:
+                f.truncate(os.path.getsize(path) // 2)
+            raise SystemExit(137)
+        real_save(state, path)
+
+    monkeypatch.setattr(run_folder.torch, "save", crash_in_the_middle)
+    with pytest.raises(SystemExit):
+        train.main(run_args(tmp_path / "crashed", 3))
+    monkeypatch.undo()
+    assert len(metrics(tmp_path / "crashed")) == 2  # epoch 1 was logged, but its checkpoint never landed
+    train.main(["--resume", str(tmp_path / "crashed")])
+    assert metrics(tmp_path / "crashed") == metrics(tmp_path / "straight")
+
+
+def test_ctrl_c_stops_after_the_epoch_and_says_how_to_resume(run_args, tmp_path, monkeypatch, capsys):
+    jpeg = REWARDS["jpeg"]
+
+    def reward_then_ctrl_c(images, prompts):
+        os.kill(os.getpid(), signal.SIGINT)
+        return jpeg(images, prompts)
+
+    monkeypatch.setitem(REWARDS, "jpeg", reward_then_ctrl_c)
+    history = train.main(run_args(tmp_path / "run", 5))
+    assert len(history) == 1
+    assert (tmp_path / "run" / "checkpoints" / "epoch_0000.pt").is_file()
+    assert f"--resume {tmp_path / 'run'}" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is given back
+
+
+def test_a_non_finite_reward_stops_the_run_before_it_is_trained_on_or_saved(run_args, tmp_path, monkeypatch, capsys):
+    jpeg, calls = REWARDS["jpeg"], []
+
+    def nan_on_second_epoch(images, prompts):
+        calls.append(1)
+        rewards = jpeg(images, prompts)
+        return rewards * float("nan") if len(calls) == 2 else rewards
+
+    monkeypatch.setitem(REWARDS, "jpeg", nan_on_second_epoch)
+    with pytest.raises(SystemExit) as exit:
+        train.main(run_args(tmp_path / "run", 3))
+    assert exit.value.code == 1 and "non-finite" in capsys.readouterr().err
+    assert len(metrics(tmp_path / "run")) == 1
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["epoch_0000.pt"]
+
+
+def test_a_non_finite_loss_skips_the_update_and_never_reaches_the_weights(run_args, tmp_path, monkeypatch):
+    real_loss = train.ddpo.ddpo_is_loss
+    monkeypatch.setattr(train.ddpo, "ddpo_is_loss", lambda *args: real_loss(*args) * float("nan"))
+    history = train.main(run_args(tmp_path / "run", 1))
+    assert history[0]["skipped_updates"] == 4  # every one of the epoch's updates
+    state = torch.load(tmp_path / "run" / "checkpoints" / "epoch_0000.pt", weights_only=False)
+    ups = [v for k, v in state["trainable"].items() if "lora_B" in k]
+    assert ups and all(torch.equal(v, torch.zeros_like(v)) for v in ups)  # untouched since the init (B = 0)
+    assert all(torch.isfinite(v).all() for v in state["trainable"].values())
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--reward", "nonsense"), ("--algo", "ppo"), ("--eta", "0"), ("--eta", "-1"), ("--num-steps", "0"), ("--epochs", "0"),
+    ("--epochs", "-3"), ("--batch-size", "0"), ("--clip-range", "-1"), ("--clip-range", "0"), ("--lr", "0"), ("--lr", "-1e-4"),
+    ("--updates-per-epoch", "0"), ("--lora-rank", "-1"), ("--samples-per-epoch", "7"), ("--timestep-fraction", "0"), ("--timestep-fraction", "1.5"),
+    ("--lr", "nan"), ("--clip-range", "inf"), ("--guidance-scale", "-inf"), ("--beta", "0"), ("--target-color", "red"),
+    ("--target-color", "1,1"), ("--target-color", "2,0,0"), ("--checkpoint-every", "0"), ("--keep-checkpoints", "0"),
+    ("--prompts", "no_such_file.txt"), ("--model", "no_such_folder/"), ("--model", "no-such/model"), ("--mixed-precision", "fp16"),
+    ("--resume", "no_such_run"),
+])
+def test_bad_input_exits_2_with_one_line_naming_the_flag(flag, value, tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit:
+        train.main(["--out", str(out), "--device", "cpu", flag, value] if flag != "--resume" else [flag, str(tmp_path / value)])
+    assert exit.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and flag in error
+    assert not out.exists() and not (tmp_path / "no_such_run").exists()
+
+
+def test_an_empty_prompts_file_is_refused(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(SystemExit) as exit:
+        train.main(["--out", str(tmp_path / "run"), "--device", "cpu", "--prompts", str(empty)])
+    assert exit.value.code == 2 and "--prompts" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_an_existing_run_is_never_overwritten_and_resume_takes_no_other_settings(run_args, tmp_path, capsys):
+    train.main(run_args(tmp_path / "run", 1))
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    for argv in (run_args(tmp_path / "run", 2), ["--resume", str(tmp_path / "run"), "--lr", "1"]):
+        with pytest.raises(SystemExit) as exit:
+            train.main(argv)
+        error = capsys.readouterr().err.strip()
+        assert exit.value.code == 2 and len(error.splitlines()) == 1 and "--resume" in error
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+    empty = tmp_path / "empty-run"
+    empty.mkdir()
+    with pytest.raises(SystemExit) as exit:
+        train.main(["--resume", str(empty)])
+    assert exit.value.code == 2 and "no checkpoint" in capsys.readouterr().err
