@@ -1,12 +1,14 @@
 """Fine-tune a Stable Diffusion 1.x UNet with DDPO (Black et al. 2023). One epoch is:
-sample trajectories -> reward -> advantages -> minibatch updates -> log.
+sample trajectories -> reward -> advantages -> minibatch updates -> log (and checkpoint).
 
     python train.py --reward jpeg                      # SD v1.4 on CUDA, else the bundled CPU model
     python train.py --model CompVis/stable-diffusion-v1-4 --reward jpeg_incompressibility
+    python train.py --algo rwr                         # or ddpo-sf, rwr-sparse, pxpo
+    python train.py --resume runs/<run>                # after a crash or Ctrl-C, exactly where it stopped
 
 Defaults are the paper's SD v1.4 settings; with the bundled model the preset "tiny" scales them to a
-CPU (every flag given still wins). The policy and its log-prob are in sampler.py, advantages and
-losses in ddpo.py, rewards in rewards.py.
+CPU (every flag given still wins); config.py holds them all. The policy and its log-prob are in
+sampler.py, advantages and losses in ddpo.py, rewards in rewards.py, the run folder in run_folder.py.
 """
 import dataclasses
 import functools
@@ -30,6 +32,7 @@ from config import fail, load_prompts, parse_args
 from rewards import REWARDS, scalar
 from run_folder import load_checkpoint, log_epoch, save_checkpoint, write_config
 from sampler import add_trainable, load_pipeline, policy_log_prob, sample_trajectories, save_weights
+
 
 def objective(cfg, pipe, traj, advantages, rows, steps, rng):
     """The loss of samples `rows` at their timestep indices `steps`, and DDPO's diagnostics."""
@@ -119,11 +122,13 @@ def main(argv=None):
         state = load_checkpoint(out)
         pipe.unet.load_state_dict(state["trainable"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
-        if tracker:
+        if tracker is not None:
             tracker.buffers.update({prompt: deque(values, maxlen=cfg.buffer_size) for prompt, values in state["buffers"].items()})
         rng.bit_generator.state = state["numpy_rng"]
         torch.set_rng_state(state["torch_rng"])
         generator.set_state(state["generator"])
+        if state["cuda_rng"]:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         history = state["history"]
         print(f"resuming {out} after epoch {state['epoch']}")
     else:
@@ -173,8 +178,9 @@ def main(argv=None):
                 save_checkpoint(out, {
                     "epoch": epoch, "history": history, "optimizer": optimizer.state_dict(),
                     "trainable": {name: p for name, p in pipe.unet.state_dict().items() if name in trainable},
-                    "buffers": {prompt: list(values) for prompt, values in tracker.buffers.items()} if tracker else {},
+                    "buffers": {prompt: list(values) for prompt, values in tracker.buffers.items()} if tracker is not None else {},
                     "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "generator": generator.get_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 }, cfg.keep_checkpoints)
             fidelity = f" fidelity {metrics['fidelity']:.3f}" if toy_prompts else ""
             ppo = f" kl {stats['approx_kl']:.2e} clipfrac {stats['clipfrac']:.3f}" if "approx_kl" in stats else ""
