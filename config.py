@@ -31,6 +31,8 @@ def read_lines(path):
 PROMPT_SETS = {
     "imagenet_animals": lambda: read_lines(DATA / "imagenet_classes.txt")[:398],
     "simple_animals": lambda: read_lines(DATA / "simple_animals.txt"),
+    "animal_activities": lambda: [f"{'an' if animal[0] in 'aeiou' else 'a'} {animal} {activity}"
+                                  for animal in read_lines(DATA / "simple_animals.txt") for activity in read_lines(DATA / "activities.txt")],
     "shapes": lambda: toy_world.PROMPTS,
 }
 # The paper's settings scaled to the bundled model on a 2-core CPU (README, "The CPU demo"). The
@@ -55,7 +57,7 @@ class Config:
     preset: str = arg("auto", "settings to start from: the paper's, or tiny for the bundled model on a CPU; auto: tiny with the bundled model", choices=("auto", *PRESETS))
     lora_rank: int = arg(4, "rank of the LoRA on the UNet's attention projections; 0 fine-tunes the whole UNet")
     # task
-    reward: str = arg("jpeg", "reward function", choices=tuple(REWARDS))
+    reward: str = arg("jpeg", "reward function (README, Rewards)", choices=(*REWARDS, "aesthetic", "alignment"))
     prompts: str = arg("imagenet_animals", f"a built-in prompt set ({', '.join(PROMPT_SETS)}) or a text file, one prompt a line")
     # sampling (paper, section 5: DDIM, 50 steps, eta 1, guidance 5)
     num_steps: int = arg(50, "DDIM steps T per trajectory")
@@ -76,6 +78,10 @@ class Config:
     min_count: int = arg(16, "rewards a prompt needs before its own statistics replace the batch's")
     beta: float = arg(0.2, "rwr: inverse temperature of the weights exp(beta * r)")
     target_color: str = arg("1,1,1", "pixel_color: the target colour as R,G,B in [0, 1]")
+    aesthetic_model: str = arg("openai/clip-vit-large-patch14", "aesthetic: the CLIP model (hub id or folder) under LAION's aesthetic head")
+    alignment_model: str = arg("llava-hf/llava-1.5-7b-hf", "alignment: the vision-language model (hub id or folder) that describes each image")
+    bertscore_model: str = arg("microsoft/deberta-xlarge-mnli", "alignment: the model whose embeddings BERTScore compares")
+    bertscore_layer: int = arg(40, "alignment: its hidden layer used by BERTScore (40: bert_score's choice for deberta-xlarge-mnli)")
     # optimiser (AdamW, paper's settings)
     lr: float = arg(None, "learning rate; default 3e-4 with LoRA, 1e-5 for the whole UNet")
     weight_decay: float = arg(1e-4, "AdamW weight decay")
@@ -159,6 +165,8 @@ def validate(cfg):
         target = []
     if len(target) != 3 or not all(0 <= v <= 1 for v in target):
         fail(f"--target-color must be three numbers in [0, 1] as R,G,B, got {cfg.target_color!r}")
+    if cfg.bertscore_layer < 0:
+        fail(f"--bertscore-layer must be >= 0, got {cfg.bertscore_layer}")
     if cfg.lora_rank < 0:
         fail(f"--lora-rank must be >= 0 (0 = whole UNet), got {cfg.lora_rank}")
     if not 0 < cfg.timestep_fraction <= 1:

@@ -3,15 +3,23 @@ prompts, returning one float per image as a tensor of shape (B,), or, for a pixe
 map (B, H, W) whose mean over the pixels is the image's reward (`scalar`), so that every algorithm
 can use it and PXPO can use the map itself.
 
-`REWARDS` maps the names that `train.py --reward` accepts to these functions.
+`REWARDS` maps the names that `train.py --reward` accepts to these functions. The paper's two
+learned rewards (section 5) need models: `aesthetic` and `alignment` build a reward function
+around them, loaded once, when a run asks for that reward.
 """
 import io
+from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from transformers import AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, CLIPVisionModelWithProjection
 
 import toy_world
+
+AESTHETIC_HEAD = Path(__file__).parent / "data" / "sac+logos+ava1-l14-linearMSE.pth"
+QUESTION = "What is going on in this image?"
 
 
 def to_pil(images):
@@ -58,3 +66,109 @@ REWARDS = {
     "pixel_color": pixel_color,  # pixel-wise: for PXPO (ddpo.py), and by its mean for the others
     "toy_alignment": toy_world.judge,  # the bundled model's stand-in for the paper's VLM alignment
 }
+
+
+def pretrained(cls, model_id, flag, **kwargs):
+    """cls.from_pretrained(model_id), or an OSError whose one line names the model, the flag that
+    chose it, and the fix."""
+    try:
+        return cls.from_pretrained(model_id, **kwargs)
+    except (OSError, ValueError) as error:
+        raise OSError(f"{flag} {model_id}: cannot load it ({type(error).__name__}: no network, not in the hub cache, or no such model); "
+                      f"download it first with `hf download {model_id}`, or pass a local folder with {flag}") from error
+
+
+def clip_preprocess(images, processor):
+    """CLIP's own preprocessing, on tensors on their device: the shortest side resized (bicubic,
+    antialiased) to the processor's size, a centre crop, then its mean and std."""
+    height, width = images.shape[-2:]
+    scale = processor.size["shortest_edge"] / min(height, width)
+    resized = F.interpolate(images.float(), size=(int(height * scale), int(width * scale)), mode="bicubic", antialias=True)
+    crop_h, crop_w = processor.crop_size["height"], processor.crop_size["width"]
+    top, left = (resized.shape[-2] - crop_h) // 2, (resized.shape[-1] - crop_w) // 2
+    cropped = resized[..., top : top + crop_h, left : left + crop_w].clamp(0, 1)
+    mean, std = (torch.tensor(v, device=images.device)[:, None, None] for v in (processor.image_mean, processor.image_std))
+    return (cropped - mean) / std
+
+
+def aesthetic_head(path=AESTHETIC_HEAD):
+    """LAION's improved aesthetic predictor: an MLP 768-1024-128-64-16-1 with dropouts 0.2, 0.2,
+    0.1 and no activations (DESIGN.md section 4), its weights from the shipped state dict."""
+    head = torch.nn.Sequential(
+        torch.nn.Linear(768, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128), torch.nn.Dropout(0.2),
+        torch.nn.Linear(128, 64), torch.nn.Dropout(0.1), torch.nn.Linear(64, 16), torch.nn.Linear(16, 1),
+    )
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    head.load_state_dict({key.removeprefix("layers."): value for key, value in state.items()})
+    return head.eval()
+
+
+def aesthetic(clip_model, device="cpu", batch_size=32, head=None):
+    """The LAION aesthetic score (paper, section 5): CLIP's image embedding, L2-normalised, into
+    the aesthetic head; roughly 1 to 10."""
+    processor = pretrained(AutoImageProcessor, clip_model, "--aesthetic-model")
+    clip = pretrained(CLIPVisionModelWithProjection, clip_model, "--aesthetic-model").to(device).eval()
+    head = (head or aesthetic_head()).to(device)
+
+    @torch.no_grad()
+    def score(images, prompts):
+        scores = []
+        for batch in images.split(batch_size):
+            embeds = clip(pixel_values=clip_preprocess(batch.to(device), processor)).image_embeds
+            scores.append(head(embeds / embeds.norm(dim=-1, keepdim=True)).squeeze(1))
+        return torch.cat(scores).float()
+
+    return score
+
+
+def bertscore_recall(candidate_embeds, candidate_mask, reference_embeds, reference_weight):
+    """BERTScore recall (Zhang et al. 2020): each reference token is matched with its most similar
+    candidate token (cosine similarity), and the matches are averaged, weighted by
+    reference_weight (1 for words, 0 for [CLS], [SEP] and padding). Embeddings (B, L, D); the
+    candidate mask (B, L) marks its real tokens, special ones included, as bert_score does."""
+    candidate = F.normalize(candidate_embeds.float(), dim=-1) * candidate_mask[..., None]
+    reference = F.normalize(reference_embeds.float(), dim=-1)
+    best = torch.einsum("brd,bcd->brc", reference, candidate).max(dim=2).values
+    return (best * reference_weight).sum(dim=1) / reference_weight.sum(dim=1)
+
+
+def bert_embeddings(texts, tokenizer, model, layer, device):
+    """Token embeddings of one hidden layer (0 = the embedding layer), the tokens' mask, and each
+    token's weight in the score (0 for special tokens and padding)."""
+    tokens = tokenizer(texts, padding=True, truncation=True, return_tensors="pt", return_special_tokens_mask=True).to(device)
+    special = tokens.pop("special_tokens_mask")
+    hidden = model(**tokens, output_hidden_states=True).hidden_states[layer]
+    mask = tokens["attention_mask"].float()
+    return hidden, mask, mask * (1 - special.float())
+
+
+def alignment(vlm_model, scorer_model, scorer_layer, device="cpu", batch_size=8, max_new_tokens=64):
+    """Prompt alignment (paper, section 5): a vision-language model answers QUESTION about each
+    image; the reward is the BERTScore recall of its answer against "The image contains <prompt>"."""
+    dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
+    processor = pretrained(AutoProcessor, vlm_model, "--alignment-model", padding_side="left")
+    vlm = pretrained(AutoModelForImageTextToText, vlm_model, "--alignment-model", dtype=dtype).to(device).eval()
+    tokenizer = pretrained(AutoTokenizer, scorer_model, "--bertscore-model")
+    scorer = pretrained(AutoModel, scorer_model, "--bertscore-model").to(device).eval()
+    if not 0 <= scorer_layer <= scorer.config.num_hidden_layers:
+        raise OSError(f"--bertscore-layer {scorer_layer}: {scorer_model} has layers 0 to {scorer.config.num_hidden_layers}; choose one of them")
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    question = processor.apply_chat_template(chat, add_generation_prompt=True)
+
+    @torch.no_grad()
+    def score(images, prompts):
+        answers = []
+        for batch in images.split(batch_size):
+            inputs = processor(images=to_pil(batch), text=[question] * len(batch), return_tensors="pt", padding=True).to(device, dtype)
+            output = vlm.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            answers += processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        score.answers = [answer.strip() for answer in answers]  # kept for a look at what the VLM said
+        references = [f"The image contains {prompt}" for prompt in prompts]
+        recalls = []
+        for start in range(0, len(answers), batch_size):
+            candidate, candidate_mask, _ = bert_embeddings(score.answers[start : start + batch_size], tokenizer, scorer, scorer_layer, device)
+            reference, _, reference_weight = bert_embeddings(references[start : start + batch_size], tokenizer, scorer, scorer_layer, device)
+            recalls.append(bertscore_recall(candidate, candidate_mask, reference, reference_weight))
+        return torch.cat(recalls).float()
+
+    return score

@@ -29,7 +29,7 @@ for library in ("TRANSFORMERS", "DIFFUSERS"):  # before they are imported: keep 
 import ddpo
 import toy_world
 from config import fail, load_prompts, parse_args
-from rewards import REWARDS, scalar
+from rewards import REWARDS, aesthetic, alignment, pixel_color, scalar
 from run_folder import load_checkpoint, log_epoch, save_checkpoint, write_config
 from sampler import add_trainable, load_pipeline, policy_log_prob, sample_trajectories, save_weights
 
@@ -94,6 +94,21 @@ def stop(message):
     sys.exit(1)
 
 
+def load_reward(cfg):
+    """The reward function. The learned ones load their models here, once, for this run (and go
+    with it); one that cannot load stops the run before it writes anything."""
+    try:
+        if cfg.reward == "aesthetic":
+            return aesthetic(cfg.aesthetic_model, cfg.device)
+        if cfg.reward == "alignment":
+            return alignment(cfg.alignment_model, cfg.bertscore_model, cfg.bertscore_layer, cfg.device)
+    except OSError as error:
+        fail(str(error))
+    if cfg.reward == "pixel_color":
+        return functools.partial(pixel_color, target=[float(v) for v in cfg.target_color.split(",")])
+    return REWARDS[cfg.reward]
+
+
 def main(argv=None):
     cfg = parse_args(argv, description=__doc__)
     torch.manual_seed(cfg.seed)
@@ -101,6 +116,7 @@ def main(argv=None):
     device = torch.device(cfg.device)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
     autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=cfg.mixed_precision != "no")
+    reward_fn = load_reward(cfg)
     try:
         pipe = load_pipeline(cfg.model, device, weight_dtype)
     except OSError as error:
@@ -109,9 +125,6 @@ def main(argv=None):
     params = add_trainable(pipe.unet, cfg.lora_rank)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)
     generator = torch.Generator(device).manual_seed(cfg.seed)
-    reward_fn = REWARDS[cfg.reward]
-    if cfg.reward == "pixel_color":
-        reward_fn = functools.partial(reward_fn, target=[float(v) for v in cfg.target_color.split(",")])
     prompt_set = load_prompts(cfg.prompts)
     tracker = ddpo.PerPromptStatTracker(cfg.buffer_size, cfg.min_count) if cfg.per_prompt_stat_tracking else None
     toy_prompts = set(prompt_set) <= set(toy_world.PROMPTS)  # then the toy world's judge reports fidelity
