@@ -2,10 +2,12 @@
 
 Each 64 x 64 image shows one coloured shape ("a red circle") on a background that is either plain
 or textured (stripes or a checkerboard in neutral tones). The caption never mentions the
-background, so the pretrained model draws both kinds for every prompt. That is room for the JPEG
-reward to move (a plain background compresses to roughly half the bytes of a textured one) without
-changing what the prompt asks for, which the judge checks. The judge is this world's stand-in for
-the paper's vision-language alignment reward (section 5).
+background, so the pretrained model draws both kinds for every prompt: textured ones four times
+in five in the training images, about half of the time in its samples (the UNet draws the
+textures less often than it sees them). That is room for the JPEG reward to move (a plain
+background compresses to well under half the bytes of a textured one) without changing what the
+prompt asks for, which the judge checks. The judge is this world's stand-in for the paper's
+vision-language alignment reward (section 5).
 """
 import numpy as np
 import torch
@@ -30,8 +32,8 @@ def neutral(rng):
 
 
 def background(rng):
-    """Plain half of the time; otherwise stripes (four orientations) or a checkerboard."""
-    if rng.random() < 0.5:
+    """Plain one time in five; otherwise stripes (four orientations) or a checkerboard."""
+    if rng.random() < 0.2:
         return np.broadcast_to(neutral(rng), (SIZE, SIZE, 3)).copy()
     light, dark = neutral(rng), neutral(rng)
     while np.abs(light - dark).mean() < 0.25:
