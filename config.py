@@ -40,8 +40,8 @@ PROMPT_SETS = {
 # 4 x 8 x 8 latent is that much noisier than over SD's 16,384.
 PRESETS = {
     "paper": {},
-    "tiny": dict(prompts="shapes", num_steps=20, guidance_scale=3.0, epochs=45, samples_per_epoch=64, batch_size=16,
-                 timestep_fraction=0.5, lr=1e-2, clip_range=8e-4),
+    "tiny": dict(prompts="shapes", num_steps=20, guidance_scale=3.0, epochs=35, samples_per_epoch=64, batch_size=16,
+                 timestep_fraction=0.5, lr=5e-3, clip_range=8e-4),
 }
 ALGOS = ("ddpo-is", "ddpo-sf", "rwr", "rwr-sparse", "pxpo")
 
