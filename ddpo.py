@@ -71,8 +71,8 @@ def advantages(algo, prompts, rewards, latent_size, tracker=None, beta=0.2):
     batch, scaled to average 1 over the epoch."""
     scores = scalar(rewards).cpu().numpy()
     if algo.startswith("rwr"):
-        groups = prompts if tracker is not None else None
-        weights = rwr_weights(scores, groups, beta) if algo == "rwr" else sparse_rwr_weights(scores, groups)
+        by_prompt = prompts if tracker is not None else None
+        weights = rwr_weights(scores, by_prompt, beta) if algo == "rwr" else sparse_rwr_weights(scores, by_prompt)
         weights = weights / weights.mean()
     else:
         maps = None
@@ -128,13 +128,17 @@ def pool_to_latent(reward_map, latent_size):
     return F.adaptive_avg_pool2d(reward_map[:, None].float(), latent_size)[:, 0]
 
 
+def groups(prompts, n):
+    """Index arrays of the samples of each prompt, or one group of all n samples without prompts."""
+    return [np.arange(n)] if prompts is None else [np.flatnonzero([p == q for p in prompts]) for q in set(prompts)]
+
+
 def rwr_weights(rewards, prompts=None, beta=0.2):
     """Reward-weighted regression (DESIGN.md section 3): w = exp(beta * r) / Z, with Z making the
     weights average 1 over the batch, or over each prompt's samples when prompts are given."""
     rewards = np.asarray(rewards, dtype=np.float64)
-    groups = [np.ones(len(rewards), bool)] if prompts is None else [np.array([p == q for p in prompts]) for q in set(prompts)]
     weights = np.empty_like(rewards)
-    for rows in groups:
+    for rows in groups(prompts, len(rewards)):
         w = np.exp(beta * (rewards[rows] - rewards[rows].max()))  # shifted: exp cannot overflow
         weights[rows] = w / w.mean()
     return weights
@@ -144,9 +148,8 @@ def sparse_rwr_weights(rewards, prompts=None, top=0.1):
     """Sparse RWR: weight 1 for the top fraction of rewards (at least one sample), 0 for the rest;
     ranked over the batch, or within each prompt's samples when prompts are given."""
     rewards = np.asarray(rewards, dtype=np.float64)
-    groups = [np.arange(len(rewards))] if prompts is None else [np.flatnonzero([p == q for p in prompts]) for q in set(prompts)]
     weights = np.zeros_like(rewards)
-    for rows in groups:
+    for rows in groups(prompts, len(rewards)):
         keep = max(1, int(np.ceil(top * len(rows) - 1e-9)))
         weights[rows[np.argsort(-rewards[rows], kind="stable")[:keep]]] = 1.0
     return weights
