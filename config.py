@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -89,7 +90,9 @@ class Config:
     # system
     seed: int = arg(0, "seed for prompts, noise, shuffling and LoRA init")
     out: str = arg(None, "run folder; default runs/<reward>-<algo>-<time>")
-    mixed_precision: str = arg("no", "autocast the frozen networks and UNet forwards", choices=("no", "fp16", "bf16"))
+    mixed_precision: str = arg("no", "frozen networks in this dtype and the forwards autocast to it; the LoRA stays fp32", choices=("no", "fp16", "bf16"))
+    gradient_checkpointing: bool = arg(False, "recompute the UNet's activations in the backward pass: less memory, more time")
+    allow_tf32: bool = arg(True, "TF32 matmuls and convolutions on CUDA (Ampere and newer)")
     device: str = arg(None, "torch device; default cuda when available, else cpu")
     checkpoint_every: int = arg(1, "epochs between checkpoints (checkpoints/epoch_N.pt: everything --resume needs)")
     keep_checkpoints: int = arg(2, "checkpoints kept, the latest ones")
@@ -171,8 +174,10 @@ def validate(cfg):
         fail(f"--lora-rank must be >= 0 (0 = whole UNet), got {cfg.lora_rank}")
     if not 0 < cfg.timestep_fraction <= 1:
         fail(f"--timestep-fraction must be in (0, 1], got {cfg.timestep_fraction}")
-    if cfg.samples_per_epoch % (cfg.updates_per_epoch * cfg.batch_size):
-        fail(f"--samples-per-epoch ({cfg.samples_per_epoch}) must be a multiple of --updates-per-epoch x --batch-size ({cfg.updates_per_epoch} x {cfg.batch_size})")
+    world = int(os.environ.get("WORLD_SIZE", 1))  # processes under torchrun: each samples its share
+    if cfg.samples_per_epoch % (world * cfg.updates_per_epoch * cfg.batch_size):
+        fail(f"--samples-per-epoch ({cfg.samples_per_epoch}) must be a multiple of processes x --updates-per-epoch x --batch-size "
+             f"({world} x {cfg.updates_per_epoch} x {cfg.batch_size})")
     if not Path(cfg.model).is_dir() and not re.fullmatch(r"[\w.-]+/[\w.-]+", cfg.model):
         fail(f"--model {cfg.model}: no such folder, nor a hub id of the form owner/name; give a pipeline folder or a hub id")
     if cfg.mixed_precision == "fp16" and not cfg.device.startswith("cuda"):

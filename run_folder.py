@@ -56,10 +56,12 @@ def save_checkpoint(out, state, keep):
         old.unlink()
 
 
-def load_checkpoint(out):
+def load_checkpoint(out, rewrite_metrics=True):
     """The latest checkpoint's state, and metrics.jsonl cut back to the epochs it covers."""
     path = sorted((out / "checkpoints").glob("epoch_*.pt"))[-1]
     state = torch.load(path, map_location="cpu", weights_only=False)
+    if not rewrite_metrics:  # another process does it
+        return state
     lines = "".join(json.dumps(m) + "\n" for m in state["history"])
     write_atomic(out / "metrics.jsonl", lambda tmp: tmp.write_text(lines))
     return state

@@ -12,10 +12,12 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers
+from diffusers.utils import logging as diffusers_logging
 from diffusers.utils.torch_utils import randn_tensor
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from tqdm import tqdm
+from transformers.utils import logging as transformers_logging
 
 REDUCTIONS = ("mean", "sum", "none")
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the UNet's attention projections
@@ -28,6 +30,8 @@ def load_pipeline(model, device="cpu", dtype=torch.float32):
     scheduler is DDIM with the model's own noise schedule, and every weight starts frozen: the
     trainer decides what to unfreeze (a LoRA or the whole UNet).
     """
+    for logging in (diffusers_logging, transformers_logging):
+        logging.disable_progress_bar()  # loading takes seconds; its bars would only clutter the log
     pipe = StableDiffusionPipeline.from_pretrained(
         model, dtype=dtype, safety_checker=None, requires_safety_checker=False
     )
@@ -152,7 +156,7 @@ def sample_trajectories(pipe, prompts, num_steps=50, guidance_scale=5.0, eta=1.0
     negative_embeds = encode_prompts(pipe, [""])
     shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
     batches = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="sampling", disable=not progress, leave=False):
+    for start in tqdm(range(0, len(prompts), batch_size), desc="sampling", disable=None if progress else True, leave=False):
         batch_prompts = list(prompts[start : start + batch_size])
         n = len(batch_prompts)
         prompt_embeds = encode_prompts(pipe, batch_prompts)

@@ -5,6 +5,7 @@ sample trajectories -> reward -> advantages -> minibatch updates -> log (and che
     python train.py --model CompVis/stable-diffusion-v1-4 --reward jpeg_incompressibility
     python train.py --algo rwr                         # or ddpo-sf, rwr-sparse, pxpo
     python train.py --resume runs/<run>                # after a crash or Ctrl-C, exactly where it stopped
+    torchrun --nproc-per-node 8 train.py --reward jpeg # data parallel over 8 GPUs (parallel.py)
 
 Defaults are the paper's SD v1.4 settings; with the bundled model the preset "tiny" scales them to a
 CPU (every flag given still wins); config.py holds them all. The policy and its log-prob are in
@@ -27,6 +28,7 @@ for library in ("TRANSFORMERS", "DIFFUSERS"):  # before they are imported: keep 
     os.environ.setdefault(f"{library}_VERBOSITY", "error")
 
 import ddpo
+import parallel
 import toy_world
 from config import fail, load_prompts, parse_args
 from rewards import REWARDS, aesthetic, alignment, pixel_color, scalar
@@ -58,18 +60,19 @@ def objective(cfg, pipe, traj, advantages, rows, steps, rng):
     return loss, ddpo.diagnostics(log_prob, old_log_prob, cfg.clip_range)
 
 
-def update(cfg, pipe, traj, advantages, optimizer, params, rng, autocast):
+def update(cfg, pipe, traj, advantages, optimizer, params, rng, autocast, progress):
     """Minibatch updates on one epoch's samples (section 4.2). Samples are shuffled, and each
     sample visits its own random order of timesteps; gradients accumulate over the steps and the
-    microbatches of one minibatch, so each optimiser step sees the mean loss over both."""
+    microbatches of one minibatch (and are averaged over the processes), so each optimiser step
+    sees the mean loss over all of them."""
     num_samples, num_steps = traj["log_probs"].shape
     device = traj["latents"].device
     train_steps = max(1, int(num_steps * cfg.timestep_fraction))
-    microbatches = cfg.samples_per_epoch // (cfg.updates_per_epoch * cfg.batch_size)  # per optimiser step
+    microbatches = num_samples // (cfg.updates_per_epoch * cfg.batch_size)  # per optimiser step, in this process
     order = torch.as_tensor(rng.permutation(num_samples), device=device)
     step_order = torch.as_tensor(rng.random((num_samples, num_steps)).argsort(axis=1)[:, :train_steps], device=device)
     stats, skipped = defaultdict(list), 0
-    for i, start in enumerate(tqdm(range(0, num_samples, cfg.batch_size), desc="training", leave=False)):
+    for i, start in enumerate(tqdm(range(0, num_samples, cfg.batch_size), desc="training", disable=None if progress else True, leave=False)):
         rows = order[start : start + cfg.batch_size]
         for j in range(train_steps):
             with autocast:
@@ -78,6 +81,7 @@ def update(cfg, pipe, traj, advantages, optimizer, params, rng, autocast):
             for key, value in {"loss": loss.item(), **diagnostics}.items():
                 stats[key].append(value)
         if (i + 1) % microbatches == 0:
+            parallel.average_gradients(params)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             if torch.isfinite(grad_norm):  # a non-finite loss gives a non-finite norm too
                 optimizer.step()
@@ -111,9 +115,11 @@ def load_reward(cfg):
 
 def main(argv=None):
     cfg = parse_args(argv, description=__doc__)
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    device = torch.device(cfg.device)
+    rank, world, device = parallel.setup(cfg.device)  # (0, 1, cfg.device) without torchrun
+    say = print if rank == 0 else lambda *args, **kwargs: None
+    torch.manual_seed(cfg.seed)  # the same LoRA initialisation in every process
+    rng = np.random.default_rng(cfg.seed + rank * parallel.SEED_STRIDE)  # prompts and shuffles: this process's own
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
     autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=cfg.mixed_precision != "no")
     reward_fn = load_reward(cfg)
@@ -123,30 +129,39 @@ def main(argv=None):
         fail(f"--model {cfg.model}: cannot load it ({type(error).__name__}: not a pipeline folder, nor in the hub cache); "
              f"pass a local folder, or download it first with `hf download {cfg.model}`")
     params = add_trainable(pipe.unet, cfg.lora_rank)
+    if cfg.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+    if rank:
+        torch.manual_seed(cfg.seed + rank * parallel.SEED_STRIDE)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)
-    generator = torch.Generator(device).manual_seed(cfg.seed)
+    generator = torch.Generator(device).manual_seed(cfg.seed + rank * parallel.SEED_STRIDE)  # this process's noise
     prompt_set = load_prompts(cfg.prompts)
     tracker = ddpo.PerPromptStatTracker(cfg.buffer_size, cfg.min_count) if cfg.per_prompt_stat_tracking else None
     toy_prompts = set(prompt_set) <= set(toy_world.PROMPTS)  # then the toy world's judge reports fidelity
     trainable = {name for name, p in pipe.unet.named_parameters() if p.requires_grad}
 
     out, history = Path(cfg.out), []
+    parallel.barrier()  # every process has checked --out before rank 0 writes into it
     if cfg.resume:  # everything a fresh run would hold after the checkpoint's epoch
-        state = load_checkpoint(out)
+        state = load_checkpoint(out, rewrite_metrics=rank == 0)
+        if len(state["rng"]) != world:
+            fail(f"--resume {out}: the run was trained by {len(state['rng'])} process(es), not {world}; resume it with as many")
         pipe.unet.load_state_dict(state["trainable"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
         if tracker is not None:
             tracker.buffers.update({prompt: deque(values, maxlen=cfg.buffer_size) for prompt, values in state["buffers"].items()})
-        rng.bit_generator.state = state["numpy_rng"]
-        torch.set_rng_state(state["torch_rng"])
-        generator.set_state(state["generator"])
-        if state["cuda_rng"]:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        own = state["rng"][rank]
+        rng.bit_generator.state = own["numpy"]
+        torch.set_rng_state(own["torch"])
+        generator.set_state(own["generator"])
+        if own["cuda"] is not None:
+            torch.cuda.set_rng_state(own["cuda"], device)
         history = state["history"]
-        print(f"resuming {out} after epoch {state['epoch']}")
-    else:
+        say(f"resuming {out} after epoch {state['epoch']}")
+    elif rank == 0:
         write_config(out, dataclasses.asdict(cfg))
-    print(f"{cfg.algo} on {cfg.model} ({cfg.device}), reward {cfg.reward}, {len(prompt_set)} prompts -> {out}")
+    say(f"{cfg.algo} on {cfg.model} ({device}{f' x {world} processes' if world > 1 else ''}), reward {cfg.reward}, "
+        f"{len(prompt_set)} prompts -> {out}")
     interrupted = []
 
     def on_interrupt(signum, frame):  # the first Ctrl-C: finish the epoch and its checkpoint; a second one: stop now
@@ -157,58 +172,69 @@ def main(argv=None):
     previous_handler = signal.signal(signal.SIGINT, on_interrupt)
     try:
         for epoch in range(len(history), cfg.epochs):
-            # 1. sample: roll out the current policy, one trajectory per drawn prompt
+            # 1. sample: roll out the current policy, one trajectory per drawn prompt (this process's share)
             start = time.time()
-            prompts = [prompt_set[i] for i in rng.integers(len(prompt_set), size=cfg.samples_per_epoch)]
+            prompts = [prompt_set[i] for i in rng.integers(len(prompt_set), size=cfg.samples_per_epoch // world)]
             with autocast:
-                traj = sample_trajectories(pipe, prompts, cfg.num_steps, cfg.guidance_scale, cfg.eta, cfg.batch_size, generator, progress=True)
+                traj = sample_trajectories(pipe, prompts, cfg.num_steps, cfg.guidance_scale, cfg.eta, cfg.batch_size, generator, progress=rank == 0)
+            if device.type == "cuda":
+                torch.cuda.synchronize()  # the GPU's queue is done: an honest sampling time
             sample_seconds = time.time() - start
-            # 2. reward r(x_0, c) on the decoded images (a map (B, H, W) for a pixel-wise reward)
-            reward_out = reward_fn(traj["images"], prompts).float().to(device)
+            # 2. reward r(x_0, c) on the decoded images (a map (B, H, W) for a pixel-wise reward), then every process's
+            reward_out = parallel.gather(reward_fn(traj["images"], prompts).float().to(device))
+            all_prompts = parallel.gather_objects(prompts)
             if not torch.isfinite(reward_out).all():
                 stop(f"epoch {epoch}: the reward {cfg.reward} returned non-finite values, so nothing of this epoch was trained on or saved; "
                      f"fix the reward, then continue with --resume {out}")
             rewards = scalar(reward_out)
-            # 3. advantages (RWR: weights)
-            advantages = ddpo.advantages(cfg.algo, prompts, reward_out, traj["latents"].shape[-2:], tracker, cfg.beta)
+            # 3. advantages over the whole epoch (RWR: weights); this process keeps its own samples' rows
+            advantages = ddpo.advantages(cfg.algo, all_prompts, reward_out, traj["latents"].shape[-2:], tracker, cfg.beta)
+            advantages = advantages[rank * len(prompts) : (rank + 1) * len(prompts)]
             # 4. update the policy on these samples
             start = time.time()
-            stats = update(cfg, pipe, traj, advantages, optimizer, params, rng, autocast)
+            stats = update(cfg, pipe, traj, advantages, optimizer, params, rng, autocast, progress=rank == 0)
+            stats = parallel.mean_over_processes(stats)
             train_seconds = time.time() - start
             if not all(torch.isfinite(p).all() for p in params):
                 stop(f"epoch {epoch}: the weights became non-finite; the last checkpoint is kept; lower --lr and continue with --resume {out}")
-            # 5. log, export the weights, checkpoint
+            # 5. log, export the weights, checkpoint (rank 0 writes; every process hands over its random states)
             metrics = {
                 "epoch": epoch, "reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(),
                 "reward_queries": (epoch + 1) * cfg.samples_per_epoch, **stats,
-                **({"fidelity": toy_world.judge(traj["images"], prompts).mean().item()} if toy_prompts else {}),
+                **({"fidelity": parallel.gather(toy_world.judge(traj["images"], prompts).to(device)).mean().item()} if toy_prompts else {}),
                 "sample_seconds": sample_seconds, "train_seconds": train_seconds,
             }
             history.append(metrics)
-            log_epoch(out, history, traj["images"], [f"{p[:20]}\n{r:.2f}" for p, r in zip(prompts, rewards.tolist())], cfg.reward)
-            save_weights(pipe, out, cfg.lora_rank)
-            if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs or interrupted:
+            stopping = parallel.any_process(bool(interrupted))
+            checkpoint = (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs or stopping
+            rng_states = parallel.gather_objects([{
+                "numpy": rng.bit_generator.state, "torch": torch.get_rng_state(), "generator": generator.get_state(),
+                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            }] if checkpoint else [])
+            if rank == 0:
+                log_epoch(out, history, traj["images"], [f"{p[:20]}\n{r:.2f}" for p, r in zip(prompts, rewards.tolist())], cfg.reward)
+                save_weights(pipe, out, cfg.lora_rank)
+            if rank == 0 and checkpoint:
                 save_checkpoint(out, {
-                    "epoch": epoch, "history": history, "optimizer": optimizer.state_dict(),
+                    "epoch": epoch, "history": history, "optimizer": optimizer.state_dict(), "rng": rng_states,
                     "trainable": {name: p for name, p in pipe.unet.state_dict().items() if name in trainable},
                     "buffers": {prompt: list(values) for prompt, values in tracker.buffers.items()} if tracker is not None else {},
-                    "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "generator": generator.get_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 }, cfg.keep_checkpoints)
             fidelity = f" fidelity {metrics['fidelity']:.3f}" if toy_prompts else ""
             ppo = f" kl {stats['approx_kl']:.2e} clipfrac {stats['clipfrac']:.3f}" if "approx_kl" in stats else ""
-            print(
+            say(
                 f"epoch {epoch}: reward {metrics['reward_mean']:.3f} ± {metrics['reward_std']:.3f}{fidelity} | loss {stats['loss']:.4g}{ppo} "
                 f"| sample {sample_seconds:.1f}s train {train_seconds:.1f}s"
             )
-            if interrupted:
-                print(f"stopped after epoch {epoch}; continue with: python train.py --resume {out}")
+            if stopping:
+                say(f"stopped after epoch {epoch}; continue with: python train.py --resume {out}")
                 break
     except KeyboardInterrupt:
         print(f"\nstopped during an epoch; its work is lost, the checkpoints before it are not: python train.py --resume {out}", file=sys.stderr)
         sys.exit(130)
     finally:
         signal.signal(signal.SIGINT, previous_handler)
+        parallel.teardown()
     return history
 
 

@@ -3,7 +3,6 @@ aesthetic score on CLIP embeddings, and the VLM + BERTScore prompt alignment. No
 import huggingface_hub
 import pytest
 import torch
-from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (BertConfig, BertModel, BertTokenizerFast, CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection,
                           LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)

@@ -1,0 +1,115 @@
+"""How close a training epoch comes to its compute floor.
+
+    python benchmarks/overhead.py                          # the bundled model with its preset, 4 epochs
+    python benchmarks/overhead.py --epochs 3 -- --num-steps 10 --samples-per-epoch 32
+
+Nearly all of DDPO's cost is UNet work: T guided forward passes per sample to sample it, and a
+forward and backward pass per trained step. This script runs train.py's own loop (train.main, in
+this process, into a temporary run folder) and records every UNet call: its input shapes and
+whether it was a training call (gradient on). The first epoch warms up and is not counted. Then it
+replays exactly the counted calls, back to back, on random inputs of the same shapes: no-grad
+forwards for the sampling calls, forward + backward for the training calls. That replay is the
+floor; everything the epochs took beyond it (text encoding, the VAE, the per-step Python,
+copies, rewards, logging, saving) is overhead. The last line is overhead_ratio=<epochs / floor>.
+Arguments after `--` go to train.py.
+"""
+import argparse
+import contextlib
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import train  # noqa: E402
+
+
+@contextlib.contextmanager
+def instrument(calls, epoch_starts, pipes):
+    """While inside, train.main records each UNet call, the start of each epoch's sampling, and its pipeline."""
+    load_pipeline, sample_trajectories = train.load_pipeline, train.sample_trajectories
+
+    def record(unet, args, kwargs):
+        sample, timestep, context = (list(args) + [kwargs.get("timestep"), kwargs.get("encoder_hidden_states")])[:3]
+        calls.append((time.perf_counter(), tuple(sample.shape), tuple(context.shape), torch.is_grad_enabled()))
+
+    def loading(*args, **kwargs):
+        pipe = load_pipeline(*args, **kwargs)
+        pipe.unet.register_forward_pre_hook(record, with_kwargs=True)
+        pipes.append(pipe)
+        return pipe
+
+    def sampling(*args, **kwargs):
+        epoch_starts.append(time.perf_counter())
+        return sample_trajectories(*args, **kwargs)
+
+    train.load_pipeline, train.sample_trajectories = loading, sampling
+    try:
+        yield
+    finally:
+        train.load_pipeline, train.sample_trajectories = load_pipeline, sample_trajectories
+
+
+def replay(unet, calls, autocast):
+    """The same UNet calls on random inputs, back to back: seconds for the sampling ones (no-grad
+    forwards) and the training ones (forward + backward)."""
+    seconds = {False: 0.0, True: 0.0}
+    device, dtype = unet.device, unet.dtype
+    for _, sample_shape, context_shape, training in calls:
+        sample = torch.randn(sample_shape, device=device, dtype=dtype)
+        context = torch.randn(context_shape, device=device, dtype=dtype)
+        timestep = torch.randint(0, 1000, sample_shape[:1], device=device)
+        start = time.perf_counter()
+        with torch.set_grad_enabled(training), autocast:
+            out = unet(sample, timestep, context).sample
+        if training:
+            out.float().mean().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds[training] += time.perf_counter() - start
+    unet.zero_grad(set_to_none=True)
+    return seconds[False], seconds[True]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=4, help="epochs to run; the first is warm-up and not counted")
+    parser.add_argument("train_args", nargs="*", help="more train.py arguments, after --")
+    args = parser.parse_args(argv)
+    if args.epochs < 2:
+        parser.error("--epochs must be at least 2: the first one only warms up")
+    calls, epoch_starts, pipes = [], [], []
+    with instrument(calls, epoch_starts, pipes), tempfile.TemporaryDirectory() as tmp:
+        history = train.main(["--epochs", str(args.epochs), "--out", f"{tmp}/run", *args.train_args])
+        end = time.perf_counter()
+        cfg = json.loads(Path(f"{tmp}/run/config.json").read_text())
+    counted = [c for c in calls if c[0] >= epoch_starts[1]]
+    epochs = history[1:]
+    measured = end - epoch_starts[1]
+    sample_s, train_s = sum(m["sample_seconds"] for m in epochs), sum(m["train_seconds"] for m in epochs)
+
+    unet = pipes[0].unet
+    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg["mixed_precision"]]
+    autocast = torch.autocast(unet.device.type, dtype=dtype, enabled=cfg["mixed_precision"] != "no")
+    floor_sample, floor_train = replay(unet, counted, autocast)
+
+    n = len(epochs)
+    sampling_calls = sum(not c[3] for c in counted)
+    print(f"{n} epochs counted ({cfg['samples_per_epoch']} samples, {cfg['num_steps']} steps, batch {cfg['batch_size']}, "
+          f"{cfg['model']} on {cfg['device']}, {torch.get_num_threads()} threads)")
+    print(f"UNet calls: {sampling_calls} sampling, {len(counted) - sampling_calls} training")
+    print(f"sampling   {sample_s / n:7.2f} s/epoch   floor {floor_sample / n:7.2f}")
+    print(f"training   {train_s / n:7.2f} s/epoch   floor {floor_train / n:7.2f}")
+    print(f"the rest   {(measured - sample_s - train_s) / n:7.2f} s/epoch   (rewards, advantages, logging, saving)")
+    print(f"epoch      {measured / n:7.2f} s         floor {(floor_sample + floor_train) / n:7.2f}")
+    ratio = measured / (floor_sample + floor_train)
+    print(f"overhead_ratio={ratio:.3f}")
+    return {"sampling_calls": sampling_calls, "training_calls": len(counted) - sampling_calls, "overhead_ratio": ratio}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Data parallel training under torchrun, on the CPU with gloo: two processes, one run."""
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import parallel
+from config import PROMPT_SETS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_two_processes_sample_their_shares_and_write_one_run_folder(tiny_pipeline_dir, tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(ROOT / "train.py"),
+               "--model", str(tiny_pipeline_dir), "--device", "cpu", "--epochs", "1", "--samples-per-epoch", "8", "--batch-size", "2", "--updates-per-epoch", "2",
+               "--num-steps", "4", "--prompts", "simple_animals", "--seed", "3", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[:3000]
+
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 1 and metrics[0]["reward_queries"] == 8  # one writer, the whole epoch counted
+    assert done.stdout.count("epoch 0:") == 1  # only rank 0 reports
+    state = torch.load(out / "checkpoints" / "epoch_0000.pt", weights_only=False)
+    assert len(state["rng"]) == 2  # each process's random state, for --resume
+    # the tracker saw all 8 rewards: rank r drew its 4 prompts with seed 3 + r * SEED_STRIDE
+    prompt_set = PROMPT_SETS["simple_animals"]()
+    drawn = Counter()
+    for rank in range(2):
+        rng = np.random.default_rng(3 + rank * parallel.SEED_STRIDE)
+        drawn.update(prompt_set[i] for i in rng.integers(len(prompt_set), size=4))
+    assert {prompt: len(values) for prompt, values in state["buffers"].items()} == dict(drawn)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.json", "lora", "metrics.jsonl", "reward_curve.png", "samples"]
+
+    alone = subprocess.run([sys.executable, str(ROOT / "train.py"), "--resume", str(out), "--epochs", "2"], capture_output=True, text=True)
+    assert alone.returncode == 2 and "trained by 2 process(es), not 1" in alone.stderr
+
+
+def exchange(rank, world, init_file, results):
+    """One process of test_two_processes_gather_and_average: what each helper returns on it."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    param = torch.nn.Parameter(torch.zeros(3))
+    param.grad = torch.full((3,), float(rank + 1))
+    parallel.average_gradients([param])
+    results[rank] = {
+        "gather": parallel.gather(torch.tensor([rank, 10 + rank])).tolist(),
+        "objects": parallel.gather_objects([f"prompt {rank}"]),
+        "grad": param.grad.tolist(),
+        "mean": parallel.mean_over_processes({"loss": float(rank)}),
+        "any": parallel.any_process(rank == 1),
+    }
+    torch.distributed.destroy_process_group()
+
+
+def test_two_processes_gather_in_rank_order_and_average_gradients(tmp_path):
+    results = torch.multiprocessing.Manager().dict()
+    torch.multiprocessing.spawn(exchange, args=(2, tmp_path / "init", results), nprocs=2)
+    for rank in range(2):
+        assert results[rank] == {"gather": [0, 10, 1, 11], "objects": ["prompt 0", "prompt 1"], "grad": [1.5] * 3,
+                                 "mean": {"loss": 0.5}, "any": True}
+
+
+def test_without_torchrun_every_helper_is_the_identity():
+    values = torch.arange(4.0)
+    assert parallel.gather(values) is values
+    assert parallel.gather_objects(("a", "b")) == ["a", "b"]
+    assert parallel.mean_over_processes({"loss": 0.5}) == {"loss": 0.5}
+    assert parallel.any_process(True) and not parallel.any_process(False)
