@@ -67,17 +67,22 @@ def summarise(runs):
 
 
 def plot(runs, path):
-    fig, axes = plt.subplots(1, len(COMPARISONS), figsize=(5 * len(COMPARISONS), 3.8))
-    for ax, reward in zip(axes, COMPARISONS):
+    """Top row: mean reward against reward queries; bottom row: the toy world's fidelity."""
+    rewards = list(dict.fromkeys(reward for reward, _ in runs))
+    fig, axes = plt.subplots(2, len(rewards), figsize=(5 * len(rewards), 7), squeeze=False)
+    for column, reward in enumerate(rewards):
         for (run_reward, algo), seeds in runs.items():
             if run_reward != reward:
                 continue
             queries = [m["reward_queries"] for m in seeds[0][0]]
-            curves = np.array([[m["reward_mean"] for m in metrics] for metrics, _ in seeds])
-            ax.plot(queries, curves.mean(axis=0), label=algo)
-            ax.fill_between(queries, curves.min(axis=0), curves.max(axis=0), alpha=0.2)
-        ax.set(xlabel="reward queries", ylabel=f"mean reward ({reward})", title=reward)
-        ax.legend(fontsize=8)
+            for row, key in enumerate(("reward_mean", "fidelity")):
+                curves = np.array([[m.get(key, np.nan) for m in metrics] for metrics, _ in seeds])
+                axes[row, column].plot(queries, curves.mean(axis=0), label=algo)
+                axes[row, column].fill_between(queries, curves.min(axis=0), curves.max(axis=0), alpha=0.2)
+        axes[0, column].set(ylabel=f"mean reward ({reward})", title=f"{reward}: mean over seeds, min to max shaded")
+        axes[1, column].set(xlabel="reward queries", ylabel="fidelity (toy_world.judge)")
+        for ax in axes[:, column]:
+            ax.legend(fontsize=8)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
@@ -88,11 +93,12 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=15, help="epochs per run: the budget is epochs x samples per epoch")
     parser.add_argument("--out", type=Path, default=Path("runs/compare"))
     parser.add_argument("--train-args", default="", help="more train.py flags for every run, quoted (e.g. a smaller --model)")
+    parser.add_argument("--algos", nargs="+", help="only these algorithms (default: every one in the comparisons)")
     args = parser.parse_args(argv)
     extra = shlex.split(args.train_args)
     runs = {}
     for reward, algos in COMPARISONS.items():
-        for algo in algos:
+        for algo in (a for a in algos if not args.algos or a in args.algos):
             for seed in args.seeds:
                 metrics, wall = run(algo, reward, seed, args.epochs, args.out / f"{reward}-{algo}-seed{seed}", extra)
                 runs.setdefault((reward, algo), []).append((metrics, wall))
