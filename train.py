@@ -117,8 +117,9 @@ def main(argv=None):
     cfg = parse_args(argv, description=__doc__)
     rank, world, device = parallel.setup(cfg.device)  # (0, 1, cfg.device) without torchrun
     say = print if rank == 0 else lambda *args, **kwargs: None
+    seed = cfg.seed + rank * parallel.SEED_STRIDE  # this process's own seed; rank 0's is --seed
     torch.manual_seed(cfg.seed)  # the same LoRA initialisation in every process
-    rng = np.random.default_rng(cfg.seed + rank * parallel.SEED_STRIDE)  # prompts and shuffles: this process's own
+    rng = np.random.default_rng(seed)  # prompts, shuffles, timestep orders
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
     autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=cfg.mixed_precision != "no")
@@ -132,9 +133,9 @@ def main(argv=None):
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
     if rank:
-        torch.manual_seed(cfg.seed + rank * parallel.SEED_STRIDE)
+        torch.manual_seed(seed)  # after the shared initialisation, this process's own (RWR's noise)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)
-    generator = torch.Generator(device).manual_seed(cfg.seed + rank * parallel.SEED_STRIDE)  # this process's noise
+    generator = torch.Generator(device).manual_seed(seed)  # the sampling noise
     prompt_set = load_prompts(cfg.prompts)
     tracker = ddpo.PerPromptStatTracker(cfg.buffer_size, cfg.min_count) if cfg.per_prompt_stat_tracking else None
     toy_prompts = set(prompt_set) <= set(toy_world.PROMPTS)  # then the toy world's judge reports fidelity
