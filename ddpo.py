@@ -104,11 +104,12 @@ def ddpo_is_loss(log_prob, old_log_prob, advantages, clip_range, adv_clip_max):
 
 @torch.no_grad()
 def diagnostics(log_prob, old_log_prob, clip_range):
-    """approx_kl = 0.5 E[(log p - log p_old)^2] and the fraction of ratios outside the clip range."""
+    """approx_kl = 0.5 E[(log p - log p_old)^2] and the fraction of ratios outside the clip range
+    (0-d tensors: reading them would wait for the GPU at every step; the epoch's means are read once)."""
     diff = log_prob - old_log_prob
     return {
-        "approx_kl": 0.5 * (diff**2).mean().item(),
-        "clipfrac": ((diff.exp() - 1).abs() > clip_range).float().mean().item(),
+        "approx_kl": 0.5 * (diff**2).mean(),
+        "clipfrac": ((diff.exp() - 1).abs() > clip_range).float().mean(),
     }
 
 

@@ -78,7 +78,7 @@ def update(cfg, pipe, traj, advantages, optimizer, params, rng, autocast, progre
             with autocast:
                 loss, diagnostics = objective(cfg, pipe, traj, advantages, rows, step_order[rows, j], rng)
             (loss / (train_steps * microbatches)).backward()
-            for key, value in {"loss": loss.item(), **diagnostics}.items():
+            for key, value in {"loss": loss.detach(), **diagnostics}.items():
                 stats[key].append(value)
         if (i + 1) % microbatches == 0:
             parallel.average_gradients(params)
@@ -89,7 +89,7 @@ def update(cfg, pipe, traj, advantages, optimizer, params, rng, autocast, progre
                 skipped += 1
                 print(f"skipped an update: non-finite loss or gradient (norm {grad_norm.item()}); the weights are unchanged", file=sys.stderr)
             optimizer.zero_grad()
-    return {**{key: float(np.mean(values)) for key, values in stats.items()}, "skipped_updates": skipped}
+    return {**{key: torch.stack(values).double().mean().item() for key, values in stats.items()}, "skipped_updates": skipped}
 
 
 def stop(message):
