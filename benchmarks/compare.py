@@ -4,13 +4,13 @@ queries and several seeds.
     python benchmarks/compare.py --seeds 0 1 2 --epochs 15 --out runs/compare
 
 Two comparisons: ddpo-is / ddpo-sf / rwr / rwr-sparse on `jpeg` (the paper's figure), and ddpo-is /
-pxpo on `pixel_color` (PXPO's claim). Every run is `train.py --algo A --reward R --seed S --epochs E`
-(called in this process, one after another) with the preset for the bundled model and nothing
-else changed, so every
-algorithm gets the same samples per epoch, the same optimiser and learning rate, and the same
-reward queries. A run whose metrics.jsonl already has every epoch is reused, so an interrupted
-sweep picks up where it stopped. Writes compare.md (the table) and compare.png (reward against
-reward queries: mean over seeds, shaded from the lowest to the highest seed) into --out.
+ddpo-sf / pxpo on `pixel_color` (PXPO's claim). Every run is
+`train.py --algo A --reward R --seed S --epochs E` (called in this process, one after another) with
+the preset for the bundled model and nothing else changed, so every algorithm gets the same
+samples per epoch, the same optimiser and learning rate, and the same reward queries. A run whose
+metrics.jsonl already has every epoch is reused, so an interrupted sweep picks up where it stopped.
+Writes compare.md (the table) and compare.png (reward and fidelity against reward queries: mean
+over seeds, shaded from the lowest to the highest seed) into --out.
 """
 import argparse
 import contextlib
@@ -33,7 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train  # noqa: E402
 
-COMPARISONS = {"jpeg": ("ddpo-is", "ddpo-sf", "rwr", "rwr-sparse"), "pixel_color": ("ddpo-is", "pxpo")}
+# On pixel_color ddpo-sf is PXPO's control: with a flat reward map PXPO is DDPO_SF, so the two differ
+# only in the per-pixel credit, while ddpo-is also differs in its 4 clipped updates per epoch.
+COMPARISONS = {"jpeg": ("ddpo-is", "ddpo-sf", "rwr", "rwr-sparse"), "pixel_color": ("ddpo-is", "ddpo-sf", "pxpo")}
 
 
 def run(algo, reward, seed, epochs, out, extra):
