@@ -114,7 +114,7 @@ def diagnostics(log_prob, old_log_prob, clip_range):
 
 
 def pxpo_loss(log_prob, advantages, adv_clip_max):
-    """PXPO (arXiv 2404.04356, as DESIGN.md section 3 reads it): the score-function surrogate with
+    """PXPO (arXiv 2404.04356, in our reading of it): the score-function surrogate with
     one advantage per latent position. log_prob (B, C, h, w) holds each element's log-density,
     advantages (B, h, w); each position's log-prob, its channels summed, is weighted by its own
     advantage, and the sum is divided by the element count as DDPO's mean reduction is. With a
@@ -135,7 +135,7 @@ def groups(prompts, n):
 
 
 def rwr_weights(rewards, prompts=None, beta=0.2):
-    """Reward-weighted regression (DESIGN.md section 3): w = exp(beta * r) / Z, with Z making the
+    """Reward-weighted regression (the paper's baseline, section 5): w = exp(beta * r) / Z, with Z making the
     weights average 1 over the batch, or over each prompt's samples when prompts are given."""
     rewards = np.asarray(rewards, dtype=np.float64)
     weights = np.empty_like(rewards)

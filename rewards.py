@@ -93,7 +93,7 @@ def clip_preprocess(images, processor):
 
 def aesthetic_head(path=AESTHETIC_HEAD):
     """LAION's improved aesthetic predictor: an MLP 768-1024-128-64-16-1 with dropouts 0.2, 0.2,
-    0.1 and no activations (DESIGN.md section 4), its weights from the shipped state dict."""
+    0.1 and no activations, its weights from the shipped state dict."""
     head = torch.nn.Sequential(
         torch.nn.Linear(768, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128), torch.nn.Dropout(0.2),
         torch.nn.Linear(128, 64), torch.nn.Dropout(0.1), torch.nn.Linear(64, 16), torch.nn.Linear(16, 1),

@@ -73,7 +73,7 @@ def save_weights(pipe, out, lora_rank):
 def ddim_step_with_logprob(
     scheduler, model_output, timestep, sample, eta=1.0, prev_sample=None, generator=None, reduce="mean"
 ):
-    """One DDIM step x_t -> x_{t-1} and log p_theta(x_{t-1} | x_t, c) (DESIGN.md section 2).
+    """One DDIM step x_t -> x_{t-1} and log p_theta(x_{t-1} | x_t, c) (paper, section 4.1).
 
     timestep is a scalar or one per sample. If prev_sample is given it is scored (the action taken
     at sampling time) instead of drawn. reduce: "sum" is the true log-density over all latent
@@ -118,8 +118,8 @@ def ddim_step_with_logprob(
 
 
 def guided_eps(unet, latents, timesteps, prompt_embeds, negative_embeds, guidance_scale):
-    """The policy's noise prediction. Classifier-free guidance is part of the policy (DESIGN.md
-    section 2): eps = eps_u + w (eps_c - eps_u), eps_u from the empty prompt. Sampling and training
+    """The policy's noise prediction. Classifier-free guidance is part of the policy (paper,
+    appendix): eps = eps_u + w (eps_c - eps_u), eps_u from the empty prompt. Sampling and training
     both call this, so the trained log-prob is the sampled one."""
     if guidance_scale <= 1:
         return unet(latents, timesteps, prompt_embeds).sample

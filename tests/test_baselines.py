@@ -1,5 +1,6 @@
-"""The baselines and the extension (DESIGN.md section 3): RWR's weights, sparse RWR's selection,
-and PXPO's per-position credit, which must reduce to DDPO when the reward map is flat."""
+"""The baselines and the extension (paper, section 5; PXPO, arXiv 2404.04356): RWR's weights,
+sparse RWR's selection, and PXPO's per-position credit, which must reduce to DDPO when the
+reward map is flat."""
 import numpy as np
 import pytest
 import torch
