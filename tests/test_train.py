@@ -53,3 +53,14 @@ def test_every_algorithm_trains_one_epoch_and_moves_the_lora(algo, reward, tiny_
         assert 0 < history[0]["reward_mean"] < 1  # the map's mean
     lora = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
     assert any(name.endswith("lora.up.weight") and value.abs().max() > 0 for name, value in lora.items())  # up starts at 0
+
+
+def test_bf16_trains_the_lora_and_keeps_it_and_its_optimiser_in_fp32(tiny_pipeline_dir, tmp_path):
+    out = tmp_path / "run"
+    history = train.main(["--model", str(tiny_pipeline_dir), "--out", str(out), "--mixed-precision", "bf16", "--lr", "1e-2", *TINY_RUN])
+    assert np.isfinite(history[0]["loss"])
+    state = torch.load(out / "checkpoints" / "epoch_0000.pt", weights_only=False)
+    assert state["trainable"] and all(p.dtype == torch.float32 for p in state["trainable"].values())
+    assert any(name.endswith("lora_B.default.weight") and p.abs().max() > 0 for name, p in state["trainable"].items())  # B starts at 0
+    moments = [v for s in state["optimizer"]["state"].values() for k, v in s.items() if k.startswith("exp_avg")]
+    assert moments and all(v.dtype == torch.float32 for v in moments)
