@@ -8,7 +8,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+import parallel
 import toy_world
 from rewards import REWARDS
 
@@ -45,6 +45,7 @@ PRESETS = {
                  timestep_fraction=0.5, lr=5e-3, clip_range=8e-4),
 }
 ALGOS = ("ddpo-is", "ddpo-sf", "rwr", "rwr-sparse", "pxpo")
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --mixed-precision
 
 
 def arg(default, help, **kwargs):
@@ -90,7 +91,7 @@ class Config:
     # system
     seed: int = arg(0, "seed for prompts, noise, shuffling and LoRA init")
     out: str = arg(None, "run folder; default runs/<reward>-<algo>-<time>")
-    mixed_precision: str = arg("no", "frozen networks in this dtype and the forwards autocast to it; the LoRA stays fp32", choices=("no", "fp16", "bf16"))
+    mixed_precision: str = arg("no", "frozen networks in this dtype and the forwards autocast to it; the LoRA stays fp32", choices=tuple(DTYPES))
     gradient_checkpointing: bool = arg(False, "recompute the UNet's activations in the backward pass: less memory, more time")
     allow_tf32: bool = arg(True, "TF32 matmuls and convolutions on CUDA (Ampere and newer)")
     device: str = arg(None, "torch device; default cuda when available, else cpu")
@@ -174,7 +175,7 @@ def validate(cfg):
         fail(f"--lora-rank must be >= 0 (0 = whole UNet), got {cfg.lora_rank}")
     if not 0 < cfg.timestep_fraction <= 1:
         fail(f"--timestep-fraction must be in (0, 1], got {cfg.timestep_fraction}")
-    world = int(os.environ.get("WORLD_SIZE", 1))  # processes under torchrun: each samples its share
+    world = parallel.world_size()  # processes under torchrun: each samples its share
     if cfg.samples_per_epoch % (world * cfg.updates_per_epoch * cfg.batch_size):
         fail(f"--samples-per-epoch ({cfg.samples_per_epoch}) must be a multiple of processes x --updates-per-epoch x --batch-size "
              f"({world} x {cfg.updates_per_epoch} x {cfg.batch_size})")

@@ -18,9 +18,14 @@ import torch.distributed as dist
 SEED_STRIDE = 1_000_003  # rank r draws from seed + r * SEED_STRIDE; rank 0 from --seed itself
 
 
+def world_size():
+    """How many processes torchrun started (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
 def setup(device):
     """(rank, world size, this process's device); joins the process group under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    world = world_size()
     if world == 1:
         return 0, 1, torch.device(device)
     local_rank = int(os.environ["LOCAL_RANK"])

@@ -30,7 +30,7 @@ for library in ("TRANSFORMERS", "DIFFUSERS"):  # before they are imported: keep 
 import ddpo
 import parallel
 import toy_world
-from config import fail, load_prompts, parse_args
+from config import DTYPES, fail, load_prompts, parse_args
 from rewards import REWARDS, aesthetic, alignment, pixel_color, scalar
 from run_folder import load_checkpoint, log_epoch, save_checkpoint, write_config
 from sampler import add_trainable, load_pipeline, policy_log_prob, sample_trajectories, save_weights
@@ -121,7 +121,7 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)  # the same LoRA initialisation in every process
     rng = np.random.default_rng(seed)  # prompts, shuffles, timestep orders
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
-    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+    weight_dtype = DTYPES[cfg.mixed_precision]
     autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=cfg.mixed_precision != "no")
     reward_fn = load_reward(cfg)
     try:

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import toy_world  # noqa: E402
 import train  # noqa: E402
+from config import DTYPES  # noqa: E402
 from pretrain import SD14_SCHEDULER, build_pipeline, make_tokenizer  # noqa: E402
 
 WORDS = ["a", *toy_world.COLOURS, *toy_world.SHAPES]  # the prompt set "shapes", one token a word
@@ -79,7 +80,7 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 3, 4])
     parser.add_argument("--num-steps", type=int, default=50)
-    parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="bf16")
+    parser.add_argument("--mixed-precision", choices=tuple(DTYPES), default="bf16")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train  # noqa: E402
+from config import DTYPES  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -93,8 +94,7 @@ def main(argv=None):
     sample_s, train_s = sum(m["sample_seconds"] for m in epochs), sum(m["train_seconds"] for m in epochs)
 
     unet = pipes[0].unet
-    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg["mixed_precision"]]
-    autocast = torch.autocast(unet.device.type, dtype=dtype, enabled=cfg["mixed_precision"] != "no")
+    autocast = torch.autocast(unet.device.type, dtype=DTYPES[cfg["mixed_precision"]], enabled=cfg["mixed_precision"] != "no")
     floor_sample, floor_train = replay(unet, counted, autocast)
 
     n = len(epochs)
