@@ -44,7 +44,22 @@ PRESETS = {
     "tiny": dict(prompts="shapes", num_steps=20, guidance_scale=3.0, epochs=35, samples_per_epoch=64, batch_size=16,
                  timestep_fraction=0.5, lr=5e-3, clip_range=8e-4),
 }
-ALGOS = ("ddpo-is", "ddpo-sf", "rwr", "rwr-sparse", "pxpo")
+# Each algorithm's own settings: over the preset's, under the flags given.
+ALGO_SETTINGS = {
+    "paper": {
+        # DDPO_IS: 4 clipped updates per epoch (minibatches of 64); DDPO_SF and PXPO: on-policy, one
+        "ddpo-is": dict(updates_per_epoch=4),
+        "ddpo-sf": dict(updates_per_epoch=1),
+        "pxpo": dict(updates_per_epoch=1),
+        # RWR as the original code runs it: a round's samples are regressed on in 5 passes ("num_train_epochs": 5),
+        # dense weights over the whole round (not per prompt), sparse RWR's top 10 % within each prompt's samples
+        "rwr": dict(updates_per_epoch=4, inner_epochs=5, per_prompt_stat_tracking=False),
+        "rwr-sparse": dict(updates_per_epoch=4, inner_epochs=5),
+    },
+    # chosen by `python benchmarks/compare.py --stage tune` (README, "The algorithms compared")
+    "tiny": {},
+}
+ALGOS = tuple(ALGO_SETTINGS["paper"])
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --mixed-precision
 
 
@@ -71,7 +86,8 @@ class Config:
     epochs: int = arg(100, "epochs, each one round of sampling and updates")
     samples_per_epoch: int = arg(256, "trajectories sampled per epoch")
     batch_size: int = arg(8, "trajectories per forward pass, sampling and training (memory only, not the maths)")
-    updates_per_epoch: int = arg(None, "optimiser steps per epoch; default 4 for ddpo-is and rwr (minibatches of 64), 1 for ddpo-sf and pxpo")
+    updates_per_epoch: int = arg(None, "optimiser steps per pass over an epoch's samples; default 4 for ddpo-is and rwr (minibatches of 64), 1 for ddpo-sf and pxpo")
+    inner_epochs: int = arg(1, "passes over each epoch's samples (the original's RWR: 5, set by --algo rwr and rwr-sparse)")
     timestep_fraction: float = arg(1.0, "fraction of each trajectory's steps trained on, drawn per sample")
     clip_range: float = arg(1e-4, "PPO clip range eps on the per-element (mean-reduced) ratio")
     adv_clip_max: float = arg(5.0, "advantages are clipped to [-adv_clip_max, adv_clip_max]")
@@ -79,7 +95,7 @@ class Config:
     buffer_size: int = arg(32, "rewards kept per prompt for its statistics")
     min_count: int = arg(16, "rewards a prompt needs before its own statistics replace the batch's")
     beta: float = arg(0.2, "rwr: inverse temperature of the weights exp(beta * r)")
-    target_color: str = arg("1,1,1", "pixel_color: the target colour as R,G,B in [0, 1]")
+    target_color: str = arg("1,1,1", "pixel_color, pixel_background: the target colour as R,G,B in [0, 1]")
     aesthetic_model: str = arg("openai/clip-vit-large-patch14", "aesthetic: the CLIP model (hub id or folder) under LAION's aesthetic head")
     alignment_model: str = arg("llava-hf/llava-1.5-7b-hf", "alignment: the vision-language model (hub id or folder) that describes each image")
     bertscore_model: str = arg("microsoft/deberta-xlarge-mnli", "alignment: the model whose embeddings BERTScore compares")
@@ -126,10 +142,10 @@ def parse_args(argv=None, description=None):
         print(f"--model auto: {why} (choose with --model)")
     if preset == "auto":
         preset = "tiny" if Path(model).resolve() == BUNDLED_MODEL.resolve() else "paper"
-    cfg = Config(**{**PRESETS[preset], **given, "model": model, "preset": preset})
+    algo = given.get("algo", Config.algo)
+    settings = {**PRESETS[preset], **ALGO_SETTINGS["paper"][algo], **ALGO_SETTINGS.get(preset, {}).get(algo, {})}
+    cfg = Config(**{**settings, **given, "model": model, "preset": preset})
     # derived values, computed once
-    if cfg.updates_per_epoch is None:
-        cfg.updates_per_epoch = 1 if cfg.algo in ("ddpo-sf", "pxpo") else 4
     if cfg.lr is None:
         cfg.lr = 3e-4 if cfg.lora_rank > 0 else 1e-5
     cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -156,7 +172,7 @@ def validate(cfg):
     for name, value in vars(cfg).items():
         if isinstance(value, float) and not math.isfinite(value):
             fail(f"--{name.replace('_', '-')} must be a finite number, got {value}")
-    for name in ("num_steps", "epochs", "samples_per_epoch", "batch_size", "updates_per_epoch", "buffer_size", "min_count",
+    for name in ("num_steps", "epochs", "samples_per_epoch", "batch_size", "updates_per_epoch", "inner_epochs", "buffer_size", "min_count",
                  "checkpoint_every", "keep_checkpoints"):
         if getattr(cfg, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
@@ -185,7 +201,9 @@ def validate(cfg):
         fail("--mixed-precision fp16 needs a CUDA device; use bf16 or no on the CPU")
     if not cfg.resume and Path(cfg.out).exists() and any(Path(cfg.out).iterdir()):
         fail(f"--out {cfg.out} is not empty: choose a new folder, or continue that run with --resume {cfg.out}")
-    load_prompts(cfg.prompts)
+    prompts = load_prompts(cfg.prompts)
+    if cfg.reward == "pixel_background" and not set(prompts) <= set(toy_world.PROMPTS):
+        fail(f"--reward pixel_background finds the shape by the toy world's colours: use --prompts shapes, not {cfg.prompts}")
 
 
 def load_prompts(name):

@@ -55,6 +55,17 @@ def pixel_color(images, prompts, target=(1.0, 1.0, 1.0)):
     return 1 - (images.float() - target).norm(dim=1) / 3**0.5
 
 
+def pixel_background(images, prompts, target=(1.0, 1.0, 1.0)):
+    """A pixel-wise reward for the toy world whose map differs inside each image by construction:
+    the pixels that show the prompt's colour (the shape, as toy_world.judge sees it) score their
+    closeness to that colour, every other pixel (the background) its closeness to the target, each
+    as 1 - distance / sqrt(3) in [0, 1]. It asks to recolour the background and keep the shape:
+    credit that a scalar reward spreads over the whole image belongs to its background."""
+    distance_to_prompt = toy_world.colour_distance(images, prompts)
+    on_shape = distance_to_prompt < toy_world.MATCH_DISTANCE
+    return torch.where(on_shape, 1 - distance_to_prompt / 3**0.5, pixel_color(images, prompts, target))
+
+
 def scalar(rewards):
     """One reward per image: a reward map's mean over its pixels, a scalar reward unchanged."""
     return rewards.flatten(1).mean(dim=1) if rewards.dim() > 1 else rewards
@@ -64,6 +75,7 @@ REWARDS = {
     "jpeg": jpeg_compressibility,
     "jpeg_incompressibility": jpeg_incompressibility,
     "pixel_color": pixel_color,  # pixel-wise: for PXPO (ddpo.py), and by its mean for the others
+    "pixel_background": pixel_background,  # pixel-wise, toy world prompts only
     "toy_alignment": toy_world.judge,  # the bundled model's stand-in for the paper's VLM alignment
 }
 

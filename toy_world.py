@@ -95,13 +95,17 @@ def classify(mask):
     return "triangle" if filled < 0.65 else "circle" if filled < 0.9 else "square"
 
 
+def colour_distance(images, prompts):
+    """Each pixel's RGB distance (B, H, W) to its prompt's colour; below MATCH_DISTANCE it shows it."""
+    target = torch.tensor([COLOURS[parse(prompt)[0]] for prompt in prompts], device=images.device)[:, :, None, None]
+    return (images.detach().float() - target).norm(dim=1)
+
+
 def judge(images, prompts):
     """Prompt fidelity of each image (B, 3, H, W) in [0, 1]: 1 if it shows the prompt's shape in
     the prompt's colour, 0.5 if a blob of the right colour has the wrong shape, 0 otherwise."""
     scores = []
-    for image, prompt in zip(images.detach().float().cpu().numpy(), prompts):
-        colour, shape = parse(prompt)
-        distance = np.linalg.norm(image - np.array(COLOURS[colour])[:, None, None], axis=0)
-        seen = classify(distance < MATCH_DISTANCE)
-        scores.append(0.0 if seen is None else 1.0 if seen == shape else 0.5)
+    for mask, prompt in zip((colour_distance(images, prompts) < MATCH_DISTANCE).cpu().numpy(), prompts):
+        seen = classify(mask)
+        scores.append(0.0 if seen is None else 1.0 if seen == parse(prompt)[1] else 0.5)
     return torch.tensor(scores)

@@ -31,19 +31,19 @@ import ddpo
 import parallel
 import toy_world
 from config import DTYPES, fail, load_prompts, parse_args
-from rewards import REWARDS, aesthetic, alignment, pixel_color, scalar
+from rewards import REWARDS, aesthetic, alignment, scalar
 from run_folder import load_checkpoint, log_epoch, save_checkpoint, write_config
-from sampler import add_trainable, load_pipeline, policy_log_prob, sample_trajectories, save_weights
+from sampler import add_trainable, guided_eps, load_pipeline, policy_log_prob, sample_trajectories, save_weights
 
 
 def objective(cfg, pipe, traj, advantages, rows, steps, rng):
     """The loss of samples `rows` at their timestep indices `steps`, and DDPO's diagnostics."""
     embeds = traj["prompt_embeds"][rows]
-    if cfg.algo.startswith("rwr"):  # the ordinary denoising loss on the sample x_0, fresh noise, any t
+    if cfg.algo.startswith("rwr"):  # the denoising loss of the guided prediction on the sample x_0, fresh noise, any t
         x0 = traj["latents"][rows, -1]
         noise = torch.randn_like(x0)
         t = torch.as_tensor(rng.integers(pipe.scheduler.config.num_train_timesteps, size=len(rows)), device=x0.device)
-        eps_pred = pipe.unet(pipe.scheduler.add_noise(x0, noise, t), t, embeds).sample
+        eps_pred = guided_eps(pipe.unet, pipe.scheduler.add_noise(x0, noise, t), t, embeds, traj["negative_embeds"], cfg.guidance_scale)
         return ddpo.rwr_loss(eps_pred, noise, advantages[rows]), {}
     log_prob = policy_log_prob(
         pipe, traj["latents"][rows, steps], traj["latents"][rows, steps + 1], traj["timesteps"][rows, steps],
@@ -61,19 +61,22 @@ def objective(cfg, pipe, traj, advantages, rows, steps, rng):
 
 
 def update(cfg, pipe, traj, advantages, optimizer, params, rng, autocast, progress):
-    """Minibatch updates on one epoch's samples (section 4.2). Samples are shuffled, and each
-    sample visits its own random order of timesteps; gradients accumulate over the steps and the
-    microbatches of one minibatch (and are averaged over the processes), so each optimiser step
-    sees the mean loss over all of them."""
+    """Minibatch updates on one epoch's samples (section 4.2), in cfg.inner_epochs passes over
+    them. Each pass shuffles the samples, and each sample visits its own random order of
+    timesteps; gradients accumulate over the steps and the microbatches of one minibatch (and are
+    averaged over the processes), so each optimiser step sees the mean loss over all of them."""
     num_samples, num_steps = traj["log_probs"].shape
     device = traj["latents"].device
-    train_steps = max(1, int(num_steps * cfg.timestep_fraction))
+    # DDPO trains on a fraction of each trajectory's steps; RWR regresses x_0 at one fresh noise level per visit
+    train_steps = 1 if cfg.algo.startswith("rwr") else max(1, int(num_steps * cfg.timestep_fraction))
     microbatches = num_samples // (cfg.updates_per_epoch * cfg.batch_size)  # per optimiser step, in this process
-    order = torch.as_tensor(rng.permutation(num_samples), device=device)
-    step_order = torch.as_tensor(rng.random((num_samples, num_steps)).argsort(axis=1)[:, :train_steps], device=device)
+    batches = []
+    for _ in range(cfg.inner_epochs):
+        order = torch.as_tensor(rng.permutation(num_samples), device=device)
+        step_order = torch.as_tensor(rng.random((num_samples, num_steps)).argsort(axis=1)[:, :train_steps], device=device)
+        batches += [(order[start : start + cfg.batch_size], step_order) for start in range(0, num_samples, cfg.batch_size)]
     stats, skipped = defaultdict(list), 0
-    for i, start in enumerate(tqdm(range(0, num_samples, cfg.batch_size), desc="training", disable=None if progress else True, leave=False)):
-        rows = order[start : start + cfg.batch_size]
+    for i, (rows, step_order) in enumerate(tqdm(batches, desc="training", disable=None if progress else True, leave=False)):
         for j in range(train_steps):
             with autocast:
                 loss, diagnostics = objective(cfg, pipe, traj, advantages, rows, step_order[rows, j], rng)
@@ -108,8 +111,8 @@ def load_reward(cfg):
             return alignment(cfg.alignment_model, cfg.bertscore_model, cfg.bertscore_layer, cfg.device)
     except OSError as error:
         fail(str(error))
-    if cfg.reward == "pixel_color":
-        return functools.partial(pixel_color, target=[float(v) for v in cfg.target_color.split(",")])
+    if cfg.reward in ("pixel_color", "pixel_background"):
+        return functools.partial(REWARDS[cfg.reward], target=[float(v) for v in cfg.target_color.split(",")])
     return REWARDS[cfg.reward]
 
 
@@ -190,6 +193,7 @@ def main(argv=None):
             rewards = scalar(reward_out)
             # 3. advantages over the whole epoch (RWR: weights); this process keeps its own samples' rows
             advantages = ddpo.advantages(cfg.algo, all_prompts, reward_out, traj["latents"].shape[-2:], tracker, cfg.beta)
+            selectivity = {"weight_share": ddpo.weight_share(advantages.cpu().numpy())} if cfg.algo.startswith("rwr") else {}
             advantages = advantages[rank * len(prompts) : (rank + 1) * len(prompts)]
             # 4. update the policy on these samples
             start = time.time()
@@ -201,7 +205,7 @@ def main(argv=None):
             # 5. log, export the weights, checkpoint (rank 0 writes; every process hands over its random states)
             metrics = {
                 "epoch": epoch, "reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(),
-                "reward_queries": (epoch + 1) * cfg.samples_per_epoch, **stats,
+                "reward_queries": (epoch + 1) * cfg.samples_per_epoch, **stats, **selectivity,
                 **({"fidelity": parallel.gather(toy_world.judge(traj["images"], prompts).to(device)).mean().item()} if toy_prompts else {}),
                 "sample_seconds": sample_seconds, "train_seconds": train_seconds,
             }
@@ -223,6 +227,7 @@ def main(argv=None):
                 }, cfg.keep_checkpoints)
             fidelity = f" fidelity {metrics['fidelity']:.3f}" if toy_prompts else ""
             ppo = f" kl {stats['approx_kl']:.2e} clipfrac {stats['clipfrac']:.3f}" if "approx_kl" in stats else ""
+            ppo += f" | 90 % of the weight on {selectivity['weight_share']:.0%} of samples" if selectivity else ""
             say(
                 f"epoch {epoch}: reward {metrics['reward_mean']:.3f} ± {metrics['reward_std']:.3f}{fidelity} | loss {stats['loss']:.4g}{ppo} "
                 f"| sample {sample_seconds:.1f}s train {train_seconds:.1f}s"

@@ -1,26 +1,38 @@
-"""DDPO_IS, DDPO_SF, RWR, sparse RWR and PXPO on the bundled model, on equal budgets of reward
-queries and several seeds.
+"""DDPO_IS, DDPO_SF, RWR, sparse RWR and PXPO on the bundled model: each tuned on its own, then
+compared on seeds the tuning never saw, on equal budgets of reward queries.
 
-    python benchmarks/compare.py --seeds 0 1 2 --epochs 15 --out runs/compare
+    python benchmarks/compare.py --out runs/compare --jobs 2                 # both stages
+    python benchmarks/compare.py --out runs/compare --stage tune --jobs 2    # only the tuning
+    python benchmarks/compare.py --out runs/compare --stage final --jobs 2   # only the 3 seeds
 
-Two comparisons: ddpo-is / ddpo-sf / rwr / rwr-sparse on `jpeg` (the paper's figure), and ddpo-is /
-ddpo-sf / pxpo on `pixel_color` (PXPO's claim). Every run is
-`train.py --algo A --reward R --seed S --epochs E` (called in this process, one after another) with
-the preset for the bundled model and nothing else changed, so every algorithm gets the same
-samples per epoch, the same optimiser and learning rate, and the same reward queries. A run whose
-metrics.jsonl already has every epoch is reused, so an interrupted sweep picks up where it stopped.
-Writes compare.md (the table) and compare.png (reward and fidelity against reward queries: mean
-over seeds, shaded from the lowest to the highest seed) into --out.
+Two comparisons: ddpo-is / ddpo-sf / rwr / rwr-sparse on `jpeg` (the paper's figure 4), and
+ddpo-is / ddpo-sf / pxpo on `pixel_background` (PXPO's claim, on a reward map that differs inside
+the image). Every run is `train.py --algo A --reward R --seed S --epochs E` with the bundled model's
+preset, so all get the same samples per epoch and the same reward queries.
+
+1. tune: for each algorithm, every learning rate of LRS (and, for dense RWR, every beta of BETAS),
+   one run on --tune-seed. The choice is the best last-epoch reward among the settings whose
+   last-epoch fidelity keeps >= 0.8 x the first epoch's (the base model's); if none does, the one
+   that keeps the most. Writes tune/tune.md (every setting, the choice marked) and tune/chosen.json.
+2. final: each algorithm at its choice on --seeds (not the tuning seed). Writes compare.md (the
+   grid, the choice and the seeds' results) and compare.png (reward and fidelity against reward
+   queries: mean over seeds, shaded from the lowest to the highest seed).
+
+A run whose metrics.jsonl already has every epoch is reused, so an interrupted sweep picks up
+where it stopped. With --jobs N, N runs go at once, each its own single-threaded process.
 """
 import argparse
 import contextlib
 import io
 import json
+import os
 import shlex
 import shutil
 import statistics
+import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import matplotlib
@@ -29,42 +41,141 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402
 
-# On pixel_color ddpo-sf is PXPO's control: with a flat reward map PXPO is DDPO_SF, so the two differ
-# only in the per-pixel credit, while ddpo-is also differs in its 4 clipped updates per epoch.
-COMPARISONS = {"jpeg": ("ddpo-is", "ddpo-sf", "rwr", "rwr-sparse"), "pixel_color": ("ddpo-is", "ddpo-sf", "pxpo")}
+# On pixel_background ddpo-sf is PXPO's control: with a flat reward map PXPO is DDPO_SF, so the two
+# differ only in the per-pixel credit, while ddpo-is also differs in its 4 clipped updates per epoch.
+COMPARISONS = {"jpeg": ("ddpo-is", "ddpo-sf", "rwr", "rwr-sparse"), "pixel_background": ("ddpo-is", "ddpo-sf", "pxpo")}
+LRS = (5e-4, 1.6e-3, 5e-3, 1.6e-2)  # log-spaced by sqrt(10), around the tiny preset's 5e-3
+# jpeg's rewards spread by 0.76 kB (std) in the base model's epoch: 90 % of the weight on about 56 %, 16 % and
+# 1 % of the samples (ddpo.rwr_weights); the original's beta 0.2 would put it on 88 %, nearly self-training
+BETAS = (1.5, 3.0, 6.0)
+FIDELITY_KEPT = 0.8
 
 
-def run(algo, reward, seed, epochs, out, extra):
-    """One training run (or the finished one already in out); its metrics and wall time."""
+def grid(algo, lrs=LRS, betas=BETAS):
+    return [{"lr": lr, **({"beta": beta} if algo == "rwr" else {})} for lr in lrs for beta in (betas if algo == "rwr" else (None,))]
+
+
+def name(setting):
+    return "-".join(f"{key}{value:g}" for key, value in setting.items())
+
+
+def flags(setting):
+    return [item for key, value in setting.items() for item in (f"--{key}", f"{value:g}")]
+
+
+def run(argv, out, epochs, jobs):
+    """One training run (or the finished one already in out): its metrics and wall time. With
+    jobs > 1 in a single-threaded process of its own, else in this process."""
     metrics_file = out / "metrics.jsonl"
-    done = metrics_file.is_file() and len(metrics_file.read_text().splitlines()) == epochs
-    if not done:
+    if not (metrics_file.is_file() and len(metrics_file.read_text().splitlines()) == epochs):
         if out.exists():  # an unfinished run: start it again (train.py refuses to write over a run)
             shutil.rmtree(out)
         start = time.time()
-        with contextlib.redirect_stdout(io.StringIO()):  # keep the console for the results
-            train.main(["--algo", algo, "--reward", reward, "--seed", str(seed), "--epochs", str(epochs), "--out", str(out), *extra])
+        argv = [*argv, "--epochs", str(epochs), "--out", str(out)]
+        if jobs > 1:
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+            subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], check=True, env=env, stdout=subprocess.DEVNULL)
+        else:
+            with contextlib.redirect_stdout(io.StringIO()):  # keep the console for the results
+                train.main(argv)
         (out / "wall_seconds.txt").write_text(f"{time.time() - start:.1f}\n")
     metrics = [json.loads(line) for line in metrics_file.read_text().splitlines()]
     return metrics, float((out / "wall_seconds.txt").read_text())
 
 
-def summarise(runs):
-    """Markdown rows: first and last epoch's reward (median and range over seeds), fidelity, time."""
-    rows = ["| reward | algorithm | seeds | first epoch | last epoch (median) | last epoch (min-max) | last fidelity (median) | wall s / run |",
-            "|---|---|---|---|---|---|---|---|"]
+def run_all(tasks, args):
+    """tasks: {key: (argv, out)} -> {key: (metrics, wall)}, args.jobs at a time, each printed when done."""
+    def one(key):
+        argv, out = tasks[key]
+        metrics, wall = run([*argv, *shlex.split(args.train_args)], out, args.epochs, args.jobs)
+        print(f"{out.name}: reward {metrics[0]['reward_mean']:.3f} -> {metrics[-1]['reward_mean']:.3f}, "
+              f"fidelity {metrics[0].get('fidelity', float('nan')):.2f} -> {metrics[-1].get('fidelity', float('nan')):.2f} ({wall:.0f} s)", flush=True)
+        return key, (metrics, wall)
+    if args.jobs == 1:  # in the main thread: train.py's Ctrl-C handling needs it
+        return dict(map(one, tasks))
+    with ThreadPoolExecutor(args.jobs) as pool:
+        return dict(pool.map(one, tasks))
+
+
+def kept(metrics):
+    """The share of the base model's fidelity that the last epoch keeps (1 without a judge)."""
+    first, last = metrics[0].get("fidelity"), metrics[-1].get("fidelity")
+    return 1.0 if first is None else last / max(first, 1e-9)
+
+
+def choose(results):
+    """The best last reward among settings that keep the fidelity, else the setting that keeps the most."""
+    fine = [s for s, (m, _) in results.items() if kept(m) >= FIDELITY_KEPT]
+    if fine:
+        return max(fine, key=lambda s: results[s][0][-1]["reward_mean"])
+    return max(results, key=lambda s: kept(results[s][0]))
+
+
+def tune(args, comparisons):
+    folder = args.out / "tune"
+    tasks = {(reward, algo, name(s)): (["--algo", algo, "--reward", reward, "--seed", str(args.tune_seed), *flags(s)],
+                                       folder / f"{reward}-{algo}-{name(s)}")
+             for reward, algos in comparisons.items() for algo in algos for s in grid(algo, args.lrs, args.betas)}
+    results = run_all(tasks, args)
+    chosen, rows = {}, ["| reward | algorithm | setting | first epoch | last epoch | fidelity first -> last (kept) | chosen |", "|---|---|---|---|---|---|---|"]
+    for reward, algos in comparisons.items():
+        for algo in algos:
+            settings = {name(s): s for s in grid(algo, args.lrs, args.betas)}
+            best = choose({key: results[(reward, algo, key)] for key in settings})
+            chosen.setdefault(reward, {})[algo] = settings[best]
+            for key in settings:
+                m = results[(reward, algo, key)][0]
+                fidelity = f"{m[0]['fidelity']:.2f} -> {m[-1]['fidelity']:.2f} ({kept(m):.2f})" if "fidelity" in m[0] else "-"
+                rows.append(f"| {reward} | {algo} | {key} | {m[0]['reward_mean']:.3f} | {m[-1]['reward_mean']:.3f} | {fidelity} | "
+                            f"{'**yes**' if key == best else ''} |")
+    table = "\n".join(rows)
+    print(table)
+    (folder / "tune.md").write_text(f"Tuning seed {args.tune_seed}, {args.epochs} epochs a run.\n\n{table}\n")
+    previous = json.loads((folder / "chosen.json").read_text()) if (folder / "chosen.json").is_file() else {}
+    (folder / "chosen.json").write_text(json.dumps({**previous, **{r: {**previous.get(r, {}), **a} for r, a in chosen.items()}}, indent=2) + "\n")
+    return chosen
+
+
+def final(args, comparisons):
+    path = args.out / "tune" / "chosen.json"
+    if not path.is_file():
+        sys.exit(f"compare.py: error: {path} not found: run the tuning first (--stage tune)")
+    chosen = json.loads(path.read_text())
+    missing = [f"{reward} {algo}" for reward, algos in comparisons.items() for algo in algos if algo not in chosen.get(reward, {})]
+    if missing:
+        sys.exit(f"compare.py: error: {path} has no choice for {', '.join(missing)}: run --stage tune for it first")
+    tasks = {(reward, algo, seed): (["--algo", algo, "--reward", reward, "--seed", str(seed), *flags(chosen[reward][algo])],
+                                    args.out / f"{reward}-{algo}-seed{seed}")
+             for reward, algos in comparisons.items() for algo in algos for seed in args.seeds}
+    results = run_all(tasks, args)
+    runs = {}
+    for (reward, algo, seed), result in results.items():
+        runs.setdefault((reward, algo), []).append(result)
+    table = summarise(runs, chosen)
+    print(table)
+    tuning = (args.out / "tune" / "tune.md").read_text() if (args.out / "tune" / "tune.md").is_file() else ""
+    (args.out / "compare.md").write_text(f"Seeds {' '.join(map(str, args.seeds))}, {args.epochs} epochs a run.\n\n{table}\n\n## The tuning\n\n{tuning}")
+    plot(runs, args.out / "compare.png")
+    return runs
+
+
+def summarise(runs, chosen):
+    """Markdown rows: first and last epoch's reward (median and range over seeds), fidelity kept, time."""
+    rows = ["| reward | algorithm | chosen | seeds | first epoch | last epoch (median) | last epoch (min-max) | last fidelity (median) | "
+            "fidelity kept (median) | wall s / run |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (reward, algo), seeds in runs.items():
         first = statistics.median(m[0]["reward_mean"] for m, _ in seeds)
         last = [m[-1]["reward_mean"] for m, _ in seeds]
         fidelity = [m[-1]["fidelity"] for m, _ in seeds if "fidelity" in m[-1]]
         fidelity = f"{statistics.median(fidelity):.3f}" if fidelity else "-"
         wall = statistics.median(w for _, w in seeds)
-        rows.append(f"| {reward} | {algo} | {len(seeds)} | {first:.3f} | {statistics.median(last):.3f} | "
-                    f"{min(last):.3f} to {max(last):.3f} | {fidelity} | {wall:.0f} |")
+        rows.append(f"| {reward} | {algo} | {name(chosen[reward][algo])} | {len(seeds)} | {first:.3f} | {statistics.median(last):.3f} | "
+                    f"{min(last):.3f} to {max(last):.3f} | {fidelity} | {statistics.median(kept(m) for m, _ in seeds):.2f} | {wall:.0f} |")
     return "\n".join(rows)
 
 
@@ -91,25 +202,25 @@ def plot(runs, path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--stage", choices=("tune", "final", "all"), default="all")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="final stage's seeds")
+    parser.add_argument("--tune-seed", type=int, default=100, help="the tuning's one seed, not among --seeds")
     parser.add_argument("--epochs", type=int, default=15, help="epochs per run: the budget is epochs x samples per epoch")
     parser.add_argument("--out", type=Path, default=Path("runs/compare"))
     parser.add_argument("--train-args", default="", help="more train.py flags for every run, quoted (e.g. a smaller --model)")
     parser.add_argument("--algos", nargs="+", help="only these algorithms (default: every one in the comparisons)")
+    parser.add_argument("--lrs", type=float, nargs="+", default=LRS, help="the tuning's learning rates")
+    parser.add_argument("--betas", type=float, nargs="+", default=BETAS, help="the tuning's betas for dense RWR")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once, each a single-threaded process (1: one after another, here)")
     args = parser.parse_args(argv)
-    extra = shlex.split(args.train_args)
-    runs = {}
-    for reward, algos in COMPARISONS.items():
-        for algo in (a for a in algos if not args.algos or a in args.algos):
-            for seed in args.seeds:
-                metrics, wall = run(algo, reward, seed, args.epochs, args.out / f"{reward}-{algo}-seed{seed}", extra)
-                runs.setdefault((reward, algo), []).append((metrics, wall))
-                print(f"{reward} {algo} seed {seed}: reward {metrics[0]['reward_mean']:.3f} -> {metrics[-1]['reward_mean']:.3f} ({wall:.0f} s)", flush=True)
-    table = summarise(runs)
-    print(table)
-    (args.out / "compare.md").write_text(table + "\n")
-    plot(runs, args.out / "compare.png")
-    return runs
+    if args.tune_seed in args.seeds:
+        parser.error(f"--tune-seed {args.tune_seed} is among --seeds: the final numbers must come from seeds the tuning did not pick from")
+    comparisons = {reward: tuple(a for a in algos if not args.algos or a in args.algos) for reward, algos in COMPARISONS.items()}
+    comparisons = {reward: algos for reward, algos in comparisons.items() if algos}
+    if args.stage in ("tune", "all"):
+        tune(args, comparisons)
+    if args.stage in ("final", "all"):
+        return final(args, comparisons)
 
 
 if __name__ == "__main__":

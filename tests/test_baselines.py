@@ -1,13 +1,19 @@
 """The baselines and the extension (paper, section 5; PXPO, arXiv 2404.04356): RWR's weights,
 sparse RWR's selection, and PXPO's per-position credit, which must reduce to DDPO when the
 reward map is flat."""
+from statistics import NormalDist
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
-from conftest import sd14_scheduler
+from conftest import sd14_scheduler, tiny_pipeline
 
-from ddpo import PerPromptStatTracker, advantages, batch_advantages, ddpo_sf_loss, pool_to_latent, pxpo_loss, rwr_loss, rwr_weights, sparse_rwr_weights
-from sampler import ddim_step_with_logprob
+from config import parse_args
+from ddpo import (PerPromptStatTracker, advantages, batch_advantages, ddpo_sf_loss, pool_to_latent, pxpo_loss, rwr_loss, rwr_weights,
+                  sparse_rwr_weights, weight_share)
+from sampler import ddim_step_with_logprob, sample_trajectories
+from train import objective
 
 
 def test_rwr_weights_are_exp_beta_r_averaging_one():
@@ -30,6 +36,58 @@ def test_rwr_weights_per_prompt_average_one_within_each_prompt_and_ignore_its_of
 
 def test_rwr_weights_do_not_overflow():
     assert np.isfinite(rwr_weights(np.array([1e4, 0.0]), beta=1.0)).all()
+
+
+def test_weight_share_is_the_smallest_share_of_samples_carrying_90_percent_of_the_weight():
+    assert weight_share(np.ones(10)) == pytest.approx(0.9)  # equal weights: 9 of 10
+    assert weight_share(np.array([0.0, 0.0, 5.0, 0.0])) == pytest.approx(0.25)  # one sample holds it all
+    assert weight_share(np.array([6.0, 3.0, 1.0])) == pytest.approx(2 / 3)  # 6 + 3 = 90 %
+
+
+@pytest.mark.parametrize("beta_sigma, share", [(0.0, 0.9), (1.81, 0.3), (2.56, 0.1), (3.61, 0.01)])
+def test_rwr_selectivity_on_normal_rewards_is_what_the_docstring_says(beta_sigma, share):
+    sigma = 0.76  # jpeg's spread (kB) in the bundled model's first epoch
+    rewards = np.random.default_rng(0).normal(-2.0, sigma, size=400_000)
+    measured = weight_share(rwr_weights(rewards, beta=beta_sigma / sigma))
+    assert measured == pytest.approx(1 - NormalDist().cdf(beta_sigma - 1.2816), rel=0.2)
+    assert measured == pytest.approx(share, rel=0.2)
+
+
+def rwr_loss_by_hand(pipe, traj, rows, weights, guidance_scale, seed):
+    """The weighted denoising loss of the guided prediction eps_u + w (eps_c - eps_u), each branch
+    its own UNet call, with the noise and timesteps objective() draws from the same seeds."""
+    torch.manual_seed(seed)
+    x0 = traj["latents"][rows, -1]
+    noise = torch.randn_like(x0)
+    t = torch.as_tensor(np.random.default_rng(seed).integers(1000, size=len(rows)))
+    noisy = pipe.scheduler.add_noise(x0, noise, t)
+    eps_c = pipe.unet(noisy, t, traj["prompt_embeds"][rows]).sample
+    eps_u = pipe.unet(noisy, t, traj["negative_embeds"].expand(len(rows), -1, -1)).sample
+    return rwr_loss(eps_u + guidance_scale * (eps_c - eps_u), noise, weights[rows]), rwr_loss(eps_c, noise, weights[rows])
+
+
+def test_rwr_regresses_the_guided_prediction_which_is_the_plain_one_at_guidance_1():
+    pipe = tiny_pipeline()
+    traj = sample_trajectories(pipe, ["a cat", "a dog", "an owl"], num_steps=2, guidance_scale=3.0, generator=torch.Generator().manual_seed(0))
+    rows, weights = torch.tensor([0, 2]), torch.tensor([0.5, 1.0, 1.5])
+    for guidance_scale in (1.0, 3.0):
+        cfg = SimpleNamespace(algo="rwr", guidance_scale=guidance_scale)
+        torch.manual_seed(7)
+        loss, _ = objective(cfg, pipe, traj, weights, rows, None, np.random.default_rng(7))
+        guided, plain = rwr_loss_by_hand(pipe, traj, rows, weights, guidance_scale, seed=7)
+        torch.testing.assert_close(loss, guided)
+        if guidance_scale == 1.0:
+            torch.testing.assert_close(loss, plain)
+        else:
+            assert not torch.isclose(loss, plain)  # at w = 3 the conditional branch alone is another model
+
+
+def test_rwr_runs_as_the_original_five_passes_with_weights_over_the_round_and_flags_win():
+    cfg = parse_args(["--algo", "rwr", "--prompts", "shapes", "--out", "/nonexistent/rwr"])
+    assert (cfg.inner_epochs, cfg.per_prompt_stat_tracking, cfg.updates_per_epoch) == (5, False, 4)
+    assert parse_args(["--algo", "rwr-sparse", "--out", "/nonexistent/s"]).inner_epochs == 5
+    assert parse_args(["--algo", "ddpo-is", "--out", "/nonexistent/is"]).inner_epochs == 1
+    assert parse_args(["--algo", "rwr", "--inner-epochs", "2", "--per-prompt-stat-tracking", "--out", "/nonexistent/r"]).inner_epochs == 2
 
 
 def test_sparse_rwr_keeps_the_top_tenth_per_prompt():

@@ -1,6 +1,9 @@
 """The benchmark scripts run end to end in a reduced mode (a smoke test: no timing is asserted)."""
+import json
 import sys
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -10,16 +13,35 @@ import overhead  # noqa: E402
 import train  # noqa: E402
 
 
-def test_compare_runs_every_algorithm_and_writes_table_and_plot(tiny_pipeline_dir, tmp_path):
-    small = f"--model {tiny_pipeline_dir} --samples-per-epoch 8 --batch-size 2 --num-steps 2 --prompts simple_animals --lr 1e-2"
-    runs = compare.main(["--seeds", "0", "--epochs", "1", "--out", str(tmp_path), "--train-args", small])
+def test_compare_tunes_each_algorithm_then_runs_its_choice_on_other_seeds(tiny_pipeline_dir, tmp_path):
+    small = f"--model {tiny_pipeline_dir} --samples-per-epoch 8 --batch-size 2 --num-steps 2 --prompts shapes"
+    common = ["--epochs", "1", "--out", str(tmp_path), "--train-args", small, "--lrs", "1e-3", "1e-2", "--betas", "3"]
+    compare.main(["--stage", "tune", *common])
+    chosen = json.loads((tmp_path / "tune" / "chosen.json").read_text())
+    assert {reward: sorted(algos) for reward, algos in chosen.items()} == {r: sorted(a) for r, a in compare.COMPARISONS.items()}
+    assert chosen["jpeg"]["rwr"]["beta"] == 3 and chosen["jpeg"]["ddpo-is"]["lr"] in (1e-3, 1e-2)
+    tuning = (tmp_path / "tune" / "tune.md").read_text()
+    assert tuning.count("**yes**") == 7 and "lr0.01-beta3" in tuning  # one choice per algorithm, every setting listed
+    runs = compare.main(["--stage", "final", "--seeds", "0", *common])
     assert sorted(runs) == sorted((reward, algo) for reward, algos in compare.COMPARISONS.items() for algo in algos)
-    table = (tmp_path / "compare.md").read_text().splitlines()
-    assert len(table) == 2 + len(runs) and (tmp_path / "compare.png").is_file()
+    table = (tmp_path / "compare.md").read_text()
+    assert "## The tuning" in table and (tmp_path / "compare.png").is_file()
     # a finished run is reused, not run again
     before = (tmp_path / "jpeg-rwr-seed0" / "metrics.jsonl").stat().st_mtime
-    compare.main(["--seeds", "0", "--epochs", "1", "--out", str(tmp_path), "--train-args", small])
+    compare.main(["--stage", "final", "--seeds", "0", *common])
     assert (tmp_path / "jpeg-rwr-seed0" / "metrics.jsonl").stat().st_mtime == before
+
+
+def test_compare_picks_the_best_reward_among_settings_that_keep_fidelity():
+    def run(first, last, kept):
+        return [{"reward_mean": first, "fidelity": 1.0}, {"reward_mean": last, "fidelity": kept}], 0.0
+    assert compare.choose({"a": run(0, 5, 0.5), "b": run(0, 3, 0.9), "c": run(0, 2, 1.0)}) == "b"
+    assert compare.choose({"a": run(0, 5, 0.5), "b": run(0, 3, 0.7)}) == "b"  # none keeps 0.8: the one that keeps most
+
+
+def test_compare_refuses_a_final_stage_without_its_tuning(tmp_path):
+    with pytest.raises(SystemExit, match="run the tuning first"):
+        compare.main(["--stage", "final", "--out", str(tmp_path)])
 
 
 def test_overhead_replays_exactly_the_counted_unet_calls(tiny_pipeline_dir):

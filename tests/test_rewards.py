@@ -1,10 +1,11 @@
-"""Rewards (paper, section 5): JPEG size at quality 95, in kB; the pixel-wise colour reward."""
+"""Rewards (paper, section 5): JPEG size at quality 95, in kB; the pixel-wise colour rewards."""
 import io
 
 import pytest
 import torch
 from PIL import Image
 
+import toy_world
 from rewards import REWARDS, jpeg_kilobytes, scalar, to_pil
 
 
@@ -37,3 +38,18 @@ def test_pixel_color_is_a_map_of_closeness_to_the_target_and_its_mean_is_the_rew
     assert reward_map[1, 0, 0] == 1.0 and reward_map[1, 1, 1] == pytest.approx(0.0, abs=1e-6)
     torch.testing.assert_close(scalar(reward_map), torch.tensor([1.0, 1 / 16]))
     torch.testing.assert_close(scalar(torch.tensor([0.5, 2.0])), torch.tensor([0.5, 2.0]))
+
+
+def test_pixel_background_scores_the_shape_by_its_prompts_colour_and_the_rest_by_the_target():
+    image = torch.full((1, 3, 8, 8), 0.5)  # grey background
+    image[0, :, 2:5, 2:5] = torch.tensor(toy_world.COLOURS["red"])[:, None, None]  # the red shape
+    reward_map = REWARDS["pixel_background"](image, ["a red square"], target=(1.0, 1.0, 1.0))
+    assert reward_map.shape == (1, 8, 8)
+    torch.testing.assert_close(reward_map[0, 2:5, 2:5], torch.ones(3, 3))  # the shape in its colour: full marks
+    grey = 1 - (torch.tensor([0.5, 0.5, 0.5]) - 1).norm() / 3**0.5
+    torch.testing.assert_close(reward_map[0, 0], torch.full((8,), grey.item()))  # the background: closeness to white
+    image[0, :, :2] = 1.0  # whiten two rows of background
+    whitened = REWARDS["pixel_background"](image, ["a red square"], target=(1.0, 1.0, 1.0))
+    assert (whitened[0, :2] == 1).all() and torch.equal(whitened[0, 2:], reward_map[0, 2:])  # credit stays where it was earned
+    image[0, :, 2:5, 2:5] = 1.0  # a white shape is no longer the red one: it counts as background
+    assert toy_world.colour_distance(image, ["a red square"])[0, 3, 3] > toy_world.MATCH_DISTANCE

@@ -64,3 +64,12 @@ def test_bf16_trains_the_lora_and_keeps_it_and_its_optimiser_in_fp32(tiny_pipeli
     assert any(name.endswith("lora_B.default.weight") and p.abs().max() > 0 for name, p in state["trainable"].items())  # B starts at 0
     moments = [v for s in state["optimizer"]["state"].values() for k, v in s.items() if k.startswith("exp_avg")]
     assert moments and all(v.dtype == torch.float32 for v in moments)
+
+
+def test_rwr_takes_its_updates_in_every_pass_over_the_round_and_logs_its_selectivity(tiny_pipeline_dir, tmp_path):
+    out = tmp_path / "run"
+    history = train.main(["--model", str(tiny_pipeline_dir), "--out", str(out), "--algo", "rwr", "--beta", "3", *TINY_RUN])
+    state = torch.load(out / "checkpoints" / "epoch_0000.pt", weights_only=False)
+    steps = {float(s["step"]) for s in state["optimizer"]["state"].values()}
+    assert steps == {5 * 4}  # 5 passes (inner epochs) x 4 updates each
+    assert 1 / 8 <= history[0]["weight_share"] <= 1
