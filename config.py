@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -162,9 +163,29 @@ def resumed_config(given):
         fail(f"--resume continues a run with its saved settings: only --epochs may go with it, not --{others[0].replace('_', '-')}")
     if not any((folder / "checkpoints").glob("epoch_*.pt")) or not (folder / "config.json").is_file():
         fail(f"--resume {folder}: no checkpoint there (checkpoints/epoch_N.pt and config.json); give the folder of a run that saved one")
-    cfg = Config(**{**json.loads((folder / "config.json").read_text()), **given, "out": str(folder), "resume": str(folder)})
+    saved = read_saved_config(folder / "config.json")
+    cfg = Config(**{**saved, **given, "out": str(folder), "resume": str(folder)})
     validate(cfg)
     return cfg
+
+
+def read_saved_config(path):
+    """A run's config.json as a dict of settings, or one line on what is wrong with it."""
+    fix = "restore it from a copy, or start a new run with the same flags"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        fail(f"--resume: {path} is unreadable ({type(error).__name__}: {error}); {fix}")
+    if not isinstance(saved, dict):
+        fail(f"--resume: {path} holds no settings (a JSON object); {fix}")
+    types = {f.name: f.type for f in dataclasses.fields(Config)}
+    for key, value in saved.items():
+        if key not in types:
+            fail(f"--resume: {path} has an unknown setting {key!r}; {fix}")
+        wanted = (int, float) if types[key] is float else types[key]
+        if value is not None and (not isinstance(value, wanted) or (isinstance(value, bool) and types[key] is not bool)):
+            fail(f"--resume: {path} sets {key} to {value!r}, not a {types[key].__name__}; {fix}")
+    return saved
 
 
 def validate(cfg):
@@ -176,9 +197,20 @@ def validate(cfg):
                  "checkpoint_every", "keep_checkpoints"):
         if getattr(cfg, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("eta", "clip_range", "lr", "adv_clip_max", "beta"):
+    for name in ("eta", "clip_range", "lr", "adv_clip_max", "beta", "max_grad_norm"):
         if getattr(cfg, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
+    # allowed by the arithmetic, meant by no one
+    if cfg.eta > 1:
+        fail(f"--eta must be in (0, 1] (1: the DDPM posterior's noise, the paper's setting), got {cfg.eta}")
+    if cfg.guidance_scale < 1:
+        fail(f"--guidance-scale must be >= 1 (1: no guidance; the paper: 5), got {cfg.guidance_scale}")
+    if cfg.num_steps > 1000:
+        fail(f"--num-steps must be at most the 1000 training timesteps of Stable Diffusion 1.x, got {cfg.num_steps}")
+    if cfg.weight_decay < 0:
+        fail(f"--weight-decay must be >= 0, got {cfg.weight_decay}")
+    if cfg.min_count > cfg.buffer_size:
+        fail(f"--min-count ({cfg.min_count}) must be at most --buffer-size ({cfg.buffer_size}), or no prompt would use its own statistics")
     try:
         target = [float(v) for v in cfg.target_color.split(",")]
     except ValueError:
@@ -199,11 +231,22 @@ def validate(cfg):
         fail(f"--model {cfg.model}: no such folder, nor a hub id of the form owner/name; give a pipeline folder or a hub id")
     if cfg.mixed_precision == "fp16" and not cfg.device.startswith("cuda"):
         fail("--mixed-precision fp16 needs a CUDA device; use bf16 or no on the CPU")
-    if not cfg.resume and Path(cfg.out).exists() and any(Path(cfg.out).iterdir()):
-        fail(f"--out {cfg.out} is not empty: choose a new folder, or continue that run with --resume {cfg.out}")
+    if not cfg.resume:
+        check_out(Path(cfg.out))
     prompts = load_prompts(cfg.prompts)
     if cfg.reward == "pixel_background" and not set(prompts) <= set(toy_world.PROMPTS):
         fail(f"--reward pixel_background finds the shape by the toy world's colours: use --prompts shapes, not {cfg.prompts}")
+
+
+def check_out(out):
+    """--out must be an empty folder, or a path where one can be made."""
+    if out.is_dir() and any(out.iterdir()):
+        fail(f"--out {out} is not empty: choose a new folder, or continue that run with --resume {out}")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        fail(f"--out {out}: {existing} is a file, not a folder; choose another path for the run folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        fail(f"--out {out}: {existing} is not writable; choose a folder you can write to")
 
 
 def load_prompts(name):
@@ -212,7 +255,10 @@ def load_prompts(name):
         return PROMPT_SETS[name]()
     if not Path(name).is_file():
         fail(f"--prompts {name}: no such set or file; use one of {', '.join(PROMPT_SETS)} or a text file")
-    prompts = read_lines(name)
+    try:
+        prompts = read_lines(name)
+    except (OSError, UnicodeDecodeError) as error:
+        fail(f"--prompts {name}: not a readable text file ({type(error).__name__}); give a UTF-8 text file, one prompt a line")
     if not prompts:
         fail(f"--prompts {name}: the file has no prompts; write one prompt a line")
     return prompts

@@ -13,12 +13,15 @@ leaves either the old file or the new one.
 import json
 import math
 import os
+import pickle
+import sys
 
 import matplotlib
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from config import fail
 from rewards import to_pil
 
 matplotlib.use("Agg")
@@ -48,7 +51,8 @@ def write_atomic(path, write):
 
 
 def save_checkpoint(out, state, keep):
-    """checkpoints/epoch_N.pt for the state after epoch N (state["epoch"]); the oldest beyond keep go."""
+    """checkpoints/epoch_N.pt for the state after epoch N (state["epoch"]); the oldest beyond keep go.
+    The state holds only tensors and plain Python data, so that it loads with weights_only=True."""
     folder = out / "checkpoints"
     folder.mkdir(exist_ok=True)
     write_atomic(folder / f"epoch_{state['epoch']:04d}.pt", lambda tmp: torch.save(state, tmp))
@@ -56,15 +60,36 @@ def save_checkpoint(out, state, keep):
         old.unlink()
 
 
-def load_checkpoint(out, rewrite_metrics=True):
-    """The latest checkpoint's state, and metrics.jsonl cut back to the epochs it covers."""
-    path = sorted((out / "checkpoints").glob("epoch_*.pt"))[-1]
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if not rewrite_metrics:  # another process does it
-        return state
-    lines = "".join(json.dumps(m) + "\n" for m in state["history"])
+CHECKPOINT_KEYS = {"epoch", "history", "optimizer", "rng", "trainable", "buffers"}
+
+
+def load_checkpoint(out):
+    """The newest readable checkpoint's state. A damaged one is passed over with a notice for the one
+    before it (the run keeps two for this); one that would need more than tensors and plain data to
+    load is refused, since unpickling it could run code (torch.load with weights_only=True)."""
+    paths = sorted((out / "checkpoints").glob("epoch_*.pt"), reverse=True)
+    for path in paths:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            if "Unsupported global" in str(error) or "Unsupported operand" in str(error):
+                fail(f"--resume: {path} holds more than tensors and plain data, and loading it could run code; "
+                     f"resume only checkpoints you trust, written by this train.py")
+            state, reason = None, f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
+        except Exception as error:  # a truncated or corrupted file: torch raises several kinds
+            state, reason = None, f"{type(error).__name__}: {str(error).splitlines()[0][:80] if str(error) else 'damaged'}"
+        if state is not None and not (isinstance(state, dict) and CHECKPOINT_KEYS <= set(state)):
+            state, reason = None, "not a train.py checkpoint"
+        if state is not None:
+            return state
+        print(f"train.py: {path} is unreadable ({reason}); trying the checkpoint before it", file=sys.stderr)
+    fail(f"--resume {out}: no readable checkpoint in {out / 'checkpoints'}; the run cannot continue, start it again with its flags")
+
+
+def cut_metrics(out, history):
+    """metrics.jsonl cut back to the epochs of the checkpoint a run resumes from."""
+    lines = "".join(json.dumps(m) + "\n" for m in history)
     write_atomic(out / "metrics.jsonl", lambda tmp: tmp.write_text(lines))
-    return state
 
 
 def save_grid(images, captions, path, size=128, cols=4):

@@ -32,7 +32,7 @@ import parallel
 import toy_world
 from config import DTYPES, fail, load_prompts, parse_args
 from rewards import REWARDS, aesthetic, alignment, scalar
-from run_folder import load_checkpoint, log_epoch, save_checkpoint, write_config
+from run_folder import cut_metrics, load_checkpoint, log_epoch, save_checkpoint, write_config
 from sampler import add_trainable, guided_eps, load_pipeline, policy_log_prob, sample_trajectories, save_weights
 
 
@@ -95,6 +95,9 @@ def update(cfg, pipe, traj, advantages, optimizer, params, rng, autocast, progre
     return {**{key: torch.stack(values).double().mean().item() for key, values in stats.items()}, "skipped_updates": skipped}
 
 
+STOPPED = 75  # exit status of a run stopped cleanly by a signal at a checkpoint: resume it (EX_TEMPFAIL, "try again")
+
+
 def stop(message):
     """End the run (exit status 1) for a reason that resuming would not fix by itself."""
     print(f"train.py: stopped: {message}", file=sys.stderr)
@@ -116,9 +119,37 @@ def load_reward(cfg):
     return REWARDS[cfg.reward]
 
 
+def read_checkpoint(cfg, world):
+    """The state to resume from, checked before anything is loaded or written."""
+    state = load_checkpoint(Path(cfg.out))
+    if len(state["rng"]) != world:
+        fail(f"--resume {cfg.out}: the run was trained by {len(state['rng'])} process(es), not {world}; resume it with as many")
+    if len(state["history"]) >= cfg.epochs:
+        fail(f"--resume {cfg.out}: the run has done {len(state['history'])} epochs of --epochs {cfg.epochs}; "
+             f"give --epochs above {len(state['history'])} to run it further")
+    return state
+
+
+def restore(state, cfg, pipe, optimizer, tracker, rng, generator, rank, device):
+    """Everything a fresh run would hold after the checkpoint's epoch: weights, optimiser, reward
+    buffers, this process's random streams; its metrics."""
+    pipe.unet.load_state_dict(state["trainable"], strict=False)
+    optimizer.load_state_dict(state["optimizer"])
+    if tracker is not None:
+        tracker.buffers.update({prompt: deque(values, maxlen=cfg.buffer_size) for prompt, values in state["buffers"].items()})
+    own = state["rng"][rank]
+    rng.bit_generator.state = own["numpy"]
+    torch.set_rng_state(own["torch"])
+    generator.set_state(own["generator"])
+    if own["cuda"] is not None:
+        torch.cuda.set_rng_state(own["cuda"], device)
+    return state["history"]
+
+
 def main(argv=None):
     cfg = parse_args(argv, description=__doc__)
     rank, world, device = parallel.setup(cfg.device)  # (0, 1, cfg.device) without torchrun
+    state = read_checkpoint(cfg, world) if cfg.resume else None
     say = print if rank == 0 else lambda *args, **kwargs: None
     seed = cfg.seed + rank * parallel.SEED_STRIDE  # this process's own seed; rank 0's is --seed
     torch.manual_seed(cfg.seed)  # the same LoRA initialisation in every process
@@ -146,21 +177,10 @@ def main(argv=None):
 
     out, history = Path(cfg.out), []
     parallel.barrier()  # every process has checked --out before rank 0 writes into it
-    if cfg.resume:  # everything a fresh run would hold after the checkpoint's epoch
-        state = load_checkpoint(out, rewrite_metrics=rank == 0)
-        if len(state["rng"]) != world:
-            fail(f"--resume {out}: the run was trained by {len(state['rng'])} process(es), not {world}; resume it with as many")
-        pipe.unet.load_state_dict(state["trainable"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        if tracker is not None:
-            tracker.buffers.update({prompt: deque(values, maxlen=cfg.buffer_size) for prompt, values in state["buffers"].items()})
-        own = state["rng"][rank]
-        rng.bit_generator.state = own["numpy"]
-        torch.set_rng_state(own["torch"])
-        generator.set_state(own["generator"])
-        if own["cuda"] is not None:
-            torch.cuda.set_rng_state(own["cuda"], device)
-        history = state["history"]
+    if cfg.resume:
+        history = restore(state, cfg, pipe, optimizer, tracker, rng, generator, rank, device)
+        if rank == 0:
+            cut_metrics(out, history)
         say(f"resuming {out} after epoch {state['epoch']}")
     elif rank == 0:
         write_config(out, dataclasses.asdict(cfg))
@@ -168,12 +188,12 @@ def main(argv=None):
         f"{len(prompt_set)} prompts -> {out}")
     interrupted = []
 
-    def on_interrupt(signum, frame):  # the first Ctrl-C: finish the epoch and its checkpoint; a second one: stop now
+    def on_signal(signum, frame):  # the first Ctrl-C, or SIGTERM (preemption, time limits): finish the epoch and its checkpoint
         interrupted.append(signum)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        print("\nCtrl-C: stopping after this epoch's checkpoint (press again to stop at once)", file=sys.stderr)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+        print(f"\n{signal.Signals(signum).name}: stopping after this epoch's checkpoint (Ctrl-C again to stop at once)", file=sys.stderr)
 
-    previous_handler = signal.signal(signal.SIGINT, on_interrupt)
+    previous_handlers = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         for epoch in range(len(history), cfg.epochs):
             # 1. sample: roll out the current policy, one trajectory per drawn prompt (this process's share)
@@ -193,7 +213,7 @@ def main(argv=None):
             rewards = scalar(reward_out)
             # 3. advantages over the whole epoch (RWR: weights); this process keeps its own samples' rows
             advantages = ddpo.advantages(cfg.algo, all_prompts, reward_out, traj["latents"].shape[-2:], tracker, cfg.beta)
-            selectivity = {"weight_share": ddpo.weight_share(advantages.cpu().numpy())} if cfg.algo.startswith("rwr") else {}
+            selectivity = {"weight_share": float(ddpo.weight_share(advantages.cpu().numpy()))} if cfg.algo.startswith("rwr") else {}
             advantages = advantages[rank * len(prompts) : (rank + 1) * len(prompts)]
             # 4. update the policy on these samples
             start = time.time()
@@ -223,7 +243,7 @@ def main(argv=None):
                 save_checkpoint(out, {
                     "epoch": epoch, "history": history, "optimizer": optimizer.state_dict(), "rng": rng_states,
                     "trainable": {name: p for name, p in pipe.unet.state_dict().items() if name in trainable},
-                    "buffers": {prompt: list(values) for prompt, values in tracker.buffers.items()} if tracker is not None else {},
+                    "buffers": {prompt: [float(v) for v in values] for prompt, values in tracker.buffers.items()} if tracker is not None else {},
                 }, cfg.keep_checkpoints)
             fidelity = f" fidelity {metrics['fidelity']:.3f}" if toy_prompts else ""
             ppo = f" kl {stats['approx_kl']:.2e} clipfrac {stats['clipfrac']:.3f}" if "approx_kl" in stats else ""
@@ -234,12 +254,13 @@ def main(argv=None):
             )
             if stopping:
                 say(f"stopped after epoch {epoch}; continue with: python train.py --resume {out}")
-                break
+                sys.exit(STOPPED)
     except KeyboardInterrupt:
         print(f"\nstopped during an epoch; its work is lost, the checkpoints before it are not: python train.py --resume {out}", file=sys.stderr)
         sys.exit(130)
     finally:
-        signal.signal(signal.SIGINT, previous_handler)
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
         parallel.teardown()
     return history
 

@@ -62,19 +62,22 @@ def test_a_crash_while_saving_a_checkpoint_leaves_a_run_that_resumes_exactly(run
     assert metrics(tmp_path / "crashed") == metrics(tmp_path / "straight")
 
 
-def test_ctrl_c_stops_after_the_epoch_and_says_how_to_resume(run_args, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_stops_after_the_epoch_and_says_how_to_resume(signum, run_args, tmp_path, monkeypatch, capsys):
     jpeg = REWARDS["jpeg"]
 
-    def reward_then_ctrl_c(images, prompts):
-        os.kill(os.getpid(), signal.SIGINT)
+    def reward_then_signal(images, prompts):
+        os.kill(os.getpid(), signum)
         return jpeg(images, prompts)
 
-    monkeypatch.setitem(REWARDS, "jpeg", reward_then_ctrl_c)
-    history = train.main(run_args(tmp_path / "run", 5))
-    assert len(history) == 1
-    assert (tmp_path / "run" / "checkpoints" / "epoch_0000.pt").is_file()
+    monkeypatch.setitem(REWARDS, "jpeg", reward_then_signal)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with pytest.raises(SystemExit) as exit:
+        train.main(run_args(tmp_path / "run", 5))
+    assert exit.value.code == train.STOPPED
+    assert len(metrics(tmp_path / "run")) == 1 and (tmp_path / "run" / "checkpoints" / "epoch_0000.pt").is_file()
     assert f"--resume {tmp_path / 'run'}" in capsys.readouterr().out
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is given back
+    assert {s: signal.getsignal(s) for s in handlers} == handlers  # the handlers are given back
 
 
 def test_a_non_finite_reward_stops_the_run_before_it_is_trained_on_or_saved(run_args, tmp_path, monkeypatch, capsys):
