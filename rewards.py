@@ -8,11 +8,15 @@ learned rewards (section 5) need models: `aesthetic` and `alignment` build a rew
 around them, loaded once, when a run asks for that reward.
 """
 import io
+import os
+import socket
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from huggingface_hub import constants as hf_constants
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, CLIPVisionModelWithProjection
 
@@ -80,11 +84,27 @@ REWARDS = {
 }
 
 
-def pretrained(cls, model_id, flag, **kwargs):
-    """cls.from_pretrained(model_id), or an OSError whose one line names the model, the flag that
-    chose it, and the fix."""
+def hub_reachable(timeout=3.0):
+    """Whether the Hugging Face hub can be reached (HF_HUB_OFFLINE=1: no), asked once with a short
+    timeout: without a network the hub client would spend a minute and a half in retries. Behind a
+    proxy the answer is yes, and the client's own retries decide."""
+    if hf_constants.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urllib.parse.urlparse(hf_constants.ENDPOINT)
     try:
-        return cls.from_pretrained(model_id, **kwargs)
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def pretrained(cls, model_id, flag, **kwargs):
+    """cls.from_pretrained(model_id) from a folder, the hub cache, or the hub when it can be reached;
+    else an OSError whose one line names the model, the flag that chose it, and the fix."""
+    try:
+        return cls.from_pretrained(model_id, local_files_only=not hub_reachable(), **kwargs)
     except (OSError, ValueError) as error:
         raise OSError(f"{flag} {model_id}: cannot load it ({type(error).__name__}: no network, not in the hub cache, or no such model); "
                       f"download it first with `hf download {model_id}`, or pass a local folder with {flag}") from error

@@ -64,26 +64,29 @@ CHECKPOINT_KEYS = {"epoch", "history", "optimizer", "rng", "trainable", "buffers
 
 
 def load_checkpoint(out):
-    """The newest readable checkpoint's state. A damaged one is passed over with a notice for the one
-    before it (the run keeps two for this); one that would need more than tensors and plain data to
-    load is refused, since unpickling it could run code (torch.load with weights_only=True)."""
-    paths = sorted((out / "checkpoints").glob("epoch_*.pt"), reverse=True)
-    for path in paths:
+    """The newest readable checkpoint's state. A damaged one is passed over, with a notice, for the
+    one before it (the run keeps two for this); one that would need more than tensors and plain
+    data to load is refused, since unpickling it could run code (torch.load with weights_only=True)."""
+    skipped = []
+    for path in sorted((out / "checkpoints").glob("epoch_*.pt"), reverse=True):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as error:
             if "Unsupported global" in str(error) or "Unsupported operand" in str(error):
                 fail(f"--resume: {path} holds more than tensors and plain data, and loading it could run code; "
-                     f"resume only checkpoints you trust, written by this train.py")
-            state, reason = None, f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
+                     f"resume only checkpoints written by this train.py")
+            state, reason = None, type(error).__name__
         except Exception as error:  # a truncated or corrupted file: torch raises several kinds
-            state, reason = None, f"{type(error).__name__}: {str(error).splitlines()[0][:80] if str(error) else 'damaged'}"
+            state, reason = None, type(error).__name__
         if state is not None and not (isinstance(state, dict) and CHECKPOINT_KEYS <= set(state)):
             state, reason = None, "not a train.py checkpoint"
         if state is not None:
+            for name, reason in skipped:
+                print(f"train.py: {name} is unreadable ({reason}); resuming from {path.name}, the newest readable checkpoint", file=sys.stderr)
             return state
-        print(f"train.py: {path} is unreadable ({reason}); trying the checkpoint before it", file=sys.stderr)
-    fail(f"--resume {out}: no readable checkpoint in {out / 'checkpoints'}; the run cannot continue, start it again with its flags")
+        skipped.append((path.name, reason))
+    fail(f"--resume {out}: no readable checkpoint ({', '.join(f'{name}: {reason}' for name, reason in skipped)}); "
+         f"the run cannot continue: start it again with its flags")
 
 
 def cut_metrics(out, history):

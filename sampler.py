@@ -5,10 +5,17 @@ eta > 0 a DDIM step draws x_{t-1} from a diagonal Gaussian whose mean depends on
 every step has a log-probability. This file loads a pipeline, takes that step with its
 log-prob, and samples whole trajectories, keeping everything the update needs.
 """
+import logging
 import math
 import shutil
 
 import torch
+
+# diffusers' pipeline module looks up transformers' CLIP and SigLIP image processors; without
+# torchvision they fall back to their PIL versions (which this project uses) with a notice each.
+# Only those two notices are dropped, where they are logged.
+logging.getLogger("transformers.utils.import_utils").addFilter(lambda record: "requires torchvision" not in record.getMessage())
+
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers
@@ -23,17 +30,17 @@ REDUCTIONS = ("mean", "sum", "none")
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the UNet's attention projections
 
 
-def load_pipeline(model, device="cpu", dtype=torch.float32):
+def load_pipeline(model, device="cpu", dtype=torch.float32, local_files_only=False):
     """A Stable-Diffusion-1.x pipeline from a hub id or a local folder, ready for DDPO.
 
     The safety checker is off (it blacks out images, which a reward would learn to exploit), the
     scheduler is DDIM with the model's own noise schedule, and every weight starts frozen: the
     trainer decides what to unfreeze (a LoRA or the whole UNet).
     """
-    for logging in (diffusers_logging, transformers_logging):
-        logging.disable_progress_bar()  # loading takes seconds; its bars would only clutter the log
+    for library in (diffusers_logging, transformers_logging):
+        library.disable_progress_bar()  # loading takes seconds; its bars would only clutter the log
     pipe = StableDiffusionPipeline.from_pretrained(
-        model, dtype=dtype, safety_checker=None, requires_safety_checker=False
+        model, dtype=dtype, safety_checker=None, requires_safety_checker=False, local_files_only=local_files_only
     )
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     for module in (pipe.vae, pipe.text_encoder, pipe.unet):

@@ -31,7 +31,7 @@ import ddpo
 import parallel
 import toy_world
 from config import DTYPES, fail, load_prompts, parse_args
-from rewards import REWARDS, aesthetic, alignment, scalar
+from rewards import REWARDS, aesthetic, alignment, hub_reachable, scalar
 from run_folder import cut_metrics, load_checkpoint, log_epoch, save_checkpoint, write_config
 from sampler import add_trainable, guided_eps, load_pipeline, policy_log_prob, sample_trajectories, save_weights
 
@@ -159,10 +159,13 @@ def main(argv=None):
     autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=cfg.mixed_precision != "no")
     reward_fn = load_reward(cfg)
     try:
-        pipe = load_pipeline(cfg.model, device, weight_dtype)
+        pipe = load_pipeline(cfg.model, device, weight_dtype, local_files_only=not hub_reachable())
     except OSError as error:
-        fail(f"--model {cfg.model}: cannot load it ({type(error).__name__}: not a pipeline folder, nor in the hub cache); "
-             f"pass a local folder, or download it first with `hf download {cfg.model}`")
+        if Path(cfg.model).is_dir():
+            fail(f"--model {cfg.model}: not a readable diffusers pipeline folder ({type(error).__name__}); pass a folder saved by "
+                 f"save_pretrained (model_index.json and its parts), or a hub id")
+        fail(f"--model {cfg.model}: cannot load it ({type(error).__name__}: no network, not in the hub cache, or no such model); "
+             f"download it first with `hf download {cfg.model}`, or pass a local folder")
     params = add_trainable(pipe.unet, cfg.lora_rank)
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()

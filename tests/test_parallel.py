@@ -1,8 +1,10 @@
 """Data parallel training under torchrun, on the CPU with gloo: two processes, one run."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -71,3 +73,19 @@ def test_without_torchrun_every_helper_is_the_identity():
     assert parallel.gather_objects(("a", "b")) == ["a", "b"]
     assert parallel.mean_over_processes({"loss": 0.5}) == {"loss": 0.5}
     assert parallel.any_process(True) and not parallel.any_process(False)
+
+
+def test_sigterm_to_torchrun_stops_both_processes_after_a_checkpointed_epoch(tiny_pipeline_dir, tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(ROOT / "train.py"),
+               "--model", str(tiny_pipeline_dir), "--device", "cpu", "--epochs", "50", "--samples-per-epoch", "8", "--batch-size", "2",
+               "--updates-per-epoch", "2", "--num-steps", "4", "--prompts", "simple_animals", "--out", str(out)]
+    torchrun = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 240
+    while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().count("\n") >= 1) and time.time() < deadline:
+        time.sleep(0.2)
+    torchrun.send_signal(signal.SIGTERM)  # what a cluster does at preemption or a time limit
+    stdout, stderr = torchrun.communicate(timeout=120)
+    done = (out / "metrics.jsonl").read_text().count("\n")
+    assert 1 <= done < 50 and "stopped after epoch" in stdout, stderr[-3000:]
+    assert sorted(out.glob("checkpoints/*.pt"))[-1].name == f"epoch_{done - 1:04d}.pt"  # the last logged epoch is checkpointed

@@ -149,3 +149,15 @@ def test_an_existing_run_is_never_overwritten_and_resume_takes_no_other_settings
     with pytest.raises(SystemExit) as exit:
         train.main(["--resume", str(empty)])
     assert exit.value.code == 2 and "no checkpoint" in capsys.readouterr().err
+
+
+def test_a_damaged_latest_checkpoint_gives_way_to_the_one_before_it(run_args, tmp_path, capsys):
+    train.main(run_args(tmp_path / "straight", 3))
+    train.main(run_args(tmp_path / "damaged", 3))
+    latest = tmp_path / "damaged" / "checkpoints" / "epoch_0002.pt"
+    latest.write_bytes(latest.read_bytes()[:1000])
+    capsys.readouterr()
+    train.main(["--resume", str(tmp_path / "damaged"), "--epochs", "3"])
+    notice = capsys.readouterr().err.strip()
+    assert len(notice.splitlines()) == 1 and "epoch_0002.pt is unreadable" in notice and "epoch_0001.pt" in notice
+    assert metrics(tmp_path / "damaged") == metrics(tmp_path / "straight")  # epoch 2 done again, exactly

@@ -1,0 +1,131 @@
+"""Every input a run reads can be broken: each case runs `train.py` in its own process and must end
+with exit status 2, one line on stderr naming the flag or file, no traceback, and the disk exactly
+as it was (nothing written, nothing lost)."""
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--samples-per-epoch", "4", "--batch-size", "2", "--updates-per-epoch", "1", "--num-steps", "2", "--prompts", "simple_animals"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_pipeline_dir, tmp_path_factory):
+    """A finished 2-epoch run with both its checkpoints, copied by the cases that break it."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    train.main(["--model", str(tiny_pipeline_dir), "--out", str(out), "--epochs", "2", *TINY])
+    return out
+
+
+class Payload:
+    """Unpickling this would create the file `marker`: what a malicious checkpoint could do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (pathlib.Path(self.marker),)
+
+
+def write(path, content):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
+    return path
+
+
+def edit_config(run, change):
+    config = json.loads((run / "config.json").read_text())
+    change(config)
+    (run / "config.json").write_text(json.dumps(config))
+
+
+def truncate_checkpoints(run):
+    for path in (run / "checkpoints").glob("*.pt"):
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+
+
+def plant_payload(run):
+    latest = run / "checkpoints" / "epoch_0001.pt"
+    state = torch.load(latest, weights_only=True)
+    torch.save({**state, "note": Payload(run.parent / "payload-ran")}, latest)
+
+
+# name: (how to break the inputs, given the work folder w and a copy of the finished run r, -> the extra argv; what stderr must name)
+CASES = {
+    "negative lr": (lambda w, r: ["--lr", "-1"], "--lr"),
+    "nan lr": (lambda w, r: ["--lr", "nan"], "--lr"),
+    "eta above 1": (lambda w, r: ["--eta", "1.5"], "--eta"),
+    "negative guidance": (lambda w, r: ["--guidance-scale", "-2"], "--guidance-scale"),
+    "guidance below 1": (lambda w, r: ["--guidance-scale", "0.5"], "--guidance-scale"),
+    "more steps than timesteps": (lambda w, r: ["--num-steps", "5000"], "--num-steps"),
+    "negative weight decay": (lambda w, r: ["--weight-decay", "-0.1"], "--weight-decay"),
+    "zero grad norm": (lambda w, r: ["--max-grad-norm", "0"], "--max-grad-norm"),
+    "min count above buffer": (lambda w, r: ["--min-count", "40"], "--min-count"),
+    "epochs not a number": (lambda w, r: ["--epochs", "ten"], "--epochs"),
+    "samples not a multiple": (lambda w, r: ["--samples-per-epoch", "7"], "--samples-per-epoch"),
+    "unknown algo": (lambda w, r: ["--algo", "ppo"], "--algo"),
+    "colour out of range": (lambda w, r: ["--target-color", "2,0,0"], "--target-color"),
+    "fp16 on the cpu": (lambda w, r: ["--mixed-precision", "fp16"], "--mixed-precision"),
+    "pixel_background off the toy world": (lambda w, r: ["--reward", "pixel_background"], "--reward pixel_background"),
+    "prompts missing": (lambda w, r: ["--prompts", str(w / "none.txt")], "--prompts"),
+    "prompts empty": (lambda w, r: ["--prompts", str(write(w / "empty.txt", "\n \n"))], "--prompts"),
+    "prompts not text": (lambda w, r: ["--prompts", str(write(w / "image.txt", bytes(range(256)) * 4))], "--prompts"),
+    "prompts a folder": (lambda w, r: ["--prompts", str(w)], "--prompts"),
+    "model folder empty": (lambda w, r: ["--model", str(write(w / "model" / ".keep", "").parent)], "--model"),
+    "model index damaged": (lambda w, r: ["--model", str(write(w / "model" / "model_index.json", "{").parent)], "--model"),
+    "model missing": (lambda w, r: ["--model", str(w / "no_such_model") + "/"], "--model"),
+    "aesthetic model missing": (lambda w, r: ["--reward", "aesthetic", "--aesthetic-model", str(w / "no_clip")], "--aesthetic-model"),
+    "out is a file": (lambda w, r: ["--out", str(write(w / "file", "x"))], "--out"),
+    "out under a file": (lambda w, r: ["--out", str(write(w / "file", "x") / "run")], "--out"),
+    "out is a finished run": (lambda w, r: ["--out", str(r)], "--out"),
+    "resume no folder": (lambda w, r: ["--resume", str(w / "no_run")], "--resume"),
+    "resume empty folder": (lambda w, r: ["--resume", str((w / "empty").mkdir() or w / "empty")], "--resume"),
+    "resume config missing": (lambda w, r: (r / "config.json").unlink() or ["--resume", str(r)], "--resume"),
+    "resume config not json": (lambda w, r: write(r / "config.json", "{'lr': ") and ["--resume", str(r)], "config.json"),
+    "resume config not text": (lambda w, r: write(r / "config.json", b"\xff\xfe\x00") and ["--resume", str(r)], "config.json"),
+    "resume config a list": (lambda w, r: write(r / "config.json", "[1, 2]") and ["--resume", str(r)], "config.json"),
+    "resume config unknown key": (lambda w, r: edit_config(r, lambda c: c.update(ppo=1)) or ["--resume", str(r)], "config.json"),
+    "resume config wrong type": (lambda w, r: edit_config(r, lambda c: c.update(epochs="ten")) or ["--resume", str(r), "--epochs", "3"], "config.json"),
+    "resume config bad value": (lambda w, r: edit_config(r, lambda c: c.update(lr=-1.0)) or ["--resume", str(r), "--epochs", "3"], "--lr"),
+    "resume checkpoints damaged": (lambda w, r: truncate_checkpoints(r) or ["--resume", str(r), "--epochs", "3"], "no readable checkpoint"),
+    "resume checkpoint not ours": (lambda w, r: [torch.save({"weights": torch.ones(2)}, p) for p in (r / "checkpoints").glob("*.pt")]
+                                   and ["--resume", str(r), "--epochs", "3"], "no readable checkpoint"),
+    "resume checkpoint runs code": (lambda w, r: plant_payload(r) or ["--resume", str(r), "--epochs", "3"], "epoch_0001.pt"),
+    "resume nothing left to do": (lambda w, r: ["--resume", str(r)], "--epochs"),
+    "resume fewer epochs": (lambda w, r: ["--resume", str(r), "--epochs", "1"], "--epochs"),
+    "resume with other flags": (lambda w, r: ["--resume", str(r), "--lr", "1"], "--resume"),
+}
+
+
+def snapshot(folder):
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest()) if p.is_file() else None
+            for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_broken_input_exits_2_with_one_line_and_leaves_the_disk_as_it_was(case, finished_run, tiny_pipeline_dir, tmp_path):
+    work, run = tmp_path / "work", tmp_path / "run"
+    work.mkdir()
+    shutil.copytree(finished_run, run)
+    break_it, named = CASES[case]
+    extra = break_it(work, run)
+    argv = extra if extra[0] == "--resume" else ["--model", str(tiny_pipeline_dir), "--out", str(tmp_path / "new"), *TINY, *extra]
+    before = snapshot(tmp_path)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], capture_output=True, text=True, env=env, timeout=120)
+    error = result.stderr.strip()
+    assert result.returncode == 2, result.stderr
+    assert len(error.splitlines()) == 1 and "Traceback" not in error, error
+    assert named in error
+    assert snapshot(tmp_path) == before  # nothing written, nothing lost
+    assert not (tmp_path / "payload-ran").exists()  # and the planted pickle never ran
