@@ -45,22 +45,23 @@ PRESETS = {
     "tiny": dict(prompts="shapes", num_steps=20, guidance_scale=3.0, epochs=35, samples_per_epoch=64, batch_size=16,
                  timestep_fraction=0.5, lr=5e-3, clip_range=8e-4),
 }
-# Each algorithm's own settings: over the preset's, under the flags given.
+# Each algorithm's own settings: over the preset's, under the tuned ones and the flags given.
 ALGO_SETTINGS = {
-    "paper": {
-        # DDPO_IS: 4 clipped updates per epoch (minibatches of 64); DDPO_SF and PXPO: on-policy, one
-        "ddpo-is": dict(updates_per_epoch=4),
-        "ddpo-sf": dict(updates_per_epoch=1),
-        "pxpo": dict(updates_per_epoch=1),
-        # RWR as the original code runs it: a round's samples are regressed on in 5 passes ("num_train_epochs": 5),
-        # dense weights over the whole round (not per prompt), sparse RWR's top 10 % within each prompt's samples
-        "rwr": dict(updates_per_epoch=4, inner_epochs=5, per_prompt_stat_tracking=False),
-        "rwr-sparse": dict(updates_per_epoch=4, inner_epochs=5),
-    },
-    # chosen by `python benchmarks/compare.py --stage tune` (README, "The algorithms compared")
+    # DDPO_IS: 4 clipped updates per epoch (minibatches of 64); DDPO_SF and PXPO: on-policy, one
+    "ddpo-is": dict(updates_per_epoch=4),
+    "ddpo-sf": dict(updates_per_epoch=1),
+    "pxpo": dict(updates_per_epoch=1),
+    # RWR as the original code runs it: a round's samples are regressed on in 5 passes ("num_train_epochs": 5),
+    # dense weights over the whole round (not per prompt), sparse RWR's top 10 % within each prompt's samples
+    "rwr": dict(updates_per_epoch=4, inner_epochs=5, per_prompt_stat_tracking=False),
+    "rwr-sparse": dict(updates_per_epoch=4, inner_epochs=5),
+}
+ALGOS = tuple(ALGO_SETTINGS)
+# The bundled model's learning rate (and RWR's beta) for each reward and algorithm, as chosen by
+# `python benchmarks/compare.py --stage tune` on 15-epoch runs (README, "The algorithms compared").
+TUNED = {
     "tiny": {},
 }
-ALGOS = tuple(ALGO_SETTINGS["paper"])
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --mixed-precision
 
 
@@ -143,8 +144,8 @@ def parse_args(argv=None, description=None):
         print(f"--model auto: {why} (choose with --model)")
     if preset == "auto":
         preset = "tiny" if Path(model).resolve() == BUNDLED_MODEL.resolve() else "paper"
-    algo = given.get("algo", Config.algo)
-    settings = {**PRESETS[preset], **ALGO_SETTINGS["paper"][algo], **ALGO_SETTINGS.get(preset, {}).get(algo, {})}
+    algo, reward = given.get("algo", Config.algo), given.get("reward", Config.reward)
+    settings = {**PRESETS[preset], **ALGO_SETTINGS[algo], **TUNED.get(preset, {}).get((reward, algo), {})}
     cfg = Config(**{**settings, **given, "model": model, "preset": preset})
     # derived values, computed once
     if cfg.lr is None:

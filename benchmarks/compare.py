@@ -13,7 +13,8 @@ preset, so all get the same samples per epoch and the same reward queries.
 1. tune: for each algorithm, every learning rate of LRS (and, for dense RWR, every beta of BETAS),
    one run on --tune-seed. The choice is the best last-epoch reward among the settings whose
    last-epoch fidelity keeps >= 0.8 x the first epoch's (the base model's); if none does, the one
-   that keeps the most. Writes tune/tune.md (every setting, the choice marked) and tune/chosen.json.
+   that keeps the most. Writes tune/tune.md (every setting, the choice marked) and tune/tune.json,
+   merged with what an earlier tuning wrote, so one algorithm's grid can be widened on its own.
 2. final: each algorithm at its choice on --seeds (not the tuning seed). Writes compare.md (the
    grid, the choice and the seeds' results) and compare.png (reward and fidelity against reward
    queries: mean over seeds, shaded from the lowest to the highest seed).
@@ -117,40 +118,51 @@ def choose(results):
 
 
 def tune(args, comparisons):
+    """Every grid setting of every algorithm on the tuning seed; tune/tune.json keeps each
+    algorithm's results and choice (merged with earlier ones, so a grid can be widened later)."""
     folder = args.out / "tune"
-    tasks = {(reward, algo, name(s)): (["--algo", algo, "--reward", reward, "--seed", str(args.tune_seed), *flags(s)],
-                                       folder / f"{reward}-{algo}-{name(s)}")
-             for reward, algos in comparisons.items() for algo in algos for s in grid(algo, args.lrs, args.betas)}
+    grids = {(reward, algo): {name(s): s for s in grid(algo, args.lrs, args.betas)} for reward, algos in comparisons.items() for algo in algos}
+    tasks = {(reward, algo, key): (["--algo", algo, "--reward", reward, "--seed", str(args.tune_seed), *flags(s)], folder / f"{reward}-{algo}-{key}")
+             for (reward, algo), settings in grids.items() for key, s in settings.items()}
     results = run_all(tasks, args)
-    chosen, rows = {}, ["| reward | algorithm | setting | first epoch | last epoch | fidelity first -> last (kept) | chosen |", "|---|---|---|---|---|---|---|"]
-    for reward, algos in comparisons.items():
-        for algo in algos:
-            settings = {name(s): s for s in grid(algo, args.lrs, args.betas)}
-            best = choose({key: results[(reward, algo, key)] for key in settings})
-            chosen.setdefault(reward, {})[algo] = settings[best]
-            for key in settings:
-                m = results[(reward, algo, key)][0]
-                fidelity = f"{m[0]['fidelity']:.2f} -> {m[-1]['fidelity']:.2f} ({kept(m):.2f})" if "fidelity" in m[0] else "-"
-                rows.append(f"| {reward} | {algo} | {key} | {m[0]['reward_mean']:.3f} | {m[-1]['reward_mean']:.3f} | {fidelity} | "
-                            f"{'**yes**' if key == best else ''} |")
-    table = "\n".join(rows)
+    path = folder / "tune.json"
+    tuned = json.loads(path.read_text()) if path.is_file() else {}
+    for (reward, algo), settings in grids.items():
+        best = choose({key: results[(reward, algo, key)] for key in settings})
+        tuned.setdefault(reward, {})[algo] = {"chosen": settings[best], "seed": args.tune_seed, "epochs": args.epochs, "settings": [
+            {"setting": s, "first": results[(reward, algo, key)][0][0], "last": results[(reward, algo, key)][0][-1]} for key, s in settings.items()]}
+    path.write_text(json.dumps(tuned, indent=1) + "\n")
+    table = tuning_table(tuned)
     print(table)
-    (folder / "tune.md").write_text(f"Tuning seed {args.tune_seed}, {args.epochs} epochs a run.\n\n{table}\n")
-    previous = json.loads((folder / "chosen.json").read_text()) if (folder / "chosen.json").is_file() else {}
-    (folder / "chosen.json").write_text(json.dumps({**previous, **{r: {**previous.get(r, {}), **a} for r, a in chosen.items()}}, indent=2) + "\n")
-    return chosen
+    (folder / "tune.md").write_text(table + "\n")
+    return tuned
+
+
+def tuning_table(tuned):
+    """Markdown: every setting tried, its first and last epoch, the fidelity it kept, the choice."""
+    rows = ["| reward | algorithm | setting | first epoch | last epoch | fidelity first -> last (kept) | chosen |", "|---|---|---|---|---|---|---|"]
+    for reward, algos in tuned.items():
+        for algo, result in algos.items():
+            for row in result["settings"]:
+                first, last = row["first"], row["last"]
+                kept_share = kept([first, last])
+                fidelity = f"{first['fidelity']:.2f} -> {last['fidelity']:.2f} ({kept_share:.2f})" if "fidelity" in first else "-"
+                mark = "**yes**" if row["setting"] == result["chosen"] else ""
+                rows.append(f"| {reward} | {algo} | {name(row['setting'])} | {first['reward_mean']:.3f} | {last['reward_mean']:.3f} | {fidelity} | {mark} |")
+    return "\n".join(rows)
 
 
 def final(args, comparisons):
-    path = args.out / "tune" / "chosen.json"
+    path = args.out / "tune" / "tune.json"
     if not path.is_file():
         sys.exit(f"compare.py: error: {path} not found: run the tuning first (--stage tune)")
-    chosen = json.loads(path.read_text())
-    missing = [f"{reward} {algo}" for reward, algos in comparisons.items() for algo in algos if algo not in chosen.get(reward, {})]
+    tuned = json.loads(path.read_text())
+    missing = [f"{reward} {algo}" for reward, algos in comparisons.items() for algo in algos if algo not in tuned.get(reward, {})]
     if missing:
         sys.exit(f"compare.py: error: {path} has no choice for {', '.join(missing)}: run --stage tune for it first")
+    chosen = {reward: {algo: result["chosen"] for algo, result in algos.items()} for reward, algos in tuned.items()}
     tasks = {(reward, algo, seed): (["--algo", algo, "--reward", reward, "--seed", str(seed), *flags(chosen[reward][algo])],
-                                    args.out / f"{reward}-{algo}-seed{seed}")
+                                    args.out / f"{reward}-{algo}-{name(chosen[reward][algo])}-seed{seed}")
              for reward, algos in comparisons.items() for algo in algos for seed in args.seeds}
     results = run_all(tasks, args)
     runs = {}
@@ -158,8 +170,9 @@ def final(args, comparisons):
         runs.setdefault((reward, algo), []).append(result)
     table = summarise(runs, chosen)
     print(table)
-    tuning = (args.out / "tune" / "tune.md").read_text() if (args.out / "tune" / "tune.md").is_file() else ""
-    (args.out / "compare.md").write_text(f"Seeds {' '.join(map(str, args.seeds))}, {args.epochs} epochs a run.\n\n{table}\n\n## The tuning\n\n{tuning}")
+    seeds = {result["seed"] for algos in tuned.values() for result in algos.values()}
+    (args.out / "compare.md").write_text(f"Seeds {' '.join(map(str, args.seeds))}, {args.epochs} epochs a run.\n\n{table}\n\n"
+                                         f"## The tuning (seed {', '.join(map(str, sorted(seeds)))})\n\n{tuning_table(tuned)}\n")
     plot(runs, args.out / "compare.png")
     return runs
 

@@ -17,19 +17,24 @@ def test_compare_tunes_each_algorithm_then_runs_its_choice_on_other_seeds(tiny_p
     small = f"--model {tiny_pipeline_dir} --samples-per-epoch 8 --batch-size 2 --num-steps 2 --prompts shapes"
     common = ["--epochs", "1", "--out", str(tmp_path), "--train-args", small, "--lrs", "1e-3", "1e-2", "--betas", "3"]
     compare.main(["--stage", "tune", *common])
-    chosen = json.loads((tmp_path / "tune" / "chosen.json").read_text())
-    assert {reward: sorted(algos) for reward, algos in chosen.items()} == {r: sorted(a) for r, a in compare.COMPARISONS.items()}
-    assert chosen["jpeg"]["rwr"]["beta"] == 3 and chosen["jpeg"]["ddpo-is"]["lr"] in (1e-3, 1e-2)
+    tuned = json.loads((tmp_path / "tune" / "tune.json").read_text())
+    assert {reward: sorted(algos) for reward, algos in tuned.items()} == {r: sorted(a) for r, a in compare.COMPARISONS.items()}
+    assert tuned["jpeg"]["rwr"]["chosen"]["beta"] == 3 and tuned["jpeg"]["ddpo-is"]["chosen"]["lr"] in (1e-3, 1e-2)
     tuning = (tmp_path / "tune" / "tune.md").read_text()
     assert tuning.count("**yes**") == 7 and "lr0.01-beta3" in tuning  # one choice per algorithm, every setting listed
     runs = compare.main(["--stage", "final", "--seeds", "0", *common])
     assert sorted(runs) == sorted((reward, algo) for reward, algos in compare.COMPARISONS.items() for algo in algos)
     table = (tmp_path / "compare.md").read_text()
-    assert "## The tuning" in table and (tmp_path / "compare.png").is_file()
+    assert "## The tuning (seed 100)" in table and table.count("**yes**") == 7 and (tmp_path / "compare.png").is_file()
+    # widening one algorithm's grid runs only the new setting and keeps every other result
+    compare.main(["--stage", "tune", "--algos", "ddpo-sf", *common[:-5], "--lrs", "1e-3", "1e-2", "3e-2", "--betas", "3"])
+    widened = json.loads((tmp_path / "tune" / "tune.json").read_text())
+    assert len(widened["jpeg"]["ddpo-sf"]["settings"]) == 3 and widened["jpeg"]["rwr"] == tuned["jpeg"]["rwr"]
     # a finished run is reused, not run again
-    before = (tmp_path / "jpeg-rwr-seed0" / "metrics.jsonl").stat().st_mtime
+    (rwr_run,) = tmp_path.glob("jpeg-rwr-lr*-seed0")
+    before = (rwr_run / "metrics.jsonl").stat().st_mtime
     compare.main(["--stage", "final", "--seeds", "0", *common])
-    assert (tmp_path / "jpeg-rwr-seed0" / "metrics.jsonl").stat().st_mtime == before
+    assert (rwr_run / "metrics.jsonl").stat().st_mtime == before
 
 
 def test_compare_picks_the_best_reward_among_settings_that_keep_fidelity():
