@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import sd14_scheduler, tiny_pipeline
 
-from config import parse_args
+from config import ALGOS, TUNED, parse_args
 from ddpo import (PerPromptStatTracker, advantages, batch_advantages, ddpo_sf_loss, pool_to_latent, pxpo_loss, rwr_loss, rwr_weights,
                   sparse_rwr_weights, weight_share)
 from sampler import ddim_step_with_logprob, sample_trajectories
@@ -88,6 +88,19 @@ def test_rwr_runs_as_the_original_five_passes_with_weights_over_the_round_and_fl
     assert parse_args(["--algo", "rwr-sparse", "--out", "/nonexistent/s"]).inner_epochs == 5
     assert parse_args(["--algo", "ddpo-is", "--out", "/nonexistent/is"]).inner_epochs == 1
     assert parse_args(["--algo", "rwr", "--inner-epochs", "2", "--per-prompt-stat-tracking", "--out", "/nonexistent/r"]).inner_epochs == 2
+
+
+def test_the_tiny_preset_runs_each_algorithm_at_its_tuned_setting_and_flags_win():
+    assert {algo for _, algo in TUNED["tiny"]} == set(ALGOS)  # every algorithm has a tuned setting on the bundled model
+    for (reward, algo), settings in TUNED["tiny"].items():
+        cfg = parse_args(["--algo", algo, "--reward", reward, "--prompts", "shapes", "--out", "/nonexistent/run"])
+        assert cfg.preset == "tiny" and {key: getattr(cfg, key) for key in settings} == settings
+    given = parse_args(["--algo", "rwr", "--lr", "1e-3", "--beta", "2", "--out", "/nonexistent/run"])
+    assert (given.lr, given.beta) == (1e-3, 2.0)
+    demo = parse_args(["--reward", "jpeg", "--out", "/nonexistent/run"])
+    assert (demo.algo, demo.lr) == ("ddpo-is", 5e-3)  # the CPU demo's own setting
+    paper = parse_args(["--algo", "rwr", "--model", "CompVis/stable-diffusion-v1-4", "--device", "cpu", "--out", "/nonexistent/run"])
+    assert (paper.preset, paper.lr, paper.beta) == ("paper", 3e-4, 0.2)  # SD v1.4 keeps the paper's settings
 
 
 def test_sparse_rwr_keeps_the_top_tenth_per_prompt():
