@@ -206,7 +206,7 @@ def plot(runs, path):
                 curves = np.array([[m.get(key, np.nan) for m in metrics] for metrics, _ in seeds])
                 axes[row, column].plot(queries, curves.mean(axis=0), label=algo)
                 axes[row, column].fill_between(queries, curves.min(axis=0), curves.max(axis=0), alpha=0.2)
-        axes[0, column].set(ylabel=f"mean reward ({reward})", title=f"{reward}: mean over seeds, min to max shaded")
+        axes[0, column].set(ylabel=f"mean reward ({reward})", title=f"{reward}: mean of seeds, range shaded")
         axes[1, column].set(xlabel="reward queries", ylabel="fidelity (toy_world.judge)")
         for ax in axes[:, column]:
             ax.legend(fontsize=8)
