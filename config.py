@@ -171,8 +171,11 @@ def resumed_config(given):
     others = sorted(set(given) - {"epochs"})
     if others:
         fail(f"--resume continues a run with its saved settings: only --epochs may go with it, not --{others[0].replace('_', '-')}")
-    if not any((folder / "checkpoints").glob("epoch_*.pt")) or not (folder / "config.json").is_file():
-        fail(f"--resume {folder}: no checkpoint there (checkpoints/epoch_N.pt and config.json); give the folder of a run that saved one")
+    if not any((folder / "checkpoints").glob("epoch_*.pt")):
+        fail(f"--resume {folder}: no checkpoint there (checkpoints/epoch_N.pt); give the folder of a run that saved one")
+    if not (folder / "config.json").is_file():
+        fail(f"--resume: {folder / 'config.json'} is missing, so the run's settings are unknown; restore it from a copy, "
+             f"or start a new run with the same flags")
     saved = read_saved_config(folder / "config.json")
     cfg = Config(**{**saved, **given, "out": str(folder), "resume": str(folder)})
     validate(cfg)
@@ -194,7 +197,7 @@ def read_saved_config(path):
             fail(f"--resume: {path} has an unknown setting {key!r}; {fix}")
         wanted = (int, float) if types[key] is float else types[key]
         if value is not None and (not isinstance(value, wanted) or (isinstance(value, bool) and types[key] is not bool)):
-            fail(f"--resume: {path} sets {key} to {value!r}, not a {types[key].__name__}; {fix}")
+            fail(f"--resume: {path} sets {key} to {value!r}, which is not of type {types[key].__name__}; {fix}")
     return saved
 
 

@@ -90,7 +90,7 @@ CASES = {
     "out is a finished run": (lambda w, r: ["--out", str(r)], "--out"),
     "resume no folder": (lambda w, r: ["--resume", str(w / "no_run")], "--resume"),
     "resume empty folder": (lambda w, r: ["--resume", str((w / "empty").mkdir() or w / "empty")], "--resume"),
-    "resume config missing": (lambda w, r: (r / "config.json").unlink() or ["--resume", str(r)], "--resume"),
+    "resume config missing": (lambda w, r: (r / "config.json").unlink() or ["--resume", str(r)], "config.json"),
     "resume config not json": (lambda w, r: write(r / "config.json", "{'lr': ") and ["--resume", str(r)], "config.json"),
     "resume config not text": (lambda w, r: write(r / "config.json", b"\xff\xfe\x00") and ["--resume", str(r)], "config.json"),
     "resume config a list": (lambda w, r: write(r / "config.json", "[1, 2]") and ["--resume", str(r)], "config.json"),

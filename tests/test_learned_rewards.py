@@ -109,17 +109,17 @@ def test_alignment_describes_each_image_and_scores_the_answer_against_the_prompt
     torch.testing.assert_close(again, rewards)  # the same, batched differently
 
 
-@pytest.mark.parametrize("flags, named", [
-    (["--reward", "aesthetic", "--aesthetic-model", "{missing}"], "--aesthetic-model"),
-    (["--reward", "alignment", "--alignment-model", "{missing}"], "--alignment-model"),
-    (["--reward", "aesthetic", "--aesthetic-model", "no-such-org/no-such-clip"], "--aesthetic-model"),
+@pytest.mark.parametrize("flags, named, fix", [
+    (["--reward", "aesthetic", "--aesthetic-model", "{missing}"], "--aesthetic-model", "folder saved by save_pretrained"),
+    (["--reward", "alignment", "--alignment-model", "{missing}"], "--alignment-model", "folder saved by save_pretrained"),
+    (["--reward", "aesthetic", "--aesthetic-model", "no-such-org/no-such-clip"], "--aesthetic-model", "hf download"),
 ])
-def test_a_reward_model_that_cannot_load_exits_2_with_one_line_and_writes_nothing(flags, named, tiny_pipeline_dir, tmp_path, capsys, monkeypatch):
+def test_a_reward_model_that_cannot_load_exits_2_with_one_line_and_writes_nothing(flags, named, fix, tiny_pipeline_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 (no network, no cache)
     flags = [f.format(missing=tmp_path / "not-downloaded") for f in flags]
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as exit:
         train.main(["--model", str(tiny_pipeline_dir), "--out", str(out), "--prompts", "simple_animals", *flags])
     error = capsys.readouterr().err.strip().splitlines()
-    assert exit.value.code == 2 and len(error) == 1 and named in error[0] and flags[-1] in error[0] and "hf download" in error[0]
+    assert exit.value.code == 2 and len(error) == 1 and named in error[0] and flags[-1] in error[0] and fix in error[0]
     assert not out.exists()
