@@ -36,6 +36,8 @@ PROMPT_SETS = {
     "animal_activities": lambda: [f"{'an' if animal[0] in 'aeiou' else 'a'} {animal} {activity}"
                                   for animal in read_lines(DATA / "simple_animals.txt") for activity in read_lines(DATA / "activities.txt")],
     "shapes": lambda: toy_world.PROMPTS,
+    "shapes_train": lambda: toy_world.TRAIN,  # 10 of the 15, for training
+    "shapes_heldout": lambda: toy_world.HELDOUT,  # the other 5, never trained on
 }
 # The paper's settings scaled to the bundled model on a 2-core CPU (README, "The CPU demo"). The
 # clip range grows by sqrt(16384 / 256) = 8: the mean log-ratio over the 256 latent elements of a
@@ -111,6 +113,11 @@ class Config:
     alignment_model: str = arg("llava-hf/llava-1.5-7b-hf", "alignment: the vision-language model (hub id or folder) that describes each image")
     bertscore_model: str = arg("microsoft/deberta-xlarge-mnli", "alignment: the model whose embeddings BERTScore compares")
     bertscore_layer: int = arg(40, "alignment: its hidden layer used by BERTScore (40: bert_score's choice for deberta-xlarge-mnli)")
+    # overoptimisation: a leash to the base model and a held-out evaluation (not in the paper)
+    kl_coef: float = arg(0.0, "weight of the KL(policy || base model) penalty on the trained steps (0: the paper's DDPO; sampler.policy_kl)")
+    eval_every: int = arg(0, "epochs between fixed-noise evaluations (0: none), and always at the first and last epoch")
+    eval_prompts: str = arg(None, "the evaluation's prompts: a built-in set or a text file; default --prompts")
+    eval_samples: int = arg(64, "images per evaluation, the prompts in turn, from the same noise every time")
     # optimiser (AdamW, paper's settings)
     lr: float = arg(None, "learning rate; default 3e-4 with LoRA, 1e-5 for the whole UNet")
     weight_decay: float = arg(1e-4, "AdamW weight decay")
@@ -207,7 +214,7 @@ def validate(cfg):
         if isinstance(value, float) and not math.isfinite(value):
             fail(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     for name in ("num_steps", "epochs", "samples_per_epoch", "batch_size", "updates_per_epoch", "inner_epochs", "buffer_size", "min_count",
-                 "checkpoint_every", "keep_checkpoints"):
+                 "checkpoint_every", "keep_checkpoints", "eval_samples"):
         if getattr(cfg, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     for name in ("eta", "clip_range", "lr", "adv_clip_max", "beta", "max_grad_norm"):
@@ -220,8 +227,11 @@ def validate(cfg):
         fail(f"--guidance-scale must be >= 1 (1: no guidance; the paper: 5), got {cfg.guidance_scale}")
     if cfg.num_steps > 1000:
         fail(f"--num-steps must be at most the 1000 training timesteps of Stable Diffusion 1.x, got {cfg.num_steps}")
-    if cfg.weight_decay < 0:
-        fail(f"--weight-decay must be >= 0, got {cfg.weight_decay}")
+    for name in ("weight_decay", "kl_coef", "eval_every"):
+        if getattr(cfg, name) < 0:
+            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.kl_coef > 0 and cfg.algo.startswith("rwr"):
+        fail(f"--kl-coef works with ddpo-is, ddpo-sf and pxpo, whose updates score the sampled steps; {cfg.algo} regresses on fresh noise instead")
     if cfg.min_count > cfg.buffer_size:
         fail(f"--min-count ({cfg.min_count}) must be at most --buffer-size ({cfg.buffer_size}), or no prompt would use its own statistics")
     try:
@@ -246,9 +256,9 @@ def validate(cfg):
         fail("--mixed-precision fp16 needs a CUDA device; use bf16 or no on the CPU")
     if not cfg.resume:
         check_out(Path(cfg.out))
-    prompts = load_prompts(cfg.prompts)
-    if cfg.reward == "pixel_background" and not set(prompts) <= set(toy_world.PROMPTS):
-        fail(f"--reward pixel_background finds the shape by the toy world's colours: use --prompts shapes, not {cfg.prompts}")
+    for flag, name in (("--prompts", cfg.prompts), ("--eval-prompts", cfg.eval_prompts or cfg.prompts)):
+        if cfg.reward == "pixel_background" and not set(load_prompts(name, flag)) <= set(toy_world.PROMPTS):
+            fail(f"--reward pixel_background finds the shape by the toy world's colours: use {flag} shapes, not {name}")
 
 
 def check_out(out):
@@ -262,16 +272,16 @@ def check_out(out):
         fail(f"--out {out}: {existing} is not writable; choose a folder you can write to")
 
 
-def load_prompts(name):
+def load_prompts(name, flag="--prompts"):
     """A built-in prompt set (data/README.md) or a text file, one prompt a line."""
     if name in PROMPT_SETS:
         return PROMPT_SETS[name]()
     if not Path(name).is_file():
-        fail(f"--prompts {name}: no such set or file; use one of {', '.join(PROMPT_SETS)} or a text file")
+        fail(f"{flag} {name}: no such set or file; use one of {', '.join(PROMPT_SETS)} or a text file")
     try:
         prompts = read_lines(name)
     except (OSError, UnicodeDecodeError) as error:
-        fail(f"--prompts {name}: not a readable text file ({type(error).__name__}); give a UTF-8 text file, one prompt a line")
+        fail(f"{flag} {name}: not a readable text file ({type(error).__name__}); give a UTF-8 text file, one prompt a line")
     if not prompts:
-        fail(f"--prompts {name}: the file has no prompts; write one prompt a line")
+        fail(f"{flag} {name}: the file has no prompts; write one prompt a line")
     return prompts

@@ -3,6 +3,7 @@
     config.json           every setting, after presets and defaults
     metrics.jsonl         one line of metrics per epoch
     samples/epoch_N.png   the first 16 samples of each epoch, captioned with prompt and reward
+    samples/eval_epoch_N.png  the first 16 images of the fixed-noise evaluation at epoch N (--eval-every)
     reward_curve.png      reward mean and spread against reward queries
     checkpoints/epoch_N.pt  what `train.py --resume` needs to continue exactly after epoch N
 
@@ -114,6 +115,13 @@ def plot_rewards(history, reward, path):
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(queries, mean, marker="o")
     ax.fill_between(queries, mean - std, mean + std, alpha=0.25, label="mean ± std over the epoch's samples")
+    evaluations = {"eval_trained_reward_mean": "evaluation, trained prompts", "eval_heldout_reward_mean": "evaluation, held-out prompts"}
+    if not any("eval_heldout_reward_mean" in m for m in history):
+        evaluations = {"eval_reward_mean": "evaluation (fixed noise)"}
+    for key, label in evaluations.items():
+        points = [(m["reward_queries"], m[key]) for m in history if key in m]
+        if points:
+            ax.plot(*zip(*points), marker="s", linestyle="--", label=label)
     ax.set(xlabel="reward queries", ylabel=f"reward ({reward})", title="training")
     ax.legend(loc="best", fontsize=8)
     fig.savefig(path, dpi=100, bbox_inches="tight")

@@ -5,6 +5,8 @@ eta > 0 a DDIM step draws x_{t-1} from a diagonal Gaussian whose mean depends on
 every step has a log-probability. This file loads a pipeline, takes that step with its
 log-prob, and samples whole trajectories, keeping everything the update needs.
 """
+import contextlib
+import copy
 import logging
 import math
 import shutil
@@ -77,20 +79,12 @@ def save_weights(pipe, out, lora_rank):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def ddim_step_with_logprob(
-    scheduler, model_output, timestep, sample, eta=1.0, prev_sample=None, generator=None, reduce="mean"
-):
-    """One DDIM step x_t -> x_{t-1} and log p_theta(x_{t-1} | x_t, c) (paper, section 4.1).
-
-    timestep is a scalar or one per sample. If prev_sample is given it is scored (the action taken
-    at sampling time) instead of drawn. reduce: "sum" is the true log-density over all latent
-    elements; "mean" divides it by their count, as the public DDPO code does and as its clip range
-    1e-4 assumes (a summed ratio over 16,384 elements explodes at once); "none" keeps every element.
-    """
+def ddim_mean_std(scheduler, model_output, timestep, sample, eta=1.0):
+    """The policy's Gaussian at state (c, t, x_t) (paper, section 4.1): mean_t and sigma_t of the
+    DDIM step x_t -> x_{t-1} for the noise prediction model_output. timestep is a scalar or one per
+    sample. Only the mean depends on theta."""
     if eta <= 0:
         raise ValueError(f"eta={eta}: a DDIM step with eta <= 0 is deterministic and has no log-prob; use eta > 0 (the paper: 1)")
-    if reduce not in REDUCTIONS:
-        raise ValueError(f"reduce={reduce!r}: use one of {REDUCTIONS}")
     if scheduler.config.prediction_type != "epsilon" or scheduler.config.thresholding:
         raise ValueError("only epsilon-prediction schedulers without thresholding are supported (SD 1.x)")
 
@@ -109,19 +103,67 @@ def ddim_step_with_logprob(
         x0_hat = x0_hat.clamp(-scheduler.config.clip_sample_range, scheduler.config.clip_sample_range)
     variance = (1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)
     std = eta * variance.sqrt()  # sigma_t
-    mean = abar_prev.sqrt() * x0_hat + (1 - abar_prev - std**2).sqrt() * eps  # the only part that depends on theta
+    mean = abar_prev.sqrt() * x0_hat + (1 - abar_prev - std**2).sqrt() * eps
+    return mean, std
 
+
+def reduce_elements(values, reduce):
+    """Per-element values (B, C, h, w) -> per sample. "sum" over the latent's elements is the true
+    log-density (or KL); "mean" divides it by their count, as the public DDPO code does and as its
+    clip range 1e-4 assumes (a summed ratio over 16,384 elements explodes at once); "none" keeps them."""
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"reduce={reduce!r}: use one of {REDUCTIONS}")
+    if reduce == "none":
+        return values
+    dims = tuple(range(1, values.ndim))
+    return values.mean(dim=dims) if reduce == "mean" else values.sum(dim=dims)
+
+
+def gaussian_log_prob(action, mean, std, reduce="mean"):
+    """log N(x_{t-1}; mean_t, sigma_t^2 I), element by element, then reduced. The action is data, not a function of theta."""
+    log_prob = -((action.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return reduce_elements(log_prob, reduce)
+
+
+def policy_kl(mean, base_mean, std, reduce="mean"):
+    """KL(p_theta(. | s_t) || p_base(. | s_t)), the leash to the pretrained model (not in DDPO; DPOK,
+    arXiv 2305.16381, and Flow-GRPO, arXiv 2505.05470, add it). Both are Gaussians with the same
+    sigma_t, so it is ||mean_t - base_mean_t||^2 / (2 sigma_t^2), element by element, reduced like
+    the log-prob ("mean" by default). The base policy is fixed: the gradient flows through mean only."""
+    return reduce_elements((mean - base_mean.detach()) ** 2 / (2 * std**2), reduce)
+
+
+def ddim_step_with_logprob(
+    scheduler, model_output, timestep, sample, eta=1.0, prev_sample=None, generator=None, reduce="mean"
+):
+    """One DDIM step x_t -> x_{t-1} and log p_theta(x_{t-1} | x_t, c) (paper, section 4.1).
+
+    If prev_sample is given it is scored (the action taken at sampling time) instead of drawn.
+    reduce: "mean" (the default, as the public code), "sum" or "none" (reduce_elements).
+    """
+    mean, std = ddim_mean_std(scheduler, model_output, timestep, sample, eta)
     if prev_sample is None:
-        noise = randn_tensor(eps.shape, generator=generator, device=eps.device, dtype=eps.dtype)
+        noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         prev_sample = mean + std * noise
-    prev_sample = prev_sample.detach()  # the action is data, not a function of theta
+    return prev_sample.detach(), gaussian_log_prob(prev_sample, mean, std, reduce)
 
-    # log N(x_{t-1}; mean_t, sigma_t^2 I), element by element
-    log_prob = -((prev_sample - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
-    if reduce != "none":
-        dims = tuple(range(1, log_prob.ndim))
-        log_prob = log_prob.mean(dim=dims) if reduce == "mean" else log_prob.sum(dim=dims)
-    return prev_sample, log_prob
+
+def base_policy(unet, lora_rank):
+    """The pretrained policy p_base, for the KL leash and the evaluation: a function that returns a
+    context holding the base UNet. With a LoRA it is the same UNet with the adapter switched off
+    (no copy); after a full fine-tune, a frozen copy made now, before any update."""
+    if lora_rank == 0:
+        frozen = copy.deepcopy(unet).requires_grad_(False)
+        return lambda: contextlib.nullcontext(frozen)
+
+    @contextlib.contextmanager
+    def adapter_off():
+        unet.disable_adapters()
+        try:
+            yield unet
+        finally:
+            unet.enable_adapters()
+    return adapter_off
 
 
 def guided_eps(unet, latents, timesteps, prompt_embeds, negative_embeds, guidance_scale):
@@ -137,12 +179,18 @@ def guided_eps(unet, latents, timesteps, prompt_embeds, negative_embeds, guidanc
     return eps_u + guidance_scale * (eps_c - eps_u)
 
 
+def policy_gaussian(pipe, unet, latents, timesteps, prompt_embeds, negative_embeds, guidance_scale, eta):
+    """mean_t and sigma_t of the policy at the states (prompt_embeds, timesteps, latents), with gradient
+    through unet (the trained one, or the base one of base_policy)."""
+    eps = guided_eps(unet, latents, timesteps, prompt_embeds, negative_embeds, guidance_scale)
+    return ddim_mean_std(pipe.scheduler, eps, timesteps, latents, eta)
+
+
 def policy_log_prob(pipe, latents, next_latents, timesteps, prompt_embeds, negative_embeds, guidance_scale, eta, reduce="mean"):
     """log p_theta(a_t | s_t) of stored actions under the current weights, with gradient: the
     state is (prompt_embeds, timesteps, latents), the action is next_latents."""
-    eps = guided_eps(pipe.unet, latents, timesteps, prompt_embeds, negative_embeds, guidance_scale)
-    _, log_prob = ddim_step_with_logprob(pipe.scheduler, eps, timesteps, latents, eta=eta, prev_sample=next_latents, reduce=reduce)
-    return log_prob
+    mean, std = policy_gaussian(pipe, pipe.unet, latents, timesteps, prompt_embeds, negative_embeds, guidance_scale, eta)
+    return gaussian_log_prob(next_latents, mean, std, reduce)
 
 
 def encode_prompts(pipe, prompts):
@@ -151,12 +199,15 @@ def encode_prompts(pipe, prompts):
 
 
 @torch.no_grad()
-def sample_trajectories(pipe, prompts, num_steps=50, guidance_scale=5.0, eta=1.0, batch_size=8, generator=None, reduce="mean", progress=False):
+def sample_trajectories(pipe, prompts, num_steps=50, guidance_scale=5.0, eta=1.0, batch_size=8, generator=None, reduce="mean", progress=False,
+                        base=None):
     """Roll out the policy once per prompt, batch_size at a time.
 
     Returns a dict of tensors, batch first: latents (B, T+1, C, h, w) from x_T to x_0, log_probs
     (B, T) of each taken step, timesteps (B, T), prompt_embeds (B, tokens, dim), negative_embeds
-    (1, tokens, dim), images (B, 3, H, W) in [0, 1]; and prompts, the list of B strings.
+    (1, tokens, dim), images (B, 3, H, W) in [0, 1]; and prompts, the list of B strings. Given a
+    base policy (base_policy), also kl_to_base (B, T): policy_kl at every state visited, at the
+    cost of one more guided forward a step.
     """
     device = pipe.unet.device
     pipe.scheduler.set_timesteps(num_steps, device=device)
@@ -168,10 +219,16 @@ def sample_trajectories(pipe, prompts, num_steps=50, guidance_scale=5.0, eta=1.0
         n = len(batch_prompts)
         prompt_embeds = encode_prompts(pipe, batch_prompts)
         latents = [randn_tensor((n, *shape), generator=generator, device=device) * pipe.scheduler.init_noise_sigma]
-        log_probs = []
+        log_probs, kls = [], []
         for t in pipe.scheduler.timesteps:
-            eps = guided_eps(pipe.unet, latents[-1], t.expand(n), prompt_embeds, negative_embeds, guidance_scale)
+            state = (latents[-1], t.expand(n), prompt_embeds, negative_embeds, guidance_scale)
+            eps = guided_eps(pipe.unet, *state)
             x_prev, log_prob = ddim_step_with_logprob(pipe.scheduler, eps, t, latents[-1], eta=eta, generator=generator, reduce=reduce)
+            if base is not None:
+                with base() as base_unet:
+                    base_eps = guided_eps(base_unet, *state)
+                mean, std = ddim_mean_std(pipe.scheduler, eps, t, latents[-1], eta)
+                kls.append(policy_kl(mean, ddim_mean_std(pipe.scheduler, base_eps, t, latents[-1], eta)[0], std, reduce))
             latents.append(x_prev)
             log_probs.append(log_prob)
         decoded = pipe.vae.decode(latents[-1] / pipe.vae.config.scaling_factor).sample
@@ -181,6 +238,7 @@ def sample_trajectories(pipe, prompts, num_steps=50, guidance_scale=5.0, eta=1.0
             "timesteps": pipe.scheduler.timesteps.expand(n, -1),
             "prompt_embeds": prompt_embeds,
             "images": pipe.image_processor.postprocess(decoded.float(), output_type="pt"),
+            **({"kl_to_base": torch.stack(kls, dim=1)} if base is not None else {}),
         })
     trajectories = {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
     trajectories.update(negative_embeds=negative_embeds, prompts=list(prompts))

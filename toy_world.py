@@ -23,6 +23,11 @@ COLOURS = {  # saturated, far from each other and from the neutral backgrounds
 }
 SHAPES = ("circle", "square", "triangle")
 PROMPTS = [f"a {colour} {shape}" for colour in COLOURS for shape in SHAPES]
+# Generalisation in miniature (the paper's section 6.3: what is learned on some prompts carries over
+# to unseen ones): one shape per colour is held out of training, so every colour and every shape is
+# trained on, but five of their combinations never are.
+HELDOUT = [f"a {colour} {SHAPES[k % len(SHAPES)]}" for k, colour in enumerate(COLOURS)]
+TRAIN = [prompt for prompt in PROMPTS if prompt not in HELDOUT]
 MATCH_DISTANCE = 0.3  # a pixel shows a colour if it is this close to it in RGB (0-1 units)
 
 

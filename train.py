@@ -32,12 +32,14 @@ import parallel
 import toy_world
 from config import DTYPES, fail, load_prompts, parse_args
 from rewards import REWARDS, aesthetic, alignment, hub_reachable, scalar
-from run_folder import cut_metrics, load_checkpoint, log_epoch, save_checkpoint, write_config
-from sampler import add_trainable, guided_eps, load_pipeline, policy_log_prob, sample_trajectories, save_weights
+from run_folder import cut_metrics, load_checkpoint, log_epoch, save_checkpoint, save_grid, write_config
+from sampler import (add_trainable, base_policy, gaussian_log_prob, guided_eps, load_pipeline, policy_gaussian, policy_kl, sample_trajectories,
+                     save_weights)
 
 
-def objective(cfg, pipe, traj, advantages, rows, steps, rng):
-    """The loss of samples `rows` at their timestep indices `steps`, and DDPO's diagnostics."""
+def objective(cfg, pipe, traj, advantages, rows, steps, rng, base=None):
+    """The loss of samples `rows` at their timestep indices `steps`, and DDPO's diagnostics. Given
+    the base policy, also the KL leash: kl_to_base on these states, added times cfg.kl_coef."""
     embeds = traj["prompt_embeds"][rows]
     if cfg.algo.startswith("rwr"):  # the denoising loss of the guided prediction on the sample x_0, fresh noise, any t
         x0 = traj["latents"][rows, -1]
@@ -45,10 +47,9 @@ def objective(cfg, pipe, traj, advantages, rows, steps, rng):
         t = torch.as_tensor(rng.integers(pipe.scheduler.config.num_train_timesteps, size=len(rows)), device=x0.device)
         eps_pred = guided_eps(pipe.unet, pipe.scheduler.add_noise(x0, noise, t), t, embeds, traj["negative_embeds"], cfg.guidance_scale)
         return ddpo.rwr_loss(eps_pred, noise, advantages[rows]), {}
-    log_prob = policy_log_prob(
-        pipe, traj["latents"][rows, steps], traj["latents"][rows, steps + 1], traj["timesteps"][rows, steps],
-        embeds, traj["negative_embeds"], cfg.guidance_scale, cfg.eta, reduce="none" if cfg.algo == "pxpo" else "mean",
-    )
+    state = (traj["latents"][rows, steps], traj["timesteps"][rows, steps], embeds, traj["negative_embeds"], cfg.guidance_scale, cfg.eta)
+    mean, std = policy_gaussian(pipe, pipe.unet, *state)
+    log_prob = gaussian_log_prob(traj["latents"][rows, steps + 1], mean, std, reduce="none" if cfg.algo == "pxpo" else "mean")
     old_log_prob = traj["log_probs"][rows, steps]
     if cfg.algo == "pxpo":
         loss = ddpo.pxpo_loss(log_prob, advantages[rows], cfg.adv_clip_max)
@@ -57,14 +58,23 @@ def objective(cfg, pipe, traj, advantages, rows, steps, rng):
         loss = ddpo.ddpo_sf_loss(log_prob, advantages[rows], cfg.adv_clip_max)
     else:
         loss = ddpo.ddpo_is_loss(log_prob, old_log_prob, advantages[rows], cfg.clip_range, cfg.adv_clip_max)
-    return loss, ddpo.diagnostics(log_prob, old_log_prob, cfg.clip_range)
+    diagnostics = ddpo.diagnostics(log_prob, old_log_prob, cfg.clip_range)
+    if base is not None:  # one more guided forward, without gradient: the base policy's mean on the same states
+        with torch.no_grad(), base() as base_unet:
+            base_mean, _ = policy_gaussian(pipe, base_unet, *state)
+        kl = policy_kl(mean, base_mean, std).mean()  # mean over elements, as the log-prob; then over the states
+        loss = loss + cfg.kl_coef * kl
+        diagnostics["kl_to_base"] = kl.detach()
+    return loss, diagnostics
 
 
-def update(cfg, pipe, traj, advantages, optimizer, params, rng, autocast, progress):
+def update(cfg, pipe, traj, advantages, optimizer, params, rng, autocast, progress, base=None):
     """Minibatch updates on one epoch's samples (section 4.2), in cfg.inner_epochs passes over
     them. Each pass shuffles the samples, and each sample visits its own random order of
     timesteps; gradients accumulate over the steps and the microbatches of one minibatch (and are
-    averaged over the processes), so each optimiser step sees the mean loss over all of them."""
+    averaged over the processes), so each optimiser step sees the mean loss over all of them.
+    kl_to_base is measured on every trained step when it is penalised (cfg.kl_coef > 0), else only
+    on each sample's first trained step (a random one of them): the metric at a small cost."""
     num_samples, num_steps = traj["log_probs"].shape
     device = traj["latents"].device
     # DDPO trains on a fraction of each trajectory's steps; RWR regresses x_0 at one fresh noise level per visit
@@ -79,7 +89,8 @@ def update(cfg, pipe, traj, advantages, optimizer, params, rng, autocast, progre
     for i, (rows, step_order) in enumerate(tqdm(batches, desc="training", disable=None if progress else True, leave=False)):
         for j in range(train_steps):
             with autocast:
-                loss, diagnostics = objective(cfg, pipe, traj, advantages, rows, step_order[rows, j], rng)
+                leash = base if cfg.kl_coef > 0 or j == 0 else None
+                loss, diagnostics = objective(cfg, pipe, traj, advantages, rows, step_order[rows, j], rng, leash)
             (loss / (train_steps * microbatches)).backward()
             for key, value in {"loss": loss.detach(), **diagnostics}.items():
                 stats[key].append(value)
@@ -95,6 +106,30 @@ def update(cfg, pipe, traj, advantages, optimizer, params, rng, autocast, progre
     return {**{key: torch.stack(values).double().mean().item() for key, values in stats.items()}, "skipped_updates": skipped}
 
 
+def evaluate(cfg, pipe, base, prompts, trained, reward_fn, autocast, out, epoch):
+    """The fixed-noise evaluation, before the epoch's sampling (so it sees the policy that samples
+    the epoch): the same prompts from the same noise every time, drawn from a generator of its own,
+    so the training's random streams are untouched and a resumed run evaluates as a straight one.
+    It logs the mean reward, the KL to the base model on the states the policy visits and the toy
+    world's fidelity; split by trained and held-out prompts when the prompts hold both (section 6.3)."""
+    start = time.time()
+    generator = torch.Generator(pipe.unet.device).manual_seed(EVAL_SEED)
+    with autocast:
+        traj = sample_trajectories(pipe, prompts, cfg.num_steps, cfg.guidance_scale, cfg.eta, cfg.batch_size, generator, base=base)
+    values = {"reward_mean": scalar(reward_fn(traj["images"], prompts).float().cpu()), "kl_to_base": traj["kl_to_base"].float().mean(dim=1).cpu()}
+    if set(prompts) <= set(toy_world.PROMPTS):
+        values["fidelity"] = toy_world.judge(traj["images"], prompts)
+    heldout = torch.tensor([prompt not in trained for prompt in prompts])
+    groups = {"eval": torch.ones_like(heldout)}
+    if 0 < heldout.sum() < len(prompts):
+        groups.update(eval_trained=~heldout, eval_heldout=heldout)
+    metrics = {f"{group}_{key}": value[rows].mean().item() for group, rows in groups.items() for key, value in values.items()}
+    captions = [f"{p[:20]}{' (held out)' if h else ''}\n{r:.2f}" for p, h, r in zip(prompts, heldout.tolist(), values["reward_mean"].tolist())]
+    save_grid(traj["images"][:16], captions[:16], out / "samples" / f"eval_epoch_{epoch:04d}.png")
+    return {**metrics, "eval_seconds": time.time() - start}
+
+
+EVAL_SEED = 20_230_522  # the evaluation's noise, the same in every run and every epoch (arXiv 2305.13301's date)
 STOPPED = 75  # exit status of a run stopped cleanly by a signal at a checkpoint: resume it (EX_TEMPFAIL, "try again")
 
 
@@ -167,6 +202,7 @@ def main(argv=None):
         fail(f"--model {cfg.model}: cannot load it ({type(error).__name__}: no network, not in the hub cache, or no such model); "
              f"download it first with `hf download {cfg.model}`, or pass a local folder")
     params = add_trainable(pipe.unet, cfg.lora_rank)
+    base = base_policy(pipe.unet, cfg.lora_rank) if cfg.eval_every or not cfg.algo.startswith("rwr") else None  # before any update
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
     if rank:
@@ -174,6 +210,8 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)
     generator = torch.Generator(device).manual_seed(seed)  # the sampling noise
     prompt_set = load_prompts(cfg.prompts)
+    eval_set = load_prompts(cfg.eval_prompts or cfg.prompts, "--eval-prompts")
+    eval_prompts = [eval_set[k % len(eval_set)] for k in range(cfg.eval_samples)]
     tracker = ddpo.PerPromptStatTracker(cfg.buffer_size, cfg.min_count) if cfg.per_prompt_stat_tracking else None
     toy_prompts = set(prompt_set) <= set(toy_world.PROMPTS)  # then the toy world's judge reports fidelity
     trainable = {name for name, p in pipe.unet.named_parameters() if p.requires_grad}
@@ -199,6 +237,9 @@ def main(argv=None):
     previous_handlers = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         for epoch in range(len(history), cfg.epochs):
+            # 0. evaluate, every eval_every epochs and at the last one (rank 0 alone)
+            evaluation = cfg.eval_every and (epoch % cfg.eval_every == 0 or epoch + 1 == cfg.epochs) and rank == 0
+            eval_metrics = evaluate(cfg, pipe, base, eval_prompts, set(prompt_set), reward_fn, autocast, out, epoch) if evaluation else {}
             # 1. sample: roll out the current policy, one trajectory per drawn prompt (this process's share)
             start = time.time()
             prompts = [prompt_set[i] for i in rng.integers(len(prompt_set), size=cfg.samples_per_epoch // world)]
@@ -220,7 +261,7 @@ def main(argv=None):
             advantages = advantages[rank * len(prompts) : (rank + 1) * len(prompts)]
             # 4. update the policy on these samples
             start = time.time()
-            stats = update(cfg, pipe, traj, advantages, optimizer, params, rng, autocast, progress=rank == 0)
+            stats = update(cfg, pipe, traj, advantages, optimizer, params, rng, autocast, progress=rank == 0, base=base)
             stats = parallel.mean_over_processes(stats)
             train_seconds = time.time() - start
             if not all(torch.isfinite(p).all() for p in params):
@@ -230,7 +271,7 @@ def main(argv=None):
                 "epoch": epoch, "reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(),
                 "reward_queries": (epoch + 1) * cfg.samples_per_epoch, **stats, **selectivity,
                 **({"fidelity": parallel.gather(toy_world.judge(traj["images"], prompts).to(device)).mean().item()} if toy_prompts else {}),
-                "sample_seconds": sample_seconds, "train_seconds": train_seconds,
+                **eval_metrics, "sample_seconds": sample_seconds, "train_seconds": train_seconds,
             }
             history.append(metrics)
             stopping = parallel.any_process(bool(interrupted))
@@ -250,7 +291,9 @@ def main(argv=None):
                 }, cfg.keep_checkpoints)
             fidelity = f" fidelity {metrics['fidelity']:.3f}" if toy_prompts else ""
             ppo = f" kl {stats['approx_kl']:.2e} clipfrac {stats['clipfrac']:.3f}" if "approx_kl" in stats else ""
+            ppo += f" kl_to_base {stats['kl_to_base']:.2e}" if "kl_to_base" in stats else ""
             ppo += f" | 90 % of the weight on {selectivity['weight_share']:.0%} of samples" if selectivity else ""
+            ppo += f" | eval {eval_metrics['eval_reward_mean']:.3f}" if eval_metrics else ""
             say(
                 f"epoch {epoch}: reward {metrics['reward_mean']:.3f} ± {metrics['reward_std']:.3f}{fidelity} | loss {stats['loss']:.4g}{ppo} "
                 f"| sample {sample_seconds:.1f}s train {train_seconds:.1f}s"

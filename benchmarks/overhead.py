@@ -5,11 +5,11 @@
 
 Nearly all of DDPO's cost is UNet work: T guided forward passes per sample to sample it, and a
 forward and backward pass per trained step. This script runs train.py's own loop (train.main, in
-this process, into a temporary run folder) and records every UNet call: its input shapes and
-whether it was a training call (gradient on). The first epoch warms up and is not counted. Then it
+this process, into a temporary run folder) and records every UNet call: its input shapes, its
+phase (sampling or update) and whether it had a gradient (the update's calls do, but for the base
+policy's forwards of the KL term, --kl-coef). The first epoch warms up and is not counted. Then it
 replays exactly the counted calls, back to back, on random inputs of the same shapes: no-grad
-forwards for the sampling calls, forward + backward for the training calls. That replay is the
-floor; everything the epochs took beyond it (text encoding, the VAE, the per-step Python,
+forwards, or forward + backward for the calls with a gradient. That replay is the floor; everything the epochs took beyond it (text encoding, the VAE, the per-step Python,
 copies, rewards, logging, saving) is overhead. The last line is overhead_ratio=<epochs / floor>.
 Arguments after `--` go to train.py.
 """
@@ -32,11 +32,12 @@ from config import DTYPES  # noqa: E402
 @contextlib.contextmanager
 def instrument(calls, epoch_starts, pipes):
     """While inside, train.main records each UNet call, the start of each epoch's sampling, and its pipeline."""
-    load_pipeline, sample_trajectories = train.load_pipeline, train.sample_trajectories
+    load_pipeline, sample_trajectories, update = train.load_pipeline, train.sample_trajectories, train.update
+    phase = ["sampling"]
 
     def record(unet, args, kwargs):
         sample, timestep, context = (list(args) + [kwargs.get("timestep"), kwargs.get("encoder_hidden_states")])[:3]
-        calls.append((time.perf_counter(), tuple(sample.shape), tuple(context.shape), torch.is_grad_enabled()))
+        calls.append((time.perf_counter(), tuple(sample.shape), tuple(context.shape), torch.is_grad_enabled(), phase[0]))
 
     def loading(*args, **kwargs):
         pipe = load_pipeline(*args, **kwargs)
@@ -48,19 +49,26 @@ def instrument(calls, epoch_starts, pipes):
         epoch_starts.append(time.perf_counter())
         return sample_trajectories(*args, **kwargs)
 
-    train.load_pipeline, train.sample_trajectories = loading, sampling
+    def updating(*args, **kwargs):
+        phase[0] = "update"
+        try:
+            return update(*args, **kwargs)
+        finally:
+            phase[0] = "sampling"
+
+    train.load_pipeline, train.sample_trajectories, train.update = loading, sampling, updating
     try:
         yield
     finally:
-        train.load_pipeline, train.sample_trajectories = load_pipeline, sample_trajectories
+        train.load_pipeline, train.sample_trajectories, train.update = load_pipeline, sample_trajectories, update
 
 
 def replay(unet, calls, autocast):
-    """The same UNet calls on random inputs, back to back: seconds for the sampling ones (no-grad
-    forwards) and the training ones (forward + backward)."""
-    seconds = {False: 0.0, True: 0.0}
+    """The same UNet calls on random inputs, back to back: seconds of the sampling phase's and the
+    update phase's (no-grad forwards, or forward + backward for the calls with a gradient)."""
+    seconds = {"sampling": 0.0, "update": 0.0}
     device, dtype = unet.device, unet.dtype
-    for _, sample_shape, context_shape, training in calls:
+    for _, sample_shape, context_shape, training, phase in calls:
         sample = torch.randn(sample_shape, device=device, dtype=dtype)
         context = torch.randn(context_shape, device=device, dtype=dtype)
         timestep = torch.randint(0, 1000, sample_shape[:1], device=device)
@@ -71,9 +79,9 @@ def replay(unet, calls, autocast):
             out.float().mean().backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        seconds[training] += time.perf_counter() - start
+        seconds[phase] += time.perf_counter() - start
     unet.zero_grad(set_to_none=True)
-    return seconds[False], seconds[True]
+    return seconds["sampling"], seconds["update"]
 
 
 def main(argv=None):
@@ -98,17 +106,19 @@ def main(argv=None):
     floor_sample, floor_train = replay(unet, counted, autocast)
 
     n = len(epochs)
-    sampling_calls = sum(not c[3] for c in counted)
+    sampling_calls = sum(c[4] == "sampling" for c in counted)
+    base_calls = sum(c[4] == "update" and not c[3] for c in counted)
     print(f"{n} epochs counted ({cfg['samples_per_epoch']} samples, {cfg['num_steps']} steps, batch {cfg['batch_size']}, "
           f"{cfg['model']} on {cfg['device']}, {torch.get_num_threads()} threads)")
-    print(f"UNet calls: {sampling_calls} sampling, {len(counted) - sampling_calls} training")
+    print(f"UNet calls: {sampling_calls} sampling, {len(counted) - sampling_calls} training ({base_calls} of them the base policy's, no gradient)")
     print(f"sampling   {sample_s / n:7.2f} s/epoch   floor {floor_sample / n:7.2f}")
     print(f"training   {train_s / n:7.2f} s/epoch   floor {floor_train / n:7.2f}")
     print(f"the rest   {(measured - sample_s - train_s) / n:7.2f} s/epoch   (rewards, advantages, logging, saving)")
     print(f"epoch      {measured / n:7.2f} s         floor {(floor_sample + floor_train) / n:7.2f}")
     ratio = measured / (floor_sample + floor_train)
     print(f"overhead_ratio={ratio:.3f}")
-    return {"sampling_calls": sampling_calls, "training_calls": len(counted) - sampling_calls, "overhead_ratio": ratio}
+    return {"sampling_calls": sampling_calls, "training_calls": len(counted) - sampling_calls, "base_calls": base_calls, "overhead_ratio": ratio,
+            "epoch_seconds": measured / n}
 
 
 if __name__ == "__main__":

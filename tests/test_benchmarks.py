@@ -9,6 +9,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import compare  # noqa: E402
 import gpu_memory  # noqa: E402
+import kl_overhead  # noqa: E402
+import kl_tradeoff  # noqa: E402
 import overhead  # noqa: E402
 import train  # noqa: E402
 
@@ -54,8 +56,11 @@ def test_overhead_replays_exactly_the_counted_unet_calls(tiny_pipeline_dir):
              "--num-steps", "2", "--prompts", "simple_animals"]
     loader = train.load_pipeline
     result = overhead.main(["--epochs", "2", "--", *small])
-    # one counted epoch: 4 batches x 2 steps, sampling and training (every step trained)
-    assert result["sampling_calls"] == 8 and result["training_calls"] == 8
+    # one counted epoch: 4 batches x 2 steps, sampling and training (every step trained), and kl_to_base measured
+    # at kl-coef 0 on each sample's first trained step: one base forward per batch
+    assert result["sampling_calls"] == 8 and result["training_calls"] == 8 + 4 and result["base_calls"] == 4
+    leashed = overhead.main(["--epochs", "2", "--", *small, "--kl-coef", "0.1"])
+    assert leashed["training_calls"] == 8 + 8 and leashed["base_calls"] == 8  # with the penalty: one for every trained step
     assert 0 < result["overhead_ratio"] < float("inf")
     assert train.load_pipeline is loader  # the instrumentation is undone
 
@@ -64,3 +69,22 @@ def test_gpu_memory_runs_in_reduced_mode_on_the_cpu():
     rows = gpu_memory.main(["--arch", "tiny", "--device", "cpu", "--batch-sizes", "1", "2", "--num-steps", "2"])
     assert [row[0] for row in rows] == [1, 2]
     assert all(peak is None and sampling > 0 and training > 0 for _, peak, sampling, training, _ in rows)
+
+
+def test_kl_overhead_runs_its_three_arms_interleaved(tiny_pipeline_dir):
+    small = ["--model", str(tiny_pipeline_dir), "--samples-per-epoch", "4", "--batch-size", "2", "--updates-per-epoch", "1",
+             "--num-steps", "2", "--prompts", "simple_animals"]
+    update = train.update
+    seconds = kl_overhead.main(["--repeats", "1", "--epochs", "2", "--", *small])
+    assert list(seconds) == ["no kl_to_base", "kl-coef 0", "kl-coef 1"] and all(len(v) == 1 and v[0] > 0 for v in seconds.values())
+    assert train.update is update  # the arm without the measurement is undone
+
+
+def test_kl_tradeoff_runs_each_coefficient_and_reports_the_heldout_prompts(tmp_path):
+    small = "--samples-per-epoch 16 --batch-size 4 --num-steps 2"
+    rows = kl_tradeoff.main(["--out", str(tmp_path), "--epochs", "2", "--coefs", "0", "1", "--seeds", "0", "--eval-every", "1",
+                             "--eval-samples", "15", "--train-args", small])
+    assert sorted(rows) == [(0.0, 0), (1.0, 0)]
+    for row, _ in rows.values():
+        assert 0 <= row["kept"] and row["kl_to_base"] > 0 and {"eval_trained_cut", "eval_heldout_cut", "carried"} <= set(row)
+    assert "| 1 | 0 |" in (tmp_path / "kl_tradeoff.md").read_text() and (tmp_path / "kl_tradeoff.png").is_file()

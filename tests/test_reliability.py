@@ -11,7 +11,7 @@ import run_folder
 import train
 from rewards import REWARDS
 
-TIMING = ("sample_seconds", "train_seconds")
+TIMING = ("sample_seconds", "train_seconds", "eval_seconds")
 
 
 @pytest.fixture
@@ -28,11 +28,13 @@ def metrics(out):
     return [{k: v for k, v in m.items() if k not in TIMING} for m in lines]
 
 
-def test_a_resumed_run_writes_the_same_metrics_as_an_uninterrupted_one(run_args, tmp_path):
-    train.main(run_args(tmp_path / "straight", 4))
-    train.main(run_args(tmp_path / "resumed", 2))
+@pytest.mark.parametrize("extra", [[], ["--kl-coef", "0.5", "--eval-every", "1", "--eval-samples", "3"]], ids=["plain", "kl-and-eval"])
+def test_a_resumed_run_writes_the_same_metrics_as_an_uninterrupted_one(extra, run_args, tmp_path):
+    train.main(run_args(tmp_path / "straight", 4) + extra)
+    train.main(run_args(tmp_path / "resumed", 2) + extra)
     train.main(["--resume", str(tmp_path / "resumed"), "--epochs", "4"])
     assert len(metrics(tmp_path / "straight")) == 4
+    assert all(("eval_kl_to_base" in m) == bool(extra) for m in metrics(tmp_path / "straight"))
     assert metrics(tmp_path / "resumed") == metrics(tmp_path / "straight")  # every value but the wall-clock times
 
 

@@ -1,0 +1,116 @@
+"""The KL leash to the base model and the fixed-noise evaluation (overoptimisation, issue 16)."""
+import json
+import types
+
+import pytest
+import torch
+
+import toy_world
+import train
+from config import load_prompts
+from sampler import add_trainable, base_policy, load_pipeline, policy_gaussian, policy_kl, sample_trajectories
+
+SMALL = ["--samples-per-epoch", "8", "--batch-size", "2", "--num-steps", "3", "--lr", "1e-2"]
+
+
+def perturb_lora(unet):
+    with torch.no_grad():  # LoRA's B starts at zero: give it weights, so the policy moves away from the base
+        for name, param in unet.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+
+
+def states(pipe):
+    traj = sample_trajectories(pipe, ["a cat", "a dog", "an owl"], num_steps=4, guidance_scale=3.0, generator=torch.Generator().manual_seed(0))
+    return traj["latents"][:, 1], traj["timesteps"][:, 1], traj["prompt_embeds"], traj["negative_embeds"], 3.0, 1.0
+
+
+def test_policy_kl_equals_torch_distributions_kl_of_the_two_gaussians():
+    mean, base_mean, std = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.rand(3, 1, 1, 1) + 0.1
+    expected = torch.distributions.kl_divergence(torch.distributions.Normal(mean, std.expand_as(mean)),
+                                                 torch.distributions.Normal(base_mean, std.expand_as(mean)))
+    torch.testing.assert_close(policy_kl(mean, base_mean, std, reduce="none"), expected)
+    torch.testing.assert_close(policy_kl(mean, base_mean, std, reduce="sum"), expected.sum(dim=(1, 2, 3)))
+    torch.testing.assert_close(policy_kl(mean, base_mean, std), expected.mean(dim=(1, 2, 3)))  # the default: per element, as the log-prob
+
+
+def test_policy_kl_gradient_flows_only_through_the_current_policy():
+    mean, base_mean, std = torch.randn(2, 4, 8, 8, requires_grad=True), torch.randn(2, 4, 8, 8, requires_grad=True), torch.tensor(0.5)
+    policy_kl(mean, base_mean, std, reduce="sum").sum().backward()
+    assert base_mean.grad is None
+    torch.testing.assert_close(mean.grad, (mean - base_mean).detach() / std**2)
+
+
+@pytest.mark.parametrize("lora_rank", [4, 0])
+def test_kl_to_base_is_zero_at_initialisation_and_the_base_stays_the_pretrained_policy(lora_rank, tiny_pipeline_dir):
+    pipe, pretrained = load_pipeline(tiny_pipeline_dir), load_pipeline(tiny_pipeline_dir)
+    params = add_trainable(pipe.unet, lora_rank)
+    base = base_policy(pipe.unet, lora_rank)
+    state = states(pretrained)
+    pipe.scheduler = pretrained.scheduler  # set to the sampled timesteps
+    with torch.no_grad(), base() as unet:
+        base_mean, std = policy_gaussian(pipe, unet, *state)
+    mean, _ = policy_gaussian(pipe, pipe.unet, *state)
+    assert policy_kl(mean, base_mean, std).abs().max() == 0  # a fresh LoRA (B = 0) is the identity
+    perturb_lora(pipe.unet) if lora_rank else torch.nn.init.normal_(pipe.unet.conv_out.weight, 0, 0.1)
+    moved, _ = policy_gaussian(pipe, pipe.unet, *state)
+    with torch.no_grad(), base() as unet:
+        still_base, _ = policy_gaussian(pipe, unet, *state)
+    expected, _ = policy_gaussian(pretrained, pretrained.unet, *state)
+    torch.testing.assert_close(still_base, expected, rtol=0, atol=0)  # the base ignores the trained weights
+    assert policy_kl(moved, still_base, std).min() > 0
+    assert all(p.requires_grad for p in params)  # switching the adapter off and on again leaves it trainable
+    torch.testing.assert_close(policy_gaussian(pipe, pipe.unet, *state)[0], moved, rtol=0, atol=0)
+
+
+def test_sampling_with_a_base_reports_the_kl_of_every_visited_state(tiny_pipeline_dir):
+    pipe = load_pipeline(tiny_pipeline_dir)
+    add_trainable(pipe.unet, 4)
+    perturb_lora(pipe.unet)
+    base = base_policy(pipe.unet, 4)
+    traj = sample_trajectories(pipe, ["a cat", "a dog"], num_steps=4, guidance_scale=3.0, generator=torch.Generator().manual_seed(0), base=base)
+    plain = sample_trajectories(pipe, ["a cat", "a dog"], num_steps=4, guidance_scale=3.0, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(traj["latents"], plain["latents"], rtol=0, atol=0)  # measuring draws no noise
+    assert traj["kl_to_base"].shape == (2, 4)
+    j = 2
+    mean, std = policy_gaussian(pipe, pipe.unet, traj["latents"][:, j], traj["timesteps"][:, j], traj["prompt_embeds"], traj["negative_embeds"], 3.0, 1.0)
+    with torch.no_grad(), base() as unet:
+        base_mean, _ = policy_gaussian(pipe, unet, traj["latents"][:, j], traj["timesteps"][:, j], traj["prompt_embeds"], traj["negative_embeds"], 3.0, 1.0)
+    torch.testing.assert_close(traj["kl_to_base"][:, j], policy_kl(mean, base_mean, std), rtol=1e-5, atol=1e-7)
+
+
+def test_the_leash_holds_the_policy_nearer_the_base(tiny_pipeline_dir, tmp_path):
+    """Same seed, same samples in the first epoch: only the penalty differs, and the policy drifts less."""
+    common = ["--model", str(tiny_pipeline_dir), "--epochs", "2", "--prompts", "simple_animals", *SMALL]
+    free = train.main([*common, "--out", str(tmp_path / "free")])
+    leashed = train.main([*common, "--out", str(tmp_path / "leashed"), "--kl-coef", "30"])
+    assert free[0]["reward_mean"] == leashed[0]["reward_mean"]
+    assert 0 < leashed[-1]["kl_to_base"] < free[-1]["kl_to_base"]
+
+
+def test_heldout_prompts_are_never_trained_on_yet_every_colour_and_shape_is():
+    train_set, heldout = load_prompts("shapes_train"), load_prompts("shapes_heldout")
+    assert not set(train_set) & set(heldout) and sorted(train_set + heldout) == sorted(toy_world.PROMPTS)
+    assert {toy_world.parse(p)[0] for p in train_set} == set(toy_world.COLOURS) and {toy_world.parse(p)[1] for p in train_set} == set(toy_world.SHAPES)
+    assert len({toy_world.parse(p)[0] for p in heldout}) == len(heldout)  # one shape per colour
+
+
+def test_the_evaluation_uses_the_same_noise_every_time_and_leaves_training_alone(tiny_pipeline_dir, tmp_path):
+    common = ["--model", str(tiny_pipeline_dir), "--epochs", "3", "--prompts", "shapes_train", *SMALL]
+    plain = train.main([*common, "--out", str(tmp_path / "plain")])
+    out = tmp_path / "evaluated"
+    evaluated = train.main([*common, "--out", str(out), "--eval-every", "2", "--eval-prompts", "shapes", "--eval-samples", "15"])
+    training = lambda history: [{k: v for k, v in m.items() if not k.startswith("eval") and not k.endswith("seconds")} for m in history]
+    assert training(evaluated) == training(plain)  # the training's random streams never see the evaluation
+    assert [("eval_reward_mean" in m) for m in evaluated] == [True, False, True]  # epochs 0 and 2 (the last)
+    assert evaluated[0]["eval_kl_to_base"] == 0 and evaluated[2]["eval_kl_to_base"] > 0
+    for group in ("trained", "heldout"):  # 10 trained and 5 held-out prompts
+        assert 0 <= evaluated[0][f"eval_{group}_fidelity"] <= 1 and f"eval_{group}_reward_mean" in evaluated[2]
+    assert (out / "samples" / "eval_epoch_0000.png").is_file() and (out / "samples" / "eval_epoch_0002.png").is_file()
+    pipe = load_pipeline(tiny_pipeline_dir)
+    add_trainable(pipe.unet, 4)
+    cfg = types.SimpleNamespace(**json.loads((out / "config.json").read_text()))
+    args = (pipe, base_policy(pipe.unet, 4), toy_world.PROMPTS, set(toy_world.TRAIN), train.REWARDS["jpeg"], torch.autocast("cpu", enabled=False), out, 9)
+    first, again = train.evaluate(cfg, *args), train.evaluate(cfg, *args)
+    assert {k: v for k, v in first.items() if k != "eval_seconds"} == {k: v for k, v in again.items() if k != "eval_seconds"}
+    assert first["eval_reward_mean"] == evaluated[0]["eval_reward_mean"]  # the base policy at epoch 0, from the same noise
