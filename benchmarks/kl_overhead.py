@@ -52,7 +52,7 @@ def main(argv=None):
             with context(), contextlib.redirect_stdout(io.StringIO()):
                 result = overhead.main(["--epochs", str(args.epochs), "--", *args.train_args, *flags])
             seconds[arm].append(result["epoch_seconds"])
-            calls[arm] = (result["sampling_calls"], result["training_calls"], result["base_calls"])
+            calls[arm] = [result[key] // (args.epochs - 1) for key in ("sampling_calls", "training_calls", "base_calls")]  # per counted epoch
             print(f"repeat {repeat} {arm}: {result['epoch_seconds']:.2f} s/epoch", flush=True)
     reference = statistics.median(seconds["no kl_to_base"])
     lines = ["| arm | s/epoch, each repeat | median | ratio | UNet calls an epoch: sampling, update (base) |", "|---|---|---|---|---|"]
