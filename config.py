@@ -127,6 +127,7 @@ class Config:
     out: str = arg(None, "run folder; default runs/<reward>-<algo>-<time>")
     mixed_precision: str = arg("no", "frozen networks in this dtype and the forwards autocast to it; the LoRA stays fp32", choices=tuple(DTYPES))
     gradient_checkpointing: bool = arg(False, "recompute the UNet's activations in the backward pass: less memory, more time")
+    compile: bool = arg(False, "torch.compile the UNet for sampling and training; the first epoch pays the compiling (README, Speed)")
     allow_tf32: bool = arg(True, "TF32 matmuls and convolutions on CUDA (Ampere and newer)")
     device: str = arg(None, "torch device; default cuda when available, else cpu")
     checkpoint_every: int = arg(1, "epochs between checkpoints (checkpoints/epoch_N.pt: everything --resume needs)")

@@ -61,6 +61,17 @@ def add_trainable(unet, lora_rank):
     return [p for p in unet.parameters() if p.requires_grad]
 
 
+def compile_policy(pipe, base=None):
+    """torch.compile the policy's UNet in place (its weights and state_dict stay as they are), and
+    the base policy's when that is a frozen copy. Each kind of call compiles once, on first use:
+    sampling (no gradient), training (forward and backward) and the base policy (adapter off)."""
+    pipe.unet.compile()
+    if base is not None:
+        with base() as base_unet:
+            if base_unet is not pipe.unet:
+                base_unet.compile()
+
+
 def save_weights(pipe, out, lora_rank):
     """lora/ in diffusers' format (for load_lora_weights), or unet/ after a full fine-tune. Written
     into a folder aside, then swapped in: a crash leaves the previous epoch's weights whole."""

@@ -33,7 +33,7 @@ import toy_world
 from config import DTYPES, fail, load_prompts, parse_args
 from rewards import REWARDS, aesthetic, alignment, hub_reachable, scalar
 from run_folder import cut_metrics, load_checkpoint, log_epoch, save_checkpoint, save_grid, write_config
-from sampler import (add_trainable, base_policy, gaussian_log_prob, guided_eps, load_pipeline, policy_gaussian, policy_kl, sample_trajectories,
+from sampler import (add_trainable, base_policy, compile_policy, gaussian_log_prob, guided_eps, load_pipeline, policy_gaussian, policy_kl, sample_trajectories,
                      save_weights)
 
 
@@ -205,6 +205,8 @@ def main(argv=None):
     base = base_policy(pipe.unet, cfg.lora_rank) if cfg.eval_every or not cfg.algo.startswith("rwr") else None  # before any update
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
+    if cfg.compile:
+        compile_policy(pipe, base)
     if rank:
         torch.manual_seed(seed)  # after the shared initialisation, this process's own (RWR's noise)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)

@@ -1,4 +1,5 @@
 """The benchmark scripts run end to end in a reduced mode (a smoke test: no timing is asserted)."""
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import kl_overhead  # noqa: E402
 import kl_tradeoff  # noqa: E402
 import overhead  # noqa: E402
 import train  # noqa: E402
+import vs_trl  # noqa: E402
 
 
 def test_compare_tunes_each_algorithm_then_runs_its_choice_on_other_seeds(tiny_pipeline_dir, tmp_path):
@@ -88,3 +90,9 @@ def test_kl_tradeoff_runs_each_coefficient_and_reports_the_heldout_prompts(tmp_p
     for row, _ in rows.values():
         assert 0 <= row["kept"] and row["kl_to_base"] > 0 and {"eval_trained_cut", "eval_heldout_cut", "carried"} <= set(row)
     assert "| 1 | 0 |" in (tmp_path / "kl_tradeoff.md").read_text() and (tmp_path / "kl_tradeoff.png").is_file()
+
+
+def test_vs_trl_times_each_side_in_turn_and_skips_trl_where_it_is_not_installed(tiny_pipeline_dir):
+    sides = ["ours", "trl"] if importlib.util.find_spec("trl") else ["ours"]
+    runs = vs_trl.main(["--pairs", "1", "--epochs", "2", "--sides", *sides, "--model", str(tiny_pipeline_dir)])
+    assert list(runs) == sides and all(len(run) == 1 and len(run[0]) == 2 and min(run[0]) > 0 for run in runs.values())
