@@ -258,7 +258,8 @@ def validate(cfg):
     if not cfg.resume:
         check_out(Path(cfg.out))
     for flag, name in (("--prompts", cfg.prompts), ("--eval-prompts", cfg.eval_prompts or cfg.prompts)):
-        if cfg.reward == "pixel_background" and not set(load_prompts(name, flag)) <= set(toy_world.PROMPTS):
+        prompts = load_prompts(name, flag)  # read now: a missing or broken file fails before the models load
+        if cfg.reward == "pixel_background" and not set(prompts) <= set(toy_world.PROMPTS):
             fail(f"--reward pixel_background finds the shape by the toy world's colours: use {flag} shapes, not {name}")
 
 

@@ -33,8 +33,8 @@ import toy_world
 from config import DTYPES, fail, load_prompts, parse_args
 from rewards import REWARDS, aesthetic, alignment, hub_reachable, scalar
 from run_folder import cut_metrics, load_checkpoint, log_epoch, save_checkpoint, save_grid, write_config
-from sampler import (add_trainable, base_policy, compile_policy, gaussian_log_prob, guided_eps, load_pipeline, policy_gaussian, policy_kl, sample_trajectories,
-                     save_weights)
+from sampler import (add_trainable, base_policy, compile_policy, gaussian_log_prob, guided_eps, load_pipeline, policy_gaussian, policy_kl,
+                     sample_trajectories, save_weights)
 
 
 def objective(cfg, pipe, traj, advantages, rows, steps, rng, base=None):

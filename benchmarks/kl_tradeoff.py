@@ -43,8 +43,8 @@ def summary(metrics):
     evals = [m for m in metrics if "eval_reward_mean" in m]
     row = {"cut": 1 - last["reward_mean"] / first["reward_mean"], "kept": last["fidelity"] / first["fidelity"],
            "kl_to_base": evals[-1]["eval_kl_to_base"], "first_kb": -first["reward_mean"], "last_kb": -last["reward_mean"]}
+    start, end = evals[0], evals[-1]
     for group in ("trained", "heldout"):
-        start, end = evals[0], evals[-1]
         row[f"eval_{group}_cut"] = 1 - end[f"eval_{group}_reward_mean"] / start[f"eval_{group}_reward_mean"]
         row[f"eval_{group}_kept"] = end[f"eval_{group}_fidelity"] / start[f"eval_{group}_fidelity"]
     row["carried"] = row["eval_heldout_cut"] / row["eval_trained_cut"] if row["eval_trained_cut"] > 0 else float("nan")

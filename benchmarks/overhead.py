@@ -9,8 +9,9 @@ this process, into a temporary run folder) and records every UNet call: its inpu
 phase (sampling or update) and whether it had a gradient (the update's calls do, but for the base
 policy's forwards of the KL term, --kl-coef). The first epoch warms up and is not counted. Then it
 replays exactly the counted calls, back to back, on random inputs of the same shapes: no-grad
-forwards, or forward + backward for the calls with a gradient. That replay is the floor; everything the epochs took beyond it (text encoding, the VAE, the per-step Python,
-copies, rewards, logging, saving) is overhead. The last line is overhead_ratio=<epochs / floor>.
+forwards, or forward + backward for the calls with a gradient. That replay is the floor;
+everything the epochs took beyond it (text encoding, the VAE, the per-step Python, copies,
+rewards, logging, saving) is overhead. The last line is overhead_ratio=<epochs / floor>.
 Arguments after `--` go to train.py.
 """
 import argparse
