@@ -99,6 +99,7 @@ class Config:
     epochs: int = arg(100, "epochs, each one round of sampling and updates")
     samples_per_epoch: int = arg(256, "trajectories sampled per epoch")
     batch_size: int = arg(8, "trajectories per forward pass, sampling and training (memory only, not the maths)")
+    steps_per_forward: int = arg(1, "training: trained steps of each trajectory in one forward and backward (memory and speed only)")
     updates_per_epoch: int = arg(None, "optimiser steps per pass over an epoch's samples; default 4 for ddpo-is and rwr (minibatches of 64), 1 for ddpo-sf and pxpo")
     inner_epochs: int = arg(1, "passes over each epoch's samples (the original's RWR: 5, set by --algo rwr and rwr-sparse)")
     timestep_fraction: float = arg(1.0, "fraction of each trajectory's steps trained on, drawn per sample")
@@ -214,8 +215,8 @@ def validate(cfg):
     for name, value in vars(cfg).items():
         if isinstance(value, float) and not math.isfinite(value):
             fail(f"--{name.replace('_', '-')} must be a finite number, got {value}")
-    for name in ("num_steps", "epochs", "samples_per_epoch", "batch_size", "updates_per_epoch", "inner_epochs", "buffer_size", "min_count",
-                 "checkpoint_every", "keep_checkpoints", "eval_samples"):
+    for name in ("num_steps", "epochs", "samples_per_epoch", "batch_size", "steps_per_forward", "updates_per_epoch", "inner_epochs",
+                 "buffer_size", "min_count", "checkpoint_every", "keep_checkpoints", "eval_samples"):
         if getattr(cfg, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     for name in ("eta", "clip_range", "lr", "adv_clip_max", "beta", "max_grad_norm"):

@@ -37,9 +37,10 @@ from sampler import (add_trainable, base_policy, compile_policy, gaussian_log_pr
                      sample_trajectories, save_weights)
 
 
-def objective(cfg, pipe, traj, advantages, rows, steps, rng, base=None):
+def objective(cfg, pipe, traj, advantages, rows, steps, rng, base=None, leashed=None):
     """The loss of samples `rows` at their timestep indices `steps`, and DDPO's diagnostics. Given
-    the base policy, also the KL leash: kl_to_base on these states, added times cfg.kl_coef."""
+    the base policy, also the KL leash: kl_to_base on the first `leashed` of these states (default:
+    all), added times cfg.kl_coef."""
     embeds = traj["prompt_embeds"][rows]
     if cfg.algo.startswith("rwr"):  # the denoising loss of the guided prediction on the sample x_0, fresh noise, any t
         x0 = traj["latents"][rows, -1]
@@ -60,9 +61,10 @@ def objective(cfg, pipe, traj, advantages, rows, steps, rng, base=None):
         loss = ddpo.ddpo_is_loss(log_prob, old_log_prob, advantages[rows], cfg.clip_range, cfg.adv_clip_max)
     diagnostics = ddpo.diagnostics(log_prob, old_log_prob, cfg.clip_range)
     if base is not None:  # one more guided forward, without gradient: the base policy's mean on the same states
+        part = slice(leashed)
         with torch.no_grad(), base() as base_unet:
-            base_mean, _ = policy_gaussian(pipe, base_unet, *state)
-        kl = policy_kl(mean, base_mean, std).mean()  # mean over elements, as the log-prob; then over the states
+            base_mean, _ = policy_gaussian(pipe, base_unet, state[0][part], state[1][part], state[2][part], *state[3:])
+        kl = policy_kl(mean[part], base_mean, std[part]).mean()  # mean over elements, as the log-prob; then over the states
         loss = loss + cfg.kl_coef * kl
         diagnostics["kl_to_base"] = kl.detach()
     return loss, diagnostics
@@ -71,14 +73,16 @@ def objective(cfg, pipe, traj, advantages, rows, steps, rng, base=None):
 def update(cfg, pipe, traj, advantages, optimizer, params, rng, autocast, progress, base=None):
     """Minibatch updates on one epoch's samples (section 4.2), in cfg.inner_epochs passes over
     them. Each pass shuffles the samples, and each sample visits its own random order of
-    timesteps; gradients accumulate over the steps and the microbatches of one minibatch (and are
-    averaged over the processes), so each optimiser step sees the mean loss over all of them.
-    kl_to_base is measured on every trained step when it is penalised (cfg.kl_coef > 0), else only
-    on each sample's first trained step (a random one of them): the metric at a small cost."""
+    timesteps, cfg.steps_per_forward of them through the UNet together; gradients accumulate over
+    the steps and the microbatches of one minibatch (and are averaged over the processes), so each
+    optimiser step sees the mean loss over all of them. kl_to_base is measured on every trained step
+    when it is penalised (cfg.kl_coef > 0), else only on each sample's first trained step (a random
+    one of them): the metric at a small cost."""
     num_samples, num_steps = traj["log_probs"].shape
     device = traj["latents"].device
     # DDPO trains on a fraction of each trajectory's steps; RWR regresses x_0 at one fresh noise level per visit
     train_steps = 1 if cfg.algo.startswith("rwr") else max(1, int(num_steps * cfg.timestep_fraction))
+    chunks = torch.arange(train_steps, device=device).split(cfg.steps_per_forward)  # the steps that share a forward
     microbatches = num_samples // (cfg.updates_per_epoch * cfg.batch_size)  # per optimiser step, in this process
     batches = []
     for _ in range(cfg.inner_epochs):
@@ -87,13 +91,14 @@ def update(cfg, pipe, traj, advantages, optimizer, params, rng, autocast, progre
         batches += [(order[start : start + cfg.batch_size], step_order) for start in range(0, num_samples, cfg.batch_size)]
     stats, skipped = defaultdict(list), 0
     for i, (rows, step_order) in enumerate(tqdm(batches, desc="training", disable=None if progress else True, leave=False)):
-        for j in range(train_steps):
+        for c, chunk in enumerate(chunks):
             with autocast:
-                leash = base if cfg.kl_coef > 0 or j == 0 else None
-                loss, diagnostics = objective(cfg, pipe, traj, advantages, rows, step_order[rows, j], rng, leash)
-            (loss / (train_steps * microbatches)).backward()
+                leash, leashed = (base, None) if cfg.kl_coef > 0 else (base if c == 0 else None, len(rows))
+                steps = step_order[rows][:, chunk].T  # (steps of this chunk, samples): through the UNet together, each sample's first step first
+                loss, diagnostics = objective(cfg, pipe, traj, advantages, rows.repeat(len(chunk)), steps.flatten(), rng, leash, leashed)
+            (loss * len(chunk) / (train_steps * microbatches)).backward()  # loss is a mean over the chunk's states
             for key, value in {"loss": loss.detach(), **diagnostics}.items():
-                stats[key].append(value)
+                stats[key].append((value, len(chunk)))
         if (i + 1) % microbatches == 0:
             parallel.average_gradients(params)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -103,7 +108,8 @@ def update(cfg, pipe, traj, advantages, optimizer, params, rng, autocast, progre
                 skipped += 1
                 print(f"skipped an update: non-finite loss or gradient (norm {grad_norm.item()}); the weights are unchanged", file=sys.stderr)
             optimizer.zero_grad()
-    return {**{key: torch.stack(values).double().mean().item() for key, values in stats.items()}, "skipped_updates": skipped}
+    means = {key: sum(value.double() * n for value, n in pairs).item() / sum(n for _, n in pairs) for key, pairs in stats.items()}
+    return {**means, "skipped_updates": skipped}
 
 
 def evaluate(cfg, pipe, base, prompts, trained, reward_fn, autocast, out, epoch):

@@ -2,19 +2,24 @@
 
     pip install trl==0.23.1                      # the last TRL with DDPO; only for this benchmark
     python benchmarks/vs_trl.py --pairs 3 --epochs 5
-    python benchmarks/vs_trl.py --sides ours ours-compiled trl
+    python benchmarks/vs_trl.py --sides ours ours-batched ours-compiled ours-batched-compiled trl
 
 Both sides run the bundled model with the `tiny` preset's settings: 64 samples an epoch in batches
 of 16, 20 DDIM steps, eta 1, guidance 3, LoRA rank 4 on the attention projections, DDPO_IS with 4
-updates of 16 a epoch on half of each trajectory's steps, lr 5e-3, clip range 8e-4, advantages
+updates of 16 an epoch on half of each trajectory's steps, lr 5e-3, clip range 8e-4, advantages
 clipped to 5, per-prompt statistics (buffer 32, min count 16), the JPEG reward on the `shapes`
 prompts, fp32. Each run is its own process (a fresh interpreter, the machine's threads), and the
 sides take turns: ours, TRL, ours, TRL... An epoch's time is the wall clock from the start of its
 sampling to the start of the next (the last: to the end of its update), everything included: for
 ours also the logging and the checkpoint it writes every epoch. The first epoch of each run warms
 up and is not counted; the table gives each side's per-epoch median over all its counted epochs,
-every run's own median, and the ratio. `ours-compiled` is train.py with --compile; its first epoch
-holds the compiling, reported apart.
+the medians of its two phases (sampling: rolling out and decoding the 64 samples; update: the
+minibatch updates), every run's own median, and the ratio. What is left of an epoch beyond the two
+phases is the side's own: rewards and advantages on both, logging and checkpoints on ours.
+`ours-compiled` is train.py with --compile; its first epoch holds the compiling, reported apart.
+`ours-batched` is train.py with --steps-per-forward 5: the same updates, each sample's trained
+steps taken through the UNet five at a time (80 states a forward, not 16); TRL, like `ours`, takes
+one timestep of 16 samples a forward.
 """
 import argparse
 import contextlib
@@ -32,11 +37,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+# our sides: train.py with these flags
+OURS = {"ours": [], "ours-compiled": ["--compile"], "ours-batched": ["--steps-per-forward", "5"],
+        "ours-batched-compiled": ["--steps-per-forward", "5", "--compile"]}
 SETTINGS = dict(num_steps=20, guidance_scale=3.0, samples=64, batch_size=16, updates=4, timestep_fraction=0.5, lr=5e-3, clip_range=8e-4)
 
 
-def run_ours(epochs, model, compile=False):
-    """train.main on the tiny preset (whose settings are SETTINGS): each epoch's seconds."""
+def run_ours(epochs, model, flags=()):
+    """train.main on the tiny preset (whose settings are SETTINGS): each epoch's seconds, and its
+    sampling and update phases' (train.py's own sample_seconds and train_seconds)."""
     import train
     starts, sample_trajectories = [], train.sample_trajectories
 
@@ -46,14 +55,15 @@ def run_ours(epochs, model, compile=False):
 
     train.sample_trajectories = timed
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
-        train.main(["--model", model, "--preset", "tiny", "--reward", "jpeg", "--epochs", str(epochs), "--out", f"{tmp}/run", "--seed", "0",
-                    *(["--compile"] if compile else [])])
+        history = train.main(["--model", model, "--preset", "tiny", "--reward", "jpeg", "--epochs", str(epochs), "--out", f"{tmp}/run",
+                              "--seed", "0", *flags])
         starts.append(time.perf_counter())
-    return list(np.diff(starts))
+    return {"epoch": list(np.diff(starts)), "sampling": [m["sample_seconds"] for m in history], "update": [m["train_seconds"] for m in history]}
 
 
 def run_trl(epochs, model):
-    """TRL's DDPOTrainer.step, once an epoch, at SETTINGS: each epoch's seconds."""
+    """TRL's DDPOTrainer.step, once an epoch, at SETTINGS: each epoch's seconds, and its sampling
+    and update phases' (the trainer's _generate_samples and _train_batched_samples, timed)."""
     from accelerate import PartialState
     from trl import DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline
 
@@ -77,11 +87,26 @@ def run_trl(epochs, model):
             lambda: (toy_world.PROMPTS[rng.integers(len(toy_world.PROMPTS))], {}),
             DefaultDDPOStableDiffusionPipeline(model, use_lora=True),
         )
-        seconds, global_step = [], 0
+        seconds, spent = {"epoch": [], "sampling": [], "update": []}, {}
+
+        def timed(phase, method):
+            def call(*args, **kwargs):
+                start = time.perf_counter()
+                result = method(*args, **kwargs)
+                spent[phase] += time.perf_counter() - start
+                return result
+            return call
+
+        trainer._generate_samples = timed("sampling", trainer._generate_samples)
+        trainer._train_batched_samples = timed("update", trainer._train_batched_samples)  # once per inner epoch
+        global_step = 0
         for epoch in range(epochs):
+            spent.update(sampling=0.0, update=0.0)
             start = time.perf_counter()
             global_step = trainer.step(epoch, global_step)
-            seconds.append(time.perf_counter() - start)
+            seconds["epoch"].append(time.perf_counter() - start)
+            for phase, value in spent.items():
+                seconds[phase].append(value)
     return seconds
 
 
@@ -90,12 +115,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=3, help="rounds of the sides taking turns")
     parser.add_argument("--epochs", type=int, default=5, help="epochs a run; the first is not counted")
-    parser.add_argument("--sides", nargs="+", default=["ours", "trl"], choices=["ours", "ours-compiled", "trl"])
+    parser.add_argument("--sides", nargs="+", default=["ours", "trl"], choices=[*OURS, "trl"])
     parser.add_argument("--model", default=str(BUNDLED_MODEL))
     parser.add_argument("--side", help=argparse.SUPPRESS)  # one run, in this process: what the rounds start
     args = parser.parse_args(argv)
     if args.side:
-        seconds = run_trl(args.epochs, args.model) if args.side == "trl" else run_ours(args.epochs, args.model, args.side == "ours-compiled")
+        seconds = run_trl(args.epochs, args.model) if args.side == "trl" else run_ours(args.epochs, args.model, OURS[args.side])
         print(json.dumps(seconds))
         return seconds
     runs = {side: [] for side in args.sides}
@@ -104,12 +129,16 @@ def main(argv=None):
             result = subprocess.run([sys.executable, __file__, "--side", side, "--epochs", str(args.epochs), "--model", args.model],
                                     capture_output=True, text=True, check=True)
             runs[side].append(json.loads(result.stdout.strip().splitlines()[-1]))
-            print(f"round {pair} {side}: " + " ".join(f"{s:.2f}" for s in runs[side][-1]), flush=True)
-    medians = {side: statistics.median(s for run in seconds for s in run[1:]) for side, seconds in runs.items()}
-    lines = ["| side | s/epoch, median of counted epochs | each run's median | first epoch (each run) |", "|---|---|---|---|"]
+            print(f"round {pair} {side}: " + " ".join(f"{s:.2f}" for s in runs[side][-1]["epoch"]), flush=True)
+
+    def median(side, phase):  # over every run's counted epochs
+        return statistics.median(s for run in runs[side] for s in run[phase][1:])
+    medians = {side: median(side, "epoch") for side in runs}
+    lines = ["| side | s/epoch, median of counted epochs | sampling | update | each run's median | first epoch (each run) |",
+             "|---|---|---|---|---|---|"]
     for side, seconds in runs.items():
-        lines.append(f"| {side} | {medians[side]:.2f} | {', '.join(f'{statistics.median(run[1:]):.2f}' for run in seconds)} | "
-                     f"{', '.join(f'{run[0]:.1f}' for run in seconds)} |")
+        each, first = (", ".join(f"{f(run['epoch']):.2f}" for run in seconds) for f in (lambda e: statistics.median(e[1:]), lambda e: e[0]))
+        lines.append(f"| {side} | {medians[side]:.2f} | {median(side, 'sampling'):.2f} | {median(side, 'update'):.2f} | {each} | {first} |")
     if "trl" in medians:
         lines += [f"\n{side} is {medians['trl'] / medians[side]:.2f} x as fast as TRL per epoch" for side in medians if side != "trl"]
     print("\n".join(lines))

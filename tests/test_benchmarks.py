@@ -9,6 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import compare  # noqa: E402
+import compile_payback  # noqa: E402
 import gpu_memory  # noqa: E402
 import kl_overhead  # noqa: E402
 import kl_tradeoff  # noqa: E402
@@ -95,4 +96,17 @@ def test_kl_tradeoff_runs_each_coefficient_and_reports_the_heldout_prompts(tmp_p
 def test_vs_trl_times_each_side_in_turn_and_skips_trl_where_it_is_not_installed(tiny_pipeline_dir):
     sides = ["ours", "trl"] if importlib.util.find_spec("trl") else ["ours"]
     runs = vs_trl.main(["--pairs", "1", "--epochs", "2", "--sides", *sides, "--model", str(tiny_pipeline_dir)])
-    assert list(runs) == sides and all(len(run) == 1 and len(run[0]) == 2 and min(run[0]) > 0 for run in runs.values())
+    assert list(runs) == sides
+    for (run,) in runs.values():  # one run a side, two epochs, each holding its sampling and its update
+        assert len(run["epoch"]) == 2 and all(0 < run["sampling"][k] + run["update"][k] < run["epoch"][k] for k in range(2))
+
+
+def test_compile_payback_times_whole_demo_runs_with_their_epochs(tiny_pipeline_dir, capsys):
+    """The eager arm only: the compiled arms add --compile (tests/test_compile.py), and compiling even the tiny UNet takes over a minute."""
+    small = ["--model", str(tiny_pipeline_dir), "--samples-per-epoch", "4", "--batch-size", "2", "--updates-per-epoch", "1",
+             "--num-steps", "2", "--prompts", "simple_animals", "--epochs", "2"]
+    runs = compile_payback.main(["--rounds", "2", "--arms", "eager", "--", *small])
+    assert list(runs) == ["eager"] and len(runs["eager"]) == 2
+    for result in runs["eager"]:  # the wall clock holds the epochs, and the process start and model loading besides
+        assert len(result["epochs"]) == 2 and result["wall"] > sum(result["epochs"]) > 0
+    assert "| eager |" in capsys.readouterr().out

@@ -75,6 +75,7 @@ CASES = {
     "kl coef with rwr": (lambda w, r: ["--kl-coef", "0.1", "--algo", "rwr"], "--kl-coef"),
     "negative eval every": (lambda w, r: ["--eval-every", "-1"], "--eval-every"),
     "zero eval samples": (lambda w, r: ["--eval-samples", "0"], "--eval-samples"),
+    "zero steps per forward": (lambda w, r: ["--steps-per-forward", "0"], "--steps-per-forward"),
     "eval prompts missing": (lambda w, r: ["--eval-every", "1", "--eval-prompts", str(w / "none.txt")], "--eval-prompts"),
     "pixel_background eval off the toy world": (lambda w, r: ["--reward", "pixel_background", "--prompts", "shapes", "--eval-prompts",
                                                               "simple_animals"], "--eval-prompts"),

@@ -1,4 +1,5 @@
 """train.py end to end on the tiny pipeline: the run folder, the saved LoRA, and refused input."""
+import contextlib
 import json
 
 import numpy as np
@@ -8,6 +9,8 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
 import train
+from config import parse_args
+from sampler import add_trainable, base_policy, load_pipeline, sample_trajectories
 
 TINY_RUN = ["--epochs", "1", "--samples-per-epoch", "8", "--batch-size", "2", "--num-steps", "4", "--prompts", "simple_animals"]
 
@@ -73,3 +76,30 @@ def test_rwr_takes_its_updates_in_every_pass_over_the_round_and_logs_its_selecti
     steps = {float(s["step"]) for s in state["optimizer"]["state"].values()}
     assert steps == {5 * 4}  # 5 passes (inner epochs) x 4 updates each
     assert 1 / 8 <= history[0]["weight_share"] <= 1
+
+
+@pytest.mark.parametrize("algo, kl_coef", [("ddpo-is", "0.5"), ("pxpo", "0.5"), ("ddpo-is", "0")])  # 0: kl_to_base only measured
+def test_taking_several_trained_steps_through_one_forward_gives_the_same_update(algo, kl_coef, tiny_pipeline_dir):
+    pipe = load_pipeline(tiny_pipeline_dir)
+    params = add_trainable(pipe.unet, lora_rank=4)
+    base = base_policy(pipe.unet, 4)
+    torch.manual_seed(0)
+    for p in params:  # LoRA B starts at 0, and with it every gradient of A: move both
+        p.data.normal_(0, 0.05)
+    start = [p.detach().clone() for p in params]
+    traj = sample_trajectories(pipe, ["a cat", "a dog"] * 2, num_steps=4, guidance_scale=5.0, batch_size=2,
+                               generator=torch.Generator().manual_seed(0))
+    advantages = torch.randn(4, *([] if algo == "ddpo-is" else traj["latents"].shape[-2:]))
+    moved, stats = [], []
+    for k in (1, 3):  # the 4 trained steps one forward each, or 3 together and then 1
+        cfg = parse_args(["--model", str(tiny_pipeline_dir), "--algo", algo, "--num-steps", "4", "--samples-per-epoch", "4", "--batch-size", "2",
+                          "--updates-per-epoch", "1", "--steps-per-forward", str(k), "--kl-coef", kl_coef, "--max-grad-norm", "1e9"])
+        for p, p0 in zip(params, start):
+            p.data.copy_(p0)
+        optimizer = torch.optim.SGD(params, lr=1.0)  # the step is the gradient itself
+        stats.append(train.update(cfg, pipe, traj, advantages, optimizer, params, np.random.default_rng(0), contextlib.nullcontext(), False, base))
+        moved.append(torch.cat([(p.detach() - p0).flatten() for p, p0 in zip(params, start)]))
+    assert moved[0].abs().max() > 0 and torch.allclose(moved[1], moved[0], rtol=1e-4, atol=1e-6 * moved[0].abs().max().item())
+    assert stats[0].keys() == stats[1].keys() >= {"loss", "approx_kl", "clipfrac", "kl_to_base"}
+    for key in stats[0]:
+        assert stats[1][key] == pytest.approx(stats[0][key], rel=1e-4, abs=1e-9), key
