@@ -93,7 +93,8 @@ def update(cfg, pipe, traj, advantages, optimizer, params, rng, autocast, progre
     for i, (rows, step_order) in enumerate(tqdm(batches, desc="training", disable=None if progress else True, leave=False)):
         for c, chunk in enumerate(chunks):
             with autocast:
-                leash, leashed = (base, None) if cfg.kl_coef > 0 else (base if c == 0 else None, len(rows))
+                leash = base if cfg.kl_coef > 0 or c == 0 else None
+                leashed = None if cfg.kl_coef > 0 else len(rows)  # only measured: on each sample's first step, the first len(rows) states
                 steps = step_order[rows][:, chunk].T  # (steps of this chunk, samples): through the UNet together, each sample's first step first
                 loss, diagnostics = objective(cfg, pipe, traj, advantages, rows.repeat(len(chunk)), steps.flatten(), rng, leash, leashed)
             (loss * len(chunk) / (train_steps * microbatches)).backward()  # loss is a mean over the chunk's states

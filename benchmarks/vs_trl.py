@@ -137,7 +137,8 @@ def main(argv=None):
     lines = ["| side | s/epoch, median of counted epochs | sampling | update | each run's median | first epoch (each run) |",
              "|---|---|---|---|---|---|"]
     for side, seconds in runs.items():
-        each, first = (", ".join(f"{f(run['epoch']):.2f}" for run in seconds) for f in (lambda e: statistics.median(e[1:]), lambda e: e[0]))
+        each = ", ".join(f"{statistics.median(run['epoch'][1:]):.2f}" for run in seconds)
+        first = ", ".join(f"{run['epoch'][0]:.2f}" for run in seconds)
         lines.append(f"| {side} | {medians[side]:.2f} | {median(side, 'sampling'):.2f} | {median(side, 'update'):.2f} | {each} | {first} |")
     if "trl" in medians:
         lines += [f"\n{side} is {medians['trl'] / medians[side]:.2f} x as fast as TRL per epoch" for side in medians if side != "trl"]
