@@ -9,7 +9,8 @@ sample trajectories -> reward -> advantages -> minibatch updates -> log (and che
 
 Defaults are the paper's SD v1.4 settings; with the bundled model the preset "tiny" scales them to a
 CPU (every flag given still wins); config.py holds them all. The policy and its log-prob are in
-sampler.py, advantages and losses in ddpo.py, rewards in rewards.py, the run folder in run_folder.py.
+sampler.py, advantages and losses in ddpo.py, rewards in rewards.py, the fixed-noise evaluation in
+evaluation.py, the run folder in run_folder.py.
 """
 import dataclasses
 import functools
@@ -30,9 +31,10 @@ for library in ("TRANSFORMERS", "DIFFUSERS"):  # before they are imported: keep 
 import ddpo
 import parallel
 import toy_world
+from evaluation import evaluate
 from config import DTYPES, fail, load_prompts, parse_args
 from rewards import REWARDS, aesthetic, alignment, hub_reachable, scalar
-from run_folder import cut_metrics, load_checkpoint, log_epoch, save_checkpoint, save_grid, write_config
+from run_folder import cut_metrics, load_checkpoint, log_epoch, save_checkpoint, write_config
 from sampler import (add_trainable, base_policy, compile_policy, gaussian_log_prob, guided_eps, load_pipeline, policy_gaussian, policy_kl,
                      sample_trajectories, save_weights)
 
@@ -113,30 +115,6 @@ def update(cfg, pipe, traj, advantages, optimizer, params, rng, autocast, progre
     return {**means, "skipped_updates": skipped}
 
 
-def evaluate(cfg, pipe, base, prompts, trained, reward_fn, autocast, out, epoch):
-    """The fixed-noise evaluation, before the epoch's sampling (so it sees the policy that samples
-    the epoch): the same prompts from the same noise every time, drawn from a generator of its own,
-    so the training's random streams are untouched and a resumed run evaluates as a straight one.
-    It logs the mean reward, the KL to the base model on the states the policy visits and the toy
-    world's fidelity; split by trained and held-out prompts when the prompts hold both (section 6.3)."""
-    start = time.time()
-    generator = torch.Generator(pipe.unet.device).manual_seed(EVAL_SEED)
-    with autocast:
-        traj = sample_trajectories(pipe, prompts, cfg.num_steps, cfg.guidance_scale, cfg.eta, cfg.batch_size, generator, base=base)
-    values = {"reward_mean": scalar(reward_fn(traj["images"], prompts).float().cpu()), "kl_to_base": traj["kl_to_base"].float().mean(dim=1).cpu()}
-    if set(prompts) <= set(toy_world.PROMPTS):
-        values["fidelity"] = toy_world.judge(traj["images"], prompts)
-    heldout = torch.tensor([prompt not in trained for prompt in prompts])
-    groups = {"eval": torch.ones_like(heldout)}
-    if 0 < heldout.sum() < len(prompts):
-        groups.update(eval_trained=~heldout, eval_heldout=heldout)
-    metrics = {f"{group}_{key}": value[rows].mean().item() for group, rows in groups.items() for key, value in values.items()}
-    captions = [f"{p[:20]}{' (held out)' if h else ''}\n{r:.2f}" for p, h, r in zip(prompts, heldout.tolist(), values["reward_mean"].tolist())]
-    save_grid(traj["images"][:16], captions[:16], out / "samples" / f"eval_epoch_{epoch:04d}.png")
-    return {**metrics, "eval_seconds": time.time() - start}
-
-
-EVAL_SEED = 20_230_522  # the evaluation's noise, the same in every run and every epoch (arXiv 2305.13301's date)
 STOPPED = 75  # exit status of a run stopped cleanly by a signal at a checkpoint: resume it (EX_TEMPFAIL, "try again")
 
 

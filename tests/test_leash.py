@@ -7,6 +7,7 @@ import torch
 
 import toy_world
 import train
+from evaluation import evaluate
 from config import load_prompts
 from sampler import add_trainable, base_policy, load_pipeline, policy_gaussian, policy_kl, sample_trajectories
 
@@ -111,6 +112,6 @@ def test_the_evaluation_uses_the_same_noise_every_time_and_leaves_training_alone
     add_trainable(pipe.unet, 4)
     cfg = types.SimpleNamespace(**json.loads((out / "config.json").read_text()))
     args = (pipe, base_policy(pipe.unet, 4), toy_world.PROMPTS, set(toy_world.TRAIN), train.REWARDS["jpeg"], torch.autocast("cpu", enabled=False), out, 9)
-    first, again = train.evaluate(cfg, *args), train.evaluate(cfg, *args)
+    first, again = evaluate(cfg, *args), evaluate(cfg, *args)
     assert {k: v for k, v in first.items() if k != "eval_seconds"} == {k: v for k, v in again.items() if k != "eval_seconds"}
     assert first["eval_reward_mean"] == evaluated[0]["eval_reward_mean"]  # the base policy at epoch 0, from the same noise

@@ -1,0 +1,38 @@
+"""The fixed-noise evaluation (--eval-every): the reward of a fixed set of prompts from fixed noise
+over training, and how far the policy has moved from the base model. It is not part of DDPO:
+train.py runs it as phase 0 of an epoch to watch for overoptimisation and, with prompts it never
+trains on, for generalisation (the paper's section 6.3).
+"""
+import time
+
+import torch
+
+import toy_world
+from rewards import scalar
+from run_folder import save_grid
+from sampler import sample_trajectories
+
+EVAL_SEED = 20_230_522  # the evaluation's noise, the same in every run and every epoch (arXiv 2305.13301's date)
+
+
+def evaluate(cfg, pipe, base, prompts, trained, reward_fn, autocast, out, epoch):
+    """The fixed-noise evaluation, before the epoch's sampling (so it sees the policy that samples
+    the epoch): the same prompts from the same noise every time, drawn from a generator of its own,
+    so the training's random streams are untouched and a resumed run evaluates as a straight one.
+    It logs the mean reward, the KL to the base model on the states the policy visits and the toy
+    world's fidelity; split by trained and held-out prompts when the prompts hold both (section 6.3)."""
+    start = time.time()
+    generator = torch.Generator(pipe.unet.device).manual_seed(EVAL_SEED)
+    with autocast:
+        traj = sample_trajectories(pipe, prompts, cfg.num_steps, cfg.guidance_scale, cfg.eta, cfg.batch_size, generator, base=base)
+    values = {"reward_mean": scalar(reward_fn(traj["images"], prompts).float().cpu()), "kl_to_base": traj["kl_to_base"].float().mean(dim=1).cpu()}
+    if set(prompts) <= set(toy_world.PROMPTS):
+        values["fidelity"] = toy_world.judge(traj["images"], prompts)
+    heldout = torch.tensor([prompt not in trained for prompt in prompts])
+    groups = {"eval": torch.ones_like(heldout)}
+    if 0 < heldout.sum() < len(prompts):
+        groups.update(eval_trained=~heldout, eval_heldout=heldout)
+    metrics = {f"{group}_{key}": value[rows].mean().item() for group, rows in groups.items() for key, value in values.items()}
+    captions = [f"{p[:20]}{' (held out)' if h else ''}\n{r:.2f}" for p, h, r in zip(prompts, heldout.tolist(), values["reward_mean"].tolist())]
+    save_grid(traj["images"][:16], captions[:16], out / "samples" / f"eval_epoch_{epoch:04d}.png")
+    return {**metrics, "eval_seconds": time.time() - start}
