@@ -63,24 +63,17 @@ def batch_advantages(rewards, maps=None):
     return (values - rewards.mean()) / (rewards.std() + 1e-6)
 
 
-def advantages(algo, prompts, rewards, latent_size, tracker=None, beta=0.2):
-    """What weighs each sample in the update, as a tensor. DDPO: its advantage, the reward
-    normalised by its prompt's statistics (tracker) or the batch's (section 4.3). PXPO: the same for
-    each latent position of the reward map pooled to latent_size (a scalar reward is a flat map).
-    RWR: exp(beta * r), or 1 for the top 10 %, per prompt when a tracker is given, else over the
-    batch, scaled to average 1 over the epoch."""
+def advantages(algo, prompts, rewards, latent_size, tracker=None):
+    """Each sample's advantage as a tensor: its reward normalised by its prompt's statistics
+    (tracker) or the batch's (section 4.3). PXPO: the same for each latent position of the reward
+    map pooled to latent_size (a scalar reward is a flat map)."""
     scores = scalar(rewards).cpu().numpy()
-    if algo.startswith("rwr"):
-        by_prompt = prompts if tracker is not None else None
-        weights = rwr_weights(scores, by_prompt, beta) if algo == "rwr" else sparse_rwr_weights(scores, by_prompt)
-        weights = weights / weights.mean()
-    else:
-        maps = None
-        if algo == "pxpo":
-            reward_map = rewards if rewards.dim() == 3 else rewards[:, None, None].expand(-1, *latent_size)
-            maps = pool_to_latent(reward_map, latent_size).cpu().numpy()
-        weights = tracker.update(prompts, scores, maps) if tracker is not None else batch_advantages(scores, maps)
-    return torch.as_tensor(weights, dtype=torch.float32, device=rewards.device)
+    maps = None
+    if algo == "pxpo":
+        reward_map = rewards if rewards.dim() == 3 else rewards[:, None, None].expand(-1, *latent_size)
+        maps = pool_to_latent(reward_map, latent_size).cpu().numpy()
+    values = tracker.update(prompts, scores, maps) if tracker is not None else batch_advantages(scores, maps)
+    return torch.as_tensor(values, dtype=torch.float32, device=rewards.device)
 
 
 def ddpo_sf_loss(log_prob, advantages, adv_clip_max):
@@ -169,6 +162,15 @@ def sparse_rwr_weights(rewards, prompts=None, top=0.1):
         keep = max(1, int(np.ceil(top * len(rows) - 1e-9)))
         weights[rows[np.argsort(-rewards[rows], kind="stable")[:keep]]] = 1.0
     return weights
+
+
+def rwr_epoch_weights(algo, prompts, rewards, beta=0.2, per_prompt=False):
+    """RWR's weights on an epoch's rewards (a tensor): exp(beta * r) (rwr) or 1 for the top 10 %
+    (rwr-sparse), per prompt or over the epoch, scaled to average 1 over the epoch."""
+    rewards = rewards.cpu().numpy()
+    by_prompt = prompts if per_prompt else None
+    weights = rwr_weights(rewards, by_prompt, beta) if algo == "rwr" else sparse_rwr_weights(rewards, by_prompt)
+    return weights / weights.mean()
 
 
 def rwr_loss(eps_pred, noise, weights):

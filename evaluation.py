@@ -15,6 +15,11 @@ from sampler import sample_trajectories
 EVAL_SEED = 20_230_522  # the evaluation's noise, the same in every run and every epoch (arXiv 2305.13301's date)
 
 
+def evaluation_due(cfg, epoch, rank):
+    """Every cfg.eval_every epochs (0: never) and at the last epoch, on rank 0 alone."""
+    return bool(cfg.eval_every) and (epoch % cfg.eval_every == 0 or epoch + 1 == cfg.epochs) and rank == 0
+
+
 def evaluate(cfg, pipe, base, prompts, trained, reward_fn, autocast, out, epoch):
     """The fixed-noise evaluation, before the epoch's sampling (so it sees the policy that samples
     the epoch): the same prompts from the same noise every time, drawn from a generator of its own,

@@ -1,4 +1,4 @@
-"""What a training run writes to its folder, besides the weights (sampler.save_weights):
+"""What a training run writes to its folder, and how it stops and resumes:
 
     config.json           every setting, after presets and defaults
     metrics.jsonl         one line of metrics per epoch
@@ -6,23 +6,30 @@
     samples/eval_epoch_N.png  the first 16 images of the fixed-noise evaluation at epoch N (--eval-every)
     reward_curve.png      reward mean and spread against reward queries
     checkpoints/epoch_N.pt  what `train.py --resume` needs to continue exactly after epoch N
+    lora/ (or unet/)      the trained weights after the last epoch (pipeline.save_weights)
 
 Files that a crash must never leave half-written (checkpoints, metrics.jsonl when a resume
 rewrites it) are written aside and renamed into place: a rename is atomic, so a kill at any moment
 leaves either the old file or the new one.
 """
+import contextlib
 import json
 import math
 import os
 import pickle
+import signal
 import sys
+from collections import deque
+from pathlib import Path
 
 import matplotlib
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+import parallel
 from config import fail
+from pipeline import save_weights
 from rewards import to_pil
 
 matplotlib.use("Agg")
@@ -34,12 +41,26 @@ def write_config(out, config):
     (out / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def log_epoch(out, history, images, captions, reward):
-    """Append the last epoch's metrics, draw its sample grid, redraw the reward curve."""
+def log_epoch(out, cfg, history, pipe, images, prompts, rewards):
+    """Append the last epoch's metrics, draw its sample grid, redraw the reward curve, export the weights."""
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(history[-1]) + "\n")
+    captions = [f"{p[:20]}\n{r:.2f}" for p, r in zip(prompts, rewards.tolist())]
     save_grid(images[:16], captions[:16], out / "samples" / f"epoch_{history[-1]['epoch']:04d}.png")
-    plot_rewards(history, reward, out / "reward_curve.png")
+    plot_rewards(history, cfg.reward, out / "reward_curve.png")
+    save_weights(pipe, out, cfg.lora_rank)
+
+
+def console_line(m):
+    """One epoch's metrics as the line train.py prints."""
+    line = f"epoch {m['epoch']}: reward {m['reward_mean']:.3f} ± {m['reward_std']:.3f}"
+    line += f" fidelity {m['fidelity']:.3f}" if "fidelity" in m else ""
+    line += f" | loss {m['loss']:.4g}"
+    line += f" kl {m['approx_kl']:.2e} clipfrac {m['clipfrac']:.3f}" if "approx_kl" in m else ""
+    line += f" kl_to_base {m['kl_to_base']:.2e}" if "kl_to_base" in m else ""
+    line += f" | 90 % of the weight on {m['weight_share']:.0%} of samples" if "weight_share" in m else ""
+    line += f" | eval {m['eval_reward_mean']:.3f}" if "eval_reward_mean" in m else ""
+    return line + f" | sample {m['sample_seconds']:.1f}s train {m['train_seconds']:.1f}s"
 
 
 def write_atomic(path, write):
@@ -59,6 +80,83 @@ def save_checkpoint(out, state, keep):
     write_atomic(folder / f"epoch_{state['epoch']:04d}.pt", lambda tmp: torch.save(state, tmp))
     for old in sorted(folder.glob("epoch_*.pt"))[:-keep]:
         old.unlink()
+
+
+def checkpoint_due(cfg, epoch, stopping):
+    return (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs or stopping
+
+
+def checkpoint(out, cfg, history, pipe, optimizer, tracker, rng, generator, device, rank):
+    """Everything a resumed run needs after the last epoch: every process hands over its random
+    streams, rank 0 writes them with the trainable weights, the optimiser and the reward buffers."""
+    streams = parallel.gather_objects([{
+        "numpy": rng.bit_generator.state, "torch": torch.get_rng_state(), "generator": generator.get_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }])
+    if rank == 0:
+        trainable = {name for name, p in pipe.unet.named_parameters() if p.requires_grad}
+        save_checkpoint(out, {
+            "epoch": history[-1]["epoch"], "history": history, "optimizer": optimizer.state_dict(), "rng": streams,
+            "trainable": {name: p for name, p in pipe.unet.state_dict().items() if name in trainable},
+            "buffers": {prompt: [float(v) for v in values] for prompt, values in tracker.buffers.items()} if tracker is not None else {},
+        }, cfg.keep_checkpoints)
+
+
+def read_checkpoint(cfg, world):
+    """The state to resume from, checked before anything is loaded or written."""
+    state = load_checkpoint(Path(cfg.out))
+    if len(state["rng"]) != world:
+        fail(f"--resume {cfg.out}: the run was trained by {len(state['rng'])} process(es), not {world}; resume it with as many")
+    if len(state["history"]) >= cfg.epochs:
+        fail(f"--resume {cfg.out}: the run has done {len(state['history'])} epochs of --epochs {cfg.epochs}; "
+             f"give --epochs above {len(state['history'])} to run it further")
+    return state
+
+
+def restore(state, cfg, pipe, optimizer, tracker, rng, generator, rank, device):
+    """Everything a fresh run would hold after the checkpoint's epoch: weights, optimiser, reward
+    buffers, this process's random streams; its metrics, to which metrics.jsonl is cut back."""
+    pipe.unet.load_state_dict(state["trainable"], strict=False)
+    optimizer.load_state_dict(state["optimizer"])
+    if tracker is not None:
+        tracker.buffers.update({prompt: deque(values, maxlen=cfg.buffer_size) for prompt, values in state["buffers"].items()})
+    own = state["rng"][rank]
+    rng.bit_generator.state = own["numpy"]
+    torch.set_rng_state(own["torch"])
+    generator.set_state(own["generator"])
+    if own["cuda"] is not None:
+        torch.cuda.set_rng_state(own["cuda"], device)
+    if rank == 0:
+        cut_metrics(Path(cfg.out), state["history"])
+    return state["history"]
+
+
+STOPPED = 75  # exit status of a run stopped cleanly by a signal at a checkpoint: resume it (EX_TEMPFAIL, "try again")
+
+
+@contextlib.contextmanager
+def stop_signals(out):
+    """Inside it, the first Ctrl-C or a SIGTERM (preemption, time limits) only asks the run to stop:
+    the list it yields is no longer empty, and the loop stops after the epoch's checkpoint. A second
+    Ctrl-C stops at once (exit 130), losing only the epoch in progress. On the way out the signal
+    handlers are given back and the processes leave their group."""
+    requested = []
+
+    def on_signal(signum, frame):
+        requested.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+        print(f"\n{signal.Signals(signum).name}: stopping after this epoch's checkpoint (Ctrl-C again to stop at once)", file=sys.stderr)
+
+    previous_handlers = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested
+    except KeyboardInterrupt:
+        print(f"\nstopped during an epoch; its work is lost, the checkpoints before it are not: python train.py --resume {out}", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
+        parallel.teardown()
 
 
 CHECKPOINT_KEYS = {"epoch", "history", "optimizer", "rng", "trainable", "buffers"}

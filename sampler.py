@@ -2,92 +2,18 @@
 
 DDPO (Black et al. 2023, section 4.1) treats each reverse-diffusion step as an action. With
 eta > 0 a DDIM step draws x_{t-1} from a diagonal Gaussian whose mean depends on the UNet, so
-every step has a log-probability. This file loads a pipeline, takes that step with its
-log-prob, and samples whole trajectories, keeping everything the update needs.
+every step has a log-probability. This file takes that step with its log-prob, and samples whole
+trajectories, keeping everything the update needs. Loading and saving the pipeline: pipeline.py.
 """
 import contextlib
 import copy
-import logging
 import math
-import shutil
 
 import torch
-
-# diffusers' pipeline module looks up transformers' CLIP and SigLIP image processors; without
-# torchvision they fall back to their PIL versions (which this project uses) with a notice each.
-# Only those two notices are dropped, where they are logged.
-logging.getLogger("transformers.utils.import_utils").addFilter(lambda record: "requires torchvision" not in record.getMessage())
-
-from diffusers import DDIMScheduler, StableDiffusionPipeline
-from diffusers.training_utils import cast_training_params
-from diffusers.utils import convert_state_dict_to_diffusers
-from diffusers.utils import logging as diffusers_logging
 from diffusers.utils.torch_utils import randn_tensor
-from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
 from tqdm import tqdm
-from transformers.utils import logging as transformers_logging
 
 REDUCTIONS = ("mean", "sum", "none")
-LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the UNet's attention projections
-
-
-def load_pipeline(model, device="cpu", dtype=torch.float32, local_files_only=False):
-    """A Stable-Diffusion-1.x pipeline from a hub id or a local folder, ready for DDPO.
-
-    The safety checker is off (it blacks out images, which a reward would learn to exploit), the
-    scheduler is DDIM with the model's own noise schedule, and every weight starts frozen: the
-    trainer decides what to unfreeze (a LoRA or the whole UNet).
-    """
-    for library in (diffusers_logging, transformers_logging):
-        library.disable_progress_bar()  # loading takes seconds; its bars would only clutter the log
-    pipe = StableDiffusionPipeline.from_pretrained(
-        model, dtype=dtype, safety_checker=None, requires_safety_checker=False, local_files_only=local_files_only
-    )
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    for module in (pipe.vae, pipe.text_encoder, pipe.unet):
-        module.requires_grad_(False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
-
-
-def add_trainable(unet, lora_rank):
-    """A LoRA on the attention projections (kept in fp32), or the whole UNet when rank is 0."""
-    if lora_rank == 0:
-        unet.to(torch.float32).requires_grad_(True)
-    else:
-        unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
-        cast_training_params(unet, dtype=torch.float32)
-    return [p for p in unet.parameters() if p.requires_grad]
-
-
-def compile_policy(pipe, base=None):
-    """torch.compile the policy's UNet in place (its weights and state_dict stay as they are), and
-    the base policy's when that is a frozen copy. Each kind of call compiles once, on first use:
-    sampling (no gradient), training (forward and backward) and the base policy (adapter off)."""
-    pipe.unet.compile()
-    if base is not None:
-        with base() as base_unet:
-            if base_unet is not pipe.unet:
-                base_unet.compile()
-
-
-def save_weights(pipe, out, lora_rank):
-    """lora/ in diffusers' format (for load_lora_weights), or unet/ after a full fine-tune. Written
-    into a folder aside, then swapped in: a crash leaves the previous epoch's weights whole."""
-    final = out / ("unet" if lora_rank == 0 else "lora")
-    fresh, old = out / f".{final.name}.new", out / f".{final.name}.old"
-    for leftover in (fresh, old):
-        shutil.rmtree(leftover, ignore_errors=True)
-    if lora_rank == 0:
-        pipe.unet.save_pretrained(fresh)
-    else:
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
-        type(pipe).save_lora_weights(fresh, unet_lora_layers=layers)
-    if final.exists():
-        final.rename(old)
-    fresh.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def ddim_mean_std(scheduler, model_output, timestep, sample, eta=1.0):

@@ -23,7 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 import toy_world  # noqa: E402
 from rewards import jpeg_kilobytes  # noqa: E402
-from sampler import load_pipeline, sample_trajectories  # noqa: E402
+from pipeline import load_pipeline  # noqa: E402
+from sampler import sample_trajectories  # noqa: E402
 from run_folder import save_grid  # noqa: E402
 from config import BUNDLED_MODEL, PRESETS  # noqa: E402
 

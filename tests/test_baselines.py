@@ -10,10 +10,10 @@ import torch
 from conftest import sd14_scheduler, tiny_pipeline
 
 from config import ALGOS, TUNED, parse_args
-from ddpo import (PerPromptStatTracker, advantages, batch_advantages, ddpo_sf_loss, pool_to_latent, pxpo_loss, rwr_loss, rwr_weights,
-                  sparse_rwr_weights, weight_share)
+from ddpo import (PerPromptStatTracker, advantages, batch_advantages, ddpo_sf_loss, pool_to_latent, pxpo_loss, rwr_epoch_weights, rwr_loss,
+                  rwr_weights, sparse_rwr_weights, weight_share)
 from sampler import ddim_step_with_logprob, sample_trajectories
-from train import objective
+from train import rwr_regression_loss
 
 
 def test_rwr_weights_are_exp_beta_r_averaging_one():
@@ -55,7 +55,7 @@ def test_rwr_selectivity_on_normal_rewards_is_what_the_docstring_says(beta_sigma
 
 def rwr_loss_by_hand(pipe, traj, rows, weights, guidance_scale, seed):
     """The weighted denoising loss of the guided prediction eps_u + w (eps_c - eps_u), each branch
-    its own UNet call, with the noise and timesteps objective() draws from the same seeds."""
+    its own UNet call, with the noise and timesteps rwr_regression_loss draws from the same seeds."""
     torch.manual_seed(seed)
     x0 = traj["latents"][rows, -1]
     noise = torch.randn_like(x0)
@@ -73,7 +73,7 @@ def test_rwr_regresses_the_guided_prediction_which_is_the_plain_one_at_guidance_
     for guidance_scale in (1.0, 3.0):
         cfg = SimpleNamespace(algo="rwr", guidance_scale=guidance_scale)
         torch.manual_seed(7)
-        loss, _ = objective(cfg, pipe, traj, weights, rows, None, np.random.default_rng(7))
+        loss = rwr_regression_loss(cfg, pipe, traj, weights, rows, np.random.default_rng(7))
         guided, plain = rwr_loss_by_hand(pipe, traj, rows, weights, guidance_scale, seed=7)
         torch.testing.assert_close(loss, guided)
         if guidance_scale == 1.0:
@@ -181,5 +181,5 @@ def test_pxpo_advantages_of_a_scalar_reward_are_ddpos_at_every_position():
     pxpo_advantages = advantages("pxpo", prompts, rewards, (8, 8))
     assert pxpo_advantages.shape == (4, 8, 8)
     torch.testing.assert_close(pxpo_advantages, ddpo_advantages[:, None, None].expand(4, 8, 8))
-    weights = advantages("rwr-sparse", prompts, rewards, (8, 8), PerPromptStatTracker())
-    torch.testing.assert_close(weights, torch.tensor([0.0, 0.0, 2.0, 2.0]))  # the best of each prompt, mean 1
+    weights = rwr_epoch_weights("rwr-sparse", prompts, rewards, per_prompt=True)
+    np.testing.assert_allclose(weights, [0.0, 0.0, 2.0, 2.0])  # the best of each prompt, mean 1

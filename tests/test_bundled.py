@@ -6,7 +6,8 @@ import torch
 
 import toy_world
 import config
-from sampler import load_pipeline, sample_trajectories
+from pipeline import load_pipeline
+from sampler import sample_trajectories
 
 
 def test_bundled_model_loads_offline_and_samples_a_batch(monkeypatch):

@@ -5,7 +5,8 @@ import json
 import torch
 
 import train
-from sampler import add_trainable, base_policy, compile_policy, load_pipeline, policy_log_prob, sample_trajectories
+from pipeline import add_trainable, compile_policy, load_pipeline
+from sampler import base_policy, policy_log_prob, sample_trajectories
 
 
 def test_a_compiled_policy_recomputes_the_sampled_log_prob_within_fp32_round_off(tiny_pipeline_dir):

@@ -9,7 +9,8 @@ import toy_world
 import train
 from evaluation import evaluate
 from config import load_prompts
-from sampler import add_trainable, base_policy, load_pipeline, policy_gaussian, policy_kl, sample_trajectories
+from pipeline import add_trainable, load_pipeline
+from sampler import base_policy, policy_gaussian, policy_kl, sample_trajectories
 
 SMALL = ["--samples-per-epoch", "8", "--batch-size", "2", "--num-steps", "3", "--lr", "1e-2"]
 

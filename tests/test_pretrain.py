@@ -3,7 +3,8 @@ import torch
 
 import pretrain
 import toy_world
-from sampler import load_pipeline, sample_trajectories
+from pipeline import load_pipeline
+from sampler import sample_trajectories
 
 
 def test_tokenizer_spells_world_words_as_one_token_and_falls_back_to_characters():

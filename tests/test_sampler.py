@@ -5,7 +5,8 @@ import pytest
 import torch
 from conftest import sd14_scheduler
 
-from sampler import add_trainable, ddim_step_with_logprob, load_pipeline, policy_log_prob, sample_trajectories
+from pipeline import add_trainable, load_pipeline
+from sampler import ddim_step_with_logprob, policy_log_prob, sample_trajectories
 
 NUM_STEPS = 10
 SHAPE = (3, 4, 8, 8)

@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 import train
 from config import parse_args
-from sampler import add_trainable, base_policy, load_pipeline, sample_trajectories
+from pipeline import add_trainable, load_pipeline
+from sampler import base_policy, sample_trajectories
 
 TINY_RUN = ["--epochs", "1", "--samples-per-epoch", "8", "--batch-size", "2", "--num-steps", "4", "--prompts", "simple_animals"]
 

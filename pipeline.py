@@ -1,0 +1,80 @@
+"""Stable Diffusion 1.x for DDPO: loading a pipeline, the trainable LoRA, compiling, and saving the
+trained weights. The libraries' workarounds live here, so that sampler.py is the policy's maths.
+"""
+import logging
+import shutil
+
+import torch
+
+# diffusers' pipeline module looks up transformers' CLIP and SigLIP image processors; without
+# torchvision they fall back to their PIL versions (which this project uses) with a notice each.
+# Only those two notices are dropped, where they are logged, before diffusers is imported.
+logging.getLogger("transformers.utils.import_utils").addFilter(lambda record: "requires torchvision" not in record.getMessage())
+
+from diffusers import DDIMScheduler, StableDiffusionPipeline  # noqa: E402
+from diffusers.training_utils import cast_training_params  # noqa: E402
+from diffusers.utils import convert_state_dict_to_diffusers  # noqa: E402
+from diffusers.utils import logging as diffusers_logging  # noqa: E402
+from peft import LoraConfig  # noqa: E402
+from peft.utils import get_peft_model_state_dict  # noqa: E402
+from transformers.utils import logging as transformers_logging  # noqa: E402
+
+LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the UNet's attention projections
+
+
+def load_pipeline(model, device="cpu", dtype=torch.float32, local_files_only=False):
+    """A Stable-Diffusion-1.x pipeline from a hub id or a local folder, ready for DDPO.
+
+    The safety checker is off (it blacks out images, which a reward would learn to exploit), the
+    scheduler is DDIM with the model's own noise schedule, and every weight starts frozen: the
+    trainer decides what to unfreeze (a LoRA or the whole UNet).
+    """
+    for library in (diffusers_logging, transformers_logging):
+        library.disable_progress_bar()  # loading takes seconds; its bars would only clutter the log
+    pipe = StableDiffusionPipeline.from_pretrained(
+        model, dtype=dtype, safety_checker=None, requires_safety_checker=False, local_files_only=local_files_only
+    )
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    for module in (pipe.vae, pipe.text_encoder, pipe.unet):
+        module.requires_grad_(False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def add_trainable(unet, lora_rank):
+    """A LoRA on the attention projections (kept in fp32), or the whole UNet when rank is 0."""
+    if lora_rank == 0:
+        unet.to(torch.float32).requires_grad_(True)
+    else:
+        unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+        cast_training_params(unet, dtype=torch.float32)
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
+def compile_policy(pipe, base=None):
+    """torch.compile the policy's UNet in place (its weights and state_dict stay as they are), and
+    the base policy's when that is a frozen copy. Each kind of call compiles once, on first use:
+    sampling (no gradient), training (forward and backward) and the base policy (adapter off)."""
+    pipe.unet.compile()
+    if base is not None:
+        with base() as base_unet:
+            if base_unet is not pipe.unet:
+                base_unet.compile()
+
+
+def save_weights(pipe, out, lora_rank):
+    """lora/ in diffusers' format (for load_lora_weights), or unet/ after a full fine-tune. Written
+    into a folder aside, then swapped in: a crash leaves the previous epoch's weights whole."""
+    final = out / ("unet" if lora_rank == 0 else "lora")
+    fresh, old = out / f".{final.name}.new", out / f".{final.name}.old"
+    for leftover in (fresh, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    if lora_rank == 0:
+        pipe.unet.save_pretrained(fresh)
+    else:
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
+        type(pipe).save_lora_weights(fresh, unet_lora_layers=layers)
+    if final.exists():
+        final.rename(old)
+    fresh.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
