@@ -100,7 +100,8 @@ def test_taking_several_trained_steps_through_one_forward_gives_the_same_update(
         optimizer = torch.optim.SGD(params, lr=1.0)  # the step is the gradient itself
         stats.append(train.update(cfg, pipe, traj, advantages, optimizer, params, np.random.default_rng(0), contextlib.nullcontext(), False, base))
         moved.append(torch.cat([(p.detach() - p0).flatten() for p, p0 in zip(params, start)]))
-    assert moved[0].abs().max() > 0 and torch.allclose(moved[1], moved[0], rtol=1e-4, atol=1e-6 * moved[0].abs().max().item())
+    # float rounding only: the sums run in another order (measured: up to 1.1e-6 of the largest change, by the thread count)
+    assert moved[0].abs().max() > 0 and torch.allclose(moved[1], moved[0], rtol=1e-4, atol=1e-5 * moved[0].abs().max().item())
     assert stats[0].keys() == stats[1].keys() >= {"loss", "approx_kl", "clipfrac", "kl_to_base"}
     for key in stats[0]:
         assert stats[1][key] == pytest.approx(stats[0][key], rel=1e-4, abs=1e-9), key
