@@ -73,6 +73,15 @@ TUNED = {
         ("pixel_background", "pxpo"): dict(lr=1.6e-3),
     },
 }
+# Where the defaults come from, for --show-config: the paper's text (arXiv 2305.13301, ICLR 2024
+# version) or the original code (jannerm/ddpo) where the paper is silent. The rest are this project's.
+PAPER_DEFAULTS = {
+    "num_steps": "paper, appendix D.5", "guidance_scale": "paper, appendix D.5", "eta": "original code; the paper does not say",
+    "algo": "paper", "samples_per_epoch": "paper, appendix D.1", "updates_per_epoch": "paper, appendix D.1", "clip_range": "paper, appendix D.1",
+    "per_prompt_stat_tracking": "paper, appendix D.3", "buffer_size": "original code", "min_count": "original code", "beta": "paper, appendix D.5",
+    "weight_decay": "paper, appendix D.5", "max_grad_norm": "paper, appendix D.5", "lora_rank": "public PyTorch port (kvablack/ddpo-pytorch)",
+    "adv_clip_max": "public PyTorch port", "timestep_fraction": "paper: every step trained", "inner_epochs": "paper",
+}
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --mixed-precision
 
 
@@ -152,26 +161,58 @@ def parse_args(argv=None, description=None):
         else:
             meta.setdefault("type", f.type)
         parser.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, **meta)
+    parser.add_argument("--show-config", action="store_true", default=argparse.SUPPRESS,
+                        help="print every setting the run would use and where it comes from, then exit without loading a model")
     given = vars(parser.parse_args(argv))  # only the flags on the command line
-    if "resume" in given:
-        return resumed_config(given)
+    show = given.pop("show_config", False)
+    cfg, sources = resumed_config(given) if "resume" in given else resolve(given)
+    if show:
+        print(describe(cfg, sources))
+        sys.exit(0)
+    return cfg
+
+
+def resolve(given):
+    """The settings of a new run, in layers, each over the one before: the paper's defaults (Config),
+    the preset, the algorithm's own (ALGO_SETTINGS), the preset's tuned ones (TUNED), the flags
+    given; then the values derived from them. Returns the Config and where each value came from."""
     model, preset = given.pop("model", "auto"), given.pop("preset", "auto")
+    sources = {f.name: f"default: {PAPER_DEFAULTS[f.name]}" if f.name in PAPER_DEFAULTS else "default" for f in dataclasses.fields(Config)}
+    sources.update(model="flag", preset="flag")
     if model == "auto":
         model = SD14 if torch.cuda.is_available() else str(BUNDLED_MODEL)
         why = f"CUDA is available, so {SD14}" if torch.cuda.is_available() else "no CUDA device, so the bundled CPU model models/tiny-shapes"
         print(f"--model auto: {why} (choose with --model)")
+        sources["model"] = "auto: " + ("CUDA is available" if torch.cuda.is_available() else "no CUDA device")
     if preset == "auto":
         preset = "tiny" if Path(model).resolve() == BUNDLED_MODEL.resolve() else "paper"
+        sources["preset"] = f"auto: {'the bundled model' if preset == 'tiny' else 'not the bundled model'}"
     algo, reward = given.get("algo", Config.algo), given.get("reward", Config.reward)
-    settings = {**PRESETS[preset], **ALGO_SETTINGS[algo], **TUNED.get(preset, {}).get((reward, algo), {})}
-    cfg = Config(**{**settings, **given, "model": model, "preset": preset})
+    layers = [(f"preset {preset}", PRESETS[preset]), (f"algorithm {algo}", ALGO_SETTINGS[algo]),
+              (f"tuned for {reward} and {algo} (config.TUNED)", TUNED.get(preset, {}).get((reward, algo), {})), ("flag", given)]
+    settings = {}
+    for source, layer in layers:
+        settings.update(layer)
+        sources.update(dict.fromkeys(layer, source))
+    cfg = Config(**{**settings, "model": model, "preset": preset})
     # derived values, computed once
     if cfg.lr is None:
         cfg.lr = 3e-4 if cfg.lora_rank > 0 else 1e-5
-    cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    cfg.out = cfg.out or f"runs/{cfg.reward}-{cfg.algo}-{time.strftime('%Y%m%d-%H%M%S')}"
+        sources["lr"] = f"derived: {'3e-4 with a LoRA (paper, appendix C)' if cfg.lora_rank > 0 else '1e-5 for the whole UNet (paper, appendix D.5)'}"
+    if cfg.device is None:
+        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+        sources["device"] = "derived: cuda when available, else cpu"
+    if cfg.out is None:
+        cfg.out = f"runs/{cfg.reward}-{cfg.algo}-{time.strftime('%Y%m%d-%H%M%S')}"
+        sources["out"] = "derived: runs/<reward>-<algo>-<time>"
     validate(cfg)
-    return cfg
+    return cfg, sources
+
+
+def describe(cfg, sources):
+    """Every setting, its value and where it came from, one a line."""
+    width = max(len(name) for name in sources) + 2
+    return "\n".join(f"--{name.replace('_', '-'):{width}} {getattr(cfg, name)!s:32} {sources[name]}" for name in sources)
 
 
 def resumed_config(given):
@@ -188,7 +229,9 @@ def resumed_config(given):
     saved = read_saved_config(folder / "config.json")
     cfg = Config(**{**saved, **given, "out": str(folder), "resume": str(folder)})
     validate(cfg)
-    return cfg
+    sources = {f.name: f"saved in {folder / 'config.json'}" for f in dataclasses.fields(Config)}
+    sources.update(dict.fromkeys([*given, "resume"], "flag"))
+    return cfg, sources
 
 
 def read_saved_config(path):

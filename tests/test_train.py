@@ -1,5 +1,6 @@
 """train.py end to end on the tiny pipeline: the run folder, the saved LoRA, and refused input."""
 import contextlib
+import dataclasses
 import json
 
 import numpy as np
@@ -9,7 +10,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
 import train
-from config import parse_args
+from config import Config, parse_args
 from pipeline import add_trainable, load_pipeline
 from sampler import base_policy, sample_trajectories
 
@@ -105,3 +106,19 @@ def test_taking_several_trained_steps_through_one_forward_gives_the_same_update(
     assert stats[0].keys() == stats[1].keys() >= {"loss", "approx_kl", "clipfrac", "kl_to_base"}
     for key in stats[0]:
         assert stats[1][key] == pytest.approx(stats[0][key], rel=1e-4, abs=1e-9), key
+
+
+def test_show_config_prints_every_setting_and_where_it_came_from_and_writes_nothing(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit:
+        parse_args(["--show-config", "--algo", "rwr", "--lr", "1e-3", "--out", str(tmp_path / "run")])
+    assert exit.value.code == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("--")}
+    assert set(lines) == {"--" + f.name.replace("_", "-") for f in dataclasses.fields(Config)}  # every setting, once
+    expected = {  # the bundled model (no CUDA here): preset tiny; each layer over the one before, the flag over all
+        "--num-steps": ("20", "preset tiny"), "--updates-per-epoch": ("4", "algorithm rwr"), "--inner-epochs": ("5", "algorithm rwr"),
+        "--beta": ("6.0", "tuned for jpeg and rwr"), "--lr": ("0.001", "flag"), "--eta": ("1.0", "default: original code"),
+        "--clip-range": ("0.0008", "preset tiny"), "--max-grad-norm": ("1.0", "default: paper, appendix D.5"),
+    }
+    for flag, (value, source) in expected.items():
+        assert lines[flag].split()[1] == value and source in lines[flag], lines[flag]
+    assert not (tmp_path / "run").exists()
