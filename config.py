@@ -1,6 +1,6 @@
 """The settings of a training run: one Config dataclass, filled by argparse from train.py's flags.
 
-Defaults are the paper's settings for SD v1.4 (section 5 and appendix). A preset rescales them for
+Defaults are the paper's settings for SD v1.4 (appendix D.1 and D.5). A preset rescales them for
 another model ("tiny": the bundled CPU model); every flag given on the command line still wins.
 Bad input is refused here, before anything is loaded or written: one line, exit status 2.
 """
@@ -98,11 +98,11 @@ class Config:
     # task
     reward: str = arg("jpeg", "reward function (README, Rewards)", choices=(*REWARDS, "aesthetic", "alignment"))
     prompts: str = arg("imagenet_animals", f"a built-in prompt set ({', '.join(PROMPT_SETS)}) or a text file, one prompt a line")
-    # sampling (paper, section 5: DDIM, 50 steps, eta 1, guidance 5)
+    # sampling (paper, appendix D.5: 50 steps, guidance 5; DDIM with eta 1 as the original code samples)
     num_steps: int = arg(50, "DDIM steps T per trajectory")
     guidance_scale: float = arg(5.0, "classifier-free guidance weight w, part of the policy")
     eta: float = arg(1.0, "DDIM noise level; must be > 0 for the step to have a log-prob")
-    # algorithm (paper, section 4; settings from section 5 and appendix)
+    # algorithm (paper, sections 4.2-4.3; settings from appendix D.1 and D.5)
     algo: str = arg("ddpo-is", "DDPO_IS (clipped importance sampling), DDPO_SF (REINFORCE), reward-weighted regression "
                     "(dense or top 10 %%), or pixel-wise PXPO (ddpo.py)", choices=ALGOS)
     epochs: int = arg(100, "epochs, each one round of sampling and updates")

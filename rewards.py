@@ -4,7 +4,7 @@ map (B, H, W) whose mean over the pixels is the image's reward (`scalar`), so th
 can use it and PXPO can use the map itself.
 
 `REWARDS` maps the names that `train.py --reward` accepts to these functions. The paper's two
-learned rewards (section 5) need models: `aesthetic` and `alignment` build a reward function
+learned rewards (sections 5.2 and 5.3) need models: `aesthetic` and `alignment` build a reward function
 around them, loaded once, when a run asks for that reward.
 """
 import io
@@ -34,7 +34,7 @@ def to_pil(images):
 
 
 def jpeg_kilobytes(images):
-    """Size of each image saved as JPEG at quality 95, in kB (bytes / 1000) (paper, section 5)."""
+    """Size of each image saved as JPEG at quality 95, in kB (bytes / 1000) (paper, section 5.1)."""
     sizes = []
     for image in to_pil(images):
         buffer = io.BytesIO()
@@ -140,7 +140,7 @@ def aesthetic_head(path=AESTHETIC_HEAD):
 
 
 def aesthetic(clip_model, device="cpu", batch_size=32, head=None):
-    """The LAION aesthetic score (paper, section 5): CLIP's image embedding, L2-normalised, into
+    """The LAION aesthetic score (paper, section 5.2): CLIP's image embedding, L2-normalised, into
     the aesthetic head; roughly 1 to 10."""
     processor = pretrained(AutoImageProcessor, clip_model, "--aesthetic-model")
     clip = pretrained(CLIPVisionModelWithProjection, clip_model, "--aesthetic-model").to(device).eval()
@@ -179,7 +179,7 @@ def bert_embeddings(texts, tokenizer, model, layer, device):
 
 
 def alignment(vlm_model, scorer_model, scorer_layer, device="cpu", batch_size=8, max_new_tokens=64):
-    """Prompt alignment (paper, section 5): a vision-language model answers QUESTION about each
+    """Prompt alignment (paper, section 5.3): a vision-language model answers QUESTION about each
     image; the reward is the BERTScore recall of its answer against "The image contains <prompt>"."""
     dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
     processor = pretrained(AutoProcessor, vlm_model, "--alignment-model", padding_side="left")

@@ -1,6 +1,7 @@
 """The policy: Stable Diffusion's denoiser, sampled with DDIM and read as a Gaussian policy.
 
-DDPO (Black et al. 2023, section 4.1) treats each reverse-diffusion step as an action. With
+DDPO (Black et al. 2023, section 4.3 "Denoising Diffusion Policy Optimization") treats each
+reverse-diffusion step as an action. With
 eta > 0 a DDIM step draws x_{t-1} from a diagonal Gaussian whose mean depends on the UNet, so
 every step has a log-probability. This file takes that step with its log-prob, and samples whole
 trajectories, keeping everything the update needs. Loading and saving the pipeline: pipeline.py.
@@ -17,7 +18,7 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 def ddim_mean_std(scheduler, model_output, timestep, sample, eta=1.0):
-    """The policy's Gaussian at state (c, t, x_t) (paper, section 4.1): mean_t and sigma_t of the
+    """The policy's Gaussian at state (c, t, x_t) (paper, section 4.3): mean_t and sigma_t of the
     DDIM step x_t -> x_{t-1} for the noise prediction model_output. timestep is a scalar or one per
     sample. Only the mean depends on theta."""
     if eta <= 0:
@@ -73,7 +74,7 @@ def policy_kl(mean, base_mean, std, reduce="mean"):
 def ddim_step_with_logprob(
     scheduler, model_output, timestep, sample, eta=1.0, prev_sample=None, generator=None, reduce="mean"
 ):
-    """One DDIM step x_t -> x_{t-1} and log p_theta(x_{t-1} | x_t, c) (paper, section 4.1).
+    """One DDIM step x_t -> x_{t-1} and log p_theta(x_{t-1} | x_t, c) (paper, section 4.3).
 
     If prev_sample is given it is scored (the action taken at sampling time) instead of drawn.
     reduce: "mean" (the default, as the public code), "sum" or "none" (reduce_elements).
@@ -105,7 +106,7 @@ def base_policy(unet, lora_rank):
 
 def guided_eps(unet, latents, timesteps, prompt_embeds, negative_embeds, guidance_scale):
     """The policy's noise prediction. Classifier-free guidance is part of the policy (paper,
-    appendix): eps = eps_u + w (eps_c - eps_u), eps_u from the empty prompt. Sampling and training
+    appendix E.1 "CFG Training"): eps = eps_u + w (eps_c - eps_u), eps_u from the empty prompt. Sampling and training
     both call this, so the trained log-prob is the sampled one."""
     if guidance_scale <= 1:
         return unet(latents, timesteps, prompt_embeds).sample

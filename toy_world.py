@@ -7,7 +7,7 @@ in five in the training images, about half of the time in its samples (the UNet 
 textures less often than it sees them). That is room for the JPEG reward to move (a plain
 background compresses to well under half the bytes of a textured one) without changing what the
 prompt asks for, which the judge checks. The judge is this world's stand-in for the paper's
-vision-language alignment reward (section 5).
+vision-language alignment reward (section 5.3).
 """
 import numpy as np
 import torch

@@ -1,4 +1,4 @@
-"""The objectives (paper, sections 4.2-4.3): gradients of the losses and the advantage statistics."""
+"""The objectives (paper, section 4.3 and appendix D.3): gradients of the losses and the advantage statistics."""
 import numpy as np
 import pytest
 import torch

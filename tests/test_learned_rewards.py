@@ -1,4 +1,4 @@
-"""The paper's learned rewards (section 5) on tiny random-weight models built from configs: LAION's
+"""The paper's learned rewards (sections 5.2 and 5.3) on tiny random-weight models built from configs: LAION's
 aesthetic score on CLIP embeddings, and the VLM + BERTScore prompt alignment. No downloads."""
 import huggingface_hub
 import pytest

@@ -1,4 +1,4 @@
-"""Rewards (paper, section 5): JPEG size at quality 95, in kB; the pixel-wise colour rewards."""
+"""Rewards (paper, section 5.1): JPEG size at quality 95, in kB; the pixel-wise colour rewards."""
 import io
 
 import pytest

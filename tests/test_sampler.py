@@ -1,4 +1,4 @@
-"""The policy's log-prob (paper, section 4.1), checked against diffusers and torch.distributions."""
+"""The policy's log-prob (paper, section 4.3), checked against diffusers and torch.distributions."""
 import math
 
 import pytest
