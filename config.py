@@ -118,6 +118,8 @@ class Config:
     buffer_size: int = arg(32, "rewards kept per prompt for its statistics")
     min_count: int = arg(16, "rewards a prompt needs before its own statistics replace the batch's")
     beta: float = arg(0.2, "rwr: inverse temperature of the weights exp(beta * r)")
+    pxpo_normalise: str = arg("prompt", "pxpo: each latent position's reward against its prompt's statistics of the scalar rewards (prompt), "
+                              "or against its prompt's running mean and std at that position (position)", choices=("prompt", "position"))
     target_color: str = arg("1,1,1", "pixel_color, pixel_background: the target colour as R,G,B in [0, 1]")
     aesthetic_model: str = arg("openai/clip-vit-large-patch14", "aesthetic: the CLIP model (hub id or folder) under LAION's aesthetic head")
     alignment_model: str = arg("llava-hf/llava-1.5-7b-hf", "alignment: the vision-language model (hub id or folder) that describes each image")
@@ -199,10 +201,10 @@ def resolve(given):
     if cfg.lr is None:
         cfg.lr = 3e-4 if cfg.lora_rank > 0 else 1e-5
         sources["lr"] = f"derived: {'3e-4 with a LoRA (paper, appendix C)' if cfg.lora_rank > 0 else '1e-5 for the whole UNet (paper, appendix D.5)'}"
-    if cfg.device is None:
+    if not cfg.device:
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
         sources["device"] = "derived: cuda when available, else cpu"
-    if cfg.out is None:
+    if not cfg.out:
         cfg.out = f"runs/{cfg.reward}-{cfg.algo}-{time.strftime('%Y%m%d-%H%M%S')}"
         sources["out"] = "derived: runs/<reward>-<algo>-<time>"
     validate(cfg)
@@ -277,6 +279,11 @@ def validate(cfg):
             fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if cfg.kl_coef > 0 and cfg.algo.startswith("rwr"):
         fail(f"--kl-coef works with ddpo-is, ddpo-sf and pxpo, whose updates score the sampled steps; {cfg.algo} regresses on fresh noise instead")
+    if cfg.algo in ("ddpo-sf", "pxpo") and (cfg.updates_per_epoch > 1 or cfg.inner_epochs > 1):
+        fail(f"--algo {cfg.algo} is on-policy: one update per epoch (--updates-per-epoch 1, --inner-epochs 1); "
+             f"for several updates on the same samples use --algo ddpo-is, whose clipped ratio allows them")
+    if cfg.pxpo_normalise != "prompt" and cfg.algo != "pxpo":
+        fail(f"--pxpo-normalise {cfg.pxpo_normalise} applies to --algo pxpo only, not {cfg.algo}")
     if cfg.min_count > cfg.buffer_size:
         fail(f"--min-count ({cfg.min_count}) must be at most --buffer-size ({cfg.buffer_size}), or no prompt would use its own statistics")
     try:

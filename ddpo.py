@@ -1,6 +1,7 @@
 """DDPO's objectives: advantages from rewards, and the losses whose gradients train the policy.
 
-Denoising as a Markov decision process (Black et al. 2023, section 4.1):
+Denoising as a Markov decision process (Black et al. 2023, section 4.3 "Denoising Diffusion Policy
+Optimization", its paragraph "Denoising as a multi-step MDP"):
 
     state    s_t = (c, t, x_t)          prompt, timestep, current latent
     action   a_t = x_{t-1}              the next latent
@@ -10,16 +11,16 @@ Denoising as a Markov decision process (Black et al. 2023, section 4.1):
     reward   r(x_0, c) after the last step, 0 before it (rewards.py)
 
 Every step of a trajectory shares the trajectory's one reward, so each step's advantage is the
-normalised reward of its sample (section 4.3). The objective J = E[r(x_0, c)] has the gradient
-(section 4.2)
+normalised reward of its sample (appendix D.3, "Reward Normalization"). The objective
+J = E[r(x_0, c)] has the gradient (section 4.3, "Policy gradient estimation")
 
     grad J = E[ sum_t grad log p_theta(x_{t-1} | x_t, c) * A ]
 
 estimated directly (DDPO_SF, REINFORCE) or through importance ratios with a PPO-style clip so
 that one batch of samples can feed several updates (DDPO_IS). Two baselines and one extension
-share the loop: reward-weighted regression (RWR, dense or sparse), which treats the whole chain as
-one bandit step and regresses on its own best samples, and pixel-wise PXPO, which gives every
-latent position its own advantage from a per-pixel reward map.
+share the loop: reward-weighted regression (RWR, dense or sparse; section 4.2), which treats the
+whole chain as one bandit step and regresses on its own best samples, and pixel-wise PXPO, which
+gives every latent position its own advantage from a per-pixel reward map.
 """
 from collections import defaultdict, deque
 
@@ -31,60 +32,81 @@ from rewards import scalar
 
 
 class PerPromptStatTracker:
-    """Normalises each reward by the recent rewards of its own prompt (section 4.3).
+    """Normalises each reward by the recent rewards of its own prompt (appendix D.3, "Reward
+    Normalization": a running mean and std tracked for each prompt independently).
 
     Each prompt keeps a buffer of its last buffer_size rewards. Once the buffer holds min_count
     rewards its mean and std are used, before that the whole batch's: A = (r - mean) / (std + 1e-6).
-    Given reward maps (B, h, w) too (PXPO), each position of a map is normalised by its image's
-    statistics instead: A_ij = (R_ij - mean) / (std + 1e-6), which is A wherever the map is flat.
+    Given reward maps (B, h, w) too (PXPO), each position R_ij of a map is normalised by the same
+    statistics of its prompt's scalar rewards, A_ij = (R_ij - mean) / (std + 1e-6), which is A
+    wherever the map is flat. With per_position, the buffers hold the maps instead, and each
+    position is normalised by its prompt's mean and std at that position.
     """
 
-    def __init__(self, buffer_size=32, min_count=16):
-        self.buffer_size, self.min_count = buffer_size, min_count
+    def __init__(self, buffer_size=32, min_count=16, per_position=False):
+        self.buffer_size, self.min_count, self.per_position = buffer_size, min_count, per_position
         self.buffers = defaultdict(lambda: deque(maxlen=self.buffer_size))
 
     def update(self, prompts, rewards, maps=None):
         rewards = np.asarray(rewards, dtype=np.float64)
         values = rewards if maps is None else np.asarray(maps, dtype=np.float64)
+        tracked = values if self.per_position else rewards
         advantages = np.empty_like(values)
         for prompt in set(prompts):
             rows = np.array([p == prompt for p in prompts])
             buffer = self.buffers[prompt]
-            buffer.extend(rewards[rows])
-            ref = np.asarray(buffer) if len(buffer) >= self.min_count else rewards
-            advantages[rows] = (values[rows] - ref.mean()) / (ref.std() + 1e-6)
+            buffer.extend(tracked[rows])
+            ref = np.asarray(buffer) if len(buffer) >= self.min_count else tracked
+            mean, std = (ref.mean(axis=0), ref.std(axis=0)) if self.per_position else (ref.mean(), ref.std())
+            advantages[rows] = (values[rows] - mean) / (std + 1e-6)
         return advantages
 
+    def state_dict(self):
+        """The buffers as plain data and tensors (a checkpoint loads them with weights_only=True)."""
+        if self.per_position:
+            return {prompt: torch.as_tensor(np.asarray(values)) for prompt, values in self.buffers.items()}
+        return {prompt: [float(v) for v in values] for prompt, values in self.buffers.items()}
 
-def batch_advantages(rewards, maps=None):
-    """Without per-prompt tracking: normalise over the batch (maps: each position, as above)."""
+    def load_state_dict(self, buffers):
+        for prompt, values in buffers.items():
+            self.buffers[prompt] = deque(np.asarray(values) if self.per_position else values, maxlen=self.buffer_size)
+
+
+def batch_advantages(rewards, maps=None, per_position=False):
+    """Without per-prompt tracking: normalise over the batch (maps: each position by the batch's
+    scalar rewards, or with per_position by the batch's maps at that position)."""
     rewards = np.asarray(rewards, dtype=np.float64)
-    values = rewards if maps is None else np.asarray(maps, dtype=np.float64)
-    return (values - rewards.mean()) / (rewards.std() + 1e-6)
+    if maps is None:
+        return (rewards - rewards.mean()) / (rewards.std() + 1e-6)
+    maps = np.asarray(maps, dtype=np.float64)
+    if per_position:
+        return (maps - maps.mean(axis=0)) / (maps.std(axis=0) + 1e-6)
+    return (maps - rewards.mean()) / (rewards.std() + 1e-6)
 
 
-def advantages(algo, prompts, rewards, latent_size, tracker=None):
+def advantages(algo, prompts, rewards, latent_size, tracker=None, per_position=False):
     """Each sample's advantage as a tensor: its reward normalised by its prompt's statistics
-    (tracker) or the batch's (section 4.3). PXPO: the same for each latent position of the reward
-    map pooled to latent_size (a scalar reward is a flat map)."""
+    (tracker) or the batch's (appendix D.3). PXPO: the same for each latent position of the reward
+    map pooled to latent_size (a scalar reward is a flat map); per_position: see PerPromptStatTracker."""
     scores = scalar(rewards).cpu().numpy()
     maps = None
     if algo == "pxpo":
         reward_map = rewards if rewards.dim() == 3 else rewards[:, None, None].expand(-1, *latent_size)
         maps = pool_to_latent(reward_map, latent_size).cpu().numpy()
-    values = tracker.update(prompts, scores, maps) if tracker is not None else batch_advantages(scores, maps)
+    values = tracker.update(prompts, scores, maps) if tracker is not None else batch_advantages(scores, maps, per_position)
     return torch.as_tensor(values, dtype=torch.float32, device=rewards.device)
 
 
 def ddpo_sf_loss(log_prob, advantages, adv_clip_max):
-    """DDPO_SF (section 4.2): minus the score-function surrogate, whose gradient is
-    -E[A * grad log p_theta]. Valid only on-policy: one update per batch of samples."""
+    """DDPO_SF (section 4.3, "Policy gradient estimation"): minus the score-function surrogate,
+    whose gradient is -E[A * grad log p_theta]. Valid only on-policy: one update per batch of
+    samples (appendix D.1: one update on all 256)."""
     advantages = advantages.clamp(-adv_clip_max, adv_clip_max)
     return -(advantages * log_prob).mean()
 
 
 def ddpo_is_loss(log_prob, old_log_prob, advantages, clip_range, adv_clip_max):
-    """DDPO_IS (section 4.2, with the PPO clip of Schulman et al. 2017): with
+    """DDPO_IS (section 4.3; the PPO clip of Schulman et al. 2017, appendix D.1): with
     ratio = p_theta / p_old, the loss max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)), averaged.
     At ratio 1 its gradient is DDPO_SF's; once the ratio leaves the clip range in the direction the
     advantage favours, the gradient is zero."""
@@ -111,7 +133,12 @@ def pxpo_loss(log_prob, advantages, adv_clip_max):
     one advantage per latent position. log_prob (B, C, h, w) holds each element's log-density,
     advantages (B, h, w); each position's log-prob, its channels summed, is weighted by its own
     advantage, and the sum is divided by the element count as DDPO's mean reduction is. With a
-    constant map this is exactly ddpo_sf_loss on the mean log-prob."""
+    constant map this is exactly ddpo_sf_loss on the mean log-prob.
+
+    Per-position credit is a heuristic, not an unbiased estimate of the gradient of the mean
+    reward: a latent element at one position shapes the others through the later denoising steps
+    (the UNet mixes positions) and through the decoder, and those paths go uncredited. Only with a
+    flat map (where it is DDPO_SF) is it the policy gradient."""
     advantages = advantages.clamp(-adv_clip_max, adv_clip_max)
     return -(advantages * log_prob.sum(dim=1)).sum() / log_prob.numel()
 
@@ -128,8 +155,8 @@ def groups(prompts, n):
 
 
 def rwr_weights(rewards, prompts=None, beta=0.2):
-    """Reward-weighted regression (the paper's baseline, section 5): w = exp(beta * r) / Z, with Z making the
-    weights average 1 over the batch, or over each prompt's samples when prompts are given.
+    """Reward-weighted regression (section 4.2; appendix D.2, D.5): w = exp(beta * r) / Z, with Z
+    making the weights average 1 over the batch, or over each prompt's samples when prompts are given.
 
     beta is an inverse temperature on the reward's own scale, so what it means depends on the
     reward's spread sigma: for normally spread rewards the weights are log-normal, and the share of
@@ -154,19 +181,35 @@ def weight_share(weights, mass=0.9):
 
 
 def sparse_rwr_weights(rewards, prompts=None, top=0.1):
-    """Sparse RWR: weight 1 for the top fraction of rewards (at least one sample), 0 for the rest;
-    ranked over the batch, or within each prompt's samples when prompts are given."""
+    """Sparse RWR (section 4.2, w = 1[r >= C]; appendix D.2 and D.5: C the 90th percentile of a pool
+    of samples): weight 1 for the top fraction of rewards, 0 for the rest, `round(top * n)` of
+    each pool of n (at least one).
+
+    The pools: given prompts, each prompt with at least 1 / top samples is a pool of its own (the
+    paper's per-prompt threshold, appendix D.3; the original code samples each prompt in batches of
+    its own); the samples of the prompts with fewer are ranked together in one pool. Ranking
+    those per prompt would keep at least one of every prompt's one, two or three samples: with
+    SD v1.4's defaults (398 prompts, 256 samples an epoch) about 70 % of the samples, not 10 %."""
     rewards = np.asarray(rewards, dtype=np.float64)
     weights = np.zeros_like(rewards)
-    for rows in groups(prompts, len(rewards)):
-        keep = max(1, int(np.ceil(top * len(rows) - 1e-9)))
+    pools = groups(prompts, len(rewards))
+    enough = [rows for rows in pools if len(rows) >= round(1 / top)]
+    rest = np.concatenate([rows for rows in pools if len(rows) < round(1 / top)] + [np.array([], dtype=int)])
+    for rows in enough + ([np.sort(rest)] if len(rest) else []):
+        keep = max(1, int(np.floor(top * len(rows) + 0.5)))
         weights[rows[np.argsort(-rewards[rows], kind="stable")[:keep]]] = 1.0
     return weights
 
 
 def rwr_epoch_weights(algo, prompts, rewards, beta=0.2, per_prompt=False):
     """RWR's weights on an epoch's rewards (a tensor): exp(beta * r) (rwr) or 1 for the top 10 %
-    (rwr-sparse), per prompt or over the epoch, scaled to average 1 over the epoch."""
+    (rwr-sparse), per prompt or over the epoch, scaled to average 1 over the epoch.
+
+    Where this differs from the original code (jannerm/ddpo): its round is 10,240 samples
+    (appendix D.5: 10k samples, 400 updates of 128), here one epoch (256 on SD v1.4); it regresses
+    the VAE re-encoding of each decoded image, here the sampled latent x_0 itself; and its dense
+    runs weight over the round on compressibility but per prompt on aesthetics, here the flag
+    --per-prompt-stat-tracking decides (default off for rwr, as on compressibility)."""
     rewards = rewards.cpu().numpy()
     by_prompt = prompts if per_prompt else None
     weights = rwr_weights(rewards, by_prompt, beta) if algo == "rwr" else sparse_rwr_weights(rewards, by_prompt)
@@ -181,6 +224,7 @@ def rwr_loss(eps_pred, noise, weights):
     eps_hat is the *guided* prediction eps_u + w (eps_c - eps_u) (sampler.guided_eps), the one the
     sampler uses, as in the original code's RWR runs (its `train_cfg`). Regressing the conditional
     branch alone while sampling with guidance w > 1 trains a different model from the one sampled,
-    which the paper's appendix reports degrades after one round."""
+    which the paper's appendix E.1 ("CFG Training", Figure 10) reports degrading
+    after the first round."""
     errors = ((eps_pred.float() - noise) ** 2).mean(dim=tuple(range(1, noise.dim())))
     return (weights * errors).mean()

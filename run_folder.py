@@ -19,7 +19,6 @@ import os
 import pickle
 import signal
 import sys
-from collections import deque
 from pathlib import Path
 
 import matplotlib
@@ -98,7 +97,7 @@ def checkpoint(out, cfg, history, pipe, optimizer, tracker, rng, generator, devi
         save_checkpoint(out, {
             "epoch": history[-1]["epoch"], "history": history, "optimizer": optimizer.state_dict(), "rng": streams,
             "trainable": {name: p for name, p in pipe.unet.state_dict().items() if name in trainable},
-            "buffers": {prompt: [float(v) for v in values] for prompt, values in tracker.buffers.items()} if tracker is not None else {},
+            "buffers": tracker.state_dict() if tracker is not None else {},
         }, cfg.keep_checkpoints)
 
 
@@ -119,7 +118,7 @@ def restore(state, cfg, pipe, optimizer, tracker, rng, generator, rank, device):
     pipe.unet.load_state_dict(state["trainable"], strict=False)
     optimizer.load_state_dict(state["optimizer"])
     if tracker is not None:
-        tracker.buffers.update({prompt: deque(values, maxlen=cfg.buffer_size) for prompt, values in state["buffers"].items()})
+        tracker.load_state_dict(state["buffers"])
     own = state["rng"][rank]
     rng.bit_generator.state = own["numpy"]
     torch.set_rng_state(own["torch"])

@@ -65,7 +65,8 @@ def main(argv=None):
     prompt_set = load_prompts(cfg.prompts)
     eval_set = load_prompts(cfg.eval_prompts or cfg.prompts, "--eval-prompts")
     eval_prompts = [eval_set[k % len(eval_set)] for k in range(cfg.eval_samples)]
-    tracker = ddpo.PerPromptStatTracker(cfg.buffer_size, cfg.min_count) if cfg.per_prompt_stat_tracking else None
+    per_position = cfg.pxpo_normalise == "position"
+    tracker = ddpo.PerPromptStatTracker(cfg.buffer_size, cfg.min_count, per_position) if cfg.per_prompt_stat_tracking else None
     toy_prompts = set(prompt_set) <= set(toy_world.PROMPTS)  # then the toy world's judge reports fidelity
 
     out, history = Path(cfg.out), []
@@ -104,7 +105,7 @@ def main(argv=None):
                 stats = rwr_round(cfg, pipe, traj, all_prompts, reward_out, mine, optimizer, params, rng, autocast, progress=rank == 0)
             else:
                 # 3. advantages: each reward normalised by its prompt's statistics, over the whole epoch
-                advantages = ddpo.advantages(cfg.algo, all_prompts, reward_out, traj["latents"].shape[-2:], tracker)[mine]
+                advantages = ddpo.advantages(cfg.algo, all_prompts, reward_out, traj["latents"].shape[-2:], tracker, per_position)[mine]
                 # 4. update the policy on this process's samples
                 stats = update(cfg, pipe, traj, advantages, optimizer, params, rng, autocast, progress=rank == 0, base=base)
             stats = parallel.mean_over_processes(stats)
@@ -142,7 +143,7 @@ def update(cfg, pipe, traj, advantages, optimizer, params, rng, autocast, progre
     stats, skipped = defaultdict(list), 0
     batches = shuffled_microbatches(cfg, num_samples, num_steps, train_steps, rng, traj["latents"].device)
     for i, (samples, step_order) in enumerate(tqdm(batches, desc="training", disable=None if progress else True, leave=False)):
-        for c, (rows, steps, per_sample) in enumerate(fused_steps(cfg, samples, step_order, train_steps)):
+        for chunk, (rows, steps, per_sample) in enumerate(fused_steps(cfg, samples, step_order, train_steps)):
             with autocast:
                 # the state s_t = (c, t, x_t) and the action a_t = x_{t-1} of each stored step, and the policy now
                 states = (traj["latents"][rows, steps], traj["timesteps"][rows, steps], traj["prompt_embeds"][rows])
@@ -157,7 +158,7 @@ def update(cfg, pipe, traj, advantages, optimizer, params, rng, autocast, progre
                 else:  # pxpo: every latent position its own advantage
                     loss = ddpo.pxpo_loss(element_log_prob, advantages[rows], cfg.adv_clip_max)
                 diagnostics = ddpo.diagnostics(log_prob, old_log_prob, cfg.clip_range)
-                if base is not None and (cfg.kl_coef > 0 or c == 0):  # beyond the paper: the leash to the base model
+                if base is not None and (cfg.kl_coef > 0 or chunk == 0):  # beyond the paper: the leash to the base model
                     penalty, diagnostics["kl_to_base"] = kl_leash(cfg, pipe, base, traj, states, mean, std, measured=len(samples))
                     loss = loss + penalty
             (loss * per_sample / (train_steps * microbatches)).backward()  # loss is a mean over these states

@@ -6,8 +6,8 @@ compared on seeds the tuning never saw, on equal budgets of reward queries.
     python benchmarks/compare.py --out runs/compare --stage final --jobs 2   # only the 3 seeds
 
 Two comparisons: ddpo-is / ddpo-sf / rwr / rwr-sparse on `jpeg` (the paper's figure 4), and
-ddpo-is / ddpo-sf / pxpo on `pixel_background` (PXPO's claim, on a reward map that differs inside
-the image). Every run is `train.py --algo A --reward R --seed S --epochs E` with the bundled model's
+ddpo-is / ddpo-sf / pxpo / pxpo-position on `pixel_background` (PXPO's claim, on a reward map that
+differs inside the image; pxpo-position is PXPO with --pxpo-normalise position). Every run is `train.py --algo A --reward R --seed S --epochs E` with the bundled model's
 preset, so all get the same samples per epoch and the same reward queries.
 
 1. tune: for each algorithm, every learning rate of LRS (and, for dense RWR, every beta of BETAS),
@@ -49,13 +49,19 @@ import train  # noqa: E402
 
 # On pixel_background ddpo-sf is PXPO's control: with a flat reward map PXPO is DDPO_SF, so the two
 # differ only in the per-pixel credit, while ddpo-is also differs in its 4 clipped updates per epoch.
-COMPARISONS = {"jpeg": ("ddpo-is", "ddpo-sf", "rwr", "rwr-sparse"), "pixel_background": ("ddpo-is", "ddpo-sf", "pxpo")}
+COMPARISONS = {"jpeg": ("ddpo-is", "ddpo-sf", "rwr", "rwr-sparse"), "pixel_background": ("ddpo-is", "ddpo-sf", "pxpo", "pxpo-position")}
+# A variant is an algorithm run with more flags: PXPO with each latent position normalised by its own statistics
+VARIANTS = {"pxpo-position": ["--algo", "pxpo", "--pxpo-normalise", "position"]}
 LRS = (5e-4, 1.6e-3, 5e-3, 1.6e-2)  # log-spaced by sqrt(10), around the tiny preset's 5e-3
 # On jpeg, the base model's rewards spread by about 0.7 kB (std): at these betas 90 % of the weight lies on 69 %,
 # 56 % and 47 % of the first epoch's samples (weight_share; less selective than ddpo.rwr_weights' normal
 # formula says, as the sizes fall in two clusters, plain and textured backgrounds); at the original's 0.2, on 88 %
 BETAS = (1.5, 3.0, 6.0)
 FIDELITY_KEPT = 0.8
+
+
+def algo_flags(algo):
+    return VARIANTS.get(algo, ["--algo", algo])
 
 
 def grid(algo, lrs=LRS, betas=BETAS):
@@ -123,7 +129,7 @@ def tune(args, comparisons):
     algorithm's results and choice (merged with earlier ones, so a grid can be widened later)."""
     folder = args.out / "tune"
     grids = {(reward, algo): {name(s): s for s in grid(algo, args.lrs, args.betas)} for reward, algos in comparisons.items() for algo in algos}
-    tasks = {(reward, algo, key): (["--algo", algo, "--reward", reward, "--seed", str(args.tune_seed), *flags(s)], folder / f"{reward}-{algo}-{key}")
+    tasks = {(reward, algo, key): ([*algo_flags(algo), "--reward", reward, "--seed", str(args.tune_seed), *flags(s)], folder / f"{reward}-{algo}-{key}")
              for (reward, algo), settings in grids.items() for key, s in settings.items()}
     results = run_all(tasks, args)
     path = folder / "tune.json"
@@ -162,7 +168,7 @@ def final(args, comparisons):
     if missing:
         sys.exit(f"compare.py: error: {path} has no choice for {', '.join(missing)}: run --stage tune for it first")
     chosen = {reward: {algo: result["chosen"] for algo, result in algos.items()} for reward, algos in tuned.items()}
-    tasks = {(reward, algo, seed): (["--algo", algo, "--reward", reward, "--seed", str(seed), *flags(chosen[reward][algo])],
+    tasks = {(reward, algo, seed): ([*algo_flags(algo), "--reward", reward, "--seed", str(seed), *flags(chosen[reward][algo])],
                                     args.out / f"{reward}-{algo}-{name(chosen[reward][algo])}-seed{seed}")
              for reward, algos in comparisons.items() for algo in algos for seed in args.seeds}
     results = run_all(tasks, args)

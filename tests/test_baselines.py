@@ -1,4 +1,4 @@
-"""The baselines and the extension (paper, section 5; PXPO, arXiv 2404.04356): RWR's weights,
+"""The baselines and the extension (paper, section 4.2 and appendix D.2; PXPO, arXiv 2404.04356): RWR's weights,
 sparse RWR's selection, and PXPO's per-position credit, which must reduce to DDPO when the
 reward map is flat."""
 from statistics import NormalDist
@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import sd14_scheduler, tiny_pipeline
 
-from config import ALGOS, TUNED, parse_args
+from config import ALGOS, TUNED, load_prompts, parse_args
 from ddpo import (PerPromptStatTracker, advantages, batch_advantages, ddpo_sf_loss, pool_to_latent, pxpo_loss, rwr_epoch_weights, rwr_loss,
                   rwr_weights, sparse_rwr_weights, weight_share)
 from sampler import ddim_step_with_logprob, sample_trajectories
@@ -90,6 +90,14 @@ def test_rwr_runs_as_the_original_five_passes_with_weights_over_the_round_and_fl
     assert parse_args(["--algo", "rwr", "--inner-epochs", "2", "--per-prompt-stat-tracking", "--out", "/nonexistent/r"]).inner_epochs == 2
 
 
+@pytest.mark.parametrize("algo, flags", [("ddpo-sf", ["--updates-per-epoch", "4"]), ("pxpo", ["--inner-epochs", "2"])])
+def test_the_on_policy_estimators_refuse_a_second_update_on_the_same_samples(algo, flags, capsys):
+    with pytest.raises(SystemExit) as exit:
+        parse_args(["--algo", algo, *flags, "--out", "/nonexistent/run"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "on-policy" in err and "use --algo ddpo-is" in err and len(err.strip().splitlines()) == 1
+
+
 def test_the_tiny_preset_runs_each_algorithm_at_its_tuned_setting_and_flags_win():
     assert {algo for _, algo in TUNED["tiny"]} == set(ALGOS)  # every algorithm has a tuned setting on the bundled model
     for (reward, algo), settings in TUNED["tiny"].items():
@@ -103,17 +111,32 @@ def test_the_tiny_preset_runs_each_algorithm_at_its_tuned_setting_and_flags_win(
     assert (paper.preset, paper.lr, paper.beta) == ("paper", 3e-4, 0.2)  # SD v1.4 keeps the paper's settings
 
 
-def test_sparse_rwr_keeps_the_top_tenth_per_prompt():
+def test_sparse_rwr_keeps_the_top_tenth_of_each_prompt_with_ten_samples_and_of_the_rest_together():
     rng = np.random.default_rng(0)
-    prompts = ["cat"] * 30 + ["dog"] * 20 + ["owl"] * 4
+    small = [f"animal {k}" for k in range(10) for _ in range(2)]  # 10 prompts of 2 samples each: 20 samples ranked together
+    prompts = ["cat"] * 30 + ["dog"] * 20 + small
     rewards = rng.normal(size=len(prompts))
     weights = sparse_rwr_weights(rewards, prompts)
     assert set(weights) == {0.0, 1.0}
-    for prompt, kept in (("cat", 3), ("dog", 2), ("owl", 1)):  # 10 %, at least one
-        rows = np.array([p == prompt for p in prompts])
+    for pool, kept in ((["cat"], 3), (["dog"], 2), (sorted(set(small)), 2)):  # 10 % of each pool
+        rows = np.array([p in pool for p in prompts])
         assert weights[rows].sum() == kept
         assert rewards[rows][weights[rows] == 1].min() > rewards[rows][weights[rows] == 0].max()
-    assert sparse_rwr_weights(rewards).sum() == 6  # over the batch: 10 % of 54, rounded up
+    assert sparse_rwr_weights(rewards).sum() == 7  # over the batch: 10 % of 70
+    assert sparse_rwr_weights(rewards[:4], prompts[:4]).sum() == 1  # at least one
+
+
+@pytest.mark.parametrize("prompt_set, samples", [("imagenet_animals", 256), ("simple_animals", 256), ("shapes", 64)],
+                         ids=["sd14-defaults", "simple-animals", "tiny-preset"])
+def test_sparse_rwr_keeps_ten_percent_of_an_epoch_on_any_prompt_set(prompt_set, samples):
+    """Prompts drawn as train.py draws them (uniformly, with repeats), so most prompts get one to
+    five samples an epoch; the kept share is 10 % +- 2 points on every one of 20 draws."""
+    prompts = load_prompts(prompt_set)
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        drawn = [prompts[i] for i in rng.integers(len(prompts), size=samples)]
+        weights = rwr_epoch_weights("rwr-sparse", drawn, torch.as_tensor(rng.normal(size=samples)), per_prompt=True)
+        assert 0.08 <= (weights > 0).mean() <= 0.12, seed
 
 
 def test_rwr_loss_is_the_weighted_denoising_loss():
@@ -163,7 +186,7 @@ def test_pxpo_credits_each_latent_position_with_its_own_advantage():
     assert grad.abs().max() == 0  # and nothing elsewhere
 
 
-def test_reward_maps_are_normalised_by_their_images_statistics():
+def test_each_position_of_a_reward_map_is_normalised_by_its_prompts_scalar_statistics():
     prompts, rewards = ["cat", "cat", "dog", "dog"], np.array([1.0, 2.0, 5.0, 9.0])
     flat = np.broadcast_to(rewards[:, None, None], (4, 2, 2))
     tracker = PerPromptStatTracker(buffer_size=8, min_count=2)
@@ -175,6 +198,26 @@ def test_reward_maps_are_normalised_by_their_images_statistics():
     assert advantages[0, 0, 0] == pytest.approx(batch_advantages(rewards)[0] + 1 / (rewards.std() + 1e-6))
 
 
+def test_per_position_statistics_give_a_position_that_is_high_in_every_sample_no_advantage():
+    """A 'shape' position scores 0.9 in every sample of its prompt, the 'background' varies: with
+    the prompt's scalar statistics the shape's position wins for being the shape; with per-position
+    statistics it gets zero, and the background's positions are ranked among themselves."""
+    rng = np.random.default_rng(0)
+    maps = rng.uniform(0, 0.5, size=(6, 2, 2))
+    maps[:, 0, 0] = 0.9  # the shape
+    prompts, rewards = ["cat"] * 6, maps.mean(axis=(1, 2))
+    scalar_stats = PerPromptStatTracker(buffer_size=8, min_count=2).update(prompts, rewards, maps)
+    assert (scalar_stats[:, 0, 0] > 1).all()
+    tracker = PerPromptStatTracker(buffer_size=8, min_count=2, per_position=True)
+    per_position = tracker.update(prompts, rewards, maps)
+    np.testing.assert_allclose(per_position[:, 0, 0], 0.0, atol=1e-6)
+    np.testing.assert_allclose(per_position[:, 1, 1], (maps[:, 1, 1] - maps[:, 1, 1].mean()) / (maps[:, 1, 1].std() + 1e-6))
+    np.testing.assert_allclose(batch_advantages(rewards, maps, per_position=True), per_position)
+    restored = PerPromptStatTracker(buffer_size=8, min_count=2, per_position=True)
+    restored.load_state_dict(tracker.state_dict())  # a checkpoint's round trip
+    np.testing.assert_allclose(restored.update(prompts, rewards, maps), tracker.update(prompts, rewards, maps))
+
+
 def test_pxpo_advantages_of_a_scalar_reward_are_ddpos_at_every_position():
     prompts, rewards = ["cat", "dog", "cat", "dog"], torch.tensor([1.0, 3.0, 2.0, 7.0])
     ddpo_advantages = advantages("ddpo-is", prompts, rewards, (8, 8))
@@ -182,4 +225,4 @@ def test_pxpo_advantages_of_a_scalar_reward_are_ddpos_at_every_position():
     assert pxpo_advantages.shape == (4, 8, 8)
     torch.testing.assert_close(pxpo_advantages, ddpo_advantages[:, None, None].expand(4, 8, 8))
     weights = rwr_epoch_weights("rwr-sparse", prompts, rewards, per_prompt=True)
-    np.testing.assert_allclose(weights, [0.0, 0.0, 2.0, 2.0])  # the best of each prompt, mean 1
+    np.testing.assert_allclose(weights, [0.0, 0.0, 0.0, 4.0])  # two samples a prompt: ranked together, the best kept, mean 1

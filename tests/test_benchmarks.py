@@ -26,11 +26,11 @@ def test_compare_tunes_each_algorithm_then_runs_its_choice_on_other_seeds(tiny_p
     assert {reward: sorted(algos) for reward, algos in tuned.items()} == {r: sorted(a) for r, a in compare.COMPARISONS.items()}
     assert tuned["jpeg"]["rwr"]["chosen"]["beta"] == 3 and tuned["jpeg"]["ddpo-is"]["chosen"]["lr"] in (1e-3, 1e-2)
     tuning = (tmp_path / "tune" / "tune.md").read_text()
-    assert tuning.count("**yes**") == 7 and "lr0.01-beta3" in tuning  # one choice per algorithm, every setting listed
+    assert tuning.count("**yes**") == 8 and "lr0.01-beta3" in tuning  # one choice per algorithm and variant, every setting listed
     runs = compare.main(["--stage", "final", "--seeds", "0", *common])
     assert sorted(runs) == sorted((reward, algo) for reward, algos in compare.COMPARISONS.items() for algo in algos)
     table = (tmp_path / "compare.md").read_text()
-    assert "## The tuning (seed 100)" in table and table.count("**yes**") == 7 and (tmp_path / "compare.png").is_file()
+    assert "## The tuning (seed 100)" in table and table.count("**yes**") == 8 and (tmp_path / "compare.png").is_file()
     # widening one algorithm's grid runs only the new setting and keeps every other result
     compare.main(["--stage", "tune", "--algos", "ddpo-sf", *common[:-5], "--lrs", "1e-3", "1e-2", "3e-2", "--betas", "3"])
     widened = json.loads((tmp_path / "tune" / "tune.json").read_text())

@@ -28,13 +28,15 @@ def metrics(out):
     return [{k: v for k, v in m.items() if k not in TIMING} for m in lines]
 
 
-@pytest.mark.parametrize("extra", [[], ["--kl-coef", "0.5", "--eval-every", "1", "--eval-samples", "3"]], ids=["plain", "kl-and-eval"])
+@pytest.mark.parametrize("extra", [[], ["--kl-coef", "0.5", "--eval-every", "1", "--eval-samples", "3"],
+                                   ["--algo", "pxpo", "--reward", "pixel_color", "--pxpo-normalise", "position"]],
+                         ids=["plain", "kl-and-eval", "pxpo-per-position-buffers"])
 def test_a_resumed_run_writes_the_same_metrics_as_an_uninterrupted_one(extra, run_args, tmp_path):
     train.main(run_args(tmp_path / "straight", 4) + extra)
     train.main(run_args(tmp_path / "resumed", 2) + extra)
     train.main(["--resume", str(tmp_path / "resumed"), "--epochs", "4"])
     assert len(metrics(tmp_path / "straight")) == 4
-    assert all(("eval_kl_to_base" in m) == bool(extra) for m in metrics(tmp_path / "straight"))
+    assert all(("eval_kl_to_base" in m) == ("--eval-every" in extra) for m in metrics(tmp_path / "straight"))
     assert metrics(tmp_path / "resumed") == metrics(tmp_path / "straight")  # every value but the wall-clock times
 
 
