@@ -1,6 +1,7 @@
 """The settings of a training run: one Config dataclass, filled by argparse from train.py's flags.
 
-Defaults are the paper's settings for SD v1.4 (appendix D.1 and D.5). A preset rescales them for
+Defaults are the paper's settings for SD v1.4 (appendix D.1 and D.5), but for the LoRA at 3e-4 (its
+appendix C; its main runs fine-tune the whole UNet, --lora-rank 0). A preset rescales them for
 another model ("tiny": the bundled CPU model); every flag given on the command line still wins.
 Bad input is refused here, before anything is loaded or written: one line, exit status 2.
 """
@@ -54,7 +55,8 @@ ALGO_SETTINGS = {
     "ddpo-sf": dict(updates_per_epoch=1),
     "pxpo": dict(updates_per_epoch=1),
     # RWR as the original code runs it: a round's samples are regressed on in 5 passes ("num_train_epochs": 5),
-    # dense weights over the whole round (not per prompt), sparse RWR's top 10 % within each prompt's samples
+    # dense weights over the whole round (not per prompt; its compressibility runs), sparse RWR's top 10 % per
+    # prompt where a prompt has enough samples, else over the rest of the round (ddpo.sparse_rwr_weights)
     "rwr": dict(updates_per_epoch=4, inner_epochs=5, per_prompt_stat_tracking=False),
     "rwr-sparse": dict(updates_per_epoch=4, inner_epochs=5),
 }
@@ -77,10 +79,10 @@ TUNED = {
 # version) or the original code (jannerm/ddpo) where the paper is silent. The rest are this project's.
 PAPER_DEFAULTS = {
     "num_steps": "paper, appendix D.5", "guidance_scale": "paper, appendix D.5", "eta": "original code; the paper does not say",
-    "algo": "paper", "samples_per_epoch": "paper, appendix D.1", "updates_per_epoch": "paper, appendix D.1", "clip_range": "paper, appendix D.1",
+    "algo": "paper, section 4.3", "samples_per_epoch": "paper, appendix D.1", "updates_per_epoch": "paper, appendix D.1", "clip_range": "paper, appendix D.1",
     "per_prompt_stat_tracking": "paper, appendix D.3", "buffer_size": "original code", "min_count": "original code", "beta": "paper, appendix D.5",
     "weight_decay": "paper, appendix D.5", "max_grad_norm": "paper, appendix D.5", "lora_rank": "public PyTorch port (kvablack/ddpo-pytorch)",
-    "adv_clip_max": "public PyTorch port", "timestep_fraction": "paper: every step trained", "inner_epochs": "paper",
+    "adv_clip_max": "public PyTorch port", "timestep_fraction": "paper: every step trained", "inner_epochs": "paper, appendix D.1: one pass",
 }
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --mixed-precision
 
@@ -231,8 +233,9 @@ def resumed_config(given):
     saved = read_saved_config(folder / "config.json")
     cfg = Config(**{**saved, **given, "out": str(folder), "resume": str(folder)})
     validate(cfg)
-    sources = {f.name: f"saved in {folder / 'config.json'}" for f in dataclasses.fields(Config)}
-    sources.update(dict.fromkeys([*given, "resume"], "flag"))
+    sources = {f.name: f"saved in {folder / 'config.json'}" if f.name in saved else "default (not in the saved config.json)"
+               for f in dataclasses.fields(Config)}
+    sources.update(dict.fromkeys([*given, "resume", "out"], "flag"))
     return cfg, sources
 
 

@@ -182,14 +182,16 @@ def weight_share(weights, mass=0.9):
 
 def sparse_rwr_weights(rewards, prompts=None, top=0.1):
     """Sparse RWR (section 4.2, w = 1[r >= C]; appendix D.2 and D.5: C the 90th percentile of a pool
-    of samples): weight 1 for the top fraction of rewards, 0 for the rest, `round(top * n)` of
-    each pool of n (at least one).
+    of samples): weight 1 for the top fraction of rewards, 0 for the rest: top * n of each pool of n,
+    rounded half up (at least one).
 
     The pools: given prompts, each prompt with at least 1 / top samples is a pool of its own (the
     paper's per-prompt threshold, appendix D.3; the original code samples each prompt in batches of
     its own); the samples of the prompts with fewer are ranked together in one pool. Ranking
     those per prompt would keep at least one of every prompt's one, two or three samples: with
-    SD v1.4's defaults (398 prompts, 256 samples an epoch) about 70 % of the samples, not 10 %."""
+    SD v1.4's defaults (398 prompts, 256 samples an epoch) about 70 % of the samples, not 10 %.
+    The pool compares rewards across prompts, so where some prompts score higher by nature (an
+    aesthetic reward) it favours them, as dense RWR over the round does."""
     rewards = np.asarray(rewards, dtype=np.float64)
     weights = np.zeros_like(rewards)
     pools = groups(prompts, len(rewards))
@@ -202,7 +204,7 @@ def sparse_rwr_weights(rewards, prompts=None, top=0.1):
 
 
 def rwr_epoch_weights(algo, prompts, rewards, beta=0.2, per_prompt=False):
-    """RWR's weights on an epoch's rewards (a tensor): exp(beta * r) (rwr) or 1 for the top 10 %
+    """RWR's weights on an epoch's rewards (a tensor; returns an array): exp(beta * r) (rwr) or 1 for the top 10 %
     (rwr-sparse), per prompt or over the epoch, scaled to average 1 over the epoch.
 
     Where this differs from the original code (jannerm/ddpo): its round is 10,240 samples

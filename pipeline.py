@@ -8,7 +8,7 @@ import torch
 
 # diffusers' pipeline module looks up transformers' CLIP and SigLIP image processors; without
 # torchvision they fall back to their PIL versions (which this project uses) with a notice each.
-# Only those two notices are dropped, where they are logged, before diffusers is imported.
+# Only those two notices are dropped, where they are logged, before diffusers' pipelines are imported.
 logging.getLogger("transformers.utils.import_utils").addFilter(lambda record: "requires torchvision" not in record.getMessage())
 
 from diffusers import DDIMScheduler, StableDiffusionPipeline  # noqa: E402

@@ -7,10 +7,11 @@ sample trajectories -> reward -> advantages -> minibatch updates -> log (and che
     python train.py --resume runs/<run>                # after a crash or Ctrl-C, exactly where it stopped
     torchrun --nproc-per-node 8 train.py --reward jpeg # data parallel over 8 GPUs (parallel.py)
 
-Defaults are the paper's SD v1.4 settings; with the bundled model the preset "tiny" scales them to a
-CPU (every flag given still wins); config.py holds them all. The policy and its log-prob are in
-sampler.py, advantages and losses in ddpo.py, rewards in rewards.py, the fixed-noise evaluation in
-evaluation.py, the run folder (checkpoints, resume, signals) in run_folder.py.
+Defaults are the paper's SD v1.4 settings, with a LoRA (`--show-config` says where each comes
+from); with the bundled model the preset "tiny" scales them to a CPU (every flag given still wins);
+config.py holds them all. The policy and its log-prob are in sampler.py, advantages and losses in
+ddpo.py, rewards in rewards.py, the fixed-noise evaluation in evaluation.py, the run folder
+(checkpoints, resume, signals) in run_folder.py.
 """
 import dataclasses
 import functools
@@ -92,7 +93,7 @@ def main(argv=None):
             if device.type == "cuda":
                 torch.cuda.synchronize()  # the GPU's queue is done: an honest sampling time
             sample_seconds = time.time() - start
-            # 2. reward r(x_0, c) on the decoded images (a map (B, H, W) for a pixel-wise reward), then every process's
+            # 2. reward r(x_0, c) on the decoded images (a map (B, H, W) for a pixel-wise reward), gathered from every process
             reward_out = parallel.gather(reward_fn(traj["images"], prompts).float().to(device))
             all_prompts = parallel.gather_objects(prompts)
             if not torch.isfinite(reward_out).all():
@@ -132,7 +133,7 @@ def main(argv=None):
 
 
 def update(cfg, pipe, traj, advantages, optimizer, params, rng, autocast, progress=False, base=None):
-    """DDPO's update (paper, "Denoising Diffusion Policy Optimization"; appendix D.1): the epoch's
+    """DDPO's update (paper, section 4.3 "Denoising Diffusion Policy Optimization"; appendix D.1): the epoch's
     samples, shuffled into cfg.updates_per_epoch minibatches, in cfg.inner_epochs passes. Each sample
     trains on its own random cfg.timestep_fraction of its steps; the gradients of a minibatch's
     samples and steps accumulate into one optimiser step on their mean loss. Given the base policy,
@@ -143,13 +144,14 @@ def update(cfg, pipe, traj, advantages, optimizer, params, rng, autocast, progre
     stats, skipped = defaultdict(list), 0
     batches = shuffled_microbatches(cfg, num_samples, num_steps, train_steps, rng, traj["latents"].device)
     for i, (samples, step_order) in enumerate(tqdm(batches, desc="training", disable=None if progress else True, leave=False)):
-        for chunk, (rows, steps, per_sample) in enumerate(fused_steps(cfg, samples, step_order, train_steps)):
+        for chunk, (rows, steps, steps_each) in enumerate(fused_steps(cfg, samples, step_order, train_steps)):  # K = 1: a step t each
             with autocast:
-                # the state s_t = (c, t, x_t) and the action a_t = x_{t-1} of each stored step, and the policy now
+                # the stored states s_t = (c, t, x_t), here in the UNet's order (x_t, t, c), and the policy at them now
                 states = (traj["latents"][rows, steps], traj["timesteps"][rows, steps], traj["prompt_embeds"][rows])
                 mean, std = policy_gaussian(pipe, pipe.unet, *states, traj["negative_embeds"], cfg.guidance_scale, cfg.eta)
+                # the action a_t = x_{t-1} is the next stored latent; its log-density under the policy now
                 element_log_prob = gaussian_log_prob(traj["latents"][rows, steps + 1], mean, std, reduce="none")
-                log_prob = element_log_prob.mean(dim=(1, 2, 3))  # log p_theta(a_t | s_t), per element (sampler.reduce_elements)
+                log_prob = element_log_prob.mean(dim=(1, 2, 3))  # over the latent's elements: averaged, not summed (README, FAQ)
                 old_log_prob = traj["log_probs"][rows, steps]  # at sampling time
                 if cfg.algo == "ddpo-is":  # importance sampling: ratio p_theta / p_old, clipped to 1 +- clip_range
                     loss = ddpo.ddpo_is_loss(log_prob, old_log_prob, advantages[rows], cfg.clip_range, cfg.adv_clip_max)
@@ -161,9 +163,9 @@ def update(cfg, pipe, traj, advantages, optimizer, params, rng, autocast, progre
                 if base is not None and (cfg.kl_coef > 0 or chunk == 0):  # beyond the paper: the leash to the base model
                     penalty, diagnostics["kl_to_base"] = kl_leash(cfg, pipe, base, traj, states, mean, std, measured=len(samples))
                     loss = loss + penalty
-            (loss * per_sample / (train_steps * microbatches)).backward()  # loss is a mean over these states
+            (loss * steps_each / (train_steps * microbatches)).backward()  # loss is a mean over these states
             for key, value in {"loss": loss.detach(), **diagnostics}.items():
-                stats[key].append((value, per_sample))
+                stats[key].append((value, steps_each))
         if (i + 1) % microbatches == 0:
             skipped += not optimizer_step(cfg, optimizer, params)
     return {**weighted_means(stats), "skipped_updates": skipped}
@@ -183,9 +185,9 @@ def shuffled_microbatches(cfg, num_samples, num_steps, train_steps, rng, device)
 
 def fused_steps(cfg, samples, step_order, train_steps):
     """--steps-per-forward K (speed only): the samples' trained steps, K of each sample's through the
-    UNet together. Yields the rows and steps of each forward's states, step-major (each sample's
-    first trained step first), and how many steps of each sample they are. With K = 1 (the
-    default) each forward is one step of every sample."""
+    UNet together. Yields the rows and steps of each forward's states (each sample's row repeated
+    once a step), step-major (each sample's first trained step first), and how many steps of each
+    sample they are. With K = 1 (the default) each forward is one step of every sample."""
     for chunk in torch.arange(train_steps, device=samples.device).split(cfg.steps_per_forward):
         yield samples.repeat(len(chunk)), step_order[samples][:, chunk].T.flatten(), len(chunk)
 
@@ -203,7 +205,7 @@ def kl_leash(cfg, pipe, base, traj, states, mean, std, measured):
 
 
 def rwr_round(cfg, pipe, traj, prompts, reward_out, mine, optimizer, params, rng, autocast, progress=False):
-    """Reward-weighted regression, the paper's baseline ("Reward-Weighted Regression"): weights from
+    """Reward-weighted regression, the paper's baseline (section 4.2; appendix D.2): weights from
     the epoch's rewards (ddpo.rwr_epoch_weights; this process keeps its rows `mine`), then the
     weighted denoising loss of the guided prediction on the samples x_0, each at one fresh noise
     level per pass, in cfg.inner_epochs passes (ddpo.rwr_loss)."""

@@ -14,6 +14,7 @@ import gpu_memory  # noqa: E402
 import kl_overhead  # noqa: E402
 import kl_tradeoff  # noqa: E402
 import overhead  # noqa: E402
+import same_outputs  # noqa: E402
 import train  # noqa: E402
 import vs_trl  # noqa: E402
 
@@ -110,3 +111,14 @@ def test_compile_payback_times_whole_demo_runs_with_their_epochs(tiny_pipeline_d
     for result in runs["eager"]:  # the wall clock holds the epochs, and the process start and model loading besides
         assert len(result["epochs"]) == 2 and result["wall"] > sum(result["epochs"]) > 0
     assert "| eager |" in capsys.readouterr().out
+
+
+def test_same_outputs_finds_two_checkouts_of_one_revision_identical_and_a_changed_value_not(tiny_pipeline_dir, tmp_path):
+    small = f"--model {tiny_pipeline_dir} --samples-per-epoch 8 --batch-size 2 --num-steps 2 --prompts simple_animals"
+    assert same_outputs.main(["HEAD", "HEAD", "--runs", "ddpo-is", "rwr", "--epochs", "1", "--train-args", small, "--work", str(tmp_path)]) == 0
+    assert not (tmp_path / "before").exists()  # the worktrees are removed
+    before, after = (same_outputs.written(tmp_path / "runs" / side / "ddpo-is") for side in ("before", "after"))
+    assert all(same_outputs.same(before[part], after[part]) for part in before)
+    after["checkpoint"]["trainable"] = {k: v + 1e-7 for k, v in after["checkpoint"]["trainable"].items()}
+    after["metrics"][0] = [(key, value + 1e-12 if key == "loss" else value) for key, value in after["metrics"][0]]
+    assert not same_outputs.same(before["checkpoint"], after["checkpoint"]) and not same_outputs.same(before["metrics"], after["metrics"])

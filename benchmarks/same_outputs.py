@@ -1,0 +1,100 @@
+"""Do two revisions of the code train the same, bit for bit? For a restructuring that must change no
+output. Each revision is checked out in a worktree of its own (under --work); there, a short run of
+each algorithm (RUNS: 2 epochs of the bundled model's preset, seed 3) goes through its train.py,
+single-threaded, --jobs at a time. Then what the two wrote is compared: metrics.jsonl (every value
+but the timings, and the keys' order), the saved LoRA files byte for byte, and the last
+checkpoint's state (weights, optimiser, random streams, reward buffers, the history without timings).
+
+    python benchmarks/same_outputs.py dc01ac8 943cad5 --jobs 2   # the restructuring of train.py
+
+Prints one line a run and exits 1 if anything differs. Same machine only: another CPU may round
+differently, and over epochs the runs part.
+"""
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMING = ("sample_seconds", "train_seconds", "eval_seconds")
+RUNS = {
+    "ddpo-is": "--algo ddpo-is",
+    "ddpo-is-leash-fused": "--algo ddpo-is --kl-coef 0.01 --steps-per-forward 3",
+    "ddpo-is-fused-eval": "--algo ddpo-is --steps-per-forward 2 --eval-every 1 --prompts shapes_train --eval-prompts shapes --eval-samples 16",
+    "ddpo-sf": "--algo ddpo-sf",
+    "rwr": "--algo rwr",
+    "rwr-sparse": "--algo rwr-sparse",
+    "pxpo": "--algo pxpo --reward pixel_background",
+}
+
+
+def train(tree, name, out, args):
+    argv = [*shlex.split(RUNS[name]), "--epochs", str(args.epochs), "--seed", "3", "--out", str(out), *shlex.split(args.train_args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "train.py", *argv], cwd=tree, env=env, check=True, stdout=subprocess.DEVNULL)
+
+
+def same(a, b):
+    """Equal values, tensors bit for bit; a dict's keys in any order (the reward buffers fill in the
+    order of a set of prompts, which differs from process to process)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def written(out):
+    """What a run wrote, timings left out: its metrics (as (key, value) pairs: their order counts), its LoRA
+    files' bytes, its last checkpoint's state."""
+    metrics = [list({k: v for k, v in json.loads(line).items() if k not in TIMING}.items()) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lora = {p.name: p.read_bytes() for p in sorted((out / "lora").iterdir())}
+    state = torch.load(sorted((out / "checkpoints").glob("epoch_*.pt"))[-1], weights_only=True)
+    state["history"] = [{k: v for k, v in m.items() if k not in TIMING} for m in state["history"]]
+    return {"metrics": metrics, "lora": lora, "checkpoint": state}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("before", help="a git revision")
+    parser.add_argument("after", help="another git revision")
+    parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS))
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--train-args", default="", help="more train.py flags for every run, quoted")
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--work", type=Path, help="where the worktrees and runs go (default: a temporary folder)")
+    args = parser.parse_args(argv)
+    work = args.work or Path(tempfile.mkdtemp(prefix="same-outputs-"))
+    trees = {}
+    for side in ("before", "after"):
+        trees[side] = work / side
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--force", str(trees[side]), getattr(args, side)],
+                       check=True, capture_output=True)
+    try:
+        tasks = [(side, name) for name in args.runs for side in trees]
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(lambda task: train(trees[task[0]], task[1], work / "runs" / task[0] / task[1], args), tasks))
+        differ = []
+        for name in args.runs:
+            before, after = (written(work / "runs" / side / name) for side in trees)
+            verdict = {part: same(before[part], after[part]) for part in before}
+            print(f"{name:20s} " + "  ".join(f"{part} {'identical' if ok else 'DIFFER'}" for part, ok in verdict.items()))
+            differ += [name] if not all(verdict.values()) else []
+    finally:
+        for tree in trees.values():
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
+    print(f"{args.before} and {args.after}: " + (f"{', '.join(differ)} differ" if differ else "every run identical"))
+    return 1 if differ else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
