@@ -13,6 +13,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pretrain import SD14_SCHEDULER, build_pipeline  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "math: the log-prob maths, the losses, advantages and RWR's weights; fast (pytest -m math)")
+
+
 @pytest.fixture(autouse=True)
 def seeded():
     """Every test starts from the same random state: the suite is deterministic."""

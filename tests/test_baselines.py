@@ -16,6 +16,7 @@ from sampler import ddim_step_with_logprob, sample_trajectories
 from train import rwr_regression_loss
 
 
+@pytest.mark.math
 def test_rwr_weights_are_exp_beta_r_averaging_one():
     rewards = np.array([-3.0, -1.0, 0.5, 2.0])
     weights = rwr_weights(rewards, beta=0.2)
@@ -23,6 +24,7 @@ def test_rwr_weights_are_exp_beta_r_averaging_one():
     np.testing.assert_allclose(weights / weights[0], np.exp(0.2 * (rewards - rewards[0])))
 
 
+@pytest.mark.math
 def test_rwr_weights_per_prompt_average_one_within_each_prompt_and_ignore_its_offset():
     prompts = ["cat", "dog", "cat", "dog", "dog"]
     rewards = np.array([1.0, 5.0, 2.0, 6.0, 9.0])
@@ -34,16 +36,19 @@ def test_rwr_weights_per_prompt_average_one_within_each_prompt_and_ignore_its_of
     assert not np.allclose(rwr_weights(rewards, beta=0.5), weights)  # over the batch they differ
 
 
+@pytest.mark.math
 def test_rwr_weights_do_not_overflow():
     assert np.isfinite(rwr_weights(np.array([1e4, 0.0]), beta=1.0)).all()
 
 
+@pytest.mark.math
 def test_weight_share_is_the_smallest_share_of_samples_carrying_90_percent_of_the_weight():
     assert weight_share(np.ones(10)) == pytest.approx(0.9)  # equal weights: 9 of 10
     assert weight_share(np.array([0.0, 0.0, 5.0, 0.0])) == pytest.approx(0.25)  # one sample holds it all
     assert weight_share(np.array([6.0, 3.0, 1.0])) == pytest.approx(2 / 3)  # 6 + 3 = 90 %
 
 
+@pytest.mark.math
 @pytest.mark.parametrize("beta_sigma, share", [(0.0, 0.9), (1.81, 0.3), (2.56, 0.1), (3.61, 0.01)])
 def test_rwr_selectivity_on_normal_rewards_is_what_the_docstring_says(beta_sigma, share):
     sigma = 0.76  # jpeg's spread (kB) in the bundled model's first epoch
@@ -111,6 +116,7 @@ def test_the_tiny_preset_runs_each_algorithm_at_its_tuned_setting_and_flags_win(
     assert (paper.preset, paper.lr, paper.beta) == ("paper", 3e-4, 0.2)  # SD v1.4 keeps the paper's settings
 
 
+@pytest.mark.math
 def test_sparse_rwr_keeps_the_top_tenth_of_each_prompt_with_ten_samples_and_of_the_rest_together():
     rng = np.random.default_rng(0)
     small = [f"animal {k}" for k in range(10) for _ in range(2)]  # 10 prompts of 2 samples each: 20 samples ranked together
@@ -128,6 +134,7 @@ def test_sparse_rwr_keeps_the_top_tenth_of_each_prompt_with_ten_samples_and_of_t
 
 @pytest.mark.parametrize("prompt_set, samples", [("imagenet_animals", 256), ("simple_animals", 256), ("shapes", 64)],
                          ids=["sd14-defaults", "simple-animals", "tiny-preset"])
+@pytest.mark.math
 def test_sparse_rwr_keeps_ten_percent_of_an_epoch_on_any_prompt_set(prompt_set, samples):
     """Prompts drawn as train.py draws them (uniformly, with repeats), so most prompts get one to
     five samples an epoch; the kept share is 10 % +- 2 points on every one of 20 draws."""
@@ -139,6 +146,7 @@ def test_sparse_rwr_keeps_ten_percent_of_an_epoch_on_any_prompt_set(prompt_set, 
         assert 0.08 <= (weights > 0).mean() <= 0.12, seed
 
 
+@pytest.mark.math
 def test_rwr_loss_is_the_weighted_denoising_loss():
     eps_pred, noise = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
     weights = torch.tensor([0.0, 1.0, 2.0])
@@ -147,6 +155,7 @@ def test_rwr_loss_is_the_weighted_denoising_loss():
     torch.testing.assert_close(rwr_loss(eps_pred, noise, torch.ones(3)), ((eps_pred - noise) ** 2).mean())
 
 
+@pytest.mark.math
 def test_pool_to_latent_averages_each_cells_pixel_patch():
     reward_map = torch.rand(2, 16, 16)
     pooled = pool_to_latent(reward_map, (2, 2))
@@ -164,6 +173,7 @@ def per_element_log_prob(eps):
     return ddim_step_with_logprob(scheduler, eps, scheduler.timesteps[3], sample, prev_sample=prev, reduce="none")[1]
 
 
+@pytest.mark.math
 def test_pxpo_with_a_constant_map_is_ddpo_sf():
     advantages = torch.tensor([1.5, -0.5, 0.2])
     eps = torch.randn(3, 4, 4, 4).requires_grad_(True)
@@ -176,6 +186,7 @@ def test_pxpo_with_a_constant_map_is_ddpo_sf():
     assert sf_grad.abs().max() > 0
 
 
+@pytest.mark.math
 def test_pxpo_credits_each_latent_position_with_its_own_advantage():
     advantages = torch.zeros(3, 4, 4)
     advantages[0, 1, 2] = 2.0
@@ -186,6 +197,7 @@ def test_pxpo_credits_each_latent_position_with_its_own_advantage():
     assert grad.abs().max() == 0  # and nothing elsewhere
 
 
+@pytest.mark.math
 def test_each_position_of_a_reward_map_is_normalised_by_its_prompts_scalar_statistics():
     prompts, rewards = ["cat", "cat", "dog", "dog"], np.array([1.0, 2.0, 5.0, 9.0])
     flat = np.broadcast_to(rewards[:, None, None], (4, 2, 2))
@@ -198,6 +210,7 @@ def test_each_position_of_a_reward_map_is_normalised_by_its_prompts_scalar_stati
     assert advantages[0, 0, 0] == pytest.approx(batch_advantages(rewards)[0] + 1 / (rewards.std() + 1e-6))
 
 
+@pytest.mark.math
 def test_per_position_statistics_give_a_position_that_is_high_in_every_sample_no_advantage():
     """A 'shape' position scores 0.9 in every sample of its prompt, the 'background' varies: with
     the prompt's scalar statistics the shape's position wins for being the shape; with per-position
@@ -218,6 +231,7 @@ def test_per_position_statistics_give_a_position_that_is_high_in_every_sample_no
     np.testing.assert_allclose(restored.update(prompts, rewards, maps), tracker.update(prompts, rewards, maps))
 
 
+@pytest.mark.math
 def test_pxpo_advantages_of_a_scalar_reward_are_ddpos_at_every_position():
     prompts, rewards = ["cat", "dog", "cat", "dog"], torch.tensor([1.0, 3.0, 2.0, 7.0])
     ddpo_advantages = advantages("ddpo-is", prompts, rewards, (8, 8))

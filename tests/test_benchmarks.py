@@ -115,7 +115,7 @@ def test_compile_payback_times_whole_demo_runs_with_their_epochs(tiny_pipeline_d
 
 def test_same_outputs_finds_two_checkouts_of_one_revision_identical_and_a_changed_value_not(tiny_pipeline_dir, tmp_path):
     small = f"--model {tiny_pipeline_dir} --samples-per-epoch 8 --batch-size 2 --num-steps 2 --prompts simple_animals"
-    assert same_outputs.main(["HEAD", "HEAD", "--runs", "ddpo-is", "rwr", "--epochs", "1", "--train-args", small, "--work", str(tmp_path)]) == 0
+    assert same_outputs.main(["HEAD", "HEAD", "--runs", "ddpo-is", "--epochs", "1", "--train-args", small, "--work", str(tmp_path)]) == 0
     assert not (tmp_path / "before").exists()  # the worktrees are removed
     before, after = (same_outputs.written(tmp_path / "runs" / side / "ddpo-is") for side in ("before", "after"))
     assert all(same_outputs.same(before[part], after[part]) for part in before)

@@ -16,6 +16,7 @@ def grad_of(loss_fn, log_prob):
     return log_prob.grad
 
 
+@pytest.mark.math
 def test_clipped_loss_has_reinforce_gradient_at_ratio_one():
     log_prob, advantages = torch.randn(6), torch.randn(6)
     is_grad = grad_of(lambda lp: ddpo_is_loss(lp, log_prob, advantages, CLIP, 5.0), log_prob)
@@ -24,6 +25,7 @@ def test_clipped_loss_has_reinforce_gradient_at_ratio_one():
     torch.testing.assert_close(sf_grad, -advantages / 6)
 
 
+@pytest.mark.math
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_clipped_loss_gradient_is_zero_past_the_clip_in_the_favoured_direction(sign):
     """A > 0 and ratio > 1 + eps, or A < 0 and ratio < 1 - eps: no more push that way."""
@@ -35,12 +37,14 @@ def test_clipped_loss_gradient_is_zero_past_the_clip_in_the_favoured_direction(s
     assert (against.abs() > 0).all()
 
 
+@pytest.mark.math
 def test_advantages_are_clipped_in_both_losses():
     log_prob, advantages = torch.zeros(2), torch.tensor([50.0, -50.0])
     torch.testing.assert_close(grad_of(lambda lp: ddpo_sf_loss(lp, advantages, 5.0), log_prob), torch.tensor([-2.5, 2.5]))
     torch.testing.assert_close(grad_of(lambda lp: ddpo_is_loss(lp, log_prob, advantages, CLIP, 5.0), log_prob), torch.tensor([-2.5, 2.5]))
 
 
+@pytest.mark.math
 def test_diagnostics():
     old = torch.zeros(4)
     new = torch.tensor([0.0, 2 * CLIP, -2 * CLIP, 0.5 * CLIP])
@@ -49,6 +53,7 @@ def test_diagnostics():
     assert stats["approx_kl"].item() == pytest.approx(0.5 * (new**2).mean().item())
 
 
+@pytest.mark.math
 def test_score_function_estimator_is_unbiased():
     """On a DDIM step whose noise prediction is the parameter and a quadratic reward
     r(x) = -||x - c||^2, E[r] = -||mean(eps) - c||^2 - const, so the true gradient is the gradient
@@ -78,6 +83,7 @@ def test_score_function_estimator_is_unbiased():
     assert 4 * standard_error.max() < 0.1 * true_grad.norm()  # sharp enough to see a bias of 10 % of the gradient
 
 
+@pytest.mark.math
 def test_stat_tracker_normalises_per_prompt_once_buffer_is_full():
     tracker = PerPromptStatTracker(buffer_size=8, min_count=3)
     prompts = ["cat"] * 3 + ["dog"] * 3
@@ -90,6 +96,7 @@ def test_stat_tracker_normalises_per_prompt_once_buffer_is_full():
     np.testing.assert_allclose(advantages, [(4.0 - 2.5) / (np.std([1, 2, 3, 4]) + 1e-6)])
 
 
+@pytest.mark.math
 def test_stat_tracker_falls_back_to_batch_statistics_below_min_count():
     tracker = PerPromptStatTracker(buffer_size=8, min_count=3)
     prompts, rewards = ["cat", "cat", "dog", "dog"], np.array([1.0, 2.0, 5.0, 9.0])
@@ -97,6 +104,7 @@ def test_stat_tracker_falls_back_to_batch_statistics_below_min_count():
     np.testing.assert_allclose(batch_advantages(rewards), (rewards - 4.25) / (rewards.std() + 1e-6))
 
 
+@pytest.mark.math
 def test_stat_tracker_buffer_keeps_the_latest_rewards():
     tracker = PerPromptStatTracker(buffer_size=4, min_count=2)
     for reward in range(10):

@@ -27,6 +27,7 @@ def states(pipe):
     return traj["latents"][:, 1], traj["timesteps"][:, 1], traj["prompt_embeds"], traj["negative_embeds"], 3.0, 1.0
 
 
+@pytest.mark.math
 def test_policy_kl_equals_torch_distributions_kl_of_the_two_gaussians():
     mean, base_mean, std = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.rand(3, 1, 1, 1) + 0.1
     expected = torch.distributions.kl_divergence(torch.distributions.Normal(mean, std.expand_as(mean)),
@@ -36,6 +37,7 @@ def test_policy_kl_equals_torch_distributions_kl_of_the_two_gaussians():
     torch.testing.assert_close(policy_kl(mean, base_mean, std), expected.mean(dim=(1, 2, 3)))  # the default: per element, as the log-prob
 
 
+@pytest.mark.math
 def test_policy_kl_gradient_flows_only_through_the_current_policy():
     mean, base_mean, std = torch.randn(2, 4, 8, 8, requires_grad=True), torch.randn(2, 4, 8, 8, requires_grad=True), torch.tensor(0.5)
     policy_kl(mean, base_mean, std, reduce="sum").sum().backward()

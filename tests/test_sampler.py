@@ -19,6 +19,7 @@ def diffusers_mean_and_std(scheduler, eps, t, sample, eta):
     return mean, std
 
 
+@pytest.mark.math
 @pytest.mark.parametrize("eta", [0.5, 1.0])
 @pytest.mark.parametrize("step", [0, NUM_STEPS // 2, NUM_STEPS - 1])  # first, middle, last (t' < 0)
 def test_ddim_step_equals_diffusers_step_for_same_noise(eta, step):
@@ -34,6 +35,7 @@ def test_ddim_step_equals_diffusers_step_for_same_noise(eta, step):
     torch.testing.assert_close(log_prob, -torch.log(std) - 0.5 * math.log(2 * math.pi), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.math
 @pytest.mark.parametrize("step", [0, NUM_STEPS - 1])
 def test_log_prob_reductions_match_normal_density(step):
     torch.manual_seed(step)
@@ -50,6 +52,7 @@ def test_log_prob_reductions_match_normal_density(step):
     torch.testing.assert_close(log_prob["mean"], log_prob["sum"] / (4 * 8 * 8), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.math
 def test_per_sample_timesteps_equal_scalar_steps():
     scheduler = sd14_scheduler(NUM_STEPS)
     sample, eps, prev = torch.randn(SHAPE), torch.randn(SHAPE), torch.randn(SHAPE)
@@ -59,12 +62,14 @@ def test_per_sample_timesteps_equal_scalar_steps():
     torch.testing.assert_close(batched, torch.cat(one_by_one))
 
 
+@pytest.mark.math
 def test_eta_zero_has_no_density():
     scheduler = sd14_scheduler(NUM_STEPS)
     with pytest.raises(ValueError, match="eta"):
         ddim_step_with_logprob(scheduler, torch.randn(SHAPE), scheduler.timesteps[0], torch.randn(SHAPE), eta=0.0)
 
 
+@pytest.mark.math
 def test_recomputed_log_prob_equals_sampling_log_prob_with_cfg_and_lora(tiny_pipeline_dir):
     pipe = load_pipeline(tiny_pipeline_dir)
     add_trainable(pipe.unet, lora_rank=4)
