@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end in a reduced mode (a smoke test: no timing is asserted)."""
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -114,6 +115,8 @@ def test_compile_payback_times_whole_demo_runs_with_their_epochs(tiny_pipeline_d
 
 
 def test_same_outputs_finds_two_checkouts_of_one_revision_identical_and_a_changed_value_not(tiny_pipeline_dir, tmp_path):
+    if subprocess.run(["git", "-C", str(same_outputs.ROOT), "rev-parse", "HEAD"], capture_output=True).returncode:
+        pytest.skip("same_outputs checks revisions out of git: this copy of the project is not a git checkout")
     small = f"--model {tiny_pipeline_dir} --samples-per-epoch 8 --batch-size 2 --num-steps 2 --prompts simple_animals"
     assert same_outputs.main(["HEAD", "HEAD", "--runs", "ddpo-is", "--epochs", "1", "--train-args", small, "--work", str(tmp_path)]) == 0
     assert not (tmp_path / "before").exists()  # the worktrees are removed
