@@ -103,7 +103,7 @@ def main(argv=None):
             mine = slice(rank * len(prompts), (rank + 1) * len(prompts))  # this process's samples among every process's
             start = time.time()
             if cfg.algo.startswith("rwr"):  # the paper's RWR baseline: weighted regression instead of phases 3 and 4
-                stats = rwr_round(cfg, pipe, traj, all_prompts, reward_out, mine, optimizer, params, rng, autocast, progress=rank == 0)
+                stats = rwr_round(cfg, pipe, traj, all_prompts, rewards, mine, optimizer, params, rng, autocast, progress=rank == 0)
             else:
                 # 3. advantages: each reward normalised by its prompt's statistics, over the whole epoch
                 advantages = ddpo.advantages(cfg.algo, all_prompts, reward_out, traj["latents"].shape[-2:], tracker, per_position)[mine]
@@ -204,13 +204,13 @@ def kl_leash(cfg, pipe, base, traj, states, mean, std, measured):
     return cfg.kl_coef * kl, kl.detach()
 
 
-def rwr_round(cfg, pipe, traj, prompts, reward_out, mine, optimizer, params, rng, autocast, progress=False):
+def rwr_round(cfg, pipe, traj, prompts, rewards, mine, optimizer, params, rng, autocast, progress=False):
     """Reward-weighted regression, the paper's baseline (section 4.2; appendix D.2): weights from
-    the epoch's rewards (ddpo.rwr_epoch_weights; this process keeps its rows `mine`), then the
+    the epoch's scalar rewards (ddpo.rwr_epoch_weights; this process keeps its rows `mine`), then the
     weighted denoising loss of the guided prediction on the samples x_0, each at one fresh noise
     level per pass, in cfg.inner_epochs passes (ddpo.rwr_loss)."""
-    weights = ddpo.rwr_epoch_weights(cfg.algo, prompts, scalar(reward_out), cfg.beta, per_prompt=cfg.per_prompt_stat_tracking)
-    weights = torch.as_tensor(weights, dtype=torch.float32, device=reward_out.device)
+    weights = ddpo.rwr_epoch_weights(cfg.algo, prompts, rewards, cfg.beta, per_prompt=cfg.per_prompt_stat_tracking)
+    weights = torch.as_tensor(weights, dtype=torch.float32, device=rewards.device)
     selectivity = float(ddpo.weight_share(weights.cpu().numpy()))
     weights = weights[mine]
     num_samples, num_steps = traj["log_probs"].shape
