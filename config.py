@@ -3,10 +3,14 @@
 Defaults are the paper's settings for SD v1.4 (appendix D.1 and D.5), but for the LoRA at 3e-4 (its
 appendix C; its main runs fine-tune the whole UNet, --lora-rank 0). A preset rescales them for
 another model ("tiny": the bundled CPU model); every flag given on the command line still wins.
-Bad input is refused here, before anything is loaded or written: one line, exit status 2.
+Bad input is refused here, before anything is loaded or written: one line, exit status 2. This
+module imports neither torch nor diffusers (seconds to load), so that --help, --show-config and a
+bad flag answer at once: train.py parses its flags before its own imports.
 """
 import argparse
+import ctypes
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -16,11 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-import parallel
 import toy_world
-from rewards import REWARDS
 
 DATA = Path(__file__).parent / "data"
 BUNDLED_MODEL = Path(__file__).parent / "models" / "tiny-shapes"
@@ -84,7 +84,8 @@ PAPER_DEFAULTS = {
     "weight_decay": "paper, appendix D.5", "max_grad_norm": "paper, appendix D.5", "lora_rank": "public PyTorch port (kvablack/ddpo-pytorch)",
     "adv_clip_max": "public PyTorch port", "timestep_fraction": "paper: every step trained", "inner_epochs": "paper, appendix D.1: one pass",
 }
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --mixed-precision
+# rewards.REWARDS's names (the learned ones are built by train.load_reward); a test keeps them equal
+REWARD_NAMES = ("jpeg", "jpeg_incompressibility", "pixel_color", "pixel_background", "toy_alignment", "aesthetic", "alignment")
 
 
 def arg(default, help, **kwargs):
@@ -98,7 +99,7 @@ class Config:
     preset: str = arg("auto", "settings to start from: the paper's, or tiny for the bundled model on a CPU; auto: tiny with the bundled model", choices=("auto", *PRESETS))
     lora_rank: int = arg(4, "rank of the LoRA on the UNet's attention projections; 0 fine-tunes the whole UNet")
     # task
-    reward: str = arg("jpeg", "reward function (README, Rewards)", choices=(*REWARDS, "aesthetic", "alignment"))
+    reward: str = arg("jpeg", "reward function (README, Rewards)", choices=REWARD_NAMES)
     prompts: str = arg("imagenet_animals", f"a built-in prompt set ({', '.join(PROMPT_SETS)}) or a text file, one prompt a line")
     # sampling (paper, appendix D.5: 50 steps, guidance 5; DDIM with eta 1 as the original code samples)
     num_steps: int = arg(50, "DDIM steps T per trajectory")
@@ -139,7 +140,7 @@ class Config:
     # system
     seed: int = arg(0, "seed for prompts, noise, shuffling and LoRA init")
     out: str = arg(None, "run folder; default runs/<reward>-<algo>-<time>")
-    mixed_precision: str = arg("no", "frozen networks in this dtype and the forwards autocast to it; the LoRA stays fp32", choices=tuple(DTYPES))
+    mixed_precision: str = arg("no", "frozen networks in this dtype and the forwards autocast to it; the LoRA stays fp32", choices=("no", "fp16", "bf16"))
     gradient_checkpointing: bool = arg(False, "recompute the UNet's activations in the backward pass: less memory, more time")
     compile: bool = arg(False, "torch.compile the UNet for sampling and training; the first epoch pays the compiling (README, Speed)")
     allow_tf32: bool = arg(True, "TF32 matmuls and convolutions on CUDA (Ampere and newer)")
@@ -184,10 +185,10 @@ def resolve(given):
     sources = {f.name: f"default: {PAPER_DEFAULTS[f.name]}" if f.name in PAPER_DEFAULTS else "default" for f in dataclasses.fields(Config)}
     sources.update(model="flag", preset="flag")
     if model == "auto":
-        model = SD14 if torch.cuda.is_available() else str(BUNDLED_MODEL)
-        why = f"CUDA is available, so {SD14}" if torch.cuda.is_available() else "no CUDA device, so the bundled CPU model models/tiny-shapes"
-        print(f"--model auto: {why} (choose with --model)")
-        sources["model"] = "auto: " + ("CUDA is available" if torch.cuda.is_available() else "no CUDA device")
+        cuda = cuda_available()
+        model = SD14 if cuda else str(BUNDLED_MODEL)
+        print(f"--model auto: {f'CUDA is available, so {SD14}' if cuda else 'no CUDA device, so the bundled CPU model models/tiny-shapes'} (choose with --model)")
+        sources["model"] = "auto: " + ("CUDA is available" if cuda else "no CUDA device")
     if preset == "auto":
         preset = "tiny" if Path(model).resolve() == BUNDLED_MODEL.resolve() else "paper"
         sources["preset"] = f"auto: {'the bundled model' if preset == 'tiny' else 'not the bundled model'}"
@@ -204,13 +205,29 @@ def resolve(given):
         cfg.lr = 3e-4 if cfg.lora_rank > 0 else 1e-5
         sources["lr"] = f"derived: {'3e-4 with a LoRA (paper, appendix C)' if cfg.lora_rank > 0 else '1e-5 for the whole UNet (paper, appendix D.5)'}"
     if not cfg.device:
-        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+        cfg.device = "cuda" if cuda_available() else "cpu"
         sources["device"] = "derived: cuda when available, else cpu"
     if not cfg.out:
         cfg.out = f"runs/{cfg.reward}-{cfg.algo}-{time.strftime('%Y%m%d-%H%M%S')}"
         sources["out"] = "derived: runs/<reward>-<algo>-<time>"
     validate(cfg)
     return cfg, sources
+
+
+def cuda_available():
+    """torch.cuda.is_available(), asked without importing torch: a CUDA build of torch (its version.py
+    names a CUDA version) and a CUDA driver that counts a device (CUDA_VISIBLE_DEVICES applies).
+    parallel.setup refuses a CUDA device that torch itself cannot use."""
+    spec = importlib.util.find_spec("torch")
+    version = Path(spec.origin).with_name("version.py").read_text() if spec else ""
+    if not re.search(r"^cuda\b[^=]*=\s*'", version, re.M):  # "cuda: Optional[str] = None" in a CPU build
+        return False
+    try:
+        driver = ctypes.CDLL("nvcuda.dll" if os.name == "nt" else "libcuda.so.1")
+    except OSError:
+        return False
+    count = ctypes.c_int(0)
+    return driver.cuInit(0) == 0 and driver.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
 
 
 def describe(cfg, sources):
@@ -301,12 +318,16 @@ def validate(cfg):
         fail(f"--lora-rank must be >= 0 (0 = whole UNet), got {cfg.lora_rank}")
     if not 0 < cfg.timestep_fraction <= 1:
         fail(f"--timestep-fraction must be in (0, 1], got {cfg.timestep_fraction}")
-    world = parallel.world_size()  # processes under torchrun: each samples its share
+    world = int(os.environ.get("WORLD_SIZE", 1))  # processes under torchrun (parallel.world_size): each samples its share
     if cfg.samples_per_epoch % (world * cfg.updates_per_epoch * cfg.batch_size):
         fail(f"--samples-per-epoch ({cfg.samples_per_epoch}) must be a multiple of processes x --updates-per-epoch x --batch-size "
              f"({world} x {cfg.updates_per_epoch} x {cfg.batch_size})")
-    if not Path(cfg.model).is_dir() and not re.fullmatch(r"[\w.-]+/[\w.-]+", cfg.model):
-        fail(f"--model {cfg.model}: no such folder, nor a hub id of the form owner/name; give a pipeline folder or a hub id")
+    check_model("--model", cfg.model, "a pipeline folder", "model_index.json")
+    if cfg.reward == "aesthetic":
+        check_model("--aesthetic-model", cfg.aesthetic_model, "a CLIP model folder", "config.json")
+    if cfg.reward == "alignment":
+        check_model("--alignment-model", cfg.alignment_model, "a vision-language model folder", "config.json")
+        check_model("--bertscore-model", cfg.bertscore_model, "a model folder", "config.json")
     if cfg.mixed_precision == "fp16" and not cfg.device.startswith("cuda"):
         fail("--mixed-precision fp16 needs a CUDA device; use bf16 or no on the CPU")
     if not cfg.resume:
@@ -315,6 +336,21 @@ def validate(cfg):
         prompts = load_prompts(name, flag)  # read now: a missing or broken file fails before the models load
         if cfg.reward == "pixel_background" and not set(prompts) <= set(toy_world.PROMPTS):
             fail(f"--reward pixel_background finds the shape by the toy world's colours: use {flag} shapes, not {name}")
+
+
+def check_model(flag, name, kind, index):
+    """A model flag names a local folder with its index file (a JSON object), or a hub id owner/name."""
+    path = Path(name)
+    if not path.is_dir():
+        if not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+            fail(f"{flag} {name}: no such folder, nor a hub id of the form owner/name; give {kind} saved by save_pretrained, or a hub id")
+        return
+    try:
+        saved = json.loads((path / index).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        fail(f"{flag} {name}: its {index} is missing or unreadable ({type(error).__name__}); give {kind} saved by save_pretrained, or a hub id")
+    if not isinstance(saved, dict):
+        fail(f"{flag} {name}: its {index} is not a JSON object; give {kind} saved by save_pretrained, or a hub id")
 
 
 def check_out(out):

@@ -15,6 +15,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from config import fail
+
 SEED_STRIDE = 1_000_003  # rank r draws from seed + r * SEED_STRIDE; rank 0 from --seed itself
 
 
@@ -25,6 +27,8 @@ def world_size():
 
 def setup(device):
     """(rank, world size, this process's device); joins the process group under torchrun."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        fail(f"--device {device}: torch cannot use CUDA here (a CPU build of torch, or no driver or device); use --device cpu")
     world = world_size()
     if world == 1:
         return 0, 1, torch.device(device)

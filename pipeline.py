@@ -20,6 +20,7 @@ from peft.utils import get_peft_model_state_dict  # noqa: E402
 from transformers.utils import logging as transformers_logging  # noqa: E402
 
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the UNet's attention projections
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --mixed-precision
 
 
 def load_pipeline(model, device="cpu", dtype=torch.float32, local_files_only=False):

@@ -111,7 +111,7 @@ def train_vae(vae, cfg, rng):
     schedule = get_cosine_schedule_with_warmup(optimizer, 100, cfg.vae_steps)
     start = time.time()
     for step in range(cfg.vae_steps):
-        images = toy_world.sample_batch(cfg.vae_batch, rng)[0] * 2 - 1
+        images = torch.from_numpy(toy_world.sample_batch(cfg.vae_batch, rng)[0]) * 2 - 1
         posterior = vae.encode(images).latent_dist
         reconstruction = vae.decode(posterior.mode()).sample
         saturation = images.amax(dim=1, keepdim=True) - images.amin(dim=1, keepdim=True)  # in [-1, 1] units
@@ -132,6 +132,7 @@ def encode_dataset(vae, cfg, rng):
     latents, prompts = [], []
     for _ in range(cfg.dataset_size // 250):
         images, batch_prompts = toy_world.sample_batch(250, rng)
+        images = torch.from_numpy(images)
         latents.append(vae.encode(images * 2 - 1).latent_dist.mode())
         prompts.extend(batch_prompts)
     return torch.cat(latents), prompts

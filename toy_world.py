@@ -10,7 +10,6 @@ prompt asks for, which the judge checks. The judge is this world's stand-in for 
 vision-language alignment reward (section 5.3).
 """
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 
 SIZE = 64
@@ -69,10 +68,9 @@ def render(prompt, rng):
 
 
 def sample_batch(n, rng):
-    """n images (n, 3, SIZE, SIZE) in [0, 1] with their captions, prompts drawn uniformly."""
+    """n images, an array (n, 3, SIZE, SIZE) in [0, 1], with their captions, prompts drawn uniformly."""
     prompts = [PROMPTS[i] for i in rng.integers(len(PROMPTS), size=n)]
-    images = np.stack([render(p, rng) for p in prompts]).transpose(0, 3, 1, 2)
-    return torch.from_numpy(images), prompts
+    return np.stack([render(p, rng) for p in prompts]).transpose(0, 3, 1, 2), prompts
 
 
 def parse(prompt):
@@ -102,8 +100,9 @@ def classify(mask):
 
 def colour_distance(images, prompts):
     """Each pixel's RGB distance (B, H, W) to its prompt's colour; below MATCH_DISTANCE it shows it."""
-    target = torch.tensor([COLOURS[parse(prompt)[0]] for prompt in prompts], device=images.device)[:, :, None, None]
-    return (images.detach().float() - target).norm(dim=1)
+    pixels = images.detach().float()
+    target = pixels.new_tensor([COLOURS[parse(prompt)[0]] for prompt in prompts])[:, :, None, None]
+    return (pixels - target).norm(dim=1)
 
 
 def judge(images, prompts):
@@ -113,4 +112,4 @@ def judge(images, prompts):
     for mask, prompt in zip((colour_distance(images, prompts) < MATCH_DISTANCE).cpu().numpy(), prompts):
         seen = classify(mask)
         scores.append(0.0 if seen is None else 1.0 if seen == parse(prompt)[1] else 0.5)
-    return torch.tensor(scores)
+    return images.new_tensor(scores).float().cpu()

@@ -13,6 +13,11 @@ config.py holds them all. The policy and its log-prob are in sampler.py, advanta
 ddpo.py, rewards in rewards.py, the fixed-noise evaluation in evaluation.py, the run folder
 (checkpoints, resume, signals) in run_folder.py.
 """
+import config
+
+if __name__ == "__main__":  # --help, --show-config and a bad flag answer here, before torch and diffusers load (seconds)
+    cli_config = config.parse_args(description=__doc__)
+
 import dataclasses
 import functools
 import os
@@ -32,16 +37,17 @@ import ddpo
 import parallel
 import run_folder
 import toy_world
-from config import DTYPES, fail, load_prompts, parse_args
+from config import fail, load_prompts, parse_args
 from evaluation import evaluate, evaluation_due
-from pipeline import add_trainable, compile_policy, load_pipeline
+from pipeline import DTYPES, add_trainable, compile_policy, load_pipeline
 from rewards import REWARDS, aesthetic, alignment, hub_reachable, scalar
 from run_folder import STOPPED, stop_signals
 from sampler import base_policy, gaussian_log_prob, guided_eps, policy_gaussian, policy_kl, sample_trajectories
 
 
 def main(argv=None):
-    cfg = parse_args(argv, description=__doc__)
+    """One training run: argv are train.py's flags (or their Config, already parsed); returns the history."""
+    cfg = argv if isinstance(argv, config.Config) else parse_args(argv, description=__doc__)
     rank, world, device = parallel.setup(cfg.device)  # (0, 1, cfg.device) without torchrun
     resumed = run_folder.read_checkpoint(cfg, world) if cfg.resume else None
     say = print if rank == 0 else lambda *args, **kwargs: None
@@ -290,4 +296,4 @@ def load_model(cfg, device, dtype):
 
 
 if __name__ == "__main__":
-    main()
+    main(cli_config)

@@ -41,11 +41,12 @@ sys.path.insert(0, str(ROOT))
 OURS = {"ours": [], "ours-compiled": ["--compile"], "ours-batched": ["--steps-per-forward", "5"],
         "ours-batched-compiled": ["--steps-per-forward", "5", "--compile"]}
 SETTINGS = dict(num_steps=20, guidance_scale=3.0, samples=64, batch_size=16, updates=4, timestep_fraction=0.5, lr=5e-3, clip_range=8e-4)
+REDUCED = dict(num_steps=2, samples=8, batch_size=2)  # --reduced, for the smoke test: both sides smaller, nothing timed worth reading
 
 
-def run_ours(epochs, model, flags=()):
-    """train.main on the tiny preset (whose settings are SETTINGS): each epoch's seconds, and its
-    sampling and update phases' (train.py's own sample_seconds and train_seconds)."""
+def run_ours(epochs, model, flags=(), settings=SETTINGS):
+    """train.main on the tiny preset (whose settings are SETTINGS; its size from settings): each
+    epoch's seconds, and its sampling and update phases' (train.py's own sample_seconds and train_seconds)."""
     import train
     starts, sample_trajectories = [], train.sample_trajectories
 
@@ -56,13 +57,14 @@ def run_ours(epochs, model, flags=()):
     train.sample_trajectories = timed
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
         history = train.main(["--model", model, "--preset", "tiny", "--reward", "jpeg", "--epochs", str(epochs), "--out", f"{tmp}/run",
-                              "--seed", "0", *flags])
+                              "--seed", "0", "--num-steps", str(settings["num_steps"]), "--samples-per-epoch", str(settings["samples"]),
+                              "--batch-size", str(settings["batch_size"]), *flags])
         starts.append(time.perf_counter())
     return {"epoch": list(np.diff(starts)), "sampling": [m["sample_seconds"] for m in history], "update": [m["train_seconds"] for m in history]}
 
 
-def run_trl(epochs, model):
-    """TRL's DDPOTrainer.step, once an epoch, at SETTINGS: each epoch's seconds, and its sampling
+def run_trl(epochs, model, settings=SETTINGS):
+    """TRL's DDPOTrainer.step, once an epoch, at settings: each epoch's seconds, and its sampling
     and update phases' (the trainer's _generate_samples and _train_batched_samples, timed)."""
     from accelerate import PartialState
     from trl import DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline
@@ -74,11 +76,11 @@ def run_trl(epochs, model):
     with tempfile.TemporaryDirectory() as tmp:
         config = DDPOConfig(
             num_epochs=epochs, seed=0, logdir=tmp, save_freq=10**9, mixed_precision="no", log_with=None,
-            sample_num_steps=SETTINGS["num_steps"], sample_eta=1.0, sample_guidance_scale=SETTINGS["guidance_scale"],
-            sample_batch_size=SETTINGS["batch_size"], sample_num_batches_per_epoch=SETTINGS["samples"] // SETTINGS["batch_size"],
-            train_batch_size=SETTINGS["samples"] // SETTINGS["updates"], train_gradient_accumulation_steps=1,
-            train_learning_rate=SETTINGS["lr"], train_adam_weight_decay=1e-4, train_clip_range=SETTINGS["clip_range"], train_adv_clip_max=5.0,
-            train_timestep_fraction=SETTINGS["timestep_fraction"], per_prompt_stat_tracking=True,
+            sample_num_steps=settings["num_steps"], sample_eta=1.0, sample_guidance_scale=settings["guidance_scale"],
+            sample_batch_size=settings["batch_size"], sample_num_batches_per_epoch=settings["samples"] // settings["batch_size"],
+            train_batch_size=settings["samples"] // settings["updates"], train_gradient_accumulation_steps=1,
+            train_learning_rate=settings["lr"], train_adam_weight_decay=1e-4, train_clip_range=settings["clip_range"], train_adv_clip_max=5.0,
+            train_timestep_fraction=settings["timestep_fraction"], per_prompt_stat_tracking=True,
             per_prompt_stat_tracking_buffer_size=32, per_prompt_stat_tracking_min_count=16,
         )
         trainer = DDPOTrainer(
@@ -117,16 +119,19 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=5, help="epochs a run; the first is not counted")
     parser.add_argument("--sides", nargs="+", default=["ours", "trl"], choices=[*OURS, "trl"])
     parser.add_argument("--model", default=str(BUNDLED_MODEL))
+    parser.add_argument("--reduced", action="store_true", help=f"both sides at {REDUCED} (the smoke test)")
     parser.add_argument("--side", help=argparse.SUPPRESS)  # one run, in this process: what the rounds start
     args = parser.parse_args(argv)
+    settings = {**SETTINGS, **(REDUCED if args.reduced else {})}
     if args.side:
-        seconds = run_trl(args.epochs, args.model) if args.side == "trl" else run_ours(args.epochs, args.model, OURS[args.side])
+        seconds = run_trl(args.epochs, args.model, settings) if args.side == "trl" else run_ours(args.epochs, args.model, OURS[args.side], settings)
         print(json.dumps(seconds))
         return seconds
     runs = {side: [] for side in args.sides}
     for pair in range(args.pairs):
         for side in args.sides:
-            result = subprocess.run([sys.executable, __file__, "--side", side, "--epochs", str(args.epochs), "--model", args.model],
+            result = subprocess.run([sys.executable, __file__, "--side", side, "--epochs", str(args.epochs), "--model", args.model,
+                                     *(["--reduced"] if args.reduced else [])],
                                     capture_output=True, text=True, check=True)
             runs[side].append(json.loads(result.stdout.strip().splitlines()[-1]))
             print(f"round {pair} {side}: " + " ".join(f"{s:.2f}" for s in runs[side][-1]["epoch"]), flush=True)

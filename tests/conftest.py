@@ -1,6 +1,10 @@
 """Tiny random-weight pipelines with Stable Diffusion 1.x's shape, built from configs (no
 downloads): CLIP tokenizer and text encoder, VAE, cross-attention UNet, and DDIM with SD v1.4's
-noise schedule. Images are 16 x 16, latents 4 x 8 x 8."""
+noise schedule. Images are 16 x 16, latents 4 x 8 x 8.
+
+pytest.ini runs the suite in one worker process per core (pytest-xdist): each worker computes on
+one thread, and so do the processes its tests start."""
+import os
 import sys
 from pathlib import Path
 
@@ -14,6 +18,9 @@ from pretrain import SD14_SCHEDULER, build_pipeline  # noqa: E402
 
 
 def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # the cores are the workers': one thread each, no oversubscription
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
     config.addinivalue_line("markers", "math: the log-prob maths, the losses, advantages and RWR's weights; fast (pytest -m math)")
 
 

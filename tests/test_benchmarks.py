@@ -97,7 +97,7 @@ def test_kl_tradeoff_runs_each_coefficient_and_reports_the_heldout_prompts(tmp_p
 
 def test_vs_trl_times_each_side_in_turn_and_skips_trl_where_it_is_not_installed(tiny_pipeline_dir):
     sides = ["ours", "trl"] if importlib.util.find_spec("trl") else ["ours"]
-    runs = vs_trl.main(["--pairs", "1", "--epochs", "2", "--sides", *sides, "--model", str(tiny_pipeline_dir)])
+    runs = vs_trl.main(["--pairs", "1", "--epochs", "2", "--sides", *sides, "--model", str(tiny_pipeline_dir), "--reduced"])
     assert list(runs) == sides
     for (run,) in runs.values():  # one run a side, two epochs, each holding its sampling and its update
         assert len(run["epoch"]) == 2 and all(0 < run["sampling"][k] + run["update"][k] < run["epoch"][k] for k in range(2))

@@ -14,7 +14,8 @@ def other(prompt, colour=None, shape=None):
 
 @pytest.fixture(scope="module")
 def world():
-    return toy_world.sample_batch(300, np.random.default_rng(0))
+    images, prompts = toy_world.sample_batch(300, np.random.default_rng(0))
+    return torch.from_numpy(images), prompts
 
 
 def test_judge_scores_world_images_one_for_their_own_prompt(world):
@@ -55,7 +56,7 @@ def test_judge_refuses_prompts_outside_the_world():
 def test_plain_backgrounds_leave_the_jpeg_reward_room_to_move():
     """Same shapes, plain instead of textured backgrounds: clearly smaller JPEGs."""
     rng = np.random.default_rng(2)
-    images, _ = toy_world.sample_batch(200, rng)
+    images = torch.from_numpy(toy_world.sample_batch(200, rng)[0])
     border = torch.cat([images[:, :, :4, :].flatten(2), images[:, :, :, :4].flatten(2)], dim=2)  # never under the shape
     textured = border.std(dim=2).amax(dim=1) > 0.01
     sizes = jpeg_kilobytes(images)

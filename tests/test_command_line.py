@@ -1,0 +1,52 @@
+"""train.py answers --help, --show-config and a bad flag before it imports torch or diffusers
+(seconds of loading); config.py stands in for them with their names and torch's CUDA check."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import config
+import parallel
+import rewards
+
+ROOT = Path(__file__).resolve().parents[1]
+# run train.py as `python train.py ...` does; on its way out, say which heavy libraries were imported
+PROBE = """import runpy, sys
+sys.argv = ["train.py", *sys.argv[1:]]
+try:
+    runpy.run_path("train.py", run_name="__main__")
+finally:
+    print("imported:", sorted(name for name in ("torch", "diffusers", "transformers") if name in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("flags, status", [
+    (["--help"], 0),
+    (["--show-config", "--algo", "rwr"], 0),
+    (["--lr", "-1"], 2),
+    (["--algo", "ppo"], 2),
+    (["--min-count", "40"], 2),
+    (["--prompts", "no_such_file.txt"], 2),
+])
+def test_help_show_config_and_flag_errors_answer_before_torch_and_diffusers_load(flags, status, tmp_path):
+    result = subprocess.run([sys.executable, "-c", PROBE, *flags, "--out", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == status, result.stderr
+    assert "imported: []" in result.stdout, result.stdout[-300:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_reward_flag_offers_every_reward():
+    assert set(config.REWARD_NAMES) == {*rewards.REWARDS, "aesthetic", "alignment"}
+
+
+def test_cuda_available_agrees_with_torch():
+    assert config.cuda_available() == torch.cuda.is_available()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine where torch cannot use CUDA")
+def test_a_cuda_device_torch_cannot_use_is_refused_in_one_line(capsys):
+    with pytest.raises(SystemExit) as exit:
+        parallel.setup("cuda")
+    assert exit.value.code == 2 and "--device cuda" in capsys.readouterr().err
