@@ -2,11 +2,16 @@
 resumed run is the run that never stopped. Compiling takes tens of seconds even for the tiny UNet."""
 import json
 
+import pytest
 import torch
 
 import train
 from pipeline import add_trainable, compile_policy, load_pipeline
 from sampler import base_policy, policy_log_prob, sample_trajectories
+
+# one worker runs both, one after the other: the second finds the first's compiled kernels in
+# torch's cache instead of compiling them again at the same time (cold, each takes minutes)
+pytestmark = pytest.mark.xdist_group("compile")
 
 
 def test_a_compiled_policy_recomputes_the_sampled_log_prob_within_fp32_round_off(tiny_pipeline_dir):
