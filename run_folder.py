@@ -131,14 +131,15 @@ def restore(state, cfg, pipe, optimizer, tracker, rng, generator, rank, device):
 
 
 STOPPED = 75  # exit status of a run stopped cleanly by a signal at a checkpoint: resume it (EX_TEMPFAIL, "try again")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else []))  # no SIGHUP on Windows
 
 
 @contextlib.contextmanager
 def stop_signals(out):
-    """Inside it, the first Ctrl-C or a SIGTERM (preemption, time limits) only asks the run to stop:
-    the list it yields is no longer empty, and the loop stops after the epoch's checkpoint. A second
-    Ctrl-C stops at once (exit 130), losing only the epoch in progress. On the way out the signal
-    handlers are given back and the processes leave their group."""
+    """Inside it, the first Ctrl-C, a SIGTERM (preemption, time limits) or a SIGHUP (its terminal
+    closed) only asks the run to stop: the list it yields is no longer empty, and the loop stops
+    after the epoch's checkpoint. A second Ctrl-C stops at once (exit 130), losing only the epoch in
+    progress. On the way out the signal handlers are given back and the processes leave their group."""
     requested = []
 
     def on_signal(signum, frame):
@@ -146,7 +147,7 @@ def stop_signals(out):
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
         print(f"\n{signal.Signals(signum).name}: stopping after this epoch's checkpoint (Ctrl-C again to stop at once)", file=sys.stderr)
 
-    previous_handlers = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous_handlers = {signum: signal.signal(signum, on_signal) for signum in STOP_SIGNALS}
     try:
         yield requested
     except KeyboardInterrupt:

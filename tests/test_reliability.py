@@ -66,8 +66,8 @@ def test_a_crash_while_saving_a_checkpoint_leaves_a_run_that_resumes_exactly(run
     assert metrics(tmp_path / "crashed") == metrics(tmp_path / "straight")
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_ctrl_c_or_sigterm_stops_after_the_epoch_and_says_how_to_resume(signum, run_args, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("signum", run_folder.STOP_SIGNALS)
+def test_ctrl_c_sigterm_or_sighup_stops_after_the_epoch_and_says_how_to_resume(signum, run_args, tmp_path, monkeypatch, capsys):
     jpeg = REWARDS["jpeg"]
 
     def reward_then_signal(images, prompts):
@@ -75,7 +75,7 @@ def test_ctrl_c_or_sigterm_stops_after_the_epoch_and_says_how_to_resume(signum, 
         return jpeg(images, prompts)
 
     monkeypatch.setitem(REWARDS, "jpeg", reward_then_signal)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {s: signal.getsignal(s) for s in run_folder.STOP_SIGNALS}
     with pytest.raises(SystemExit) as exit:
         train.main(run_args(tmp_path / "run", 5))
     assert exit.value.code == train.STOPPED
