@@ -355,7 +355,7 @@ def check_model(flag, name, kind, index):
 
 def check_out(out):
     """--out must be an empty folder, or a path where one can be made."""
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(path.name != ".lock" for path in out.iterdir()):  # run_folder.LOCK, left by a run that wrote nothing
         fail(f"--out {out} is not empty: choose a new folder, or continue that run with --resume {out}")
     existing = next(p for p in (out, *out.parents) if p.exists())
     if not existing.is_dir():

@@ -21,6 +21,11 @@ import signal
 import sys
 from pathlib import Path
 
+try:
+    import fcntl  # POSIX; on Windows a run folder is not locked
+except ImportError:
+    fcntl = None
+
 import matplotlib
 import numpy as np
 import torch
@@ -33,6 +38,32 @@ from rewards import to_pil
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
+
+
+LOCK = ".lock"  # held by the process that writes the run folder (config.check_out ignores it)
+
+
+@contextlib.contextmanager
+def claim(out, resuming, rank):
+    """While inside, this process alone writes the run folder: it holds an advisory lock on out/.lock,
+    which the kernel releases when the process ends, however it ends (kill -9 included), so it never
+    goes stale. A second train.py in the same folder, a new run or a resume, is refused in one line
+    and writes nothing. Under torchrun rank 0, which writes the folder, holds it."""
+    if rank or fcntl is None:
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if resuming:
+                fail(f"--resume {out}: that run is still going (another process holds {out / LOCK}); stop it first "
+                     f"(Ctrl-C, or kill its process), then resume it")
+            fail(f"--out {out}: another train.py is running in this folder (it holds {out / LOCK}); choose another --out")
+        if not resuming and any(path.name != LOCK for path in out.iterdir()):  # a run began and ended since --out was checked
+            fail(f"--out {out} is not empty: choose a new folder, or continue that run with --resume {out}")
+        yield
 
 
 def write_config(out, config):

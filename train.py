@@ -78,15 +78,14 @@ def main(argv=None):
 
     out, history = Path(cfg.out), []
     parallel.barrier()  # every process has checked --out before rank 0 writes into it
-    if cfg.resume:
-        history = run_folder.restore(resumed, cfg, pipe, optimizer, tracker, rng, generator, rank, device)
-        say(f"resuming {out} after epoch {resumed['epoch']}")
-    elif rank == 0:
-        run_folder.write_config(out, dataclasses.asdict(cfg))
-    say(f"{cfg.algo} on {cfg.model} ({device}{f' x {world} processes' if world > 1 else ''}), reward {cfg.reward}, "
-        f"{len(prompt_set)} prompts -> {out}")
-
-    with stop_signals(out) as stop_requested:
+    with run_folder.claim(out, cfg.resume, rank), stop_signals(out) as stop_requested:  # one train.py a folder
+        if cfg.resume:
+            history = run_folder.restore(resumed, cfg, pipe, optimizer, tracker, rng, generator, rank, device)
+            say(f"resuming {out} after epoch {resumed['epoch']}")
+        elif rank == 0:
+            run_folder.write_config(out, dataclasses.asdict(cfg))
+        say(f"{cfg.algo} on {cfg.model} ({device}{f' x {world} processes' if world > 1 else ''}), reward {cfg.reward}, "
+            f"{len(prompt_set)} prompts -> {out}")
         for epoch in range(len(history), cfg.epochs):
             # 0. beyond the paper: the fixed-noise evaluation, every eval_every epochs and at the last one
             due = evaluation_due(cfg, epoch, rank)
