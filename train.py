@@ -283,15 +283,21 @@ def load_reward(cfg):
 
 
 def load_model(cfg, device, dtype):
-    """The pipeline of --model, or one line on why it cannot be loaded."""
+    """The pipeline of --model, or one line on why it cannot be loaded or cannot take --num-steps."""
     try:
-        return load_pipeline(cfg.model, device, dtype, local_files_only=not hub_reachable())
+        pipe = load_pipeline(cfg.model, device, dtype, local_files_only=not hub_reachable())
     except OSError as error:
         if Path(cfg.model).is_dir():
             fail(f"--model {cfg.model}: not a readable diffusers pipeline folder ({type(error).__name__}); pass a folder saved by "
                  f"save_pretrained (model_index.json and its parts), or a hub id")
         fail(f"--model {cfg.model}: cannot load it ({type(error).__name__}: no network, not in the hub cache, or no such model); "
              f"download it first with `hf download {cfg.model}`, or pass a local folder")
+    pipe.scheduler.set_timesteps(cfg.num_steps)  # as sampling will: its steps must fall within the training timesteps
+    trained, offset = pipe.scheduler.config.num_train_timesteps, pipe.scheduler.config.get("steps_offset", 0)
+    if pipe.scheduler.timesteps.max() >= trained:
+        fail(f"--num-steps {cfg.num_steps}: {cfg.model}'s scheduler reaches past its {trained} training timesteps (offset {offset}); "
+             f"use at most {trained - offset}")
+    return pipe
 
 
 if __name__ == "__main__":

@@ -68,6 +68,7 @@ CASES = {
     "negative guidance": (lambda w, r: ["--guidance-scale", "-2"], "--guidance-scale"),
     "guidance below 1": (lambda w, r: ["--guidance-scale", "0.5"], "--guidance-scale"),
     "more steps than timesteps": (lambda w, r: ["--num-steps", "5000"], "--num-steps"),
+    "more steps than the scheduler takes": (lambda w, r: ["--num-steps", "1000"], "--num-steps"),
     "negative weight decay": (lambda w, r: ["--weight-decay", "-0.1"], "--weight-decay"),
     "zero grad norm": (lambda w, r: ["--max-grad-norm", "0"], "--max-grad-norm"),
     "min count above buffer": (lambda w, r: ["--min-count", "40"], "--min-count"),
