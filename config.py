@@ -237,13 +237,14 @@ def describe(cfg, sources):
 
 
 def resumed_config(given):
-    """The saved settings of the run to resume; only --epochs may change (to run it further)."""
+    """The saved settings of the run to resume; only --epochs may change (to run it further). A run
+    that never reached its first checkpoint has them too, and starts again from epoch 0."""
     folder = Path(given.pop("resume"))
     others = sorted(set(given) - {"epochs"})
     if others:
         fail(f"--resume continues a run with its saved settings: only --epochs may go with it, not --{others[0].replace('_', '-')}")
-    if not any((folder / "checkpoints").glob("epoch_*.pt")):
-        fail(f"--resume {folder}: no checkpoint there (checkpoints/epoch_N.pt); give the folder of a run that saved one")
+    if not (folder / "config.json").is_file() and not any((folder / "checkpoints").glob("epoch_*.pt")):
+        fail(f"--resume {folder}: no run there (no config.json, no checkpoints/epoch_N.pt); give the folder of a run train.py started")
     if not (folder / "config.json").is_file():
         fail(f"--resume: {folder / 'config.json'} is missing, so the run's settings are unknown; restore it from a copy, "
              f"or start a new run with the same flags")

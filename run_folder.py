@@ -133,7 +133,10 @@ def checkpoint(out, cfg, history, pipe, optimizer, tracker, rng, generator, devi
 
 
 def read_checkpoint(cfg, world):
-    """The state to resume from, checked before anything is loaded or written."""
+    """The state to resume from, checked before anything is loaded or written; None for a run that
+    never reached its first checkpoint (it starts again from epoch 0 with its saved settings)."""
+    if not any((Path(cfg.out) / "checkpoints").glob("epoch_*.pt")):
+        return None
     state = load_checkpoint(Path(cfg.out))
     if len(state["rng"]) != world:
         fail(f"--resume {cfg.out}: the run was trained by {len(state['rng'])} process(es), not {world}; resume it with as many")
@@ -145,7 +148,12 @@ def read_checkpoint(cfg, world):
 
 def restore(state, cfg, pipe, optimizer, tracker, rng, generator, rank, device):
     """Everything a fresh run would hold after the checkpoint's epoch: weights, optimiser, reward
-    buffers, this process's random streams; its metrics, to which metrics.jsonl is cut back."""
+    buffers, this process's random streams; its metrics, to which metrics.jsonl is cut back. Without
+    a checkpoint, the run as it was before its first epoch: nothing to load, no metrics kept."""
+    if state is None:
+        if rank == 0:
+            cut_metrics(Path(cfg.out), [])
+        return []
     pipe.unet.load_state_dict(state["trainable"], strict=False)
     optimizer.load_state_dict(state["optimizer"])
     if tracker is not None:
@@ -216,7 +224,7 @@ def load_checkpoint(out):
             return state
         skipped.append((path.name, reason))
     fail(f"--resume {out}: no readable checkpoint ({', '.join(f'{name}: {reason}' for name, reason in skipped)}); "
-         f"the run cannot continue: start it again with its flags")
+         f"the run cannot continue: start it again in a new --out with the settings in {out / 'config.json'}")
 
 
 def cut_metrics(out, history):

@@ -81,7 +81,7 @@ def main(argv=None):
     with run_folder.claim(out, cfg.resume, rank), stop_signals(out) as stop_requested:  # one train.py a folder
         if cfg.resume:
             history = run_folder.restore(resumed, cfg, pipe, optimizer, tracker, rng, generator, rank, device)
-            say(f"resuming {out} after epoch {resumed['epoch']}")
+            say(f"resuming {out} after epoch {resumed['epoch']}" if resumed else f"{out} has no checkpoint yet: its run starts again from epoch 0")
         elif rank == 0:
             run_folder.write_config(out, dataclasses.asdict(cfg))
         say(f"{cfg.algo} on {cfg.model} ({device}{f' x {world} processes' if world > 1 else ''}), reward {cfg.reward}, "

@@ -66,6 +66,24 @@ def test_a_crash_while_saving_a_checkpoint_leaves_a_run_that_resumes_exactly(run
     assert metrics(tmp_path / "crashed") == metrics(tmp_path / "straight")
 
 
+def test_a_run_that_dies_before_its_first_checkpoint_resumes_from_epoch_0_as_a_new_run(run_args, tmp_path, monkeypatch, capsys):
+    train.main(run_args(tmp_path / "straight", 2))
+
+    def die_while_saving(state, path):  # the first checkpoint never lands (a full disk, a kill)
+        raise SystemExit(137)
+
+    monkeypatch.setattr(run_folder.torch, "save", die_while_saving)
+    with pytest.raises(SystemExit):
+        train.main(run_args(tmp_path / "died", 2))
+    monkeypatch.undo()
+    assert (tmp_path / "died" / "config.json").is_file()
+    assert not any((tmp_path / "died" / "checkpoints").glob("*.pt")) and len(metrics(tmp_path / "died")) == 1
+    capsys.readouterr()
+    train.main(["--resume", str(tmp_path / "died")])  # what every message suggests, from this state too
+    assert "starts again from epoch 0" in capsys.readouterr().out
+    assert metrics(tmp_path / "died") == metrics(tmp_path / "straight")
+
+
 @pytest.mark.parametrize("signum", run_folder.STOP_SIGNALS)
 def test_ctrl_c_sigterm_or_sighup_stops_after_the_epoch_and_says_how_to_resume(signum, run_args, tmp_path, monkeypatch, capsys):
     jpeg = REWARDS["jpeg"]
