@@ -84,6 +84,7 @@ def log_epoch(out, cfg, history, pipe, images, prompts, rewards):
 def console_line(m):
     """One epoch's metrics as the line train.py prints."""
     line = f"epoch {m['epoch']}: reward {m['reward_mean']:.3f} ± {m['reward_std']:.3f}"
+    line += " (no spread: every advantage is 0, nothing to learn from)" if m["reward_std"] == 0 else ""
     line += f" fidelity {m['fidelity']:.3f}" if "fidelity" in m else ""
     line += f" | loss {m['loss']:.4g}"
     line += f" kl {m['approx_kl']:.2e} clipfrac {m['clipfrac']:.3f}" if "approx_kl" in m else ""

@@ -183,3 +183,11 @@ def test_a_damaged_latest_checkpoint_gives_way_to_the_one_before_it(run_args, tm
     notice = capsys.readouterr().err.strip()
     assert len(notice.splitlines()) == 1 and "epoch_0002.pt is unreadable" in notice and "epoch_0001.pt" in notice
     assert metrics(tmp_path / "damaged") == metrics(tmp_path / "straight")  # epoch 2 done again, exactly
+
+
+def test_an_epoch_whose_rewards_have_no_spread_says_so_in_its_line(run_args, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(REWARDS, "jpeg", lambda images, prompts: torch.zeros(len(prompts)))
+    history = train.main(run_args(tmp_path / "run", 1))
+    assert history[0]["reward_std"] == 0 and metrics(tmp_path / "run")[0]["reward_std"] == 0
+    assert "no spread" in capsys.readouterr().out
+    assert history[0]["loss"] == 0 and history[0]["approx_kl"] == 0  # zero advantages: a zero loss, the ratio still 1
