@@ -52,8 +52,12 @@ def claim(out, resuming, rank):
     if rank or fcntl is None:
         yield
         return
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / LOCK, "a") as handle:
+    try:  # a folder can refuse what its permissions seemed to allow (a read-only or special file system)
+        out.mkdir(parents=True, exist_ok=True)
+        handle = open(out / LOCK, "a")
+    except OSError as error:
+        fail(f"--out {out}: the run folder cannot be made there ({error.strerror}); choose a folder you can write to")
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -97,6 +97,7 @@ CASES = {
     "out is a file": (lambda w, r: ["--out", str(write(w / "file", "x"))], "--out"),
     "out under a file": (lambda w, r: ["--out", str(write(w / "file", "x") / "run")], "--out"),
     "out is a finished run": (lambda w, r: ["--out", str(r)], "--out"),
+    "out cannot be made": (lambda w, r: ["--out", "/proc/ddpo-test/run"], "--out"),  # /proc passes the permission check for root
     "resume no folder": (lambda w, r: ["--resume", str(w / "no_run")], "--resume"),
     "resume empty folder": (lambda w, r: ["--resume", str((w / "empty").mkdir() or w / "empty")], "--resume"),
     "resume config missing": (lambda w, r: (r / "config.json").unlink() or ["--resume", str(r)], "config.json"),
