@@ -10,6 +10,7 @@ bad flag answer at once: train.py parses its flags before its own imports.
 import argparse
 import ctypes
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -25,6 +26,7 @@ import toy_world
 DATA = Path(__file__).parent / "data"
 BUNDLED_MODEL = Path(__file__).parent / "models" / "tiny-shapes"
 SD14 = "CompVis/stable-diffusion-v1-4"
+LOCK = ".lock"  # the run folder's lock file (run_folder.claim): a folder holding only it counts as empty
 
 
 def read_lines(path):
@@ -214,6 +216,7 @@ def resolve(given):
     return cfg, sources
 
 
+@functools.cache  # the same answer all through a process
 def cuda_available():
     """torch.cuda.is_available(), asked without importing torch: a CUDA build of torch (its version.py
     names a CUDA version) and a CUDA driver that counts a device (CUDA_VISIBLE_DEVICES applies).
@@ -243,9 +246,9 @@ def resumed_config(given):
     others = sorted(set(given) - {"epochs"})
     if others:
         fail(f"--resume continues a run with its saved settings: only --epochs may go with it, not --{others[0].replace('_', '-')}")
-    if not (folder / "config.json").is_file() and not any((folder / "checkpoints").glob("epoch_*.pt")):
-        fail(f"--resume {folder}: no run there (no config.json, no checkpoints/epoch_N.pt); give the folder of a run train.py started")
     if not (folder / "config.json").is_file():
+        if not any((folder / "checkpoints").glob("epoch_*.pt")):
+            fail(f"--resume {folder}: no run there (no config.json, no checkpoints/epoch_N.pt); give the folder of a run train.py started")
         fail(f"--resume: {folder / 'config.json'} is missing, so the run's settings are unknown; restore it from a copy, "
              f"or start a new run with the same flags")
     saved = read_saved_config(folder / "config.json")
@@ -319,7 +322,7 @@ def validate(cfg):
         fail(f"--lora-rank must be >= 0 (0 = whole UNet), got {cfg.lora_rank}")
     if not 0 < cfg.timestep_fraction <= 1:
         fail(f"--timestep-fraction must be in (0, 1], got {cfg.timestep_fraction}")
-    world = int(os.environ.get("WORLD_SIZE", 1))  # processes under torchrun (parallel.world_size): each samples its share
+    world = world_size()  # processes under torchrun: each samples its share
     if cfg.samples_per_epoch % (world * cfg.updates_per_epoch * cfg.batch_size):
         fail(f"--samples-per-epoch ({cfg.samples_per_epoch}) must be a multiple of processes x --updates-per-epoch x --batch-size "
              f"({world} x {cfg.updates_per_epoch} x {cfg.batch_size})")
@@ -354,9 +357,14 @@ def check_model(flag, name, kind, index):
         fail(f"{flag} {name}: its {index} is not a JSON object; give {kind} saved by save_pretrained, or a hub id")
 
 
+def world_size():
+    """How many processes torchrun started (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
 def check_out(out):
     """--out must be an empty folder, or a path where one can be made."""
-    if out.is_dir() and any(path.name != ".lock" for path in out.iterdir()):  # run_folder.LOCK, left by a run that wrote nothing
+    if out.is_dir() and any(path.name != LOCK for path in out.iterdir()):
         fail(f"--out {out} is not empty: choose a new folder, or continue that run with --resume {out}")
     existing = next(p for p in (out, *out.parents) if p.exists())
     if not existing.is_dir():

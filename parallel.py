@@ -15,14 +15,9 @@ import os
 import torch
 import torch.distributed as dist
 
-from config import fail
+from config import fail, world_size
 
 SEED_STRIDE = 1_000_003  # rank r draws from seed + r * SEED_STRIDE; rank 0 from --seed itself
-
-
-def world_size():
-    """How many processes torchrun started (1 without torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", 1))
 
 
 def setup(device):

@@ -32,15 +32,12 @@ import torch
 from PIL import Image, ImageDraw
 
 import parallel
-from config import fail
+from config import LOCK, check_out, fail
 from pipeline import save_weights
 from rewards import to_pil
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
-
-
-LOCK = ".lock"  # held by the process that writes the run folder (config.check_out ignores it)
 
 
 @contextlib.contextmanager
@@ -65,8 +62,8 @@ def claim(out, resuming, rank):
                 fail(f"--resume {out}: that run is still going (another process holds {out / LOCK}); stop it first "
                      f"(Ctrl-C, or kill its process), then resume it")
             fail(f"--out {out}: another train.py is running in this folder (it holds {out / LOCK}); choose another --out")
-        if not resuming and any(path.name != LOCK for path in out.iterdir()):  # a run began and ended since --out was checked
-            fail(f"--out {out} is not empty: choose a new folder, or continue that run with --resume {out}")
+        if not resuming:
+            check_out(out)  # again, now that it is ours: a run may have begun and ended since the flags were checked
         yield
 
 
