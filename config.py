@@ -18,6 +18,7 @@ import os
 import re
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,7 @@ DATA = Path(__file__).parent / "data"
 BUNDLED_MODEL = Path(__file__).parent / "models" / "tiny-shapes"
 SD14 = "CompVis/stable-diffusion-v1-4"
 LOCK = ".lock"  # the run folder's lock file (run_folder.claim): a folder holding only it counts as empty
+PROMPTS_COPY, EVAL_PROMPTS_COPY = "prompts.txt", "eval_prompts.txt"  # in the run folder: a resumed run reads its prompts there
 
 
 def read_lines(path):
@@ -150,6 +152,7 @@ class Config:
     checkpoint_every: int = arg(1, "epochs between checkpoints (checkpoints/epoch_N.pt: everything --resume needs)")
     keep_checkpoints: int = arg(2, "checkpoints kept, the latest ones")
     resume: str = arg(None, "continue the run in this folder from its last checkpoint, with its saved settings (--epochs may extend it)")
+    run_id: str = arg(None, "not a flag: a new one for each run, kept in config.json and in its checkpoints (resume refuses another's)", flag=False)
 
 
 def fail(message):
@@ -162,6 +165,8 @@ def parse_args(argv=None, description=None):
     parser.error = fail  # one line, exit status 2
     for f in dataclasses.fields(Config):
         meta = dict(f.metadata)
+        if not meta.pop("flag", True):
+            continue
         meta["help"] += "" if f.default is None else f" (default: {f.default})"
         if f.type is bool:
             meta["action"] = argparse.BooleanOptionalAction
@@ -212,6 +217,7 @@ def resolve(given):
     if not cfg.out:
         cfg.out = f"runs/{cfg.reward}-{cfg.algo}-{time.strftime('%Y%m%d-%H%M%S')}"
         sources["out"] = "derived: runs/<reward>-<algo>-<time>"
+    cfg.run_id, sources["run_id"] = uuid.uuid4().hex[:12], "derived: new for each run"
     validate(cfg)
     return cfg, sources
 
@@ -236,12 +242,14 @@ def cuda_available():
 def describe(cfg, sources):
     """Every setting, its value and where it came from, one a line."""
     width = max(len(name) for name in sources) + 2
-    return "\n".join(f"--{name.replace('_', '-'):{width}} {getattr(cfg, name)!s:32} {sources[name]}" for name in sources)
+    flags = {f.name for f in dataclasses.fields(Config) if f.metadata.get("flag", True)}
+    return "\n".join(f"{'--' if name in flags else '  '}{name.replace('_', '-'):{width}} {getattr(cfg, name)!s:32} {sources[name]}" for name in sources)
 
 
 def resumed_config(given):
-    """The saved settings of the run to resume; only --epochs may change (to run it further). A run
-    that never reached its first checkpoint has them too, and starts again from epoch 0."""
+    """The saved settings of the run to resume; only --epochs may change (to run it further). Its
+    prompts are the copies taken at its start (run_folder.write_config). A run that never reached
+    its first checkpoint has them too, and starts again from epoch 0."""
     folder = Path(given.pop("resume"))
     others = sorted(set(given) - {"epochs"})
     if others:
@@ -252,10 +260,13 @@ def resumed_config(given):
         fail(f"--resume: {folder / 'config.json'} is missing, so the run's settings are unknown; restore it from a copy, "
              f"or start a new run with the same flags")
     saved = read_saved_config(folder / "config.json")
-    cfg = Config(**{**saved, **given, "out": str(folder), "resume": str(folder)})
-    validate(cfg)
     sources = {f.name: f"saved in {folder / 'config.json'}" if f.name in saved else "default (not in the saved config.json)"
                for f in dataclasses.fields(Config)}
+    for name, copy in (("prompts", folder / PROMPTS_COPY), ("eval_prompts", folder / EVAL_PROMPTS_COPY)):
+        if saved.get(name) and copy.is_file():  # runs of earlier versions have no copies: their prompts are read where they were
+            saved[name], sources[name] = str(copy), f"the copy of {saved[name]} taken at the run's start"
+    cfg = Config(**{**saved, **given, "out": str(folder), "resume": str(folder)})
+    validate(cfg)
     sources.update(dict.fromkeys([*given, "resume", "out"], "flag"))
     return cfg, sources
 

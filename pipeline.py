@@ -2,7 +2,6 @@
 trained weights. The libraries' workarounds live here, so that sampler.py is the policy's maths.
 """
 import logging
-import shutil
 
 import torch
 
@@ -63,19 +62,29 @@ def compile_policy(pipe, base=None):
                 base_unet.compile()
 
 
-def save_weights(pipe, out, lora_rank):
-    """lora/ in diffusers' format (for load_lora_weights), or unet/ after a full fine-tune. Written
-    into a folder aside, then swapped in: a crash leaves the previous epoch's weights whole."""
-    final = out / ("unet" if lora_rank == 0 else "lora")
-    fresh, old = out / f".{final.name}.new", out / f".{final.name}.old"
-    for leftover in (fresh, old):
-        shutil.rmtree(leftover, ignore_errors=True)
+def save_weights(pipe, folder, lora_rank):
+    """The trained weights into folder: the LoRA in diffusers' format (for load_lora_weights), or the
+    whole UNet after a full fine-tune (run_folder.export_weights puts them in place)."""
     if lora_rank == 0:
-        pipe.unet.save_pretrained(fresh)
+        pipe.unet.save_pretrained(folder)
     else:
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
-        type(pipe).save_lora_weights(fresh, unet_lora_layers=layers)
-    if final.exists():
-        final.rename(old)
-    fresh.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+        type(pipe).save_lora_weights(folder, unet_lora_layers=layers)
+
+
+def prompt_losses(tokenizer, prompts, flag):
+    """What the text encoder will not see of these prompts, as lines to warn with: the tokens past its
+    length, which it cuts, and characters its vocabulary lacks, read as its unknown token."""
+    distinct = sorted(set(prompts))
+    ids = [tokenizer(prompt, add_special_tokens=False, verbose=False).input_ids for prompt in distinct]
+    room = tokenizer.model_max_length - 2  # the start and end tokens take two places
+    cut = [len(tokens) - room for tokens in ids if len(tokens) > room]
+    unknown = [prompt for prompt, tokens in zip(distinct, ids) if tokenizer.unk_token_id in tokens]
+    notices = []
+    if cut:
+        notices.append(f"{flag}: {len(cut)} of {len(distinct)} prompts are longer than the text encoder's {room} tokens and are cut "
+                       f"({sum(cut)} tokens dropped, up to {max(cut)} of one prompt)")
+    if unknown:
+        notices.append(f"{flag}: {len(unknown)} of {len(distinct)} prompts have characters the tokenizer does not know, which it "
+                       f"reads as its unknown token (e.g. {unknown[0]!r})")
+    return notices

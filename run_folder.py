@@ -1,25 +1,28 @@
 """What a training run writes to its folder, and how it stops and resumes:
 
-    config.json           every setting, after presets and defaults
+    config.json           every setting, after presets and defaults, and the run's id (its checkpoints carry it)
+    prompts.txt           the prompts it trains on, copied at the start (eval_prompts.txt: --eval-prompts'); resume reads them here
     metrics.jsonl         one line of metrics per epoch
     samples/epoch_N.png   the first 16 samples of each epoch, captioned with prompt and reward
     samples/eval_epoch_N.png  the first 16 images of the fixed-noise evaluation at epoch N (--eval-every)
     reward_curve.png      reward mean and spread against reward queries
-    checkpoints/epoch_N.pt  what `train.py --resume` needs to continue exactly after epoch N
+    checkpoints/epoch_N.pt  what `train.py --resume` needs to continue exactly after epoch N (checkpoints.py)
     lora/ (or unet/)      the trained weights after the last epoch (pipeline.save_weights)
 
-Files that a crash must never leave half-written (checkpoints, metrics.jsonl when a resume
-rewrites it) are written aside and renamed into place: a rename is atomic, so a kill at any moment
-leaves either the old file or the new one.
+Every file is written aside under a name of this process's own and renamed into place: a rename is
+atomic, so a kill at any moment leaves either the old file or the new one, and a write that fails
+(a full disk) removes what it wrote aside. One process at a time writes a folder (claim).
 """
 import contextlib
+import errno
 import json
 import math
 import os
-import pickle
+import re
+import shutil
 import signal
 import sys
-from pathlib import Path
+import time
 
 try:
     import fcntl  # POSIX; on Windows a run folder is not locked
@@ -28,11 +31,10 @@ except ImportError:
 
 import matplotlib
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 
 import parallel
-from config import LOCK, check_out, fail
+from config import EVAL_PROMPTS_COPY, LOCK, PROMPTS_COPY, check_out, fail
 from pipeline import save_weights
 from rewards import to_pil
 
@@ -41,12 +43,14 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only bac
 
 
 @contextlib.contextmanager
-def claim(out, resuming, rank):
+def claim(out, resuming, rank, needed):
     """While inside, this process alone writes the run folder: it holds an advisory lock on out/.lock,
     which the kernel releases when the process ends, however it ends (kill -9 included), so it never
     goes stale. A second train.py in the same folder, a new run or a resume, is refused in one line
-    and writes nothing. Under torchrun rank 0, which writes the folder, holds it."""
-    if rank or fcntl is None:
+    and writes nothing; what a killed run left written aside is removed. A full disk stops the run
+    in one line (needed: about what an epoch writes, in bytes). Under torchrun rank 0, which writes
+    the folder, holds it."""
+    if rank:
         yield
         return
     try:  # a folder can refuse what its permissions seemed to allow (a read-only or special file system)
@@ -56,7 +60,8 @@ def claim(out, resuming, rank):
         fail(f"--out {out}: the run folder cannot be made there ({error.strerror}); choose a folder you can write to")
     with handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             if resuming:
                 fail(f"--resume {out}: that run is still going (another process holds {out / LOCK}); stop it first "
@@ -64,22 +69,133 @@ def claim(out, resuming, rank):
             fail(f"--out {out}: another train.py is running in this folder (it holds {out / LOCK}); choose another --out")
         if not resuming:
             check_out(out)  # again, now that it is ours: a run may have begun and ended since the flags were checked
+        remove_leftovers(out)
+        with stopping_on_full_disk(out, needed):
+            yield
+
+
+FULL_DISK = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # no space left, over a quota, over the file-size limit
+
+
+class FullDisk(Exception):
+    """A write into the run folder failed for want of space."""
+
+    def __init__(self, path, code):
+        super().__init__(path, code)
+        self.path, self.code = path, code
+
+
+@contextlib.contextmanager
+def stopping_on_full_disk(out, needed):
+    """A FullDisk inside ends the run with one line: what failed, the space free and needed, how to go on."""
+    try:
         yield
+    except FullDisk as error:
+        last = sorted((out / "checkpoints").glob("epoch_*.pt"))
+        if not (out / "config.json").is_file():  # it failed first: the folder holds nothing of the run
+            then = "free space, then run the same command again"
+        elif last:
+            then = f"the last checkpoint ({last[-1].name}) is whole: free space, then continue with: python train.py --resume {out}"
+        else:
+            then = f"the run has no checkpoint yet: free space, then start it again from epoch 0 with: python train.py --resume {out}"
+        print(f"train.py: stopped: writing {error.path} failed: {os.strerror(error.code)} ({megabytes(shutil.disk_usage(out).free)} free; "
+              f"an epoch writes about {megabytes(needed)}); nothing half-written is left, {then}", file=sys.stderr)
+        sys.exit(1)
 
 
-def write_config(out, config):
-    (out / "samples").mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+def megabytes(size):
+    return f"{size / 2**20:.1f} MB"
+
+
+def epoch_bytes(params):
+    """About what an epoch adds to the run folder before it removes the old: a checkpoint (the trainable
+    weights and Adam's two moments), the exported weights, and under 1 MB of images and metrics."""
+    return 4 * sum(p.nbytes for p in params) + 2**20
+
+
+def full_disk_errno(error):
+    """The errno of a write that failed for want of space, from error or the errors behind it (torch.save
+    and safetensors wrap Python's OSError, or give only its number in their message); else None."""
+    while error is not None:
+        codes = [error.errno] if isinstance(error, OSError) else [int(n) for n in re.findall(r"os error (\d+)", str(error))]
+        if FULL_DISK.intersection(codes):
+            return FULL_DISK.intersection(codes).pop()
+        error = error.__cause__ or error.__context__
+    return None
+
+
+@contextlib.contextmanager
+def writing(path, aside=None):
+    """Around the writing of path, through the file or folder aside: whatever stops it, aside is
+    removed; a write that failed for want of space is raised again as FullDisk(path)."""
+    try:
+        yield
+    except BaseException as error:
+        if aside is not None:
+            remove(aside)
+        code = full_disk_errno(error)
+        if code is not None:
+            raise FullDisk(path, code) from error
+        raise
+
+
+def remove(path):
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def aside(path, kind="tmp"):
+    """The name path is written under before it is renamed into place: hidden, and this process's own."""
+    return path.with_name(f".{path.stem}.{os.getpid()}.{kind}{path.suffix}")
+
+
+LEFTOVER = re.compile(r"\.(.+?)\.(\d+\.)?(tmp|new|old)(\.\w+)?")  # aside()'s names, and those of earlier versions
+
+
+def remove_leftovers(out):
+    """What a killed run left written aside (the lock says no other process is writing): removed, but
+    for exported weights it had moved aside and not yet replaced, which go back in place."""
+    for folder in (out, out / "checkpoints", out / "samples"):
+        for leftover in folder.glob(".*"):
+            match = LEFTOVER.fullmatch(leftover.name)
+            if match and match[3] == "old" and not (folder / match[1]).exists():
+                leftover.rename(folder / match[1])  # killed between export_weights' two renames
+            elif match:
+                remove(leftover)
+
+
+def write_config(out, config, prompts, eval_prompts):
+    """config.json, and the prompts copied beside it (resume trains on these, whatever became of --prompts)."""
+    write_atomic(out / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
+    for name, lines in ((PROMPTS_COPY, prompts), (EVAL_PROMPTS_COPY, eval_prompts)):
+        if lines is not None:
+            write_atomic(out / name, lambda tmp: tmp.write_text("".join(line + "\n" for line in lines)))
+    with writing(out / "samples"):
+        (out / "samples").mkdir(exist_ok=True)
 
 
 def log_epoch(out, cfg, history, pipe, images, prompts, rewards):
-    """Append the last epoch's metrics, draw its sample grid, redraw the reward curve, export the weights."""
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(history[-1]) + "\n")
+    """The epoch's line into metrics.jsonl, its sample grid, the reward curve redrawn, the weights exported."""
+    write_metrics(out, history)
     captions = [f"{p[:20]}\n{r:.2f}" for p, r in zip(prompts, rewards.tolist())]
     save_grid(images[:16], captions[:16], out / "samples" / f"epoch_{history[-1]['epoch']:04d}.png")
     plot_rewards(history, cfg.reward, out / "reward_curve.png")
-    save_weights(pipe, out, cfg.lora_rank)
+    export_weights(pipe, out, cfg.lora_rank)
+
+
+def export_weights(pipe, out, lora_rank):
+    """lora/ (or unet/) by pipeline.save_weights, written into a folder aside, then swapped in: a
+    crash leaves the previous epoch's weights whole."""
+    final = out / ("unet" if lora_rank == 0 else "lora")
+    fresh, old = aside(final), aside(final, "old")
+    with writing(final, fresh):
+        save_weights(pipe, fresh, lora_rank)
+    if final.exists():
+        final.rename(old)
+    fresh.rename(final)
+    remove(old)
 
 
 def console_line(m):
@@ -95,80 +211,26 @@ def console_line(m):
     return line + f" | sample {m['sample_seconds']:.1f}s train {m['train_seconds']:.1f}s"
 
 
+LONG_EPOCH = 600  # seconds of sampling past which an epoch says, after its first batch, how long it will take
+
+
+def long_epoch_notice(epoch, start, say, done, total):
+    """Beyond the paper: after an epoch's first batch (done of its total trajectories, sampled since
+    start), how long its sampling will take, when that is long: a stop request waits for the epoch."""
+    estimate = (time.time() - start) * total / done
+    if estimate > LONG_EPOCH:
+        say(f"epoch {epoch}: sampling its {total} trajectories will take about {estimate / 60:.0f} minutes ({(time.time() - start) / done:.2f} s "
+            f"each on its first batch), then its training; a stop request (Ctrl-C, SIGTERM, SIGHUP) takes effect after the epoch")
+
+
 def write_atomic(path, write):
-    """write(tmp_path), flushed to disk, then renamed onto path."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def save_checkpoint(out, state, keep):
-    """checkpoints/epoch_N.pt for the state after epoch N (state["epoch"]); the oldest beyond keep go.
-    The state holds only tensors and plain Python data, so that it loads with weights_only=True."""
-    folder = out / "checkpoints"
-    folder.mkdir(exist_ok=True)
-    write_atomic(folder / f"epoch_{state['epoch']:04d}.pt", lambda tmp: torch.save(state, tmp))
-    for old in sorted(folder.glob("epoch_*.pt"))[:-keep]:
-        old.unlink()
-
-
-def checkpoint_due(cfg, epoch, stopping):
-    return (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs or stopping
-
-
-def checkpoint(out, cfg, history, pipe, optimizer, tracker, rng, generator, device, rank):
-    """Everything a resumed run needs after the last epoch: every process hands over its random
-    streams, rank 0 writes them with the trainable weights, the optimiser and the reward buffers."""
-    streams = parallel.gather_objects([{
-        "numpy": rng.bit_generator.state, "torch": torch.get_rng_state(), "generator": generator.get_state(),
-        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-    }])
-    if rank == 0:
-        trainable = {name for name, p in pipe.unet.named_parameters() if p.requires_grad}
-        save_checkpoint(out, {
-            "epoch": history[-1]["epoch"], "history": history, "optimizer": optimizer.state_dict(), "rng": streams,
-            "trainable": {name: p for name, p in pipe.unet.state_dict().items() if name in trainable},
-            "buffers": tracker.state_dict() if tracker is not None else {},
-        }, cfg.keep_checkpoints)
-
-
-def read_checkpoint(cfg, world):
-    """The state to resume from, checked before anything is loaded or written; None for a run that
-    never reached its first checkpoint (it starts again from epoch 0 with its saved settings)."""
-    if not any((Path(cfg.out) / "checkpoints").glob("epoch_*.pt")):
-        return None
-    state = load_checkpoint(Path(cfg.out))
-    if len(state["rng"]) != world:
-        fail(f"--resume {cfg.out}: the run was trained by {len(state['rng'])} process(es), not {world}; resume it with as many")
-    if len(state["history"]) >= cfg.epochs:
-        fail(f"--resume {cfg.out}: the run has done {len(state['history'])} epochs of --epochs {cfg.epochs}; "
-             f"give --epochs above {len(state['history'])} to run it further")
-    return state
-
-
-def restore(state, cfg, pipe, optimizer, tracker, rng, generator, rank, device):
-    """Everything a fresh run would hold after the checkpoint's epoch: weights, optimiser, reward
-    buffers, this process's random streams; its metrics, to which metrics.jsonl is cut back. Without
-    a checkpoint, the run as it was before its first epoch: nothing to load, no metrics kept."""
-    if state is None:
-        if rank == 0:
-            cut_metrics(Path(cfg.out), [])
-        return []
-    pipe.unet.load_state_dict(state["trainable"], strict=False)
-    optimizer.load_state_dict(state["optimizer"])
-    if tracker is not None:
-        tracker.load_state_dict(state["buffers"])
-    own = state["rng"][rank]
-    rng.bit_generator.state = own["numpy"]
-    torch.set_rng_state(own["torch"])
-    generator.set_state(own["generator"])
-    if own["cuda"] is not None:
-        torch.cuda.set_rng_state(own["cuda"], device)
-    if rank == 0:
-        cut_metrics(Path(cfg.out), state["history"])
-    return state["history"]
+    """write(tmp_path), flushed to disk, then renamed onto path; on a failure nothing is left aside."""
+    tmp = aside(path)
+    with writing(path, tmp):
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
 STOPPED = 75  # exit status of a run stopped cleanly by a signal at a checkpoint: resume it (EX_TEMPFAIL, "try again")
@@ -200,37 +262,8 @@ def stop_signals(out):
         parallel.teardown()
 
 
-CHECKPOINT_KEYS = {"epoch", "history", "optimizer", "rng", "trainable", "buffers"}
-
-
-def load_checkpoint(out):
-    """The newest readable checkpoint's state. A damaged one is passed over, with a notice, for the
-    one before it (the run keeps two for this); one that would need more than tensors and plain
-    data to load is refused, since unpickling it could run code (torch.load with weights_only=True)."""
-    skipped = []
-    for path in sorted((out / "checkpoints").glob("epoch_*.pt"), reverse=True):
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as error:
-            if "Unsupported global" in str(error) or "Unsupported operand" in str(error):
-                fail(f"--resume: {path} holds more than tensors and plain data, and loading it could run code; "
-                     f"resume only checkpoints written by this train.py")
-            state, reason = None, type(error).__name__
-        except Exception as error:  # a truncated or corrupted file: torch raises several kinds
-            state, reason = None, type(error).__name__
-        if state is not None and not (isinstance(state, dict) and CHECKPOINT_KEYS <= set(state)):
-            state, reason = None, "not a train.py checkpoint"
-        if state is not None:
-            for name, reason in skipped:
-                print(f"train.py: {name} is unreadable ({reason}); resuming from {path.name}, the newest readable checkpoint", file=sys.stderr)
-            return state
-        skipped.append((path.name, reason))
-    fail(f"--resume {out}: no readable checkpoint ({', '.join(f'{name}: {reason}' for name, reason in skipped)}); "
-         f"the run cannot continue: start it again in a new --out with the settings in {out / 'config.json'}")
-
-
-def cut_metrics(out, history):
-    """metrics.jsonl cut back to the epochs of the checkpoint a run resumes from."""
+def write_metrics(out, history):
+    """metrics.jsonl, one line an epoch, written whole each time (a failed write never leaves half a line)."""
     lines = "".join(json.dumps(m) + "\n" for m in history)
     write_atomic(out / "metrics.jsonl", lambda tmp: tmp.write_text(lines))
 
@@ -245,7 +278,7 @@ def save_grid(images, captions, path, size=128, cols=4):
         x, y = (k % cols) * size, (k // cols) * (size + 28)
         canvas.paste(picture.resize((size, size), Image.NEAREST if picture.width < size else Image.BILINEAR), (x, y))
         draw.text((x + 3, y + size + 2), caption, fill="black")
-    canvas.save(path)
+    write_atomic(path, canvas.save)
 
 
 def plot_rewards(history, reward, path):
@@ -263,5 +296,5 @@ def plot_rewards(history, reward, path):
             ax.plot(*zip(*points), marker="s", linestyle="--", label=label)
     ax.set(xlabel="reward queries", ylabel=f"reward ({reward})", title="training")
     ax.legend(loc="best", fontsize=8)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, bbox_inches="tight"))
     plt.close(fig)

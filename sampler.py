@@ -138,14 +138,15 @@ def encode_prompts(pipe, prompts):
 
 @torch.no_grad()
 def sample_trajectories(pipe, prompts, num_steps=50, guidance_scale=5.0, eta=1.0, batch_size=8, generator=None, reduce="mean", progress=False,
-                        base=None):
+                        base=None, after_first_batch=None):
     """Roll out the policy once per prompt, batch_size at a time.
 
     Returns a dict of tensors, batch first: latents (B, T+1, C, h, w) from x_T to x_0, log_probs
     (B, T) of each taken step, timesteps (B, T), prompt_embeds (B, tokens, dim), negative_embeds
     (1, tokens, dim), images (B, 3, H, W) in [0, 1]; and prompts, the list of B strings. Given a
     base policy (base_policy), also kl_to_base (B, T): policy_kl at every state visited, at the
-    cost of one more guided forward a step.
+    cost of one more guided forward a step. after_first_batch(done, total), if given, is called once,
+    after the first batch (train.py's estimate of a long epoch).
     """
     device = pipe.unet.device
     pipe.scheduler.set_timesteps(num_steps, device=device)
@@ -178,6 +179,8 @@ def sample_trajectories(pipe, prompts, num_steps=50, guidance_scale=5.0, eta=1.0
             "images": pipe.image_processor.postprocess(decoded.float(), output_type="pt"),
             **({"kl_to_base": torch.stack(kls, dim=1)} if base is not None else {}),
         })
+        if after_first_batch is not None and start == 0:
+            after_first_batch(n, len(prompts))
     trajectories = {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
     trajectories.update(negative_embeds=negative_embeds, prompts=list(prompts))
     return trajectories

@@ -11,7 +11,7 @@ Defaults are the paper's SD v1.4 settings, with a LoRA (`--show-config` says whe
 from); with the bundled model the preset "tiny" scales them to a CPU (every flag given still wins);
 config.py holds them all. The policy and its log-prob are in sampler.py, advantages and losses in
 ddpo.py, rewards in rewards.py, the fixed-noise evaluation in evaluation.py, the run folder
-(checkpoints, resume, signals) in run_folder.py.
+(what it writes, signals, a full disk) in run_folder.py, what resume needs in checkpoints.py.
 """
 import config
 
@@ -33,13 +33,14 @@ from tqdm import tqdm
 for library in ("TRANSFORMERS", "DIFFUSERS"):  # before they are imported: keep the console for results
     os.environ.setdefault(f"{library}_VERBOSITY", "error")
 
+import checkpoints
 import ddpo
 import parallel
 import run_folder
 import toy_world
 from config import fail, load_prompts, parse_args
 from evaluation import evaluate, evaluation_due
-from pipeline import DTYPES, add_trainable, compile_policy, load_pipeline
+from pipeline import DTYPES, LORA_TARGETS, add_trainable, compile_policy, load_pipeline, prompt_losses
 from rewards import REWARDS, aesthetic, alignment, hub_reachable, scalar
 from run_folder import STOPPED, stop_signals
 from sampler import base_policy, gaussian_log_prob, guided_eps, policy_gaussian, policy_kl, sample_trajectories
@@ -49,7 +50,7 @@ def main(argv=None):
     """One training run: argv are train.py's flags (or their Config, already parsed); returns the history."""
     cfg = argv if isinstance(argv, config.Config) else parse_args(argv, description=__doc__)
     rank, world, device = parallel.setup(cfg.device)  # (0, 1, cfg.device) without torchrun
-    resumed = run_folder.read_checkpoint(cfg, world) if cfg.resume else None
+    resumed = checkpoints.read(cfg, world) if cfg.resume else None
     say = print if rank == 0 else lambda *args, **kwargs: None
     seed = cfg.seed + rank * parallel.SEED_STRIDE  # this process's own seed; rank 0's is --seed
     torch.manual_seed(cfg.seed)  # the same LoRA initialisation in every process
@@ -71,6 +72,8 @@ def main(argv=None):
     generator = torch.Generator(device).manual_seed(seed)  # the sampling noise
     prompt_set = load_prompts(cfg.prompts)
     eval_set = load_prompts(cfg.eval_prompts or cfg.prompts, "--eval-prompts")
+    for notice in prompt_losses(pipe.tokenizer, prompt_set, "--prompts") + (prompt_losses(pipe.tokenizer, eval_set, "--eval-prompts") if cfg.eval_prompts else []):
+        say(f"train.py: warning: {notice}", file=sys.stderr)
     eval_prompts = [eval_set[k % len(eval_set)] for k in range(cfg.eval_samples)]
     per_position = cfg.pxpo_normalise == "position"
     tracker = ddpo.PerPromptStatTracker(cfg.buffer_size, cfg.min_count, per_position) if cfg.per_prompt_stat_tracking else None
@@ -78,12 +81,12 @@ def main(argv=None):
 
     out, history = Path(cfg.out), []
     parallel.barrier()  # every process has checked --out before rank 0 writes into it
-    with run_folder.claim(out, cfg.resume, rank), stop_signals(out) as stop_requested:  # one train.py a folder
+    with run_folder.claim(out, cfg.resume, rank, run_folder.epoch_bytes(params)), stop_signals(out) as stop_requested:  # one train.py a folder
         if cfg.resume:
-            history = run_folder.restore(resumed, cfg, pipe, optimizer, tracker, rng, generator, rank, device)
+            history = checkpoints.restore(resumed, cfg, pipe, optimizer, tracker, rng, generator, rank, device)
             say(f"resuming {out} after epoch {resumed['epoch']}" if resumed else f"{out} has no checkpoint yet: its run starts again from epoch 0")
         elif rank == 0:
-            run_folder.write_config(out, dataclasses.asdict(cfg))
+            run_folder.write_config(out, dataclasses.asdict(cfg), prompt_set, eval_set if cfg.eval_prompts else None)
         say(f"{cfg.algo} on {cfg.model} ({device}{f' x {world} processes' if world > 1 else ''}), reward {cfg.reward}, "
             f"{len(prompt_set)} prompts -> {out}")
         for epoch in range(len(history), cfg.epochs):
@@ -94,7 +97,8 @@ def main(argv=None):
             start = time.time()
             prompts = [prompt_set[i] for i in rng.integers(len(prompt_set), size=cfg.samples_per_epoch // world)]
             with autocast:
-                traj = sample_trajectories(pipe, prompts, cfg.num_steps, cfg.guidance_scale, cfg.eta, cfg.batch_size, generator, progress=rank == 0)
+                traj = sample_trajectories(pipe, prompts, cfg.num_steps, cfg.guidance_scale, cfg.eta, cfg.batch_size, generator,
+                                           progress=rank == 0, after_first_batch=functools.partial(run_folder.long_epoch_notice, epoch, start, say))
             if device.type == "cuda":
                 torch.cuda.synchronize()  # the GPU's queue is done: an honest sampling time
             sample_seconds = time.time() - start
@@ -128,8 +132,8 @@ def main(argv=None):
             stopping = parallel.any_process(bool(stop_requested))
             if rank == 0:
                 run_folder.log_epoch(out, cfg, history, pipe, traj["images"], prompts, rewards)
-            if run_folder.checkpoint_due(cfg, epoch, stopping):
-                run_folder.checkpoint(out, cfg, history, pipe, optimizer, tracker, rng, generator, device, rank)
+            if checkpoints.due(cfg, epoch, stopping):
+                checkpoints.save(out, cfg, history, pipe, optimizer, tracker, rng, generator, device, rank)
             say(run_folder.console_line(history[-1]))
             if stopping:
                 say(f"stopped after epoch {epoch}; continue with: python train.py --resume {out}")
@@ -283,7 +287,7 @@ def load_reward(cfg):
 
 
 def load_model(cfg, device, dtype):
-    """The pipeline of --model, or one line on why it cannot be loaded or cannot take --num-steps."""
+    """The pipeline of --model, or one line on why it cannot be loaded or cannot take --num-steps or --lora-rank."""
     try:
         pipe = load_pipeline(cfg.model, device, dtype, local_files_only=not hub_reachable())
     except OSError as error:
@@ -297,6 +301,12 @@ def load_model(cfg, device, dtype):
     if pipe.scheduler.timesteps.max() >= trained:
         fail(f"--num-steps {cfg.num_steps}: {cfg.model}'s scheduler reaches past its {trained} training timesteps (offset {offset}); "
              f"use at most {trained - offset}")
+    projections = [m for name, m in pipe.unet.named_modules() if isinstance(m, torch.nn.Linear) and name.endswith(tuple(LORA_TARGETS))]
+    full_rank = max(min(m.in_features, m.out_features) for m in projections)
+    if cfg.lora_rank > full_rank:
+        size = sum(cfg.lora_rank * (m.in_features + m.out_features) * 4 for m in projections)
+        fail(f"--lora-rank {cfg.lora_rank}: above the full rank of every projection the LoRA adapts on {cfg.model} (at most {full_rank}), "
+             f"so it adds only size ({size / 2**20:.0f} MB written each epoch, twice over); use at most {full_rank}, or 0 for the whole UNet")
     return pipe
 
 

@@ -54,6 +54,13 @@ def truncate_checkpoints(run):
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
 
 
+def edit_checkpoints(run, change):
+    for path in (run / "checkpoints").glob("*.pt"):
+        state = torch.load(path, weights_only=True)
+        change(state)
+        torch.save(state, path)
+
+
 def plant_payload(run):
     latest = run / "checkpoints" / "epoch_0001.pt"
     state = torch.load(latest, weights_only=True)
@@ -69,6 +76,7 @@ CASES = {
     "guidance below 1": (lambda w, r: ["--guidance-scale", "0.5"], "--guidance-scale"),
     "more steps than timesteps": (lambda w, r: ["--num-steps", "5000"], "--num-steps"),
     "more steps than the scheduler takes": (lambda w, r: ["--num-steps", "1000"], "--num-steps"),
+    "lora rank above the model's": (lambda w, r: ["--lora-rank", "10000"], "--lora-rank"),
     "negative weight decay": (lambda w, r: ["--weight-decay", "-0.1"], "--weight-decay"),
     "zero grad norm": (lambda w, r: ["--max-grad-norm", "0"], "--max-grad-norm"),
     "min count above buffer": (lambda w, r: ["--min-count", "40"], "--min-count"),
@@ -111,6 +119,9 @@ CASES = {
     "resume checkpoint not ours": (lambda w, r: [torch.save({"weights": torch.ones(2)}, p) for p in (r / "checkpoints").glob("*.pt")]
                                    and ["--resume", str(r), "--epochs", "3"], "no readable checkpoint"),
     "resume checkpoint runs code": (lambda w, r: plant_payload(r) or ["--resume", str(r), "--epochs", "3"], "epoch_0001.pt"),
+    "resume another run's checkpoint": (lambda w, r: edit_checkpoints(r, lambda state: state.update(run_id="0123456789ab"))
+                                        or ["--resume", str(r), "--epochs", "3"], "another run's checkpoint"),
+    "resume other lora rank": (lambda w, r: edit_config(r, lambda c: c.update(lora_rank=8)) or ["--resume", str(r), "--epochs", "3"], "--lora-rank"),
     "resume nothing left to do": (lambda w, r: ["--resume", str(r)], "--epochs"),
     "resume fewer epochs": (lambda w, r: ["--resume", str(r), "--epochs", "1"], "--epochs"),
     "resume with other flags": (lambda w, r: ["--resume", str(r), "--lr", "1"], "--resume"),

@@ -81,3 +81,20 @@ def test_two_runs_started_at_once_in_one_folder_leave_one_run(tiny_pipeline_dir,
     error = results[1][1].splitlines()
     assert len(error) == 1 and f"--out {out}" in error[0], error  # the lock's line, or "not empty" if the first had already written
     assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0]  # one run's epoch, once
+
+
+def test_what_a_killed_run_left_aside_is_removed_when_its_folder_is_next_claimed(tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "config.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")  # a user's own files stay
+    (out / ".mine").write_text("mine")
+    (out / "checkpoints" / ".epoch_0003.4242.tmp.pt").write_bytes(b"half a checkpoint")
+    (out / ".lora.4242.tmp").mkdir()  # the new weights, half written
+    (out / ".lora.4242.old").mkdir()  # the last epoch's, moved aside just before it was killed
+    (out / ".lora.4242.old" / "weights").write_text("the last epoch's")
+    with run_folder.claim(out, resuming=True, rank=0, needed=0):
+        pass
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [
+        ".lock", ".mine", "checkpoints", "config.json", "lora", "lora/weights", "notes.txt"]
+    assert (out / "lora" / "weights").read_text() == "the last epoch's"

@@ -37,7 +37,7 @@ def test_two_processes_sample_their_shares_and_write_one_run_folder(tiny_pipelin
         rng = np.random.default_rng(3 + rank * parallel.SEED_STRIDE)
         drawn.update(prompt_set[i] for i in rng.integers(len(prompt_set), size=4))
     assert {prompt: len(values) for prompt, values in state["buffers"].items()} == dict(drawn)
-    assert sorted(p.name for p in out.iterdir()) == [".lock", "checkpoints", "config.json", "lora", "metrics.jsonl", "reward_curve.png", "samples"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "checkpoints", "config.json", "lora", "metrics.jsonl", "prompts.txt", "reward_curve.png", "samples"]
 
     alone = subprocess.run([sys.executable, str(ROOT / "train.py"), "--resume", str(out), "--epochs", "2"], capture_output=True, text=True)
     assert alone.returncode == 2 and "trained by 2 process(es), not 1" in alone.stderr

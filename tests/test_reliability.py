@@ -3,10 +3,12 @@ values that never reach the weights, and bad input refused before anything is wr
 import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
 
+import checkpoints
 import run_folder
 import train
 from rewards import REWARDS
@@ -49,19 +51,18 @@ def test_a_crash_while_saving_a_checkpoint_leaves_a_run_that_resumes_exactly(run
     train.main(run_args(tmp_path / "straight", 3))
     real_save = torch.save
 
-    def crash_in_the_middle(state, path):  # epoch 1's checkpoint: half a file on disk, then the process dies
+    def crash_in_the_middle(state, f):  # epoch 1's checkpoint: half a file on disk, then the process dies
+        real_save(state, f)
         if state["epoch"] == 1:
-            real_save(state, path)
-            with open(path, "r+b") as f:
-                f.truncate(os.path.getsize(path) // 2)
+            f.truncate(f.tell() // 2)
             raise SystemExit(137)
-        real_save(state, path)
 
-    monkeypatch.setattr(run_folder.torch, "save", crash_in_the_middle)
+    monkeypatch.setattr(checkpoints.torch, "save", crash_in_the_middle)
     with pytest.raises(SystemExit):
         train.main(run_args(tmp_path / "crashed", 3))
     monkeypatch.undo()
     assert len(metrics(tmp_path / "crashed")) == 2  # epoch 1 was logged, but its checkpoint never landed
+    assert [p.name for p in (tmp_path / "crashed" / "checkpoints").iterdir()] == ["epoch_0000.pt"]  # its half is gone
     train.main(["--resume", str(tmp_path / "crashed")])
     assert metrics(tmp_path / "crashed") == metrics(tmp_path / "straight")
 
@@ -72,7 +73,7 @@ def test_a_run_that_dies_before_its_first_checkpoint_resumes_from_epoch_0_as_a_n
     def die_while_saving(state, path):  # the first checkpoint never lands (a full disk, a kill)
         raise SystemExit(137)
 
-    monkeypatch.setattr(run_folder.torch, "save", die_while_saving)
+    monkeypatch.setattr(checkpoints.torch, "save", die_while_saving)
     with pytest.raises(SystemExit):
         train.main(run_args(tmp_path / "died", 2))
     monkeypatch.undo()
@@ -191,3 +192,41 @@ def test_an_epoch_whose_rewards_have_no_spread_says_so_in_its_line(run_args, tmp
     assert history[0]["reward_std"] == 0 and metrics(tmp_path / "run")[0]["reward_std"] == 0
     assert "no spread" in capsys.readouterr().out
     assert history[0]["loss"] == 0 and history[0]["approx_kl"] == 0  # zero advantages: a zero loss, the ratio still 1
+
+
+def with_prompts(args, prompts):
+    args = list(args)
+    args[args.index("--prompts") + 1] = str(prompts)
+    return args
+
+
+def test_a_resumed_run_trains_on_the_prompts_it_started_with_whatever_became_of_their_file(run_args, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    Path("animals.txt").write_text("a cat\na dog\n")  # given by a relative path
+    train.main(with_prompts(run_args(tmp_path / "straight", 2), "animals.txt"))
+    train.main(with_prompts(run_args(tmp_path / "resumed", 1), "animals.txt"))
+    Path("animals.txt").write_text("a fish\n")  # edited after the run began
+    monkeypatch.chdir((tmp_path / "elsewhere").mkdir() or tmp_path / "elsewhere")  # and resumed from another directory
+    capsys.readouterr()
+    train.main(["--resume", str(tmp_path / "resumed"), "--epochs", "2"])
+    assert "2 prompts" in capsys.readouterr().out
+    assert (tmp_path / "resumed" / "prompts.txt").read_text() == "a cat\na dog\n"
+    assert metrics(tmp_path / "resumed") == metrics(tmp_path / "straight")
+
+
+def test_prompts_the_text_encoder_cannot_take_whole_are_reported_once(run_args, tmp_path, capsys):
+    prompts = tmp_path / "prompts_lossy.txt"
+    prompts.write_text("a cat\n" + "a very " * 10 + "long dog\n" + "a 猫\n")
+    train.main(with_prompts(run_args(tmp_path / "run", 2), prompts))
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if line.startswith("train.py: warning:")]
+    assert len(warnings) == 2, captured.err
+    assert "1 of 3 prompts are longer than the text encoder's 14 tokens" in warnings[0]
+    assert "1 of 3 prompts have characters the tokenizer does not know" in warnings[1] and "猫" in warnings[1]
+    assert "will take about" not in captured.out  # a short epoch gives no estimate
+
+
+def test_a_long_epoch_says_after_its_first_batch_how_long_its_sampling_will_take(run_args, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(run_folder, "LONG_EPOCH", 0)  # every epoch counts as long
+    train.main(run_args(tmp_path / "run", 2))
+    assert capsys.readouterr().out.count("epoch 1: sampling its 8 trajectories will take about") == 1

@@ -1,0 +1,129 @@
+"""Checkpoints: what `train.py --resume` needs to continue a run exactly after epoch N, kept as
+checkpoints/epoch_N.pt in its run folder (run_folder.py writes the rest of the folder).
+
+A checkpoint holds the trainable weights, the optimiser, the per-prompt reward buffers, every
+process's random streams, the metrics so far, and the run's id from config.json: resume takes only
+the folder's own. It holds only tensors and plain Python data, so that it loads with
+torch.load(weights_only=True), which runs no code.
+"""
+import pickle
+import sys
+from pathlib import Path
+
+import torch
+
+import parallel
+from config import fail
+from run_folder import write_atomic, write_metrics, writing
+
+def due(cfg, epoch, stopping):
+    return (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs or stopping
+
+
+def save(out, cfg, history, pipe, optimizer, tracker, rng, generator, device, rank):
+    """Everything a resumed run needs after the last epoch: every process hands over its random
+    streams, rank 0 writes them with the trainable weights, the optimiser and the reward buffers."""
+    streams = parallel.gather_objects([{
+        "numpy": rng.bit_generator.state, "torch": torch.get_rng_state(), "generator": generator.get_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }])
+    if rank == 0:
+        trainable = {name for name, p in pipe.unet.named_parameters() if p.requires_grad}
+        write(out, {
+            "run_id": cfg.run_id, "epoch": history[-1]["epoch"], "history": history, "optimizer": optimizer.state_dict(), "rng": streams,
+            "trainable": {name: p for name, p in pipe.unet.state_dict().items() if name in trainable},
+            "buffers": tracker.state_dict() if tracker is not None else {},
+        }, cfg.keep_checkpoints)
+
+
+def write(out, state, keep):
+    """checkpoints/epoch_N.pt for the state after epoch N (state["epoch"]); the oldest beyond keep go.
+    The state holds only tensors and plain Python data, so that it loads with weights_only=True."""
+    folder = out / "checkpoints"
+    with writing(folder):
+        folder.mkdir(exist_ok=True)
+    write_atomic(folder / f"epoch_{state['epoch']:04d}.pt", lambda tmp: torch_save(state, tmp))
+    for old in sorted(folder.glob("epoch_*.pt"))[:-keep]:
+        old.unlink()
+
+
+def torch_save(state, path):
+    with open(path, "wb") as f:  # through a Python file, whose failed write says why (torch's own writer: "basic_ios::clear")
+        torch.save(state, f)
+
+
+KEYS = {"epoch", "history", "optimizer", "rng", "trainable", "buffers"}  # what every checkpoint holds (and run_id, since run ids began)
+
+
+def read(cfg, world):
+    """The state to resume from, checked before anything is loaded or written: this run's (its run_id),
+    of as many processes, with epochs left to run. None for a run that never reached its first
+    checkpoint (it starts again from epoch 0 with its saved settings)."""
+    if not any((Path(cfg.out) / "checkpoints").glob("epoch_*.pt")):
+        return None
+    path, state = load_newest(Path(cfg.out))
+    if cfg.run_id is not None and state.get("run_id") != cfg.run_id:
+        fail(f"--resume {cfg.out}: {path} is another run's checkpoint (run id {state.get('run_id')}, this folder's config.json "
+             f"says {cfg.run_id}); remove it from {path.parent}, or resume the run it came from")
+    if len(state["rng"]) != world:
+        fail(f"--resume {cfg.out}: the run was trained by {len(state['rng'])} process(es), not {world}; resume it with as many")
+    if len(state["history"]) >= cfg.epochs:
+        fail(f"--resume {cfg.out}: the run has done {len(state['history'])} epochs of --epochs {cfg.epochs}; "
+             f"give --epochs above {len(state['history'])} to run it further")
+    return state
+
+
+def load_newest(out):
+    """The newest readable checkpoint's path and state. A damaged one is passed over, with a notice,
+    for the one before it (the run keeps two for this); one that would need more than tensors and
+    plain data to load is refused, since unpickling it could run code (torch.load with weights_only=True)."""
+    skipped = []
+    for path in sorted((out / "checkpoints").glob("epoch_*.pt"), reverse=True):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            if "Unsupported global" in str(error) or "Unsupported operand" in str(error):
+                fail(f"--resume: {path} holds more than tensors and plain data, and loading it could run code; "
+                     f"resume only checkpoints written by this train.py")
+            state, reason = None, type(error).__name__
+        except Exception as error:  # a truncated or corrupted file: torch raises several kinds
+            state, reason = None, type(error).__name__
+        if state is not None and not (isinstance(state, dict) and KEYS <= set(state)):
+            state, reason = None, "not a train.py checkpoint"
+        if state is not None:
+            for name, reason in skipped:
+                print(f"train.py: {name} is unreadable ({reason}); resuming from {path.name}, the newest readable checkpoint", file=sys.stderr)
+            return path, state
+        skipped.append((path.name, reason))
+    fail(f"--resume {out}: no readable checkpoint ({', '.join(f'{name}: {reason}' for name, reason in skipped)}); "
+         f"the run cannot continue: start it again in a new --out with the settings in {out / 'config.json'}")
+
+
+def restore(state, cfg, pipe, optimizer, tracker, rng, generator, rank, device):
+    """Everything a fresh run would hold after the checkpoint's epoch: weights, optimiser, reward
+    buffers, this process's random streams; its metrics, to which metrics.jsonl is cut back. Without
+    a checkpoint, the run as it was before its first epoch: nothing to load, no metrics kept."""
+    if state is None:
+        if rank == 0:
+            write_metrics(Path(cfg.out), [])
+        return []
+    trainable = {name: tuple(p.shape) for name, p in pipe.unet.named_parameters() if p.requires_grad}
+    saved = {name: tuple(t.shape) for name, t in state["trainable"].items()}
+    if saved != trainable:
+        differ = sorted(set(saved) ^ set(trainable)) or [name for name in saved if saved[name] != trainable[name]]
+        fail(f"--resume {cfg.out}: its checkpoint's weights do not fit the model that config.json makes ({len(saved)} trained tensors "
+             f"for its {len(trainable)}, {differ[0]} among those that differ: another --lora-rank or --model); restore config.json "
+             f"from a copy, or resume the run the checkpoint came from")
+    pipe.unet.load_state_dict(state["trainable"], strict=False)
+    optimizer.load_state_dict(state["optimizer"])
+    if tracker is not None:
+        tracker.load_state_dict(state["buffers"])
+    own = state["rng"][rank]
+    rng.bit_generator.state = own["numpy"]
+    torch.set_rng_state(own["torch"])
+    generator.set_state(own["generator"])
+    if own["cuda"] is not None:
+        torch.cuda.set_rng_state(own["cuda"], device)
+    if rank == 0:
+        write_metrics(Path(cfg.out), state["history"])  # cut back to the checkpoint's epochs
+    return state["history"]
