@@ -121,7 +121,8 @@ def main(argv=None):
             stats = parallel.mean_over_processes(stats)
             train_seconds = time.time() - start
             if not all(torch.isfinite(p).all() for p in params):
-                stop(f"epoch {epoch}: the weights became non-finite; the last checkpoint is kept; lower --lr and continue with --resume {out}")
+                stop(f"epoch {epoch}: the weights became non-finite, so nothing of this epoch was saved; resuming would repeat it: start a new run "
+                     f"with a lower --lr than {cfg.lr} (the others as in {out / 'config.json'})")
             # 5. log: metrics, samples and weights (rank 0 writes), a checkpoint when due or when asked to stop
             history.append({
                 "epoch": epoch, "reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(),

@@ -230,3 +230,18 @@ def test_a_long_epoch_says_after_its_first_batch_how_long_its_sampling_will_take
     monkeypatch.setattr(run_folder, "LONG_EPOCH", 0)  # every epoch counts as long
     train.main(run_args(tmp_path / "run", 2))
     assert capsys.readouterr().out.count("epoch 1: sampling its 8 trajectories will take about") == 1
+
+
+def test_weights_that_become_non_finite_stop_the_run_before_they_are_saved_and_say_what_would_work(run_args, tmp_path, monkeypatch, capsys):
+    def poisoned_step(cfg, optimizer, params):  # as a far too large learning rate would leave them
+        for p in params:
+            p.data.fill_(float("nan"))
+        optimizer.zero_grad()
+        return True
+
+    monkeypatch.setattr(train, "optimizer_step", poisoned_step)
+    with pytest.raises(SystemExit) as exit:
+        train.main(run_args(tmp_path / "run", 2))
+    error = capsys.readouterr().err.strip()
+    assert exit.value.code == 1 and "non-finite" in error and "a lower --lr than 0.01" in error, error
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "lora").exists()
