@@ -110,9 +110,9 @@ def restore(state, cfg, pipe, optimizer, tracker, rng, generator, rank, device):
     trainable = {name: tuple(p.shape) for name, p in pipe.unet.named_parameters() if p.requires_grad}
     saved = {name: tuple(t.shape) for name, t in state["trainable"].items()}
     if saved != trainable:
-        differ = sorted(set(saved) ^ set(trainable)) or [name for name in saved if saved[name] != trainable[name]]
-        fail(f"--resume {cfg.out}: its checkpoint's weights do not fit the model that config.json makes ({len(saved)} trained tensors "
-             f"for its {len(trainable)}, {differ[0]} among those that differ: another --lora-rank or --model); restore config.json "
+        name = next(name for name in sorted(set(saved) | set(trainable)) if saved.get(name) != trainable.get(name))
+        fail(f"--resume {cfg.out}: its checkpoint's weights do not fit the model that config.json makes ({name}: {saved.get(name, 'absent')} "
+             f"in the checkpoint, {trainable.get(name, 'absent')} in the model; another --lora-rank or --model); restore config.json "
              f"from a copy, or resume the run the checkpoint came from")
     pipe.unet.load_state_dict(state["trainable"], strict=False)
     optimizer.load_state_dict(state["optimizer"])

@@ -307,7 +307,7 @@ def load_model(cfg, device, dtype):
     if cfg.lora_rank > full_rank:
         size = sum(cfg.lora_rank * (m.in_features + m.out_features) * 4 for m in projections)
         fail(f"--lora-rank {cfg.lora_rank}: above the full rank of every projection the LoRA adapts on {cfg.model} (at most {full_rank}), "
-             f"so it adds only size ({size / 2**20:.0f} MB written each epoch, twice over); use at most {full_rank}, or 0 for the whole UNet")
+             f"so it adds only size ({size / 2**20:.0f} MB of LoRA weights, saved every epoch); use at most {full_rank}, or 0 for the whole UNet")
     return pipe
 
 
