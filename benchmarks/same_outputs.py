@@ -54,12 +54,13 @@ def same(a, b):
 
 
 def written(out):
-    """What a run wrote, timings left out: its metrics (as (key, value) pairs: their order counts), its LoRA
-    files' bytes, its last checkpoint's state."""
+    """What a run wrote, timings and run id left out: its metrics (as (key, value) pairs: their order
+    counts), its LoRA files' bytes, its last checkpoint's state."""
     metrics = [list({k: v for k, v in json.loads(line).items() if k not in TIMING}.items()) for line in (out / "metrics.jsonl").read_text().splitlines()]
     lora = {p.name: p.read_bytes() for p in sorted((out / "lora").iterdir())}
     state = torch.load(sorted((out / "checkpoints").glob("epoch_*.pt"))[-1], weights_only=True)
     state["history"] = [{k: v for k, v in m.items() if k not in TIMING} for m in state["history"]]
+    state.pop("run_id", None)
     return {"metrics": metrics, "lora": lora, "checkpoint": state}
 
 
