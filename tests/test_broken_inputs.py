@@ -1,6 +1,8 @@
-"""Every input a run reads can be broken: each case runs `train.py` in its own process and must end
-with exit status 2, one line on stderr naming the flag or file, no traceback, and the disk exactly
-as it was (nothing written, nothing lost)."""
+"""Every input a run reads can be broken: each case must end with exit status 2, one line on stderr
+naming the flag or file, no traceback, and the disk exactly as it was (nothing written, nothing
+lost). The cases run through train.py's main in one process of their own, one after the other
+(importing torch and diffusers once, not once a case); that process must write nothing else to
+stderr. tests/test_command_line.py runs flag errors through the command line itself."""
 import hashlib
 import json
 import os
@@ -15,11 +17,14 @@ import torch
 
 import train
 
+# one worker runs the module: its cases share one process (the fixture outcomes, run once a worker)
+pytestmark = pytest.mark.xdist_group("broken_inputs")
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--samples-per-epoch", "4", "--batch-size", "2", "--updates-per-epoch", "1", "--num-steps", "2", "--prompts", "simple_animals"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def finished_run(tiny_pipeline_dir, tmp_path_factory):
     """A finished 2-epoch run with both its checkpoints, copied by the cases that break it."""
     out = tmp_path_factory.mktemp("finished") / "run"
@@ -128,25 +133,62 @@ CASES = {
 }
 
 
+# the cases in one process: each through train.main, as `python train.py ARGV` would run it,
+# with its stderr kept apart; anything but an exit (a traceback) is reported as such
+RUNNER = """import contextlib, io, json, sys, traceback
+import train
+outcomes = {}
+for name, argv in json.load(open(sys.argv[1])).items():
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            train.main(argv)
+            status = 0
+        except SystemExit as exit:
+            status = exit.code
+        except BaseException:
+            status = "traceback"
+            traceback.print_exc()
+    outcomes[name] = {"status": status, "stderr": stderr.getvalue()}
+json.dump(outcomes, open(sys.argv[2], "w"))
+"""
+
+
 def snapshot(folder):
     return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest()) if p.is_file() else None
             for p in sorted(folder.rglob("*"))}
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_a_broken_input_exits_2_with_one_line_and_leaves_the_disk_as_it_was(case, finished_run, tiny_pipeline_dir, tmp_path):
-    work, run = tmp_path / "work", tmp_path / "run"
-    work.mkdir()
-    shutil.copytree(finished_run, run)
-    break_it, named = CASES[case]
-    extra = break_it(work, run)
-    argv = extra if extra[0] == "--resume" else ["--model", str(tiny_pipeline_dir), "--out", str(tmp_path / "new"), *TINY, *extra]
-    before = snapshot(tmp_path)
+@pytest.fixture(scope="session")
+def outcomes(finished_run, tiny_pipeline_dir, tmp_path_factory):
+    """Each case broken in a folder of its own (a work folder and a copy of the finished run), the
+    folder's snapshot taken, then every case run by RUNNER. Returns, by case: its folder, what stderr
+    must name, the snapshot before, the exit status and stderr."""
+    cases, plan = {}, {}
+    for name, (break_it, named) in CASES.items():
+        root = tmp_path_factory.mktemp("case")
+        (root / "work").mkdir()
+        shutil.copytree(finished_run, root / "run")
+        extra = break_it(root / "work", root / "run")
+        plan[name] = extra if extra[0] == "--resume" else ["--model", str(tiny_pipeline_dir), "--out", str(root / "new"), *TINY, *extra]
+        cases[name] = {"root": root, "named": named, "before": snapshot(root)}
+    work = tmp_path_factory.mktemp("runner")
+    (work / "plan.json").write_text(json.dumps(plan))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], capture_output=True, text=True, env=env, timeout=120)
-    error = result.stderr.strip()
-    assert result.returncode == 2, result.stderr
+    result = subprocess.run([sys.executable, "-c", RUNNER, str(work / "plan.json"), str(work / "outcomes.json")],
+                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert result.returncode == 0 and not result.stderr, result.stderr  # nothing on stderr outside the cases
+    for name, outcome in json.loads((work / "outcomes.json").read_text()).items():
+        cases[name].update(outcome)
+    return cases
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_broken_input_exits_2_with_one_line_and_leaves_the_disk_as_it_was(case, outcomes):
+    outcome = outcomes[case]
+    error = outcome["stderr"].strip()
+    assert outcome["status"] == 2, outcome["stderr"]
     assert len(error.splitlines()) == 1 and "Traceback" not in error, error
-    assert named in error
-    assert snapshot(tmp_path) == before  # nothing written, nothing lost
-    assert not (tmp_path / "payload-ran").exists()  # and the planted pickle never ran
+    assert outcome["named"] in error
+    assert snapshot(outcome["root"]) == outcome["before"]  # nothing written, nothing lost
+    assert not (outcome["root"] / "payload-ran").exists()  # and the planted pickle never ran
