@@ -11,6 +11,7 @@ import argparse
 import ctypes
 import dataclasses
 import functools
+import hashlib
 import importlib.util
 import json
 import math
@@ -90,6 +91,8 @@ PAPER_DEFAULTS = {
 }
 # rewards.REWARDS's names (the learned ones are built by train.load_reward); a test keeps them equal
 REWARD_NAMES = ("jpeg", "jpeg_incompressibility", "pixel_color", "pixel_background", "toy_alignment", "aesthetic", "alignment")
+OWN_REWARD = re.compile(r"(?P<where>.+):(?P<name>[A-Za-z_]\w*)")  # --reward FILE.py:NAME or module:NAME, your own function
+PYTHON = "python:"  # how config.json names a reward function given to train.main(reward_fn=...): python:module.qualname
 
 
 def arg(default, help, **kwargs):
@@ -103,7 +106,8 @@ class Config:
     preset: str = arg("auto", "settings to start from: the paper's, or tiny for the bundled model on a CPU; auto: tiny with the bundled model", choices=("auto", *PRESETS))
     lora_rank: int = arg(4, "rank of the LoRA on the UNet's attention projections; 0 fine-tunes the whole UNet")
     # task
-    reward: str = arg("jpeg", "reward function (README, Rewards)", choices=REWARD_NAMES)
+    reward: str = arg("jpeg", f"reward function: one of {', '.join(REWARD_NAMES)} (README, Rewards), or your own as FILE.py:NAME "
+                      f"or module:NAME (README, Your own reward)")
     prompts: str = arg("imagenet_animals", f"a built-in prompt set ({', '.join(PROMPT_SETS)}) or a text file, one prompt a line")
     # sampling (paper, appendix D.5: 50 steps, guidance 5; DDIM with eta 1 as the original code samples)
     num_steps: int = arg(50, "DDIM steps T per trajectory")
@@ -153,6 +157,7 @@ class Config:
     keep_checkpoints: int = arg(2, "checkpoints kept, the latest ones")
     resume: str = arg(None, "continue the run in this folder from its last checkpoint, with its saved settings (--epochs may extend it)")
     run_id: str = arg(None, "not a flag: a new one for each run, kept in config.json and in its checkpoints (resume refuses another's)", flag=False)
+    reward_sha256: str = arg(None, "not a flag: the sha256 of your own reward's file, which --resume checks", flag=False)
 
 
 def fail(message):
@@ -175,8 +180,12 @@ def parse_args(argv=None, description=None):
         parser.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, **meta)
     parser.add_argument("--show-config", action="store_true", default=argparse.SUPPRESS,
                         help="print every setting the run would use and where it comes from, then exit without loading a model")
+    parser.add_argument("--accept-changed-reward", action="store_true", default=argparse.SUPPRESS,
+                        help="with --resume: continue although your reward's file has changed since the run began (you mean the change)")
     given = vars(parser.parse_args(argv))  # only the flags on the command line
     show = given.pop("show_config", False)
+    if "accept_changed_reward" in given and "resume" not in given:
+        fail("--accept-changed-reward goes with --resume only")
     cfg, sources = resumed_config(given) if "resume" in given else resolve(given)
     if show:
         print(describe(cfg, sources))
@@ -215,10 +224,14 @@ def resolve(given):
         cfg.device = "cuda" if cuda_available() else "cpu"
         sources["device"] = "derived: cuda when available, else cpu"
     if not cfg.out:
-        cfg.out = f"runs/{cfg.reward}-{cfg.algo}-{time.strftime('%Y%m%d-%H%M%S')}"
+        cfg.out = f"runs/{cfg.reward.rpartition(':')[2]}-{cfg.algo}-{time.strftime('%Y%m%d-%H%M%S')}"
         sources["out"] = "derived: runs/<reward>-<algo>-<time>"
     cfg.run_id, sources["run_id"] = uuid.uuid4().hex[:12], "derived: new for each run"
     validate(cfg)
+    if own_reward_file(cfg.reward):  # recorded as it is now: --resume checks it is the same
+        where, _, name = cfg.reward.rpartition(":")
+        cfg.reward = f"{Path(where).resolve() if where.endswith('.py') else where}:{name}"
+        cfg.reward_sha256, sources["reward_sha256"] = file_sha256(own_reward_file(cfg.reward)), "derived: the reward's file as it is now"
     return cfg, sources
 
 
@@ -250,7 +263,7 @@ def resumed_config(given):
     """The saved settings of the run to resume; only --epochs may change (to run it further). Its
     prompts are the copies taken at its start (run_folder.write_config). A run that never reached
     its first checkpoint has them too, and starts again from epoch 0."""
-    folder = Path(given.pop("resume"))
+    folder, accept_changed = Path(given.pop("resume")), given.pop("accept_changed_reward", False)
     others = sorted(set(given) - {"epochs"})
     if others:
         fail(f"--resume continues a run with its saved settings: only --epochs may go with it, not --{others[0].replace('_', '-')}")
@@ -262,6 +275,8 @@ def resumed_config(given):
     saved = read_saved_config(folder / "config.json")
     sources = {f.name: f"saved in {folder / 'config.json'}" if f.name in saved else "default (not in the saved config.json)"
                for f in dataclasses.fields(Config)}
+    if saved.get("reward_sha256"):
+        sources["reward_sha256"] = check_own_reward(folder, saved, accept_changed)
     for name, copy in (("prompts", folder / PROMPTS_COPY), ("eval_prompts", folder / EVAL_PROMPTS_COPY)):
         if saved.get(name) and copy.is_file():  # runs of earlier versions have no copies: their prompts are read where they were
             saved[name], sources[name] = str(copy), f"the copy of {saved[name]} taken at the run's start"
@@ -269,6 +284,41 @@ def resumed_config(given):
     validate(cfg)
     sources.update(dict.fromkeys([*given, "resume", "out"], "flag"))
     return cfg, sources
+
+
+def own_reward_file(spec):
+    """The file that holds your own reward, FILE.py:NAME's or module:NAME's (None for a built-in one)."""
+    if spec in REWARD_NAMES or spec.startswith(PYTHON) or not OWN_REWARD.fullmatch(spec):
+        return None
+    where = OWN_REWARD.fullmatch(spec)["where"]
+    if where.endswith(".py"):
+        return Path(where)
+    try:
+        found = importlib.util.find_spec(where)
+    except (ImportError, ValueError):
+        found = None
+    return Path(found.origin) if found is not None and found.has_location else None
+
+
+def file_sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def check_own_reward(folder, saved, accept_changed):
+    """A resumed run's own reward must be the one it was trained with: the file still there, and
+    unchanged, unless the run has no checkpoint yet (it starts again, with the file as it is now) or
+    --accept-changed-reward says the change is meant."""
+    spec, path = saved["reward"], own_reward_file(saved["reward"])
+    if path is None or not path.is_file():
+        fail(f"--resume {folder}: its reward {spec} is gone (no {path or spec.rpartition(':')[0]}); put it back where it was")
+    if file_sha256(path) == saved["reward_sha256"]:
+        return f"saved in {folder / 'config.json'}"
+    trained = any((folder / "checkpoints").glob("epoch_*.pt"))
+    if trained and not accept_changed:
+        fail(f"--resume {folder}: its reward's file {path} has changed since the run began, and the run was trained with the old one; "
+             f"restore it, or continue with the new one with --accept-changed-reward")
+    saved["reward_sha256"] = file_sha256(path)
+    return f"derived: the reward's file as it is now ({'--accept-changed-reward' if trained else 'changed, but the run has no checkpoint: it starts again'})"
 
 
 def read_saved_config(path):
@@ -345,6 +395,7 @@ def validate(cfg):
         check_model("--bertscore-model", cfg.bertscore_model, "a model folder", "config.json")
     if cfg.mixed_precision == "fp16" and not cfg.device.startswith("cuda"):
         fail("--mixed-precision fp16 needs a CUDA device; use bf16 or no on the CPU")
+    check_reward(cfg.reward)
     if not cfg.resume:
         check_out(Path(cfg.out))
     for flag, name in (("--prompts", cfg.prompts), ("--eval-prompts", cfg.eval_prompts or cfg.prompts)):
@@ -366,6 +417,20 @@ def check_model(flag, name, kind, index):
         fail(f"{flag} {name}: its {index} is missing or unreadable ({type(error).__name__}); give {kind} saved by save_pretrained, or a hub id")
     if not isinstance(saved, dict):
         fail(f"{flag} {name}: its {index} is not a JSON object; give {kind} saved by save_pretrained, or a hub id")
+
+
+def check_reward(spec):
+    """--reward is a built-in name, or your own function as FILE.py:NAME (the file there) or module:NAME
+    (the module importable); whether NAME is in it is known once it is loaded (rewards.own_reward)."""
+    if spec in REWARD_NAMES or spec.startswith(PYTHON):  # python:...: given to train.main, which checks it
+        return
+    match = OWN_REWARD.fullmatch(spec)
+    if not match:
+        fail(f"--reward {spec}: not a built-in reward ({', '.join(REWARD_NAMES)}), nor your own as FILE.py:NAME or module:NAME")
+    if match["where"].endswith(".py") and not Path(match["where"]).is_file():
+        fail(f"--reward {spec}: no file {match['where']}; give FILE.py:NAME, where the file defines NAME(images, prompts)")
+    if not match["where"].endswith(".py") and own_reward_file(spec) is None:
+        fail(f"--reward {spec}: no module {match['where']} on the Python path; give module:NAME of an importable module, or FILE.py:NAME")
 
 
 def world_size():

@@ -6,11 +6,18 @@ can use it and PXPO can use the map itself.
 `REWARDS` maps the names that `train.py --reward` accepts to these functions. The paper's two
 learned rewards (sections 5.2 and 5.3) need models: `aesthetic` and `alignment` build a reward function
 around them, loaded once, when a run asks for that reward.
+
+Your own reward (`--reward FILE.py:NAME` or `module:NAME`, or `train.main(argv, reward_fn=fn)`) is
+a function NAME(images, prompts): images a float tensor (B, 3, H, W) in [0, 1] on the training
+device, prompts a list of B strings. It returns B scores, higher is better (a tensor, a numpy array
+or a list), or a (B, H, W) map for a pixel-wise reward. examples/brightness.py is one.
 """
+import importlib.util
 import io
 import os
 import re
 import socket
+import sys
 import urllib.parse
 from pathlib import Path
 
@@ -22,6 +29,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, CLIPVisionModelWithProjection
 
 import toy_world
+from config import PYTHON, fail
 
 AESTHETIC_HEAD = Path(__file__).parent / "data" / "sac+logos+ava1-l14-linearMSE.pth"
 QUESTION = "What is going on in this image?"
@@ -83,6 +91,57 @@ REWARDS = {
     "pixel_background": pixel_background,  # pixel-wise, toy world prompts only
     "toy_alignment": toy_world.judge,  # the bundled model's stand-in for the paper's VLM alignment
 }
+
+
+def own_reward(spec):
+    """Your function NAME of --reward FILE.py:NAME (the file run as a module of its own) or
+    module:NAME (imported), or one line on why it cannot be had."""
+    where, _, name = spec.rpartition(":")
+    try:
+        if where.endswith(".py"):
+            found = importlib.util.spec_from_file_location(f"reward_{Path(where).stem}", where)
+            module = importlib.util.module_from_spec(found)
+            found.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except Exception as error:  # the user's code, raising anything
+        fail(f"--reward {spec}: importing {where} failed ({type(error).__name__}: {error})")
+    if not callable(getattr(module, name, None)):
+        fail(f"--reward {spec}: {where} defines no function {name}")
+    return getattr(module, name)
+
+
+def checked(fn, spec, out):
+    """fn as train.py calls a reward, its output made a float tensor on the images' device, once a
+    call. A return that is not B scores (or a (B, H, W) map), or that carries a gradient, ends the run
+    in one line naming the function; so does a non-finite one, on the batch it is checked on (check)."""
+    def reward(images, prompts, check=False):
+        values = fn(images, prompts)
+        if values is None:
+            bad("returned None (no return statement?), not the batch's scores")
+        try:
+            values = values if isinstance(values, torch.Tensor) else torch.as_tensor(np.asarray(values, dtype=np.float32))
+        except (TypeError, ValueError) as error:
+            bad(f"returned {type(values).__name__}, not numbers ({error})")
+        batch, (height, width) = len(prompts), images.shape[-2:]
+        if values.requires_grad:
+            bad("returned a tensor that requires grad; return it detached (scores.detach()): a reward is data to the policy, not part of its graph")
+        if tuple(values.shape) not in ((batch,), (batch, height, width)):
+            bad(f"returned shape {tuple(values.shape)} for {batch} images; return {batch} scores, or a ({batch}, {height}, {width}) map for a pixel-wise reward")
+        if check and not torch.isfinite(values).all():
+            bad(f"returned non-finite values on the first batch ({values.flatten()[:4].tolist()} ...)")
+        return values.float().to(images.device)
+
+    def bad(problem):
+        trained = any((Path(out) / "checkpoints").glob("epoch_*.pt"))  # then the fixed file is a changed one, said so knowingly
+        resume = f"python train.py --resume {out}{' --accept-changed-reward' if trained else ''}"
+        if spec.startswith(PYTHON):
+            resume = f"train.main(['--resume', {str(out)!r}], reward_fn={spec.rpartition('.')[2]})"
+        print(f"train.py: stopped: --reward {spec}: {problem}; nothing of this epoch was trained on or saved: fix the function, then "
+              f"continue with: {resume}", file=sys.stderr)
+        sys.exit(1)
+
+    return reward
 
 
 def hub_reachable(timeout=3.0):

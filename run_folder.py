@@ -176,6 +176,13 @@ def write_config(out, config, prompts, eval_prompts):
         (out / "samples").mkdir(exist_ok=True)
 
 
+def update_config(out, **changes):
+    """config.json with these settings changed (a resumed run's reward file, accepted as it is now)."""
+    saved = json.loads((out / "config.json").read_text())
+    if any(saved.get(key) != value for key, value in changes.items()):
+        write_atomic(out / "config.json", lambda tmp: tmp.write_text(json.dumps({**saved, **changes}, indent=2)))
+
+
 def log_epoch(out, cfg, history, pipe, images, prompts, rewards):
     """The epoch's line into metrics.jsonl, its sample grid, the reward curve redrawn, the weights exported."""
     write_metrics(out, history)

@@ -145,8 +145,8 @@ def sample_trajectories(pipe, prompts, num_steps=50, guidance_scale=5.0, eta=1.0
     (B, T) of each taken step, timesteps (B, T), prompt_embeds (B, tokens, dim), negative_embeds
     (1, tokens, dim), images (B, 3, H, W) in [0, 1]; and prompts, the list of B strings. Given a
     base policy (base_policy), also kl_to_base (B, T): policy_kl at every state visited, at the
-    cost of one more guided forward a step. after_first_batch(done, total), if given, is called once,
-    after the first batch (train.py's estimate of a long epoch).
+    cost of one more guided forward a step. after_first_batch(images, prompts, total), if given, is
+    called once, with the first batch's images and prompts (train.py checks your reward on them).
     """
     device = pipe.unet.device
     pipe.scheduler.set_timesteps(num_steps, device=device)
@@ -180,7 +180,7 @@ def sample_trajectories(pipe, prompts, num_steps=50, guidance_scale=5.0, eta=1.0
             **({"kl_to_base": torch.stack(kls, dim=1)} if base is not None else {}),
         })
         if after_first_batch is not None and start == 0:
-            after_first_batch(n, len(prompts))
+            after_first_batch(batches[0]["images"], batch_prompts, len(prompts))
     trajectories = {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
     trajectories.update(negative_embeds=negative_embeds, prompts=list(prompts))
     return trajectories

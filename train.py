@@ -41,14 +41,18 @@ import toy_world
 from config import fail, load_prompts, parse_args
 from evaluation import evaluate, evaluation_due
 from pipeline import DTYPES, LORA_TARGETS, add_trainable, compile_policy, load_pipeline, prompt_losses
+import rewards
 from rewards import REWARDS, aesthetic, alignment, hub_reachable, scalar
 from run_folder import STOPPED, stop_signals
 from sampler import base_policy, gaussian_log_prob, guided_eps, policy_gaussian, policy_kl, sample_trajectories
 
 
-def main(argv=None):
-    """One training run: argv are train.py's flags (or their Config, already parsed); returns the history."""
+def main(argv=None, reward_fn=None):
+    """One training run: argv are train.py's flags (or their Config, already parsed); returns the
+    history. reward_fn, your own reward function (rewards.py says what it takes and returns), is
+    recorded in config.json by its qualified name, and must be given again to resume the run."""
     cfg = argv if isinstance(argv, config.Config) else parse_args(argv, description=__doc__)
+    cfg = python_reward(cfg, reward_fn)
     rank, world, device = parallel.setup(cfg.device)  # (0, 1, cfg.device) without torchrun
     resumed = checkpoints.read(cfg, world) if cfg.resume else None
     say = print if rank == 0 else lambda *args, **kwargs: None
@@ -58,7 +62,7 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
     weight_dtype = DTYPES[cfg.mixed_precision]
     autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=cfg.mixed_precision != "no")
-    reward_fn = load_reward(cfg)
+    reward_fn = load_reward(cfg, reward_fn)
     pipe = load_model(cfg, device, weight_dtype)
     params = add_trainable(pipe.unet, cfg.lora_rank)
     base = base_policy(pipe.unet, cfg.lora_rank) if cfg.eval_every or not cfg.algo.startswith("rwr") else None  # before any update
@@ -84,6 +88,8 @@ def main(argv=None):
     with run_folder.claim(out, cfg.resume, rank, run_folder.epoch_bytes(params)), stop_signals(out) as stop_requested:  # one train.py a folder
         if cfg.resume:
             history = checkpoints.restore(resumed, cfg, pipe, optimizer, tracker, rng, generator, rank, device)
+            if rank == 0:
+                run_folder.update_config(out, reward_sha256=cfg.reward_sha256)  # your reward's file as the run goes on with it
             say(f"resuming {out} after epoch {resumed['epoch']}" if resumed else f"{out} has no checkpoint yet: its run starts again from epoch 0")
         elif rank == 0:
             run_folder.write_config(out, dataclasses.asdict(cfg), prompt_set, eval_set if cfg.eval_prompts else None)
@@ -98,7 +104,7 @@ def main(argv=None):
             prompts = [prompt_set[i] for i in rng.integers(len(prompt_set), size=cfg.samples_per_epoch // world)]
             with autocast:
                 traj = sample_trajectories(pipe, prompts, cfg.num_steps, cfg.guidance_scale, cfg.eta, cfg.batch_size, generator,
-                                           progress=rank == 0, after_first_batch=functools.partial(run_folder.long_epoch_notice, epoch, start, say))
+                                           progress=rank == 0, after_first_batch=functools.partial(after_first_batch, cfg, epoch, start, say, reward_fn))
             if device.type == "cuda":
                 torch.cuda.synchronize()  # the GPU's queue is done: an honest sampling time
             sample_seconds = time.time() - start
@@ -272,9 +278,34 @@ def stop(message):
     sys.exit(1)
 
 
-def load_reward(cfg):
+def after_first_batch(cfg, epoch, start, say, reward_fn, images, prompts, total):
+    """Beyond the paper: once an epoch's first batch is sampled, your own reward's output checked on
+    it (a wrong return ends the run now, not after the epoch), and a long epoch's estimate."""
+    if cfg.reward not in config.REWARD_NAMES:  # your own
+        reward_fn(images, prompts, check=True)
+    run_folder.long_epoch_notice(epoch, start, say, len(prompts), total)
+
+
+def python_reward(cfg, reward_fn):
+    """The Config with reward_fn, a function given to main, named in it as python:module.qualname."""
+    name = None if reward_fn is None else f"{config.PYTHON}{reward_fn.__module__}.{reward_fn.__qualname__}"
+    if cfg.resume and cfg.reward.startswith(config.PYTHON) and name != cfg.reward:
+        fail(f"--resume {cfg.out}: the run's reward is the function {cfg.reward[len(config.PYTHON):]} given to train.main; resume it from "
+             f"Python with train.main(['--resume', {cfg.out!r}], reward_fn={cfg.reward.rpartition('.')[2]})"
+             + (f", not {name[len(config.PYTHON):]}" if name else ""))
+    if name is not None and cfg.resume and not cfg.reward.startswith(config.PYTHON):
+        fail(f"--resume {cfg.out}: the run's reward is {cfg.reward}, not a function given to train.main; resume it without reward_fn")
+    return cfg if name is None else dataclasses.replace(cfg, reward=name)
+
+
+def load_reward(cfg, reward_fn=None):
     """The reward function. The learned ones load their models here, once, for this run (and go
-    with it); one that cannot load stops the run before it writes anything."""
+    with it); one that cannot load stops the run before it writes anything. Your own (given, or
+    FILE.py:NAME or module:NAME) is checked at every call (rewards.checked)."""
+    if cfg.reward.startswith(config.PYTHON) and reward_fn is None:
+        fail(f"--reward {cfg.reward}: names a function given to train.main(reward_fn=...); on the command line give FILE.py:NAME or module:NAME")
+    if cfg.reward not in config.REWARD_NAMES:
+        return rewards.checked(reward_fn or rewards.own_reward(cfg.reward), cfg.reward, cfg.out)
     try:
         if cfg.reward == "aesthetic":
             return aesthetic(cfg.aesthetic_model, cfg.device)

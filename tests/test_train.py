@@ -113,8 +113,8 @@ def test_show_config_prints_every_setting_and_where_it_came_from_and_writes_noth
         parse_args(["--show-config", "--algo", "rwr", "--lr", "1e-3", "--out", str(tmp_path / "run")])
     assert exit.value.code == 0
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith(("--", "  "))}
-    flags = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(Config) if f.name != "run_id"}
-    assert set(lines) == flags | {"run-id"}  # every setting, once; the run id, which is no flag, without dashes
+    flags = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(Config) if f.name not in ("run_id", "reward_sha256")}
+    assert set(lines) == flags | {"run-id", "reward-sha256"}  # every setting, once; those that are no flags without dashes
     assert lines["run-id"].split()[2:] == ["derived:", "new", "for", "each", "run"]
     expected = {  # the bundled model (no CUDA here): preset tiny; each layer over the one before, the flag over all
         "--num-steps": ("20", "preset tiny"), "--updates-per-epoch": ("4", "algorithm rwr"), "--inner-epochs": ("5", "algorithm rwr"),
