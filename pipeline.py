@@ -72,19 +72,21 @@ def save_weights(pipe, folder, lora_rank):
         type(pipe).save_lora_weights(folder, unet_lora_layers=layers)
 
 
-def prompt_losses(tokenizer, prompts, flag):
-    """What the text encoder will not see of these prompts, as lines to warn with: the tokens past its
-    length, which it cuts, and characters its vocabulary lacks, read as its unknown token."""
-    distinct = sorted(set(prompts))
-    ids = [tokenizer(prompt, add_special_tokens=False, verbose=False).input_ids for prompt in distinct]
-    room = tokenizer.model_max_length - 2  # the start and end tokens take two places
-    cut = [len(tokens) - room for tokens in ids if len(tokens) > room]
-    unknown = [prompt for prompt, tokens in zip(distinct, ids) if tokenizer.unk_token_id in tokens]
+def prompt_losses(tokenizer, prompt_sets):
+    """What the text encoder will not see of each set of prompts (by its flag), as lines to warn with:
+    the tokens past its length, which it cuts, and characters its vocabulary lacks, read as its
+    unknown token."""
     notices = []
-    if cut:
-        notices.append(f"{flag}: {len(cut)} of {len(distinct)} prompts are longer than the text encoder's {room} tokens and are cut "
-                       f"({sum(cut)} tokens dropped, up to {max(cut)} of one prompt)")
-    if unknown:
-        notices.append(f"{flag}: {len(unknown)} of {len(distinct)} prompts have characters the tokenizer does not know, which it "
-                       f"reads as its unknown token (e.g. {unknown[0]!r})")
+    for flag, prompts in prompt_sets.items():
+        distinct = sorted(set(prompts))
+        ids = [tokenizer(prompt, add_special_tokens=False, verbose=False).input_ids for prompt in distinct]
+        room = tokenizer.model_max_length - 2  # the start and end tokens take two places
+        cut = [len(tokens) - room for tokens in ids if len(tokens) > room]
+        unknown = [prompt for prompt, tokens in zip(distinct, ids) if tokenizer.unk_token_id in tokens]
+        if cut:
+            notices.append(f"{flag}: {len(cut)} of {len(distinct)} prompts are longer than the text encoder's {room} tokens and are cut "
+                           f"({sum(cut)} tokens dropped, up to {max(cut)} of one prompt)")
+        if unknown:
+            notices.append(f"{flag}: {len(unknown)} of {len(distinct)} prompts have characters the tokenizer does not know, which it "
+                           f"reads as its unknown token (e.g. {unknown[0]!r})")
     return notices

@@ -76,8 +76,8 @@ def main(argv=None, reward_fn=None):
     generator = torch.Generator(device).manual_seed(seed)  # the sampling noise
     prompt_set = load_prompts(cfg.prompts)
     eval_set = load_prompts(cfg.eval_prompts or cfg.prompts, "--eval-prompts")
-    for notice in prompt_losses(pipe.tokenizer, prompt_set, "--prompts") + (prompt_losses(pipe.tokenizer, eval_set, "--eval-prompts") if cfg.eval_prompts else []):
-        say(f"train.py: warning: {notice}", file=sys.stderr)
+    for notice in prompt_losses(pipe.tokenizer, {"--prompts": prompt_set, "--eval-prompts": eval_set if cfg.eval_prompts else []}):
+        say(f"train.py: warning: {notice}", file=sys.stderr)  # what the text encoder will not see of them
     eval_prompts = [eval_set[k % len(eval_set)] for k in range(cfg.eval_samples)]
     per_position = cfg.pxpo_normalise == "position"
     tracker = ddpo.PerPromptStatTracker(cfg.buffer_size, cfg.min_count, per_position) if cfg.per_prompt_stat_tracking else None
