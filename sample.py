@@ -1,0 +1,104 @@
+"""Images from a trained run: its weights beside the base model's, from the same noise.
+
+    python sample.py runs/<run>                                   # 8 of the run's prompts, seed 0
+    python sample.py runs/<run> --prompts "a red circle" "a blue square" --num-images 4 --seed 1
+
+It samples as the run was trained and scored: with the run's DDIM steps, guidance and eta (from
+its config.json). eta 1, the paper's and the default, draws fresh noise at every step, so each
+image is one draw of the policy that was trained; `--eta 0` is deterministic DDIM, the mean path
+(what a plain `pipe(prompt)` does), which the policy was never trained or scored on. The weights
+go through diffusers' own loading, as anyone would use them: `load_lora_weights(run/lora)` into a
+stock pipeline, or the saved `unet/` after a full fine-tune. It writes into a folder it names
+(--out; default RUN/generated/<time>): grid.png (the base model's row above the run's, each image
+captioned with its prompt and, for a built-in reward, its reward) and each image as base_K.png
+and tuned_K.png.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import config
+
+
+def fail(message):
+    print(f"sample.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="sample.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.error = fail
+    parser.add_argument("run", help="a run folder of train.py (its config.json and lora/ or unet/)")
+    parser.add_argument("--prompts", nargs="+", help="the prompts, in turn; default the run's own, in order")
+    parser.add_argument("--num-images", type=int, default=8, help="images per side (default: 8)")
+    parser.add_argument("--seed", type=int, default=0, help="the noise, the same for both sides (default: 0)")
+    parser.add_argument("--eta", type=float, help="DDIM noise level; default the run's (1: as trained; 0: deterministic DDIM)")
+    parser.add_argument("--device", help="torch device; default cuda when available, else cpu")
+    parser.add_argument("--out", help="the folder to write; default RUN/generated/<time>")
+    args = parser.parse_args(argv)
+    run = Path(args.run)
+    try:
+        saved = json.loads((run / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        fail(f"{run}: no readable config.json ({type(error).__name__}); give the folder of a run train.py wrote")
+    weights = [run / name for name in ("lora", "unet") if (run / name).is_dir()]
+    if not weights:
+        fail(f"{run}: no lora/ or unet/ yet (the run writes them after its first epoch)")
+    if args.num_images < 1:
+        fail(f"--num-images must be at least 1, got {args.num_images}")
+    if args.eta is not None and not 0 <= args.eta <= 1:
+        fail(f"--eta must be in [0, 1], got {args.eta}")
+    prompts = args.prompts or config.load_prompts(str(run / config.PROMPTS_COPY) if (run / config.PROMPTS_COPY).is_file() else saved["prompts"])
+    args.prompts = [prompts[k % len(prompts)] for k in range(args.num_images)]
+    args.eta = saved.get("eta", 1.0) if args.eta is None else args.eta
+    args.device = args.device or ("cuda" if config.cuda_available() else "cpu")
+    args.out = Path(args.out or run / "generated" / time.strftime("%Y%m%d-%H%M%S"))
+    return args, saved, weights[0]
+
+
+if __name__ == "__main__":  # a bad flag or run folder answers here, before torch and diffusers load
+    cli_args = parse_args()
+
+for library in ("TRANSFORMERS", "DIFFUSERS"):  # before they are imported: keep the console for results
+    os.environ.setdefault(f"{library}_VERBOSITY", "error")
+
+import torch  # noqa: E402
+from diffusers import UNet2DConditionModel  # noqa: E402
+
+from pipeline import load_pipeline  # noqa: E402
+from rewards import REWARDS, to_pil  # noqa: E402
+from run_folder import save_grid  # noqa: E402
+
+
+def main(argv=None):
+    """argv: sample.py's arguments (or their parse, already made). Returns the two sides' images,
+    base and tuned, each (N, 3, H, W) in [0, 1]."""
+    args, saved, weights = argv if isinstance(argv, tuple) else parse_args(argv)
+    pipe = load_pipeline(saved["model"], args.device)
+    sample = lambda: pipe(args.prompts, num_inference_steps=saved["num_steps"], guidance_scale=saved["guidance_scale"], eta=args.eta,  # noqa: E731
+                          generator=torch.Generator(args.device).manual_seed(args.seed), output_type="pt").images
+    base = sample()
+    if weights.name == "lora":
+        pipe.load_lora_weights(weights)
+    else:
+        pipe.unet = UNet2DConditionModel.from_pretrained(weights).to(args.device)
+    tuned = sample()
+    reward = REWARDS.get(saved["reward"])  # the built-in ones are cheap; your own and the learned ones are not called
+    scores = [reward(images, args.prompts).tolist() if reward else [None] * len(args.prompts) for images in (base, tuned)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    captions = [f"{side}: {prompt[:16]}" + ("" if score is None else f"\n{saved['reward']} {score:.2f}")
+                for side, side_scores in zip(("base", "tuned"), scores) for prompt, score in zip(args.prompts, side_scores)]
+    save_grid(torch.cat([base, tuned]), captions, args.out / "grid.png", size=max(128, min(256, base.shape[-1])), cols=len(args.prompts))
+    for side, images in (("base", base), ("tuned", tuned)):
+        for k, picture in enumerate(to_pil(images)):
+            picture.save(args.out / f"{side}_{k}.png")
+    print(f"{len(args.prompts)} prompts, base and tuned from the same noise (seed {args.seed}, {saved['num_steps']} steps, "
+          f"guidance {saved['guidance_scale']}, eta {args.eta}) -> {args.out / 'grid.png'}")
+    return base, tuned
+
+
+if __name__ == "__main__":
+    main(cli_args)
