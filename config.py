@@ -153,6 +153,8 @@ class Config:
     compile: bool = arg(False, "torch.compile the UNet for sampling and training; the first epoch pays the compiling (README, Speed)")
     allow_tf32: bool = arg(True, "TF32 matmuls and convolutions on CUDA (Ampere and newer)")
     device: str = arg(None, "torch device; default cuda when available, else cpu")
+    log_with: str = arg("none", "also send each epoch's metrics, sample grid and the settings to tensorboard (RUN/tensorboard) or wandb; "
+                        "each an optional package: pip install tensorboard, or wandb", choices=("none", "tensorboard", "wandb"))
     checkpoint_every: int = arg(1, "epochs between checkpoints (checkpoints/epoch_N.pt: everything --resume needs)")
     keep_checkpoints: int = arg(2, "checkpoints kept, the latest ones")
     resume: str = arg(None, "continue the run in this folder from its last checkpoint, with its saved settings (--epochs may extend it)")
@@ -396,6 +398,8 @@ def validate(cfg):
     if cfg.mixed_precision == "fp16" and not cfg.device.startswith("cuda"):
         fail("--mixed-precision fp16 needs a CUDA device; use bf16 or no on the CPU")
     check_reward(cfg.reward)
+    if cfg.log_with != "none" and importlib.util.find_spec(cfg.log_with) is None:
+        fail(f"--log-with {cfg.log_with}: the package {cfg.log_with} is not installed; pip install {cfg.log_with}, or leave the flag out")
     if not cfg.resume:
         check_out(Path(cfg.out))
     for flag, name in (("--prompts", cfg.prompts), ("--eval-prompts", cfg.eval_prompts or cfg.prompts)):

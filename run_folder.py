@@ -205,8 +205,9 @@ def export_weights(pipe, out, lora_rank):
     remove(old)
 
 
-def console_line(m):
-    """One epoch's metrics as the line train.py prints."""
+def console_line(m, elapsed, left):
+    """One epoch's metrics as the line train.py prints, with the time this session has run and an
+    estimate of the time left (elapsed and left in seconds)."""
     line = f"epoch {m['epoch']}: reward {m['reward_mean']:.3f} ± {m['reward_std']:.3f}"
     line += " (no spread: every advantage is 0, nothing to learn from)" if m["reward_std"] == 0 else ""
     line += f" fidelity {m['fidelity']:.3f}" if "fidelity" in m else ""
@@ -215,7 +216,14 @@ def console_line(m):
     line += f" kl_to_base {m['kl_to_base']:.2e}" if "kl_to_base" in m else ""
     line += f" | 90 % of the weight on {m['weight_share']:.0%} of samples" if "weight_share" in m else ""
     line += f" | eval {m['eval_reward_mean']:.3f}" if "eval_reward_mean" in m else ""
-    return line + f" | sample {m['sample_seconds']:.1f}s train {m['train_seconds']:.1f}s"
+    line += f" | sample {m['sample_seconds']:.1f}s train {m['train_seconds']:.1f}s"
+    return line + f" | {clock(elapsed)} elapsed" + (f", about {clock(left)} left" if left > 0 else "")
+
+
+def clock(seconds):
+    """h:mm:ss, or m:ss under an hour."""
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 else f"{minutes}:{seconds:02d}"
 
 
 LONG_EPOCH = 600  # seconds of sampling past which an epoch says, after its first batch, how long it will take

@@ -38,6 +38,7 @@ import ddpo
 import parallel
 import run_folder
 import toy_world
+import trackers
 from config import fail, load_prompts, parse_args
 from evaluation import evaluate, evaluation_due
 from pipeline import DTYPES, LORA_TARGETS, add_trainable, compile_policy, load_pipeline, prompt_losses
@@ -85,7 +86,9 @@ def main(argv=None, reward_fn=None):
 
     out, history = Path(cfg.out), []
     parallel.barrier()  # every process has checked --out before rank 0 writes into it
-    with run_folder.claim(out, cfg.resume, rank, run_folder.epoch_bytes(params)), stop_signals(out) as stop_requested:  # one train.py a folder
+    first_epoch = resumed["epoch"] + 1 if resumed else 0
+    with (run_folder.claim(out, cfg.resume, rank, run_folder.epoch_bytes(params)),  # one train.py a folder
+          stop_signals(out) as stop_requested, trackers.tracking(cfg, out, first_epoch, rank) as track):
         if cfg.resume:
             history = checkpoints.restore(resumed, cfg, pipe, optimizer, tracker, rng, generator, rank, device)
             if rank == 0:
@@ -95,7 +98,8 @@ def main(argv=None, reward_fn=None):
             run_folder.write_config(out, dataclasses.asdict(cfg), prompt_set, eval_set if cfg.eval_prompts else None)
         say(f"{cfg.algo} on {cfg.model} ({device}{f' x {world} processes' if world > 1 else ''}), reward {cfg.reward}, "
             f"{len(prompt_set)} prompts -> {out}")
-        for epoch in range(len(history), cfg.epochs):
+        session_start = time.time()
+        for epoch in range(first_epoch, cfg.epochs):
             # 0. beyond the paper: the fixed-noise evaluation, every eval_every epochs and at the last one
             due = evaluation_due(cfg, epoch, rank)
             eval_metrics = evaluate(cfg, pipe, base, eval_prompts, set(prompt_set), reward_fn, autocast, out, epoch) if due else {}
@@ -139,9 +143,11 @@ def main(argv=None, reward_fn=None):
             stopping = parallel.any_process(bool(stop_requested))
             if rank == 0:
                 run_folder.log_epoch(out, cfg, history, pipe, traj["images"], prompts, rewards)
+                track(history[-1], out / "samples" / f"epoch_{epoch:04d}.png")  # beyond the paper: --log-with
             if checkpoints.due(cfg, epoch, stopping):
                 checkpoints.save(out, cfg, history, pipe, optimizer, tracker, rng, generator, device, rank)
-            say(run_folder.console_line(history[-1]))
+            elapsed = time.time() - session_start
+            say(run_folder.console_line(history[-1], elapsed, elapsed / (epoch + 1 - first_epoch) * (cfg.epochs - epoch - 1)))
             if stopping:
                 say(f"stopped after epoch {epoch}; continue with: python train.py --resume {out}")
                 sys.exit(STOPPED)
