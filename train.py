@@ -56,7 +56,7 @@ def main(argv=None, reward_fn=None):
     cfg = python_reward(cfg, reward_fn)
     rank, world, device = parallel.setup(cfg.device)  # (0, 1, cfg.device) without torchrun
     resumed = checkpoints.read(cfg, world) if cfg.resume else None
-    say = print if rank == 0 else lambda *args, **kwargs: None
+    say = tqdm.write if rank == 0 else lambda *args, **kwargs: None  # a line above the progress bars, which it leaves whole
     seed = cfg.seed + rank * parallel.SEED_STRIDE  # this process's own seed; rank 0's is --seed
     torch.manual_seed(cfg.seed)  # the same LoRA initialisation in every process
     rng = np.random.default_rng(seed)  # prompts, shuffles, timestep orders
@@ -99,7 +99,7 @@ def main(argv=None, reward_fn=None):
         say(f"{cfg.algo} on {cfg.model} ({device}{f' x {world} processes' if world > 1 else ''}), reward {cfg.reward}, "
             f"{len(prompt_set)} prompts -> {out}")
         session_start = time.time()
-        for epoch in range(first_epoch, cfg.epochs):
+        for epoch in tqdm(range(first_epoch, cfg.epochs), desc="epochs", total=cfg.epochs, initial=first_epoch, disable=None if rank == 0 else True):
             # 0. beyond the paper: the fixed-noise evaluation, every eval_every epochs and at the last one
             due = evaluation_due(cfg, epoch, rank)
             eval_metrics = evaluate(cfg, pipe, base, eval_prompts, set(prompt_set), reward_fn, autocast, out, epoch) if due else {}
