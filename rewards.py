@@ -12,6 +12,8 @@ a function NAME(images, prompts): images a float tensor (B, 3, H, W) in [0, 1] o
 device, prompts a list of B strings. It returns B scores, higher is better (a tensor, a numpy array
 or a list), or a (B, H, W) map for a pixel-wise reward. examples/brightness.py is one.
 """
+import dataclasses
+import functools
 import importlib.util
 import io
 import os
@@ -29,7 +31,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, CLIPVisionModelWithProjection
 
 import toy_world
-from config import PYTHON, fail
+from config import PYTHON, REWARD_NAMES, fail
 
 AESTHETIC_HEAD = Path(__file__).parent / "data" / "sac+logos+ava1-l14-linearMSE.pth"
 QUESTION = "What is going on in this image?"
@@ -91,6 +93,38 @@ REWARDS = {
     "pixel_background": pixel_background,  # pixel-wise, toy world prompts only
     "toy_alignment": toy_world.judge,  # the bundled model's stand-in for the paper's VLM alignment
 }
+
+
+def python_reward(cfg, reward_fn):
+    """The Config with reward_fn, a function given to main, named in it as python:module.qualname."""
+    name = None if reward_fn is None else f"{PYTHON}{reward_fn.__module__}.{reward_fn.__qualname__}"
+    if cfg.resume and cfg.reward.startswith(PYTHON) and name != cfg.reward:
+        fail(f"--resume {cfg.out}: the run's reward is the function {cfg.reward[len(PYTHON):]} given to train.main; resume it from "
+             f"Python with train.main(['--resume', {cfg.out!r}], reward_fn={cfg.reward.rpartition('.')[2]})"
+             + (f", not {name[len(PYTHON):]}" if name else ""))
+    if name is not None and cfg.resume and not cfg.reward.startswith(PYTHON):
+        fail(f"--resume {cfg.out}: the run's reward is {cfg.reward}, not a function given to train.main; resume it without reward_fn")
+    return cfg if name is None else dataclasses.replace(cfg, reward=name)
+
+
+def load_reward(cfg, reward_fn=None):
+    """The run's reward function (train.py's --reward). The learned ones load their models here, once,
+    for this run (and go with it); one that cannot load stops the run before it writes anything.
+    Your own (reward_fn, or FILE.py:NAME or module:NAME) is checked at every call (checked)."""
+    if cfg.reward.startswith(PYTHON) and reward_fn is None:
+        fail(f"--reward {cfg.reward}: names a function given to train.main(reward_fn=...); on the command line give FILE.py:NAME or module:NAME")
+    if cfg.reward not in REWARD_NAMES:
+        return checked(reward_fn or own_reward(cfg.reward), cfg.reward, cfg.out)
+    try:
+        if cfg.reward == "aesthetic":
+            return aesthetic(cfg.aesthetic_model, cfg.device)
+        if cfg.reward == "alignment":
+            return alignment(cfg.alignment_model, cfg.bertscore_model, cfg.bertscore_layer, cfg.device)
+    except OSError as error:
+        fail(str(error))
+    if cfg.reward in ("pixel_color", "pixel_background"):
+        return functools.partial(REWARDS[cfg.reward], target=[float(v) for v in cfg.target_color.split(",")])
+    return REWARDS[cfg.reward]
 
 
 def own_reward(spec):

@@ -42,8 +42,7 @@ import trackers
 from config import fail, load_prompts, parse_args
 from evaluation import evaluate, evaluation_due
 from pipeline import DTYPES, LORA_TARGETS, add_trainable, compile_policy, load_pipeline, prompt_losses
-import rewards
-from rewards import REWARDS, aesthetic, alignment, hub_reachable, scalar
+from rewards import hub_reachable, load_reward, python_reward, scalar
 from run_folder import STOPPED, stop_signals
 from sampler import base_policy, gaussian_log_prob, guided_eps, policy_gaussian, policy_kl, sample_trajectories
 
@@ -290,38 +289,6 @@ def after_first_batch(cfg, epoch, start, say, reward_fn, images, prompts, total)
     if cfg.reward not in config.REWARD_NAMES:  # your own
         reward_fn(images, prompts, check=True)
     run_folder.long_epoch_notice(epoch, start, say, len(prompts), total)
-
-
-def python_reward(cfg, reward_fn):
-    """The Config with reward_fn, a function given to main, named in it as python:module.qualname."""
-    name = None if reward_fn is None else f"{config.PYTHON}{reward_fn.__module__}.{reward_fn.__qualname__}"
-    if cfg.resume and cfg.reward.startswith(config.PYTHON) and name != cfg.reward:
-        fail(f"--resume {cfg.out}: the run's reward is the function {cfg.reward[len(config.PYTHON):]} given to train.main; resume it from "
-             f"Python with train.main(['--resume', {cfg.out!r}], reward_fn={cfg.reward.rpartition('.')[2]})"
-             + (f", not {name[len(config.PYTHON):]}" if name else ""))
-    if name is not None and cfg.resume and not cfg.reward.startswith(config.PYTHON):
-        fail(f"--resume {cfg.out}: the run's reward is {cfg.reward}, not a function given to train.main; resume it without reward_fn")
-    return cfg if name is None else dataclasses.replace(cfg, reward=name)
-
-
-def load_reward(cfg, reward_fn=None):
-    """The reward function. The learned ones load their models here, once, for this run (and go
-    with it); one that cannot load stops the run before it writes anything. Your own (given, or
-    FILE.py:NAME or module:NAME) is checked at every call (rewards.checked)."""
-    if cfg.reward.startswith(config.PYTHON) and reward_fn is None:
-        fail(f"--reward {cfg.reward}: names a function given to train.main(reward_fn=...); on the command line give FILE.py:NAME or module:NAME")
-    if cfg.reward not in config.REWARD_NAMES:
-        return rewards.checked(reward_fn or rewards.own_reward(cfg.reward), cfg.reward, cfg.out)
-    try:
-        if cfg.reward == "aesthetic":
-            return aesthetic(cfg.aesthetic_model, cfg.device)
-        if cfg.reward == "alignment":
-            return alignment(cfg.alignment_model, cfg.bertscore_model, cfg.bertscore_layer, cfg.device)
-    except OSError as error:
-        fail(str(error))
-    if cfg.reward in ("pixel_color", "pixel_background"):
-        return functools.partial(REWARDS[cfg.reward], target=[float(v) for v in cfg.target_color.split(",")])
-    return REWARDS[cfg.reward]
 
 
 def load_model(cfg, device, dtype):

@@ -10,6 +10,7 @@ import train
 from evaluation import evaluate
 from config import load_prompts
 from pipeline import add_trainable, load_pipeline
+from rewards import REWARDS
 from sampler import base_policy, policy_gaussian, policy_kl, sample_trajectories
 
 SMALL = ["--samples-per-epoch", "8", "--batch-size", "2", "--num-steps", "3", "--lr", "1e-2"]
@@ -114,7 +115,7 @@ def test_the_evaluation_uses_the_same_noise_every_time_and_leaves_training_alone
     pipe = load_pipeline(tiny_pipeline_dir)
     add_trainable(pipe.unet, 4)
     cfg = types.SimpleNamespace(**json.loads((out / "config.json").read_text()))
-    args = (pipe, base_policy(pipe.unet, 4), toy_world.PROMPTS, set(toy_world.TRAIN), train.REWARDS["jpeg"], torch.autocast("cpu", enabled=False), out, 9)
+    args = (pipe, base_policy(pipe.unet, 4), toy_world.PROMPTS, set(toy_world.TRAIN), REWARDS["jpeg"], torch.autocast("cpu", enabled=False), out, 9)
     first, again = evaluate(cfg, *args), evaluate(cfg, *args)
     assert {k: v for k, v in first.items() if k != "eval_seconds"} == {k: v for k, v in again.items() if k != "eval_seconds"}
     assert first["eval_reward_mean"] == evaluated[0]["eval_reward_mean"]  # the base policy at epoch 0, from the same noise
