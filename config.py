@@ -163,8 +163,15 @@ class Config:
 
 
 def fail(message):
+    """Refuse bad input: one line, exit status 2."""
     print(f"train.py: error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def stop(message):
+    """End a run that has begun: one line, exit status 1."""
+    print(f"train.py: stopped: {message}", file=sys.stderr)
+    sys.exit(1)
 
 
 def parse_args(argv=None, description=None):
@@ -230,10 +237,11 @@ def resolve(given):
         sources["out"] = "derived: runs/<reward>-<algo>-<time>"
     cfg.run_id, sources["run_id"] = uuid.uuid4().hex[:12], "derived: new for each run"
     validate(cfg)
-    if own_reward_file(cfg.reward):  # recorded as it is now: --resume checks it is the same
+    reward_file = own_reward_file(cfg.reward)
+    if reward_file:  # recorded as it is now: --resume checks it is the same
         where, _, name = cfg.reward.rpartition(":")
         cfg.reward = f"{Path(where).resolve() if where.endswith('.py') else where}:{name}"
-        cfg.reward_sha256, sources["reward_sha256"] = file_sha256(own_reward_file(cfg.reward)), "derived: the reward's file as it is now"
+        cfg.reward_sha256, sources["reward_sha256"] = file_sha256(reward_file), "derived: the reward's file as it is now"
     return cfg, sources
 
 

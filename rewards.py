@@ -19,7 +19,6 @@ import io
 import os
 import re
 import socket
-import sys
 import urllib.parse
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, CLIPVisionModelWithProjection
 
 import toy_world
-from config import PYTHON, REWARD_NAMES, fail
+from config import PYTHON, REWARD_NAMES, fail, stop
 
 AESTHETIC_HEAD = Path(__file__).parent / "data" / "sac+logos+ava1-l14-linearMSE.pth"
 QUESTION = "What is going on in this image?"
@@ -171,9 +170,7 @@ def checked(fn, spec, out):
         resume = f"python train.py --resume {out}{' --accept-changed-reward' if trained else ''}"
         if spec.startswith(PYTHON):
             resume = f"train.main(['--resume', {str(out)!r}], reward_fn={spec.rpartition('.')[2]})"
-        print(f"train.py: stopped: --reward {spec}: {problem}; nothing of this epoch was trained on or saved: fix the function, then "
-              f"continue with: {resume}", file=sys.stderr)
-        sys.exit(1)
+        stop(f"--reward {spec}: {problem}; nothing of this epoch was trained on or saved: fix the function, then continue with: {resume}")
 
     return reward
 

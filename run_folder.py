@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 import parallel
-from config import EVAL_PROMPTS_COPY, LOCK, PROMPTS_COPY, check_out, fail
+from config import EVAL_PROMPTS_COPY, LOCK, PROMPTS_COPY, check_out, fail, stop
 from pipeline import save_weights
 from rewards import to_pil
 
@@ -98,9 +98,8 @@ def stopping_on_full_disk(out, needed):
             then = f"the last checkpoint ({last[-1].name}) is whole: free space, then continue with: python train.py --resume {out}"
         else:
             then = f"the run has no checkpoint yet: free space, then start it again from epoch 0 with: python train.py --resume {out}"
-        print(f"train.py: stopped: writing {error.path} failed: {os.strerror(error.code)} ({megabytes(shutil.disk_usage(out).free)} free; "
-              f"an epoch writes about {megabytes(needed)}); nothing half-written is left, {then}", file=sys.stderr)
-        sys.exit(1)
+        stop(f"writing {error.path} failed: {os.strerror(error.code)} ({megabytes(shutil.disk_usage(out).free)} free; "
+             f"an epoch writes about {megabytes(needed)}); nothing half-written is left, {then}")
 
 
 def megabytes(size):
@@ -184,12 +183,15 @@ def update_config(out, **changes):
 
 
 def log_epoch(out, cfg, history, pipe, images, prompts, rewards):
-    """The epoch's line into metrics.jsonl, its sample grid, the reward curve redrawn, the weights exported."""
+    """The epoch's line into metrics.jsonl, its sample grid, the reward curve redrawn, the weights
+    exported. Returns the grid's path."""
     write_metrics(out, history)
     captions = [f"{p[:20]}\n{r:.2f}" for p, r in zip(prompts, rewards.tolist())]
-    save_grid(images[:16], captions[:16], out / "samples" / f"epoch_{history[-1]['epoch']:04d}.png")
+    grid = out / "samples" / f"epoch_{history[-1]['epoch']:04d}.png"
+    save_grid(images[:16], captions[:16], grid)
     plot_rewards(history, cfg.reward, out / "reward_curve.png")
     export_weights(pipe, out, cfg.lora_rank)
+    return grid
 
 
 def export_weights(pipe, out, lora_rank):

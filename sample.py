@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import time
+import types
 from pathlib import Path
 
 import config
@@ -69,7 +70,7 @@ import torch  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
 
 from pipeline import load_pipeline  # noqa: E402
-from rewards import REWARDS, to_pil  # noqa: E402
+from rewards import REWARDS, load_reward, to_pil  # noqa: E402
 from run_folder import save_grid  # noqa: E402
 
 
@@ -86,7 +87,8 @@ def main(argv=None):
     else:
         pipe.unet = UNet2DConditionModel.from_pretrained(weights).to(args.device)
     tuned = sample()
-    reward = REWARDS.get(saved["reward"])  # the built-in ones are cheap; your own and the learned ones are not called
+    # the built-in rewards are cheap, and load_reward makes them as the run did (pixel_color's target); your own and the learned ones are not called
+    reward = load_reward(types.SimpleNamespace(**saved)) if saved["reward"] in REWARDS else None
     scores = [reward(images, args.prompts).tolist() if reward else [None] * len(args.prompts) for images in (base, tuned)]
     args.out.mkdir(parents=True, exist_ok=True)
     captions = [f"{side}: {prompt[:16]}" + ("" if score is None else f"\n{saved['reward']} {score:.2f}")

@@ -39,7 +39,7 @@ import parallel
 import run_folder
 import toy_world
 import trackers
-from config import fail, load_prompts, parse_args
+from config import fail, load_prompts, parse_args, stop
 from evaluation import evaluate, evaluation_due
 from pipeline import DTYPES, LORA_TARGETS, add_trainable, compile_policy, load_pipeline, prompt_losses
 from rewards import hub_reachable, load_reward, python_reward, scalar
@@ -141,8 +141,8 @@ def main(argv=None, reward_fn=None):
             })
             stopping = parallel.any_process(bool(stop_requested))
             if rank == 0:
-                run_folder.log_epoch(out, cfg, history, pipe, traj["images"], prompts, rewards)
-                track(history[-1], out / "samples" / f"epoch_{epoch:04d}.png")  # beyond the paper: --log-with
+                grid = run_folder.log_epoch(out, cfg, history, pipe, traj["images"], prompts, rewards)
+                track(history[-1], grid)  # beyond the paper: --log-with
             if checkpoints.due(cfg, epoch, stopping):
                 checkpoints.save(out, cfg, history, pipe, optimizer, tracker, rng, generator, device, rank)
             elapsed = time.time() - session_start
@@ -275,12 +275,6 @@ def optimizer_step(cfg, optimizer, params):
 def weighted_means(stats):
     """The epoch's mean of each logged value, each weighted by the steps it covers (read from the device once)."""
     return {key: sum(value.double() * n for value, n in pairs).item() / sum(n for _, n in pairs) for key, pairs in stats.items()}
-
-
-def stop(message):
-    """End the run (exit status 1) for a reason that resuming would not fix by itself."""
-    print(f"train.py: stopped: {message}", file=sys.stderr)
-    sys.exit(1)
 
 
 def after_first_batch(cfg, epoch, start, say, reward_fn, images, prompts, total):
