@@ -70,7 +70,7 @@ import torch  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
 
 from pipeline import load_pipeline  # noqa: E402
-from rewards import REWARDS, load_reward, to_pil  # noqa: E402
+from rewards import REWARDS, load_reward, scalar, to_pil  # noqa: E402
 from run_folder import save_grid  # noqa: E402
 
 
@@ -89,7 +89,7 @@ def main(argv=None):
     tuned = sample()
     # the built-in rewards are cheap, and load_reward makes them as the run did (pixel_color's target); your own and the learned ones are not called
     reward = load_reward(types.SimpleNamespace(**saved)) if saved["reward"] in REWARDS else None
-    scores = [reward(images, args.prompts).tolist() if reward else [None] * len(args.prompts) for images in (base, tuned)]
+    scores = [scalar(reward(images, args.prompts)).tolist() if reward else [None] * len(args.prompts) for images in (base, tuned)]
     args.out.mkdir(parents=True, exist_ok=True)
     captions = [f"{side}: {prompt[:16]}" + ("" if score is None else f"\n{saved['reward']} {score:.2f}")
                 for side, side_scores in zip(("base", "tuned"), scores) for prompt, score in zip(args.prompts, side_scores)]

@@ -10,11 +10,11 @@ from pipeline import load_pipeline
 TINY = ["--samples-per-epoch", "8", "--batch-size", "2", "--num-steps", "3", "--lr", "3e-2", "--min-count", "4", "--buffer-size", "6", "--epochs", "1"]
 
 
-@pytest.mark.parametrize("lora_rank", [4, 0], ids=["lora", "whole-unet"])
-def test_sample_writes_both_sides_from_the_same_noise_with_the_runs_settings(lora_rank, tiny_pipeline_dir, tmp_path):
+@pytest.mark.parametrize("lora_rank, reward", [(4, "jpeg"), (0, "jpeg"), (4, "pixel_color")], ids=["lora", "whole-unet", "pixel-reward"])
+def test_sample_writes_both_sides_from_the_same_noise_with_the_runs_settings(lora_rank, reward, tiny_pipeline_dir, tmp_path):
     run, out, prompts = tmp_path / "run", tmp_path / "images", tmp_path / "prompts.txt"
     prompts.write_text("a cat\na dog\n")
-    train.main(["--model", str(tiny_pipeline_dir), *TINY, "--prompts", str(prompts), "--lora-rank", str(lora_rank), "--guidance-scale", "4",
+    train.main(["--model", str(tiny_pipeline_dir), *TINY, "--prompts", str(prompts), "--lora-rank", str(lora_rank), "--reward", reward, "--guidance-scale", "4",
                 "--out", str(run)])
     base, tuned = sample.main([str(run), "--num-images", "3", "--seed", "1", "--out", str(out)])
     assert sorted(p.name for p in out.iterdir()) == ["base_0.png", "base_1.png", "base_2.png", "grid.png", "tuned_0.png", "tuned_1.png", "tuned_2.png"]
