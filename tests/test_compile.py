@@ -1,16 +1,14 @@
 """--compile (torch.compile on the UNet) keeps the maths: the ratio is 1 before any update, and a
 resumed run is the run that never stopped. Compiling is what takes the time (a minute or more
-with an empty cache), and it grows with the UNet's layers, not its widths: the test uses a UNet
-of one level (its attention, with the LoRA, in the middle block)."""
+with an empty cache), and it grows with the UNet's layers, not its widths: the tests' tiny pipeline
+has a UNet of one level."""
 import json
 
 import train
-from pretrain import build_pipeline
 
 
-def test_a_compiled_run_has_ratio_1_before_its_first_update_and_with_the_leash_resumes_exactly(tmp_path):
-    model, prompts = tmp_path / "one-level-sd", tmp_path / "prompts.txt"
-    build_pipeline(image_size=16, vae_channels=(16, 32), unet_channels=(32,), text_dim=32, max_length=16).save_pretrained(model)
+def test_a_compiled_run_has_ratio_1_before_its_first_update_and_with_the_leash_resumes_exactly(tiny_pipeline_dir, tmp_path):
+    model, prompts = tiny_pipeline_dir, tmp_path / "prompts.txt"
     prompts.write_text("a cat\na dog\n")
     # one update an epoch: every log-prob of epoch 0 is recomputed by the compiled training graph before the weights move
     args = ["--model", str(model), "--samples-per-epoch", "8", "--batch-size", "2", "--num-steps", "3", "--prompts", str(prompts),
