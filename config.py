@@ -129,6 +129,14 @@ class Config:
     buffer_size: int = arg(32, "rewards kept per prompt for its statistics")
     min_count: int = arg(16, "rewards a prompt needs before its own statistics replace the batch's")
     beta: float = arg(0.2, "rwr: inverse temperature of the weights exp(beta * r)")
+    # beyond the paper: what DDPO's successors changed (successors.py; README, "What the successors changed, measured")
+    samples_per_prompt: int = arg(1, "trajectories of each drawn prompt in an epoch, a group (1: every sample draws its own prompt, the paper's)")
+    advantages: str = arg("tracker", "tracker: the paper's normalisation (per prompt, or over the batch with --no-per-prompt-stat-tracking); "
+                          "group: within each group of --samples-per-prompt (GRPO's)", choices=("tracker", "group"))
+    shared_noise: bool = arg(False, "each group of --samples-per-prompt starts from one x_T (DanceGRPO)")
+    train_window: int = arg(0, "only this many consecutive steps, drawn each epoch, sample with eta and are trained; the others are "
+                            "deterministic DDIM steps (MixGRPO); 0: every step")
+    eval_num_steps: int = arg(None, "DDIM steps of the fixed-noise evaluation; default --num-steps")
     pxpo_normalise: str = arg("prompt", "pxpo: each latent position's reward against its prompt's statistics of the scalar rewards (prompt), "
                               "or against its prompt's running mean and std at that position (position)", choices=("prompt", "position"))
     target_color: str = arg("1,1,1", "pixel_color, pixel_background: the target colour as R,G,B in [0, 1]")
@@ -356,8 +364,8 @@ def validate(cfg):
         if isinstance(value, float) and not math.isfinite(value):
             fail(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     for name in ("num_steps", "epochs", "samples_per_epoch", "batch_size", "steps_per_forward", "updates_per_epoch", "inner_epochs",
-                 "buffer_size", "min_count", "checkpoint_every", "keep_checkpoints", "eval_samples"):
-        if getattr(cfg, name) < 1:
+                 "buffer_size", "min_count", "checkpoint_every", "keep_checkpoints", "eval_samples", "samples_per_prompt", "eval_num_steps"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     for name in ("eta", "clip_range", "lr", "adv_clip_max", "beta", "max_grad_norm"):
         if getattr(cfg, name) <= 0:
@@ -367,8 +375,9 @@ def validate(cfg):
         fail(f"--eta must be in (0, 1] (1: the DDPM posterior's noise, the paper's setting), got {cfg.eta}")
     if cfg.guidance_scale < 1:
         fail(f"--guidance-scale must be >= 1 (1: no guidance; the paper: 5), got {cfg.guidance_scale}")
-    if cfg.num_steps > 1000:
-        fail(f"--num-steps must be at most the 1000 training timesteps of Stable Diffusion 1.x, got {cfg.num_steps}")
+    for name in ("num_steps", "eval_num_steps"):
+        if (getattr(cfg, name) or 0) > 1000:
+            fail(f"--{name.replace('_', '-')} must be at most the 1000 training timesteps of Stable Diffusion 1.x, got {getattr(cfg, name)}")
     for name in ("weight_decay", "kl_coef", "eval_every"):
         if getattr(cfg, name) < 0:
             fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
@@ -397,6 +406,7 @@ def validate(cfg):
     if cfg.samples_per_epoch % (world * cfg.updates_per_epoch * cfg.batch_size):
         fail(f"--samples-per-epoch ({cfg.samples_per_epoch}) must be a multiple of processes x --updates-per-epoch x --batch-size "
              f"({world} x {cfg.updates_per_epoch} x {cfg.batch_size})")
+    check_successors(cfg, world)
     check_model("--model", cfg.model, "a pipeline folder", "model_index.json")
     if cfg.reward == "aesthetic":
         check_model("--aesthetic-model", cfg.aesthetic_model, "a CLIP model folder", "config.json")
@@ -414,6 +424,22 @@ def validate(cfg):
         prompts = load_prompts(name, flag)  # read now: a missing or broken file fails before the models load
         if cfg.reward == "pixel_background" and not set(prompts) <= set(toy_world.PROMPTS):
             fail(f"--reward pixel_background finds the shape by the toy world's colours: use {flag} shapes, not {name}")
+
+
+def check_successors(cfg, world):
+    """The successors' options (successors.py): groups that fit, and only where they mean something."""
+    k = cfg.samples_per_prompt
+    if (cfg.samples_per_epoch // world) % k:
+        fail(f"--samples-per-epoch ({cfg.samples_per_epoch}) must be a multiple of processes x --samples-per-prompt ({world} x {k}): "
+             f"each process samples whole groups")
+    for flag, wanted in (("--advantages group", cfg.advantages == "group"), ("--shared-noise", cfg.shared_noise)):
+        if wanted and k < 2:
+            fail(f"{flag} needs groups: --samples-per-prompt 2 or more (4 to 8 is usual), got {k}")
+    if not 0 <= cfg.train_window <= cfg.num_steps:
+        fail(f"--train-window must be in [0, --num-steps {cfg.num_steps}] (0: every step stochastic and trained), got {cfg.train_window}")
+    if cfg.algo.startswith("rwr") and (cfg.advantages == "group" or cfg.train_window):
+        fail(f"--advantages group and --train-window work with ddpo-is, ddpo-sf and pxpo, which train on the steps' log-probs; "
+             f"{cfg.algo} weights per prompt with --per-prompt-stat-tracking, where each group of --samples-per-prompt is its prompt's samples")
 
 
 def check_model(flag, name, kind, index):

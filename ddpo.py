@@ -88,13 +88,19 @@ def advantages(algo, prompts, rewards, latent_size, tracker=None, per_position=F
     """Each sample's advantage as a tensor: its reward normalised by its prompt's statistics
     (tracker) or the batch's (appendix D.3). PXPO: the same for each latent position of the reward
     map pooled to latent_size (a scalar reward is a flat map); per_position: see PerPromptStatTracker."""
-    scores = scalar(rewards).cpu().numpy()
-    maps = None
-    if algo == "pxpo":
-        reward_map = rewards if rewards.dim() == 3 else rewards[:, None, None].expand(-1, *latent_size)
-        maps = pool_to_latent(reward_map, latent_size).cpu().numpy()
+    scores, maps = reward_maps(algo, rewards, latent_size)
     values = tracker.update(prompts, scores, maps) if tracker is not None else batch_advantages(scores, maps, per_position)
     return torch.as_tensor(values, dtype=torch.float32, device=rewards.device)
+
+
+def reward_maps(algo, rewards, latent_size):
+    """The scalar rewards as an array, and for PXPO each sample's reward map pooled to latent_size
+    (a scalar reward is a flat map; None for the other algorithms)."""
+    scores = scalar(rewards).cpu().numpy()
+    if algo != "pxpo":
+        return scores, None
+    reward_map = rewards if rewards.dim() == 3 else rewards[:, None, None].expand(-1, *latent_size)
+    return scores, pool_to_latent(reward_map, latent_size).cpu().numpy()
 
 
 def ddpo_sf_loss(log_prob, advantages, adv_clip_max):

@@ -29,7 +29,7 @@ def evaluate(cfg, pipe, base, prompts, trained, reward_fn, autocast, out, epoch)
     start = time.time()
     generator = torch.Generator(pipe.unet.device).manual_seed(EVAL_SEED)
     with autocast:
-        traj = sample_trajectories(pipe, prompts, cfg.num_steps, cfg.guidance_scale, cfg.eta, cfg.batch_size, generator, base=base)
+        traj = sample_trajectories(pipe, prompts, cfg.eval_num_steps or cfg.num_steps, cfg.guidance_scale, cfg.eta, cfg.batch_size, generator, base=base)
     values = {"reward_mean": scalar(reward_fn(traj["images"], prompts).float().cpu()), "kl_to_base": traj["kl_to_base"].float().mean(dim=1).cpu()}
     if set(prompts) <= set(toy_world.PROMPTS):
         values["fidelity"] = toy_world.judge(traj["images"], prompts)

@@ -138,7 +138,7 @@ def encode_prompts(pipe, prompts):
 
 @torch.no_grad()
 def sample_trajectories(pipe, prompts, num_steps=50, guidance_scale=5.0, eta=1.0, batch_size=8, generator=None, reduce="mean", progress=False,
-                        base=None, after_first_batch=None):
+                        base=None, after_first_batch=None, stochastic=None, initial_latents=None):
     """Roll out the policy once per prompt, batch_size at a time.
 
     Returns a dict of tensors, batch first: latents (B, T+1, C, h, w) from x_T to x_0, log_probs
@@ -147,6 +147,9 @@ def sample_trajectories(pipe, prompts, num_steps=50, guidance_scale=5.0, eta=1.0
     base policy (base_policy), also kl_to_base (B, T): policy_kl at every state visited, at the
     cost of one more guided forward a step. after_first_batch(images, prompts, total), if given, is
     called once, with the first batch's images and prompts (train.py checks your reward on them).
+    Beyond the paper (successors.py): stochastic, a bool per step, makes only those steps draw with
+    eta, the others deterministic DDIM steps (eta 0) whose log_probs (and kl_to_base) are NaN: they
+    are never trained; initial_latents (B, C, h, w) replaces the draw of each x_T.
     """
     device = pipe.unet.device
     pipe.scheduler.set_timesteps(num_steps, device=device)
@@ -157,11 +160,19 @@ def sample_trajectories(pipe, prompts, num_steps=50, guidance_scale=5.0, eta=1.0
         batch_prompts = list(prompts[start : start + batch_size])
         n = len(batch_prompts)
         prompt_embeds = encode_prompts(pipe, batch_prompts)
-        latents = [randn_tensor((n, *shape), generator=generator, device=device) * pipe.scheduler.init_noise_sigma]
+        if initial_latents is None:
+            latents = [randn_tensor((n, *shape), generator=generator, device=device) * pipe.scheduler.init_noise_sigma]
+        else:
+            latents = [initial_latents[start : start + n]]
         log_probs, kls = [], []
-        for t in pipe.scheduler.timesteps:
+        for step, t in enumerate(pipe.scheduler.timesteps):
             state = (latents[-1], t.expand(n), prompt_embeds, negative_embeds, guidance_scale)
             eps = guided_eps(pipe.unet, *state)
+            if stochastic is not None and not stochastic[step]:  # outside the window: deterministic, no log-prob
+                latents.append(pipe.scheduler.step(eps, t, latents[-1], eta=0.0).prev_sample)
+                log_probs.append(torch.full_like(reduce_elements(eps.float(), reduce), float("nan")))
+                kls.append(log_probs[-1])
+                continue
             x_prev, log_prob = ddim_step_with_logprob(pipe.scheduler, eps, t, latents[-1], eta=eta, generator=generator, reduce=reduce)
             if base is not None:
                 with base() as base_unet:
@@ -182,5 +193,6 @@ def sample_trajectories(pipe, prompts, num_steps=50, guidance_scale=5.0, eta=1.0
         if after_first_batch is not None and start == 0:
             after_first_batch(batches[0]["images"], batch_prompts, len(prompts))
     trajectories = {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
-    trajectories.update(negative_embeds=negative_embeds, prompts=list(prompts))
+    trajectories.update(negative_embeds=negative_embeds, prompts=list(prompts),
+                        stochastic=torch.ones(num_steps, dtype=torch.bool) if stochastic is None else torch.as_tensor(stochastic))
     return trajectories

@@ -37,6 +37,7 @@ import checkpoints
 import ddpo
 import parallel
 import run_folder
+import successors
 import toy_world
 import trackers
 from config import fail, load_prompts, parse_args, stop
@@ -104,10 +105,14 @@ def main(argv=None, reward_fn=None):
             eval_metrics = evaluate(cfg, pipe, base, eval_prompts, set(prompt_set), reward_fn, autocast, out, epoch) if due else {}
             # 1. sample: roll out the current policy, one trajectory per drawn prompt (this process's share)
             start = time.time()
-            prompts = [prompt_set[i] for i in rng.integers(len(prompt_set), size=cfg.samples_per_epoch // world)]
+            if cfg.samples_per_prompt == 1:
+                prompts = [prompt_set[i] for i in rng.integers(len(prompt_set), size=cfg.samples_per_epoch // world)]
+            else:  # beyond the paper: groups of one prompt (successors.py)
+                prompts = successors.draw_groups(prompt_set, rng, cfg.samples_per_epoch // world, cfg.samples_per_prompt)
             with autocast:
                 traj = sample_trajectories(pipe, prompts, cfg.num_steps, cfg.guidance_scale, cfg.eta, cfg.batch_size, generator,
-                                           progress=rank == 0, after_first_batch=functools.partial(after_first_batch, cfg, epoch, start, say, reward_fn))
+                                           progress=rank == 0, after_first_batch=functools.partial(after_first_batch, cfg, epoch, start, say, reward_fn),
+                                           **successors.sampling_options(cfg, pipe, rng, generator, len(prompts), cfg.num_steps))  # beyond the paper
             if device.type == "cuda":
                 torch.cuda.synchronize()  # the GPU's queue is done: an honest sampling time
             sample_seconds = time.time() - start
@@ -124,10 +129,14 @@ def main(argv=None, reward_fn=None):
                 stats = rwr_round(cfg, pipe, traj, all_prompts, rewards, mine, optimizer, params, rng, autocast, progress=rank == 0)
             else:
                 # 3. advantages: each reward normalised by its prompt's statistics, over the whole epoch
-                advantages = ddpo.advantages(cfg.algo, all_prompts, reward_out, traj["latents"].shape[-2:], tracker, per_position)[mine]
+                if cfg.advantages == "tracker":
+                    advantages = ddpo.advantages(cfg.algo, all_prompts, reward_out, traj["latents"].shape[-2:], tracker, per_position)[mine]
+                else:  # beyond the paper: within each group (successors.py)
+                    advantages, flat_groups = successors.group_advantages(cfg.algo, reward_out, cfg.samples_per_prompt, traj["latents"].shape[-2:], per_position)
+                    advantages = advantages[mine]
                 # 4. update the policy on this process's samples
                 stats = update(cfg, pipe, traj, advantages, optimizer, params, rng, autocast, progress=rank == 0, base=base)
-            stats = parallel.mean_over_processes(stats)
+            stats = parallel.mean_over_processes(stats) | ({"flat_groups": flat_groups} if cfg.advantages == "group" else {})
             train_seconds = time.time() - start
             if not all(torch.isfinite(p).all() for p in params):
                 stop(f"epoch {epoch}: the weights became non-finite, so nothing of this epoch was saved; resuming would repeat it: start a new run "
@@ -159,11 +168,12 @@ def update(cfg, pipe, traj, advantages, optimizer, params, rng, autocast, progre
     trains on its own random cfg.timestep_fraction of its steps; the gradients of a minibatch's
     samples and steps accumulate into one optimiser step on their mean loss. Given the base policy,
     kl_to_base is measured, and penalised when cfg.kl_coef > 0 (kl_leash)."""
-    num_samples, num_steps = traj["log_probs"].shape
-    train_steps = max(1, int(num_steps * cfg.timestep_fraction))
+    num_samples = len(traj["log_probs"])
+    steps = traj["stochastic"].nonzero()[:, 0].to(traj["latents"].device)  # every step (beyond the paper: --train-window's)
+    train_steps = max(1, int(len(steps) * cfg.timestep_fraction))
     microbatches = num_samples // (cfg.updates_per_epoch * cfg.batch_size)  # of cfg.batch_size samples, per optimiser step
     stats, skipped = defaultdict(list), 0
-    batches = shuffled_microbatches(cfg, num_samples, num_steps, train_steps, rng, traj["latents"].device)
+    batches = shuffled_microbatches(cfg, num_samples, steps, train_steps, rng)
     for i, (samples, step_order) in enumerate(tqdm(batches, desc="training", disable=None if progress else True, leave=False)):
         for chunk, (rows, steps, steps_each) in enumerate(fused_steps(cfg, samples, step_order, train_steps)):  # K = 1: a step t each
             with autocast:
@@ -192,14 +202,14 @@ def update(cfg, pipe, traj, advantages, optimizer, params, rng, autocast, progre
     return {**weighted_means(stats), "skipped_updates": skipped}
 
 
-def shuffled_microbatches(cfg, num_samples, num_steps, train_steps, rng, device):
+def shuffled_microbatches(cfg, num_samples, steps, train_steps, rng):
     """cfg.inner_epochs passes over the samples, each in a new random order, cut into microbatches
-    of cfg.batch_size rows; with each pass, every sample's own random order of its steps, of which
-    the first train_steps are trained."""
+    of cfg.batch_size rows; with each pass, every sample's own random order of the steps it can
+    train (steps: their indices), of which the first train_steps are trained."""
     batches = []
     for _ in range(cfg.inner_epochs):
-        order = torch.as_tensor(rng.permutation(num_samples), device=device)
-        step_order = torch.as_tensor(rng.random((num_samples, num_steps)).argsort(axis=1)[:, :train_steps], device=device)
+        order = torch.as_tensor(rng.permutation(num_samples), device=steps.device)
+        step_order = steps[torch.as_tensor(rng.random((num_samples, len(steps))).argsort(axis=1)[:, :train_steps], device=steps.device)]
         batches += [(order[start : start + cfg.batch_size], step_order) for start in range(0, num_samples, cfg.batch_size)]
     return batches
 
@@ -237,7 +247,7 @@ def rwr_round(cfg, pipe, traj, prompts, rewards, mine, optimizer, params, rng, a
     num_samples, num_steps = traj["log_probs"].shape
     microbatches = num_samples // (cfg.updates_per_epoch * cfg.batch_size)
     stats, skipped = defaultdict(list), 0
-    batches = shuffled_microbatches(cfg, num_samples, num_steps, 1, rng, traj["latents"].device)  # (their step orders go unused)
+    batches = shuffled_microbatches(cfg, num_samples, torch.arange(num_steps, device=traj["latents"].device), 1, rng)  # (their step orders go unused)
     for i, (rows, _) in enumerate(tqdm(batches, desc="training", disable=None if progress else True, leave=False)):
         with autocast:
             loss = rwr_regression_loss(cfg, pipe, traj, weights, rows, rng)
@@ -295,11 +305,12 @@ def load_model(cfg, device, dtype):
                  f"save_pretrained (model_index.json and its parts), or a hub id")
         fail(f"--model {cfg.model}: cannot load it ({type(error).__name__}: no network, not in the hub cache, or no such model); "
              f"download it first with `hf download {cfg.model}`, or pass a local folder")
-    pipe.scheduler.set_timesteps(cfg.num_steps)  # as sampling will: its steps must fall within the training timesteps
-    trained, offset = pipe.scheduler.config.num_train_timesteps, pipe.scheduler.config.get("steps_offset", 0)
-    if pipe.scheduler.timesteps.max() >= trained:
-        fail(f"--num-steps {cfg.num_steps}: {cfg.model}'s scheduler reaches past its {trained} training timesteps (offset {offset}); "
-             f"use at most {trained - offset}")
+    for flag, num_steps in (("--num-steps", cfg.num_steps), ("--eval-num-steps", cfg.eval_num_steps)):
+        pipe.scheduler.set_timesteps(num_steps or cfg.num_steps)  # as sampling will: its steps must fall within the training timesteps
+        trained, offset = pipe.scheduler.config.num_train_timesteps, pipe.scheduler.config.get("steps_offset", 0)
+        if pipe.scheduler.timesteps.max() >= trained:
+            fail(f"{flag} {num_steps}: {cfg.model}'s scheduler reaches past its {trained} training timesteps (offset {offset}); "
+                 f"use at most {trained - offset}")
     projections = [m for name, m in pipe.unet.named_modules() if isinstance(m, torch.nn.Linear) and name.endswith(tuple(LORA_TARGETS))]
     full_rank = max(min(m.in_features, m.out_features) for m in projections)
     if cfg.lora_rank > full_rank:

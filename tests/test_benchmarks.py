@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end in a reduced mode (a smoke test: no timing is asserted)."""
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ import kl_overhead  # noqa: E402
 import kl_tradeoff  # noqa: E402
 import overhead  # noqa: E402
 import same_outputs  # noqa: E402
+import time_to_target  # noqa: E402
 import train  # noqa: E402
 import vs_trl  # noqa: E402
 
@@ -125,3 +127,40 @@ def test_same_outputs_finds_two_checkouts_of_one_revision_identical_and_a_change
     after["checkpoint"]["trainable"] = {k: v + 1e-7 for k, v in after["checkpoint"]["trainable"].items()}
     after["metrics"][0] = [(key, value + 1e-12 if key == "loss" else value) for key, value in after["metrics"][0]]
     assert not same_outputs.same(before["checkpoint"], after["checkpoint"]) and not same_outputs.same(before["metrics"], after["metrics"])
+
+
+def test_time_to_target_finds_the_first_evaluation_of_a_held_target_and_counts_the_training_before_it():
+    def epoch(e, cut, kept, evaluated=True):
+        m = {"epoch": e, "sample_seconds": 1.0, "train_seconds": 2.0, "reward_queries": 64 * (e + 1)}
+        if evaluated:
+            m.update(eval_trained_reward_mean=-2.0 * (1 - cut), eval_trained_fidelity=kept, eval_heldout_reward_mean=-3.0 * (1 - cut / 2))
+        return m
+    metrics = [epoch(0, 0, 1), epoch(1, 0.35, 0.9, False), epoch(2, 0.35, 0.9), epoch(3, 0, 1, False), epoch(4, 0.31, 0.96),
+               epoch(5, 0, 1, False), epoch(6, 0.32, 0.97), epoch(7, 0, 1, False)]
+    at = time_to_target.reached(metrics)  # epoch 2 keeps too little fidelity; 4 and 6 hold it twice in a row
+    assert at["epoch"] == 6 and at["seconds"] == 6 * 3.0 and at["queries"] == 6 * 64  # epoch 6's evaluation comes before its sampling
+    assert abs(at["cut"] - 0.32) < 1e-12 and abs(at["kept"] - 0.97) < 1e-12 and abs(at["heldout_cut"] - 0.16) < 1e-12
+    assert time_to_target.reached(metrics[:6]) is None
+    fast, slow, none = {"reached": True, "seconds": 10}, {"reached": True, "seconds": 20}, {"reached": False, "cut": 0.5, "kept": 0.99}
+    assert time_to_target.choose({1e-3: slow, 2e-3: fast, 4e-3: none}) == 2e-3 and time_to_target.choose({1e-3: none}) == 1e-3
+
+
+def test_time_to_target_stops_a_run_once_its_target_is_held_and_reuses_it(tiny_pipeline_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(time_to_target, "CUT", -1.0)  # any cut: held at the second evaluation, epoch 1
+    prompts, eval_prompts = tmp_path / "train.txt", tmp_path / "eval.txt"
+    prompts.write_text("a cat\na dog\n")
+    eval_prompts.write_text("a cat\na dog\nan owl\n")
+    small = (f"--model {tiny_pipeline_dir} --prompts {prompts} --eval-prompts {eval_prompts} --eval-samples 3 --samples-per-epoch 8 "
+             f"--batch-size 2 --num-steps 2")
+    common = ["--recipes", "group4", "--lrs", "5e-3", "--epochs", "30", "--eval-every", "1", "--out", str(tmp_path / "out"), "--train-args", small]
+    time_to_target.main([*common, "--stage", "tune"])
+    tuned = json.loads((tmp_path / "out" / "tune" / "tune.json").read_text())
+    assert tuned["group4"]["lr"] == 5e-3 and tuned["group4"]["settings"]["0.005"]["reached"] and tuned["group4"]["settings"]["0.005"]["epoch"] == 1
+    run = tmp_path / "out" / "tune" / "group4-lr0.005"
+    assert len((run / "metrics.jsonl").read_text().splitlines()) < 30  # stopped, not run to its budget
+    # a run with its result.json is reused: the tuning's run stands in for seed 0's, and the final stage only reports
+    shutil.copytree(run, tmp_path / "out" / "group4-seed0")
+    before = (tmp_path / "out" / "group4-seed0" / "result.json").stat().st_mtime
+    time_to_target.main([*common, "--stage", "final", "--seeds", "0"])
+    assert (tmp_path / "out" / "group4-seed0" / "result.json").stat().st_mtime == before
+    assert "| group4 | 0.005 | 1 of 1 |" in (tmp_path / "out" / "time_to_target.md").read_text() and (tmp_path / "out" / "time_to_target.png").is_file()
