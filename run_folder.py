@@ -302,6 +302,7 @@ def plot_rewards(history, reward, path):
     queries = [m["reward_queries"] for m in history]
     mean, std = np.array([m["reward_mean"] for m in history]), np.array([m["reward_std"] for m in history])
     fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig.subplots_adjust(left=0.15, bottom=0.14, right=0.97, top=0.91)  # fixed margins: a third faster than bbox_inches="tight"
     ax.plot(queries, mean, marker="o")
     ax.fill_between(queries, mean - std, mean + std, alpha=0.25, label="mean ± std over the epoch's samples")
     evaluations = {"eval_trained_reward_mean": "evaluation, trained prompts", "eval_heldout_reward_mean": "evaluation, held-out prompts"}
@@ -311,7 +312,7 @@ def plot_rewards(history, reward, path):
         points = [(m["reward_queries"], m[key]) for m in history if key in m]
         if points:
             ax.plot(*zip(*points), marker="s", linestyle="--", label=label)
-    ax.set(xlabel="reward queries", ylabel=f"reward ({reward})", title="training")
+    ax.set(xlabel="reward queries", ylabel=f"reward ({reward.rpartition(':')[2]})", title="training")  # your own reward: its name
     ax.legend(loc="best", fontsize=8)
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, bbox_inches="tight"))
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100))
     plt.close(fig)

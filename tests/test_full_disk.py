@@ -30,7 +30,7 @@ def can_mount_tmpfs():
 def run_args(tiny_pipeline_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\na dog\n")
-    return ["--model", str(tiny_pipeline_dir), "--samples-per-epoch", "8", "--batch-size", "2", "--num-steps", "4",
+    return ["--model", str(tiny_pipeline_dir), "--samples-per-epoch", "8", "--batch-size", "2", "--num-steps", "2",
             "--prompts", str(prompts), "--lr", "1e-2", "--min-count", "4", "--buffer-size", "6"]
 
 

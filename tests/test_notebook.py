@@ -11,7 +11,7 @@ import nbformat
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHORTER = {"EPOCHS = 15": "EPOCHS = 1", "SAMPLES = 64": "SAMPLES = 16"}  # the parameters cell; the saved outputs: 15 and 64
+SHORTER = {"EPOCHS = 15": "EPOCHS = 1", "SAMPLES = 64": "SAMPLES = 8"}  # the parameters cell; the saved outputs: 15 and 64
 KERNEL_FAILED = 3
 # Executed in a process of its own, so that the kernel's sockets meet nothing the other tests did to
 # this one, and on one thread, so that a busy machine slows it the least. Each cell has 600 s (the
@@ -68,6 +68,6 @@ def test_tutorial_runs_top_to_bottom_and_its_hand_written_epoch_equals_train_upd
         for run in set((ROOT / "runs").glob("tutorial-*")) - runs:
             shutil.rmtree(run)
     outputs = "".join(output.get("text", "") for cell in notebook.cells for output in cell.get("outputs", []))
-    assert "16 samples, 4 minibatches of 4" in outputs
+    assert "8 samples, 4 minibatches of 2" in outputs
     assert "by hand and train.update differ by 0.0e+00" in outputs  # the cell also asserts it
     assert "1 epochs in" in outputs

@@ -21,7 +21,7 @@ def test_two_processes_write_one_run_folder_and_sigterm_stops_both_after_a_check
     out = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(ROOT / "train.py"),
                "--model", str(tiny_pipeline_dir), "--device", "cpu", "--epochs", "50", "--samples-per-epoch", "8", "--batch-size", "2",
-               "--updates-per-epoch", "2", "--num-steps", "4", "--prompts", "simple_animals", "--seed", "3", "--keep-checkpoints", "50", "--out", str(out)]
+               "--updates-per-epoch", "2", "--num-steps", "2", "--prompts", "simple_animals", "--seed", "3", "--keep-checkpoints", "50", "--out", str(out)]
     torchrun = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 240
     while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().count("\n") >= 1) and time.time() < deadline:
