@@ -1,4 +1,4 @@
-"""Stable Diffusion 1.x for DDPO: loading a pipeline, the trainable LoRA, compiling, and saving the
+"""Stable Diffusion 1.x and 2.x for DDPO: loading a pipeline, the trainable LoRA, compiling, and saving the
 trained weights. The libraries' workarounds live here, so that sampler.py is the policy's maths.
 """
 import logging
@@ -10,7 +10,7 @@ import torch
 # Only those two notices are dropped, where they are logged, before diffusers' pipelines are imported.
 logging.getLogger("transformers.utils.import_utils").addFilter(lambda record: "requires torchvision" not in record.getMessage())
 
-from diffusers import DDIMScheduler, StableDiffusionPipeline  # noqa: E402
+from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline  # noqa: E402
 from diffusers.training_utils import cast_training_params  # noqa: E402
 from diffusers.utils import convert_state_dict_to_diffusers  # noqa: E402
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
@@ -22,8 +22,13 @@ LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the UNet's attention proj
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --mixed-precision
 
 
+def pipeline_class(model, local_files_only=False):
+    """The pipeline class a hub id or a local folder names in its model_index.json."""
+    return DiffusionPipeline.load_config(model, local_files_only=local_files_only).get("_class_name")
+
+
 def load_pipeline(model, device="cpu", dtype=torch.float32, local_files_only=False):
-    """A Stable-Diffusion-1.x pipeline from a hub id or a local folder, ready for DDPO.
+    """A Stable Diffusion 1.x or 2.x pipeline from a hub id or a local folder, ready for DDPO.
 
     The safety checker is off (it blacks out images, which a reward would learn to exploit), the
     scheduler is DDIM with the model's own noise schedule, and every weight starts frozen: the

@@ -70,8 +70,9 @@ def make_tokenizer(words, max_length=8):
 
 
 def build_pipeline(image_size=64, vae_channels=(16, 32, 64, 64), unet_channels=(32, 64, 64), text_dim=64,
-                   text_layers=2, words=(), max_length=8, seed=0):
-    """A random-weight SD-1.x-shaped pipeline; the VAE downsamples by 2 ** (len(vae_channels) - 1)."""
+                   text_layers=2, words=(), max_length=8, seed=0, family="sd1"):
+    """A random-weight SD-1.x-shaped pipeline; the VAE downsamples by 2 ** (len(vae_channels) - 1).
+    family "sd2": SD 2.x's differences, v-prediction and linear projections in the UNet's attention."""
     torch.manual_seed(seed)
     tokenizer = make_tokenizer(words, max_length)
     text_encoder = CLIPTextModel(CLIPTextConfig(
@@ -89,10 +90,11 @@ def build_pipeline(image_size=64, vae_channels=(16, 32, 64, 64), unet_channels=(
         sample_size=image_size // 2 ** (len(vae_channels) - 1), in_channels=4, out_channels=4,
         block_out_channels=unet_channels, layers_per_block=1, down_block_types=attention + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(unet_channels) - 1),
-        cross_attention_dim=text_dim, attention_head_dim=8, norm_num_groups=8,
+        cross_attention_dim=text_dim, attention_head_dim=8, norm_num_groups=8, use_linear_projection=family == "sd2",
     )
+    scheduler = DDIMScheduler(**{**SD14_SCHEDULER, **({"prediction_type": "v_prediction"} if family == "sd2" else {})})
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=DDIMScheduler(**SD14_SCHEDULER),
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
 

@@ -17,14 +17,25 @@ from tqdm import tqdm
 REDUCTIONS = ("mean", "sum", "none")
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # SD 1.x and SDXL predict the noise; SD 2.x's 768 px models v
+
+
 def ddim_mean_std(scheduler, model_output, timestep, sample, eta=1.0):
     """The policy's Gaussian at state (c, t, x_t) (paper, section 4.3): mean_t and sigma_t of the
-    DDIM step x_t -> x_{t-1} for the noise prediction model_output. timestep is a scalar or one per
-    sample. Only the mean depends on theta."""
+    DDIM step x_t -> x_{t-1} for the UNet's prediction model_output. timestep is a scalar or one per
+    sample. Only the mean depends on theta.
+
+    With abar = alpha-bar at t, the prediction gives the clean sample and the noise it implies:
+        epsilon (SD 1.x, SDXL):  eps = model_output,  x0_hat = (x_t - sqrt(1 - abar) eps) / sqrt(abar)
+        v (SD 2.x at 768 px):    v = sqrt(abar) eps - sqrt(1 - abar) x0, so
+                                 x0_hat = sqrt(abar) x_t - sqrt(1 - abar) v,  eps = sqrt(abar) v + sqrt(1 - abar) x_t
+    and the step is the same for both: x_{t-1} = sqrt(abar') x0_hat + sqrt(1 - abar' - sigma_t^2) eps + sigma_t z."""
     if eta <= 0:
         raise ValueError(f"eta={eta}: a DDIM step with eta <= 0 is deterministic and has no log-prob; use eta > 0 (the paper: 1)")
-    if scheduler.config.prediction_type != "epsilon" or scheduler.config.thresholding:
-        raise ValueError("only epsilon-prediction schedulers without thresholding are supported (SD 1.x)")
+    prediction = scheduler.config.prediction_type
+    if prediction not in PREDICTION_TYPES or scheduler.config.thresholding:
+        raise ValueError(f"prediction_type {prediction!r}{' with thresholding' if scheduler.config.thresholding else ''}: "
+                         f"only {' and '.join(PREDICTION_TYPES)} without thresholding are supported")
 
     # alpha-bar at t and at the previous timestep t' of the inference schedule
     t = torch.as_tensor(timestep, device=sample.device).reshape(-1)
@@ -35,8 +46,13 @@ def ddim_mean_std(scheduler, model_output, timestep, sample, eta=1.0):
     abar_prev = torch.where(t_prev >= 0, alphas_cumprod[t_prev.clamp(min=0)], final)  # t' < 0: the final value
     abar, abar_prev = (a.view(-1, *[1] * (sample.ndim - 1)) for a in (abar, abar_prev))
 
-    eps = model_output.float()
-    x0_hat = (sample - (1 - abar).sqrt() * eps) / abar.sqrt()
+    if prediction == "epsilon":
+        eps = model_output.float()
+        x0_hat = (sample - (1 - abar).sqrt() * eps) / abar.sqrt()
+    else:
+        v = model_output.float()
+        x0_hat = abar.sqrt() * sample - (1 - abar).sqrt() * v
+        eps = abar.sqrt() * v + (1 - abar).sqrt() * sample
     if scheduler.config.clip_sample:
         x0_hat = x0_hat.clamp(-scheduler.config.clip_sample_range, scheduler.config.clip_sample_range)
     variance = (1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)

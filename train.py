@@ -42,10 +42,10 @@ import toy_world
 import trackers
 from config import fail, load_prompts, parse_args, stop
 from evaluation import evaluate, evaluation_due
-from pipeline import DTYPES, LORA_TARGETS, add_trainable, compile_policy, load_pipeline, prompt_losses
+from pipeline import DTYPES, LORA_TARGETS, add_trainable, compile_policy, load_pipeline, pipeline_class, prompt_losses
 from rewards import hub_reachable, load_reward, python_reward, scalar
 from run_folder import STOPPED, stop_signals
-from sampler import base_policy, gaussian_log_prob, guided_eps, policy_gaussian, policy_kl, sample_trajectories
+from sampler import PREDICTION_TYPES, base_policy, gaussian_log_prob, guided_eps, policy_gaussian, policy_kl, sample_trajectories
 
 
 def main(argv=None, reward_fn=None):
@@ -298,6 +298,10 @@ def after_first_batch(cfg, epoch, start, say, reward_fn, images, prompts, total)
 def load_model(cfg, device, dtype):
     """The pipeline of --model, or one line on why it cannot be loaded or cannot take --num-steps or --lora-rank."""
     try:
+        kind = pipeline_class(cfg.model, local_files_only=not hub_reachable())
+        if kind != "StableDiffusionPipeline":
+            fail(f"--model {cfg.model} is a {kind}; train.py trains StableDiffusionPipeline models (SD 1.x and 2.x), "
+                 f"so pass one of those (e.g. {config.SD14})")
         pipe = load_pipeline(cfg.model, device, dtype, local_files_only=not hub_reachable())
     except OSError as error:
         if Path(cfg.model).is_dir():
@@ -305,6 +309,10 @@ def load_model(cfg, device, dtype):
                  f"save_pretrained (model_index.json and its parts), or a hub id")
         fail(f"--model {cfg.model}: cannot load it ({type(error).__name__}: no network, not in the hub cache, or no such model); "
              f"download it first with `hf download {cfg.model}`, or pass a local folder")
+    prediction, thresholding = pipe.scheduler.config.prediction_type, pipe.scheduler.config.thresholding
+    if prediction not in PREDICTION_TYPES or thresholding:
+        fail(f"--model {cfg.model}: its scheduler predicts {prediction!r}{' with thresholding' if thresholding else ''}; the policy's "
+             f"Gaussian is written for {' and '.join(PREDICTION_TYPES)} without thresholding (sampler.ddim_mean_std)")
     for flag, num_steps in (("--num-steps", cfg.num_steps), ("--eval-num-steps", cfg.eval_num_steps)):
         pipe.scheduler.set_timesteps(num_steps or cfg.num_steps)  # as sampling will: its steps must fall within the training timesteps
         trained, offset = pipe.scheduler.config.num_train_timesteps, pipe.scheduler.config.get("steps_offset", 0)

@@ -32,14 +32,15 @@ def seeded():
     torch.manual_seed(0)
 
 
-def sd14_scheduler(num_steps):
-    scheduler = DDIMScheduler(**SD14_SCHEDULER)
+def sd14_scheduler(num_steps, **changes):
+    """DDIM with SD v1.4's noise schedule; changes: other options of the scheduler's config (SD 2.x's v-prediction...)."""
+    scheduler = DDIMScheduler(**{**SD14_SCHEDULER, **changes})
     scheduler.set_timesteps(num_steps)
     return scheduler
 
 
-def tiny_pipeline(seed=0):
-    return build_pipeline(image_size=16, vae_channels=(16, 32), unet_channels=(32,), text_dim=32, max_length=16, seed=seed)
+def tiny_pipeline(seed=0, family="sd1"):
+    return build_pipeline(image_size=16, vae_channels=(16, 32), unet_channels=(32,), text_dim=32, max_length=16, seed=seed, family=family)
 
 
 @pytest.fixture(scope="session")
@@ -47,4 +48,12 @@ def tiny_pipeline_dir(tmp_path_factory):
     """The tiny pipeline saved in diffusers' folder format, as a user's local --model would be."""
     path = tmp_path_factory.mktemp("tiny-sd")
     tiny_pipeline().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_pipeline_dir(tmp_path_factory):
+    """The same with SD 2.x's differences: v-prediction, linear attention projections."""
+    path = tmp_path_factory.mktemp("tiny-sd2")
+    tiny_pipeline(family="sd2").save_pretrained(path)
     return path

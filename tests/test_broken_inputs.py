@@ -72,6 +72,14 @@ def plant_payload(run):
     torch.save({**state, "note": Payload(run.parent / "payload-ran")}, latest)
 
 
+def model_copy(w, r, file, **changes):
+    """The finished run's model copied into w, with changes to one of its JSON files; -> --model and the copy."""
+    model = w / "model"
+    shutil.copytree(json.loads((r / "config.json").read_text())["model"], model)
+    (model / file).write_text(json.dumps({**json.loads((model / file).read_text()), **changes}))
+    return ["--model", str(model)]
+
+
 # name: (how to break the inputs, given the work folder w and a copy of the finished run r, -> the extra argv; what stderr must name)
 CASES = {
     "negative lr": (lambda w, r: ["--lr", "-1"], "--lr"),
@@ -112,6 +120,14 @@ CASES = {
     "model folder empty": (lambda w, r: ["--model", str(write(w / "model" / ".keep", "").parent)], "--model"),
     "model index damaged": (lambda w, r: ["--model", str(write(w / "model" / "model_index.json", "{").parent)], "--model"),
     "model missing": (lambda w, r: ["--model", str(w / "no_such_model") + "/"], "--model"),
+    "model an sdxl pipeline": (lambda w, r: model_copy(w, r, "model_index.json", _class_name="StableDiffusionXLPipeline"), "StableDiffusionXLPipeline"),
+    "model predicts the sample": (lambda w, r: model_copy(w, r, "scheduler/scheduler_config.json", prediction_type="sample"), "'sample'"),
+    "samples per prompt not dividing": (lambda w, r: ["--samples-per-prompt", "3"], "--samples-per-prompt"),
+    "group advantages without groups": (lambda w, r: ["--advantages", "group"], "--advantages group"),
+    "shared noise without groups": (lambda w, r: ["--shared-noise"], "--shared-noise"),
+    "train window past the steps": (lambda w, r: ["--train-window", "3"], "--train-window"),
+    "train window with rwr": (lambda w, r: ["--train-window", "1", "--algo", "rwr"], "--train-window"),
+    "eval steps past the timesteps": (lambda w, r: ["--eval-num-steps", "1000"], "--eval-num-steps"),
     "aesthetic model missing": (lambda w, r: ["--reward", "aesthetic", "--aesthetic-model", str(w / "no_clip")], "--aesthetic-model"),
     "out is a file": (lambda w, r: ["--out", str(write(w / "file", "x"))], "--out"),
     "out under a file": (lambda w, r: ["--out", str(write(w / "file", "x") / "run")], "--out"),

@@ -22,8 +22,11 @@ def diffusers_mean_and_std(scheduler, eps, t, sample, eta):
 @pytest.mark.math
 @pytest.mark.parametrize("eta", [0.5, 1.0])
 @pytest.mark.parametrize("step", [0, NUM_STEPS // 2, NUM_STEPS - 1])  # first, middle, last (t' < 0)
-def test_ddim_step_equals_diffusers_step_for_same_noise(eta, step):
-    scheduler = sd14_scheduler(NUM_STEPS)
+@pytest.mark.parametrize("options", [{}, {"prediction_type": "v_prediction"}, {"prediction_type": "v_prediction", "timestep_spacing": "trailing"},
+                                     {"timestep_spacing": "trailing", "rescale_betas_zero_snr": True, "prediction_type": "v_prediction"}],
+                         ids=["sd1-epsilon", "sd2-v", "v-trailing", "v-trailing-zero-snr"])
+def test_ddim_step_equals_diffusers_step_for_same_noise(eta, step, options):
+    scheduler = sd14_scheduler(NUM_STEPS, **options)
     t = scheduler.timesteps[step]
     sample, eps = torch.randn(SHAPE), torch.randn(SHAPE)
     ours, _ = ddim_step_with_logprob(scheduler, eps, t, sample, eta=eta, generator=torch.Generator().manual_seed(7))
@@ -33,6 +36,13 @@ def test_ddim_step_equals_diffusers_step_for_same_noise(eta, step):
     mean, std = diffusers_mean_and_std(scheduler, eps, t, sample, eta)
     _, log_prob = ddim_step_with_logprob(scheduler, eps, t, sample, eta=eta, prev_sample=mean, reduce="none")
     torch.testing.assert_close(log_prob, -torch.log(std) - 0.5 * math.log(2 * math.pi), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.math
+def test_a_prediction_type_without_its_maths_is_refused_in_one_line():
+    for options, named in (({"prediction_type": "sample"}, "'sample'"), ({"thresholding": True}, "thresholding")):
+        with pytest.raises(ValueError, match=f"{named}.*only epsilon and v_prediction"):
+            ddim_step_with_logprob(sd14_scheduler(NUM_STEPS, **options), torch.randn(SHAPE), 981, torch.randn(SHAPE))
 
 
 @pytest.mark.math

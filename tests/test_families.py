@@ -1,0 +1,56 @@
+"""Each model family train.py takes, on a tiny random-weight pipeline of its shape: SD 1.x (epsilon
+prediction) and SD 2.x (v-prediction). The sampler is the family's own pipeline, the recomputed
+log-prob gives ratio 1, and one epoch's LoRA loads into the stock pipeline."""
+import json
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+import train
+from pipeline import add_trainable, load_pipeline
+from sampler import policy_log_prob, sample_trajectories
+
+PROMPTS = ["a cat", "a red fox", "an owl"]
+
+
+@pytest.fixture(params=["sd1", "sd2"])
+def family_dir(request):
+    return request.getfixturevalue({"sd1": "tiny_pipeline_dir", "sd2": "tiny_sd2_pipeline_dir"}[request.param])
+
+
+def test_the_sampler_is_the_familys_own_pipeline_at_eta_1(family_dir):
+    """The stock pipeline draws x_T, then each step's noise, from the generator, as sample_trajectories does."""
+    pipe = load_pipeline(family_dir)  # its DDIM scheduler, with the model's schedule and prediction type
+    traj = sample_trajectories(pipe, PROMPTS, num_steps=4, guidance_scale=3.0, eta=1.0, batch_size=3, generator=torch.Generator().manual_seed(0))
+    stock = pipe(PROMPTS, num_inference_steps=4, guidance_scale=3.0, eta=1.0, generator=torch.Generator().manual_seed(0), output_type="latent").images
+    images = pipe(PROMPTS, num_inference_steps=4, guidance_scale=3.0, eta=1.0, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert (traj["latents"][:, -1] - stock).abs().max() < 1e-5  # equal to the bit on the CPU (0.0 on 2026-12-01)
+    assert (traj["images"] - images).abs().max() < 1e-5
+
+
+def test_the_recomputed_log_prob_gives_ratio_1_for_v_prediction(tiny_sd2_pipeline_dir):
+    pipe = load_pipeline(tiny_sd2_pipeline_dir)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    add_trainable(pipe.unet, lora_rank=4)
+    with torch.no_grad():
+        for name, param in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    traj = sample_trajectories(pipe, PROMPTS, num_steps=4, guidance_scale=3.0, batch_size=3, generator=torch.Generator().manual_seed(0))
+    for j in range(4):
+        log_prob = policy_log_prob(pipe, traj["latents"][:, j], traj["latents"][:, j + 1], traj["timesteps"][:, j], traj["prompt_embeds"],
+                                   traj["negative_embeds"], 3.0, 1.0)
+        assert torch.exp(log_prob - traj["log_probs"][:, j]).sub(1).abs().max() < 1e-5
+
+
+def test_one_epoch_of_ddpo_is_on_sd2_trains_and_its_lora_loads_into_the_stock_pipeline(tiny_sd2_pipeline_dir, tmp_path):
+    out = tmp_path / "run"
+    train.main(["--model", str(tiny_sd2_pipeline_dir), "--out", str(out), "--epochs", "1", "--samples-per-epoch", "8", "--batch-size", "2",
+                "--num-steps", "3", "--prompts", "simple_animals", "--lr", "1e-2"])
+    (metrics,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics["clipfrac"] > 0  # the updates moved the policy
+    base, tuned = (StableDiffusionPipeline.from_pretrained(tiny_sd2_pipeline_dir) for _ in range(2))
+    tuned.load_lora_weights(out / "lora")
+    draw = [p("a cat", num_inference_steps=3, generator=torch.Generator().manual_seed(1), output_type="pt").images for p in (base, tuned)]
+    assert (draw[0] - draw[1]).abs().max() > 1e-4
