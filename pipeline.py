@@ -2,6 +2,7 @@
 trained weights. The libraries' workarounds live here, so that sampler.py is the policy's maths.
 """
 import logging
+from pathlib import Path
 
 import torch
 
@@ -17,6 +18,10 @@ from diffusers.utils import logging as diffusers_logging  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 from peft.utils import get_peft_model_state_dict  # noqa: E402
 from transformers.utils import logging as transformers_logging  # noqa: E402
+
+from config import SD14, fail  # noqa: E402
+from rewards import hub_reachable  # noqa: E402
+from sampler import PREDICTION_TYPES, ddim_mean_std  # noqa: E402
 
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the UNet's attention projections
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --mixed-precision
@@ -44,6 +49,45 @@ def load_pipeline(model, device="cpu", dtype=torch.float32, local_files_only=Fal
         module.requires_grad_(False)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def load_model(cfg, device, dtype):
+    """The pipeline of --model, or one line on why it cannot be loaded or cannot take --num-steps or --lora-rank."""
+    try:
+        kind = pipeline_class(cfg.model, local_files_only=not hub_reachable())
+        if kind != "StableDiffusionPipeline":
+            fail(f"--model {cfg.model} is a {kind}; train.py trains StableDiffusionPipeline models (SD 1.x and 2.x), "
+                 f"so pass one of those (e.g. {SD14})")
+        pipe = load_pipeline(cfg.model, device, dtype, local_files_only=not hub_reachable())
+    except OSError as error:
+        if Path(cfg.model).is_dir():
+            fail(f"--model {cfg.model}: not a readable diffusers pipeline folder ({type(error).__name__}); pass a folder saved by "
+                 f"save_pretrained (model_index.json and its parts), or a hub id")
+        fail(f"--model {cfg.model}: cannot load it ({type(error).__name__}: no network, not in the hub cache, or no such model); "
+             f"download it first with `hf download {cfg.model}`, or pass a local folder")
+    prediction, thresholding = pipe.scheduler.config.prediction_type, pipe.scheduler.config.thresholding
+    if prediction not in PREDICTION_TYPES or thresholding:
+        fail(f"--model {cfg.model}: its scheduler predicts {prediction!r}{' with thresholding' if thresholding else ''}; the policy's "
+             f"Gaussian is written for {' and '.join(PREDICTION_TYPES)} without thresholding (sampler.ddim_mean_std)")
+    for flag, num_steps in (("--num-steps", cfg.num_steps), ("--eval-num-steps", cfg.eval_num_steps)):
+        pipe.scheduler.set_timesteps(num_steps or cfg.num_steps)  # as sampling will: its steps must fall within the training timesteps
+        trained, offset = pipe.scheduler.config.num_train_timesteps, pipe.scheduler.config.get("steps_offset", 0)
+        if pipe.scheduler.timesteps.max() >= trained:
+            fail(f"{flag} {num_steps}: {cfg.model}'s scheduler reaches past its {trained} training timesteps (offset {offset}); "
+                 f"use at most {trained - offset}")
+        zero = torch.zeros(1, 1)
+        _, std = ddim_mean_std(pipe.scheduler, zero, pipe.scheduler.timesteps, zero.expand(len(pipe.scheduler.timesteps), 1), cfg.eta)
+        if not (std > 0).all():  # e.g. timestep_spacing "linspace" ends on t = 0, whose step to the final alpha-bar adds no noise
+            fail(f"{flag} {num_steps}: with {cfg.model}'s scheduler ({pipe.scheduler.config.timestep_spacing} spacing) a step adds no noise "
+                 f"(sigma_t = 0 at t = {int(pipe.scheduler.timesteps[(std.flatten() <= 0).nonzero()[0]])}), so it has no log-prob; "
+                 f"set timestep_spacing to \"leading\" or \"trailing\" in its scheduler/scheduler_config.json")
+    projections = [m for name, m in pipe.unet.named_modules() if isinstance(m, torch.nn.Linear) and name.endswith(tuple(LORA_TARGETS))]
+    full_rank = max(min(m.in_features, m.out_features) for m in projections)
+    if cfg.lora_rank > full_rank:
+        size = sum(cfg.lora_rank * (m.in_features + m.out_features) * 4 for m in projections)
+        fail(f"--lora-rank {cfg.lora_rank}: above the full rank of every projection the LoRA adapts on {cfg.model} (at most {full_rank}), "
+             f"so it adds only size ({size / 2**20:.0f} MB of LoRA weights, saved every epoch); use at most {full_rank}, or 0 for the whole UNet")
+    return pipe
 
 
 def add_trainable(unet, lora_rank):

@@ -40,12 +40,12 @@ import run_folder
 import successors
 import toy_world
 import trackers
-from config import fail, load_prompts, parse_args, stop
+from config import load_prompts, parse_args, stop
 from evaluation import evaluate, evaluation_due
-from pipeline import DTYPES, LORA_TARGETS, add_trainable, compile_policy, load_pipeline, pipeline_class, prompt_losses
-from rewards import hub_reachable, load_reward, python_reward, scalar
+from pipeline import DTYPES, add_trainable, compile_policy, load_model, prompt_losses
+from rewards import load_reward, python_reward, scalar
 from run_folder import STOPPED, stop_signals
-from sampler import PREDICTION_TYPES, base_policy, gaussian_log_prob, guided_eps, policy_gaussian, policy_kl, sample_trajectories
+from sampler import base_policy, gaussian_log_prob, guided_eps, policy_gaussian, policy_kl, sample_trajectories
 
 
 def main(argv=None, reward_fn=None):
@@ -64,7 +64,7 @@ def main(argv=None, reward_fn=None):
     weight_dtype = DTYPES[cfg.mixed_precision]
     autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=cfg.mixed_precision != "no")
     reward_fn = load_reward(cfg, reward_fn)
-    pipe = load_model(cfg, device, weight_dtype)
+    pipe = load_model(cfg, device, weight_dtype)  # pipeline.py: the model of --model, checked for what the run asks of it
     params = add_trainable(pipe.unet, cfg.lora_rank)
     base = base_policy(pipe.unet, cfg.lora_rank) if cfg.eval_every or not cfg.algo.startswith("rwr") else None  # before any update
     if cfg.gradient_checkpointing:
@@ -293,39 +293,6 @@ def after_first_batch(cfg, epoch, start, say, reward_fn, images, prompts, total)
     if cfg.reward not in config.REWARD_NAMES:  # your own
         reward_fn(images, prompts, check=True)
     run_folder.long_epoch_notice(epoch, start, say, len(prompts), total)
-
-
-def load_model(cfg, device, dtype):
-    """The pipeline of --model, or one line on why it cannot be loaded or cannot take --num-steps or --lora-rank."""
-    try:
-        kind = pipeline_class(cfg.model, local_files_only=not hub_reachable())
-        if kind != "StableDiffusionPipeline":
-            fail(f"--model {cfg.model} is a {kind}; train.py trains StableDiffusionPipeline models (SD 1.x and 2.x), "
-                 f"so pass one of those (e.g. {config.SD14})")
-        pipe = load_pipeline(cfg.model, device, dtype, local_files_only=not hub_reachable())
-    except OSError as error:
-        if Path(cfg.model).is_dir():
-            fail(f"--model {cfg.model}: not a readable diffusers pipeline folder ({type(error).__name__}); pass a folder saved by "
-                 f"save_pretrained (model_index.json and its parts), or a hub id")
-        fail(f"--model {cfg.model}: cannot load it ({type(error).__name__}: no network, not in the hub cache, or no such model); "
-             f"download it first with `hf download {cfg.model}`, or pass a local folder")
-    prediction, thresholding = pipe.scheduler.config.prediction_type, pipe.scheduler.config.thresholding
-    if prediction not in PREDICTION_TYPES or thresholding:
-        fail(f"--model {cfg.model}: its scheduler predicts {prediction!r}{' with thresholding' if thresholding else ''}; the policy's "
-             f"Gaussian is written for {' and '.join(PREDICTION_TYPES)} without thresholding (sampler.ddim_mean_std)")
-    for flag, num_steps in (("--num-steps", cfg.num_steps), ("--eval-num-steps", cfg.eval_num_steps)):
-        pipe.scheduler.set_timesteps(num_steps or cfg.num_steps)  # as sampling will: its steps must fall within the training timesteps
-        trained, offset = pipe.scheduler.config.num_train_timesteps, pipe.scheduler.config.get("steps_offset", 0)
-        if pipe.scheduler.timesteps.max() >= trained:
-            fail(f"{flag} {num_steps}: {cfg.model}'s scheduler reaches past its {trained} training timesteps (offset {offset}); "
-                 f"use at most {trained - offset}")
-    projections = [m for name, m in pipe.unet.named_modules() if isinstance(m, torch.nn.Linear) and name.endswith(tuple(LORA_TARGETS))]
-    full_rank = max(min(m.in_features, m.out_features) for m in projections)
-    if cfg.lora_rank > full_rank:
-        size = sum(cfg.lora_rank * (m.in_features + m.out_features) * 4 for m in projections)
-        fail(f"--lora-rank {cfg.lora_rank}: above the full rank of every projection the LoRA adapts on {cfg.model} (at most {full_rank}), "
-             f"so it adds only size ({size / 2**20:.0f} MB of LoRA weights, saved every epoch); use at most {full_rank}, or 0 for the whole UNet")
-    return pipe
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from pipeline import DTYPES  # noqa: E402
 @contextlib.contextmanager
 def instrument(calls, epoch_starts, pipes):
     """While inside, train.main records each UNet call, the start of each epoch's sampling, and its pipeline."""
-    load_pipeline, sample_trajectories, update = train.load_pipeline, train.sample_trajectories, train.update
+    load_model, sample_trajectories, update = train.load_model, train.sample_trajectories, train.update
     phase = ["sampling"]
 
     def record(unet, args, kwargs):
@@ -41,7 +41,7 @@ def instrument(calls, epoch_starts, pipes):
         calls.append((time.perf_counter(), tuple(sample.shape), tuple(context.shape), torch.is_grad_enabled(), phase[0]))
 
     def loading(*args, **kwargs):
-        pipe = load_pipeline(*args, **kwargs)
+        pipe = load_model(*args, **kwargs)
         pipe.unet.register_forward_pre_hook(record, with_kwargs=True)
         pipes.append(pipe)
         return pipe
@@ -57,11 +57,11 @@ def instrument(calls, epoch_starts, pipes):
         finally:
             phase[0] = "sampling"
 
-    train.load_pipeline, train.sample_trajectories, train.update = loading, sampling, updating
+    train.load_model, train.sample_trajectories, train.update = loading, sampling, updating
     try:
         yield
     finally:
-        train.load_pipeline, train.sample_trajectories, train.update = load_pipeline, sample_trajectories, update
+        train.load_model, train.sample_trajectories, train.update = load_model, sample_trajectories, update
 
 
 def replay(unet, calls, autocast):
