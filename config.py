@@ -102,7 +102,7 @@ def arg(default, help, **kwargs):
 @dataclass
 class Config:
     # model
-    model: str = arg("auto", f"hub id or local folder of a Stable Diffusion 1.x or 2.x pipeline (epsilon or v-prediction); auto: {SD14} with CUDA, else the bundled {BUNDLED_MODEL.name}")
+    model: str = arg("auto", f"hub id or local folder of a Stable Diffusion 1.x, 2.x or XL pipeline; auto: {SD14} with CUDA, else the bundled {BUNDLED_MODEL.name}")
     preset: str = arg("auto", "settings to start from: the paper's, or tiny for the bundled model on a CPU; auto: tiny with the bundled model", choices=("auto", *PRESETS))
     lora_rank: int = arg(4, "rank of the LoRA on the UNet's attention projections; 0 fine-tunes the whole UNet")
     # task

@@ -1,4 +1,4 @@
-"""Stable Diffusion 1.x and 2.x for DDPO: loading a pipeline, the trainable LoRA, compiling, and saving the
+"""Stable Diffusion 1.x, 2.x and XL for DDPO: loading a pipeline, the trainable LoRA, compiling, and saving the
 trained weights. The libraries' workarounds live here, so that sampler.py is the policy's maths.
 """
 import logging
@@ -11,7 +11,7 @@ import torch
 # Only those two notices are dropped, where they are logged, before diffusers' pipelines are imported.
 logging.getLogger("transformers.utils.import_utils").addFilter(lambda record: "requires torchvision" not in record.getMessage())
 
-from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline  # noqa: E402
+from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline  # noqa: E402
 from diffusers.training_utils import cast_training_params  # noqa: E402
 from diffusers.utils import convert_state_dict_to_diffusers  # noqa: E402
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
@@ -24,6 +24,7 @@ from rewards import hub_reachable  # noqa: E402
 from sampler import PREDICTION_TYPES, ddim_mean_std  # noqa: E402
 
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the UNet's attention projections
+PIPELINES = {"StableDiffusionPipeline": StableDiffusionPipeline, "StableDiffusionXLPipeline": StableDiffusionXLPipeline}  # by model_index.json's name
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --mixed-precision
 
 
@@ -33,20 +34,24 @@ def pipeline_class(model, local_files_only=False):
 
 
 def load_pipeline(model, device="cpu", dtype=torch.float32, local_files_only=False):
-    """A Stable Diffusion 1.x or 2.x pipeline from a hub id or a local folder, ready for DDPO.
+    """A Stable Diffusion 1.x, 2.x or XL pipeline from a hub id or a local folder, ready for DDPO.
 
-    The safety checker is off (it blacks out images, which a reward would learn to exploit), the
-    scheduler is DDIM with the model's own noise schedule, and every weight starts frozen: the
-    trainer decides what to unfreeze (a LoRA or the whole UNet).
+    The safety checker is off (it blacks out images, which a reward would learn to exploit; SDXL's
+    invisible watermark likewise), the scheduler is DDIM with the model's own noise schedule and
+    prediction type, SDXL's VAE decodes in fp32 (it overflows in fp16), and every weight starts
+    frozen: the trainer decides what to unfreeze (a LoRA or the whole UNet).
     """
     for library in (diffusers_logging, transformers_logging):
         library.disable_progress_bar()  # loading takes seconds; its bars would only clutter the log
-    pipe = StableDiffusionPipeline.from_pretrained(
-        model, dtype=dtype, safety_checker=None, requires_safety_checker=False, local_files_only=local_files_only
-    )
+    kind = PIPELINES[pipeline_class(model, local_files_only)]
+    off = dict(add_watermarker=False) if kind is StableDiffusionXLPipeline else dict(safety_checker=None, requires_safety_checker=False)
+    pipe = kind.from_pretrained(model, dtype=dtype, local_files_only=local_files_only, **off)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    for module in (pipe.vae, pipe.text_encoder, pipe.unet):
-        module.requires_grad_(False)
+    for module in (pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None), pipe.unet):
+        if module is not None:
+            module.requires_grad_(False)
+    if kind is StableDiffusionXLPipeline and pipe.vae.dtype != torch.float32:
+        pipe.vae.to(torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -55,8 +60,8 @@ def load_model(cfg, device, dtype):
     """The pipeline of --model, or one line on why it cannot be loaded or cannot take --num-steps or --lora-rank."""
     try:
         kind = pipeline_class(cfg.model, local_files_only=not hub_reachable())
-        if kind != "StableDiffusionPipeline":
-            fail(f"--model {cfg.model} is a {kind}; train.py trains StableDiffusionPipeline models (SD 1.x and 2.x), "
+        if kind not in PIPELINES:
+            fail(f"--model {cfg.model} is a {kind}; train.py trains {' and '.join(PIPELINES)} models (SD 1.x and 2.x, SDXL), "
                  f"so pass one of those (e.g. {SD14})")
         pipe = load_pipeline(cfg.model, device, dtype, local_files_only=not hub_reachable())
     except OSError as error:

@@ -20,10 +20,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 import toy_world
 
@@ -72,27 +72,36 @@ def make_tokenizer(words, max_length=8):
 def build_pipeline(image_size=64, vae_channels=(16, 32, 64, 64), unet_channels=(32, 64, 64), text_dim=64,
                    text_layers=2, words=(), max_length=8, seed=0, family="sd1"):
     """A random-weight SD-1.x-shaped pipeline; the VAE downsamples by 2 ** (len(vae_channels) - 1).
-    family "sd2": SD 2.x's differences, v-prediction and linear projections in the UNet's attention."""
+    family "sd2": SD 2.x's differences, v-prediction and linear projections in the UNet's attention.
+    family "sdxl": SDXL's, a second text encoder (with a projection: the pooled embedding) whose
+    tokens join the first's, and a UNet that also takes the pooled embedding and 6 size and crop ids."""
     torch.manual_seed(seed)
     tokenizer = make_tokenizer(words, max_length)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
+    text_config = dict(
         vocab_size=len(tokenizer.get_vocab()), hidden_size=text_dim, intermediate_size=2 * text_dim,
         num_hidden_layers=text_layers, num_attention_heads=4, max_position_embeddings=max_length,
         bos_token_id=0, eos_token_id=1, pad_token_id=1,
-    ))
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=vae_channels, layers_per_block=1,
         down_block_types=("DownEncoderBlock2D",) * len(vae_channels), up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
         norm_num_groups=8, sample_size=image_size,
     )
     attention = ("CrossAttnDownBlock2D",) * (len(unet_channels) - 1)
-    unet = UNet2DConditionModel(
-        sample_size=image_size // 2 ** (len(vae_channels) - 1), in_channels=4, out_channels=4,
-        block_out_channels=unet_channels, layers_per_block=1, down_block_types=attention + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(unet_channels) - 1),
-        cross_attention_dim=text_dim, attention_head_dim=8, norm_num_groups=8, use_linear_projection=family == "sd2",
-    )
+    xl = dict(addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + text_dim,
+              cross_attention_dim=2 * text_dim) if family == "sdxl" else {}
+    unet = UNet2DConditionModel(**{
+        "sample_size": image_size // 2 ** (len(vae_channels) - 1), "in_channels": 4, "out_channels": 4,
+        "block_out_channels": unet_channels, "layers_per_block": 1, "down_block_types": attention + ("DownBlock2D",),
+        "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(unet_channels) - 1),
+        "cross_attention_dim": text_dim, "attention_head_dim": 8, "norm_num_groups": 8, "use_linear_projection": family != "sd1", **xl,
+    })
     scheduler = DDIMScheduler(**{**SD14_SCHEDULER, **({"prediction_type": "v_prediction"} if family == "sd2" else {})})
+    if family == "sdxl":
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config, projection_dim=text_dim))
+        return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                                         tokenizer_2=tokenizer, unet=unet, scheduler=scheduler, add_watermarker=False)
     return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,

@@ -120,16 +120,24 @@ def base_policy(unet, lora_rank):
     return adapter_off
 
 
+def unet_eps(unet, latents, timesteps, cond):
+    """The UNet's prediction at (x_t, t, c). SDXL's c carries its added conditioning in its last row
+    (encode_prompts): the pooled text embedding and the six size and crop ids, passed as the UNet takes them."""
+    if unet.config.addition_embed_type != "text_time":
+        return unet(latents, timesteps, cond).sample
+    pooled = unet.add_embedding.linear_1.in_features - 6 * unet.config.addition_time_embed_dim  # the pooled embedding's width
+    added = {"text_embeds": cond[:, -1, :pooled], "time_ids": cond[:, -1, pooled : pooled + 6]}
+    return unet(latents, timesteps, cond[:, :-1], added_cond_kwargs=added).sample
+
+
 def guided_eps(unet, latents, timesteps, prompt_embeds, negative_embeds, guidance_scale):
     """The policy's noise prediction. Classifier-free guidance is part of the policy (paper,
     appendix E.1 "CFG Training"): eps = eps_u + w (eps_c - eps_u), eps_u from the empty prompt. Sampling and training
     both call this, so the trained log-prob is the sampled one."""
     if guidance_scale <= 1:
-        return unet(latents, timesteps, prompt_embeds).sample
+        return unet_eps(unet, latents, timesteps, prompt_embeds)
     negative = negative_embeds.expand(len(latents), -1, -1)
-    eps_u, eps_c = unet(
-        torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), torch.cat([negative, prompt_embeds])
-    ).sample.chunk(2)
+    eps_u, eps_c = unet_eps(unet, torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), torch.cat([negative, prompt_embeds])).chunk(2)
     return eps_u + guidance_scale * (eps_c - eps_u)
 
 
@@ -147,9 +155,24 @@ def policy_log_prob(pipe, latents, next_latents, timesteps, prompt_embeds, negat
     return gaussian_log_prob(next_latents, mean, std, reduce)
 
 
-def encode_prompts(pipe, prompts):
-    """Frozen CLIP text embeddings, one (tokens, dim) matrix per prompt."""
-    return pipe.encode_prompt(list(prompts), pipe.unet.device, 1, False)[0]
+def encode_prompts(pipe, prompts, guidance=False):
+    """The conditioning c of each prompt, frozen (guidance: the empty prompt of classifier-free
+    guidance). SD 1.x and 2.x: CLIP's (tokens, dim) embeddings. SDXL has two text encoders and
+    conditions its UNet on more than their tokens: the pooled embedding and the image's size and crop
+    (time ids (H, W), (0, 0), (H, W), its pipeline's defaults); they go into one more row of c, which
+    unet_eps takes apart, so that c stays one tensor a prompt wherever the trajectories keep it. Its
+    guidance prompt is zeros, as its pipeline's force_zeros_for_empty_prompt makes it."""
+    device = pipe.unet.device
+    if getattr(pipe, "text_encoder_2", None) is None:
+        return pipe.encode_prompt(list(prompts), device, 1, False)[0]
+    tokens, _, pooled, _ = pipe.encode_prompt(list(prompts), device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+    if guidance and pipe.config.force_zeros_for_empty_prompt:
+        tokens, pooled = torch.zeros_like(tokens), torch.zeros_like(pooled)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    extra = torch.zeros(len(tokens), 1, tokens.shape[-1], dtype=tokens.dtype, device=device)
+    extra[:, 0, : pooled.shape[-1]] = pooled
+    extra[:, 0, pooled.shape[-1] : pooled.shape[-1] + 6] = torch.tensor([size, size, 0, 0, size, size], dtype=tokens.dtype, device=device)
+    return torch.cat([tokens, extra], dim=1)
 
 
 @torch.no_grad()
@@ -169,7 +192,7 @@ def sample_trajectories(pipe, prompts, num_steps=50, guidance_scale=5.0, eta=1.0
     """
     device = pipe.unet.device
     pipe.scheduler.set_timesteps(num_steps, device=device)
-    negative_embeds = encode_prompts(pipe, [""])
+    negative_embeds = encode_prompts(pipe, [""], guidance=True)
     shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
     batches = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="sampling", disable=None if progress else True, leave=False):
@@ -197,7 +220,8 @@ def sample_trajectories(pipe, prompts, num_steps=50, guidance_scale=5.0, eta=1.0
                 kls.append(policy_kl(mean, ddim_mean_std(pipe.scheduler, base_eps, t, latents[-1], eta)[0], std, reduce))
             latents.append(x_prev)
             log_probs.append(log_prob)
-        decoded = pipe.vae.decode(latents[-1] / pipe.vae.config.scaling_factor).sample
+        with torch.autocast(device.type, enabled=False) if getattr(pipe, "text_encoder_2", None) is not None else contextlib.nullcontext():
+            decoded = pipe.vae.decode((latents[-1] / pipe.vae.config.scaling_factor).to(pipe.vae.dtype)).sample  # SDXL's VAE: fp32
         batches.append({
             "latents": torch.stack(latents, dim=1),
             "log_probs": torch.stack(log_probs, dim=1),

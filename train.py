@@ -1,4 +1,4 @@
-"""Fine-tune a Stable Diffusion 1.x UNet with DDPO (Black et al. 2023). One epoch is:
+"""Fine-tune a Stable Diffusion (1.x, 2.x or XL) UNet with DDPO (Black et al. 2023). One epoch is:
 sample trajectories -> reward -> advantages -> minibatch updates -> log (and checkpoint).
 
     python train.py --reward jpeg                      # SD v1.4 on CUDA, else the bundled CPU model

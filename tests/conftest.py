@@ -57,3 +57,11 @@ def tiny_sd2_pipeline_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-sd2")
     tiny_pipeline(family="sd2").save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_pipeline_dir(tmp_path_factory):
+    """The same with SDXL's differences: two text encoders, the pooled embedding and size ids into the UNet."""
+    path = tmp_path_factory.mktemp("tiny-sdxl")
+    tiny_pipeline(family="sdxl").save_pretrained(path)
+    return path

@@ -120,7 +120,7 @@ CASES = {
     "model folder empty": (lambda w, r: ["--model", str(write(w / "model" / ".keep", "").parent)], "--model"),
     "model index damaged": (lambda w, r: ["--model", str(write(w / "model" / "model_index.json", "{").parent)], "--model"),
     "model missing": (lambda w, r: ["--model", str(w / "no_such_model") + "/"], "--model"),
-    "model an sdxl pipeline": (lambda w, r: model_copy(w, r, "model_index.json", _class_name="StableDiffusionXLPipeline"), "StableDiffusionXLPipeline"),
+    "model another pipeline": (lambda w, r: model_copy(w, r, "model_index.json", _class_name="StableDiffusion3Pipeline"), "StableDiffusion3Pipeline"),
     "model's steps end without noise": (lambda w, r: model_copy(w, r, "scheduler/scheduler_config.json", timestep_spacing="linspace"), "sigma_t = 0"),
     "model predicts the sample": (lambda w, r: model_copy(w, r, "scheduler/scheduler_config.json", prediction_type="sample"), "'sample'"),
     "samples per prompt not dividing": (lambda w, r: ["--samples-per-prompt", "3"], "--samples-per-prompt"),

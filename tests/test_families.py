@@ -1,11 +1,11 @@
 """Each model family train.py takes, on a tiny random-weight pipeline of its shape: SD 1.x (epsilon
-prediction) and SD 2.x (v-prediction). The sampler is the family's own pipeline, the recomputed
+prediction), SD 2.x (v-prediction) and SDXL (two text encoders, added conditioning). The sampler is the family's own pipeline, the recomputed
 log-prob gives ratio 1, and one epoch's LoRA loads into the stock pipeline."""
 import json
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 
 import train
 from pipeline import add_trainable, load_pipeline
@@ -14,9 +14,12 @@ from sampler import policy_log_prob, sample_trajectories
 PROMPTS = ["a cat", "a red fox", "an owl"]
 
 
-@pytest.fixture(params=["sd1", "sd2"])
+FAMILIES = {"sd1": "tiny_pipeline_dir", "sd2": "tiny_sd2_pipeline_dir", "sdxl": "tiny_sdxl_pipeline_dir"}
+
+
+@pytest.fixture(params=FAMILIES)
 def family_dir(request):
-    return request.getfixturevalue({"sd1": "tiny_pipeline_dir", "sd2": "tiny_sd2_pipeline_dir"}[request.param])
+    return request.getfixturevalue(FAMILIES[request.param])
 
 
 def test_the_sampler_is_the_familys_own_pipeline_at_eta_1(family_dir):
@@ -29,9 +32,8 @@ def test_the_sampler_is_the_familys_own_pipeline_at_eta_1(family_dir):
     assert (traj["images"] - images).abs().max() < 1e-5
 
 
-def test_the_recomputed_log_prob_gives_ratio_1_for_v_prediction(tiny_sd2_pipeline_dir):
-    pipe = load_pipeline(tiny_sd2_pipeline_dir)
-    assert pipe.scheduler.config.prediction_type == "v_prediction"
+def test_the_recomputed_log_prob_gives_ratio_1(family_dir):
+    pipe = load_pipeline(family_dir)
     add_trainable(pipe.unet, lora_rank=4)
     with torch.no_grad():
         for name, param in pipe.unet.named_parameters():
@@ -44,13 +46,14 @@ def test_the_recomputed_log_prob_gives_ratio_1_for_v_prediction(tiny_sd2_pipelin
         assert torch.exp(log_prob - traj["log_probs"][:, j]).sub(1).abs().max() < 1e-5
 
 
-def test_one_epoch_of_ddpo_is_on_sd2_trains_and_its_lora_loads_into_the_stock_pipeline(tiny_sd2_pipeline_dir, tmp_path):
+def test_one_epoch_of_ddpo_is_trains_and_its_lora_loads_into_the_stock_pipeline(family_dir, tmp_path):
     out = tmp_path / "run"
-    train.main(["--model", str(tiny_sd2_pipeline_dir), "--out", str(out), "--epochs", "1", "--samples-per-epoch", "8", "--batch-size", "2",
+    train.main(["--model", str(family_dir), "--out", str(out), "--epochs", "1", "--samples-per-epoch", "8", "--batch-size", "2",
                 "--num-steps", "3", "--prompts", "simple_animals", "--lr", "1e-2"])
     (metrics,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert metrics["clipfrac"] > 0  # the updates moved the policy
-    base, tuned = (StableDiffusionPipeline.from_pretrained(tiny_sd2_pipeline_dir) for _ in range(2))
+    stock = DiffusionPipeline  # the family's own class, as model_index.json names it
+    base, tuned = (stock.from_pretrained(family_dir) for _ in range(2))
     tuned.load_lora_weights(out / "lora")
     draw = [p("a cat", num_inference_steps=3, generator=torch.Generator().manual_seed(1), output_type="pt").images for p in (base, tuned)]
     assert (draw[0] - draw[1]).abs().max() > 1e-4
