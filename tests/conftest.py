@@ -39,6 +39,14 @@ def sd14_scheduler(num_steps, **changes):
     return scheduler
 
 
+def perturb_lora(unet):
+    """LoRA's B starts at zero, so the adapter changes nothing: give it weights, so the policy moves away from the base."""
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+
+
 def tiny_pipeline(seed=0, family="sd1"):
     return build_pipeline(image_size=16, vae_channels=(16, 32), unet_channels=(32,), text_dim=32, max_length=16, seed=seed, family=family)
 

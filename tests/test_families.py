@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from conftest import perturb_lora
 from diffusers import DiffusionPipeline
 
 import train
@@ -34,10 +35,7 @@ def test_the_sampler_is_the_familys_own_pipeline_at_eta_1(family_dir):
 def test_the_recomputed_log_prob_gives_ratio_1(family_dir):
     pipe = load_pipeline(family_dir)
     add_trainable(pipe.unet, lora_rank=4)
-    with torch.no_grad():
-        for name, param in pipe.unet.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.1)
+    perturb_lora(pipe.unet)
     traj = sample_trajectories(pipe, PROMPTS, num_steps=4, guidance_scale=3.0, batch_size=3, generator=torch.Generator().manual_seed(0))
     for j in range(4):
         log_prob = policy_log_prob(pipe, traj["latents"][:, j], traj["latents"][:, j + 1], traj["timesteps"][:, j], traj["prompt_embeds"],

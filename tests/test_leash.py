@@ -4,6 +4,7 @@ import types
 
 import pytest
 import torch
+from conftest import perturb_lora
 
 import toy_world
 import train
@@ -14,13 +15,6 @@ from rewards import REWARDS
 from sampler import base_policy, policy_gaussian, policy_kl, sample_trajectories
 
 SMALL = ["--samples-per-epoch", "8", "--batch-size", "2", "--num-steps", "3", "--lr", "1e-2"]
-
-
-def perturb_lora(unet):
-    with torch.no_grad():  # LoRA's B starts at zero: give it weights, so the policy moves away from the base
-        for name, param in unet.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.1)
 
 
 def states(pipe):

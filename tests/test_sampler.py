@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from conftest import sd14_scheduler
+from conftest import perturb_lora, sd14_scheduler
 
 from pipeline import add_trainable, load_pipeline
 from sampler import ddim_step_with_logprob, policy_log_prob, sample_trajectories
@@ -83,10 +83,7 @@ def test_eta_zero_has_no_density():
 def test_recomputed_log_prob_equals_sampling_log_prob_with_cfg_and_lora(tiny_pipeline_dir):
     pipe = load_pipeline(tiny_pipeline_dir)
     add_trainable(pipe.unet, lora_rank=4)
-    with torch.no_grad():  # give the LoRA non-zero weights, so it changes the policy
-        for name, param in pipe.unet.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.1)
+    perturb_lora(pipe.unet)
     prompts = ["a cat", "a dog", "a red fox", "an owl", "a cat"]
     traj = sample_trajectories(pipe, prompts, num_steps=6, guidance_scale=5.0, batch_size=3, generator=torch.Generator().manual_seed(0))
     assert traj["latents"].shape == (5, 7, 4, 8, 8) and traj["log_probs"].shape == (5, 6)

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import perturb_lora
 
 import evaluation
 import successors
@@ -51,10 +52,7 @@ def test_shared_noise_starts_every_sample_of_a_group_from_one_x_T(tiny_pipeline_
 def test_outside_the_window_the_steps_are_diffusers_deterministic_ddim_with_no_log_prob_and_inside_the_ratio_is_1(tiny_pipeline_dir):
     pipe = load_pipeline(tiny_pipeline_dir)
     add_trainable(pipe.unet, lora_rank=4)
-    with torch.no_grad():
-        for name, param in pipe.unet.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.1)
+    perturb_lora(pipe.unet)
     window = torch.tensor([False, True, True, False, False])
     traj = sample_trajectories(pipe, ["a cat", "a dog", "an owl"], num_steps=5, guidance_scale=3.0, batch_size=2,
                                generator=torch.Generator().manual_seed(0), stochastic=window)
