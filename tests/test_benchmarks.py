@@ -129,7 +129,9 @@ def test_same_outputs_finds_two_checkouts_of_one_revision_identical_and_a_change
     assert not same_outputs.same(before["checkpoint"], after["checkpoint"]) and not same_outputs.same(before["metrics"], after["metrics"])
 
 
-def test_time_to_target_finds_the_first_evaluation_of_a_held_target_and_counts_the_training_before_it():
+def test_time_to_target_finds_the_first_evaluation_of_a_held_target_and_counts_the_training_before_it(monkeypatch):
+    monkeypatch.setattr(time_to_target, "CUT", 0.30)
+    monkeypatch.setattr(time_to_target, "FIDELITY", 0.95)
     def epoch(e, cut, kept, evaluated=True):
         m = {"epoch": e, "sample_seconds": 1.0, "train_seconds": 2.0, "reward_queries": 64 * (e + 1)}
         if evaluated:
