@@ -58,12 +58,13 @@ def load_pipeline(model, device="cpu", dtype=torch.float32, local_files_only=Fal
 
 def load_model(cfg, device, dtype):
     """The pipeline of --model, or one line on why it cannot be loaded or cannot take --num-steps or --lora-rank."""
+    local_files_only = not hub_reachable()  # one probe of the network (up to its timeout without one)
     try:
-        kind = pipeline_class(cfg.model, local_files_only=not hub_reachable())
+        kind = pipeline_class(cfg.model, local_files_only)
         if kind not in PIPELINES:
             fail(f"--model {cfg.model} is a {kind}; train.py trains {' and '.join(PIPELINES)} models (SD 1.x and 2.x, SDXL), "
                  f"so pass one of those (e.g. {SD14})")
-        pipe = load_pipeline(cfg.model, device, dtype, local_files_only=not hub_reachable())
+        pipe = load_pipeline(cfg.model, device, dtype, local_files_only)
     except OSError as error:
         if Path(cfg.model).is_dir():
             fail(f"--model {cfg.model}: not a readable diffusers pipeline folder ({type(error).__name__}); pass a folder saved by "
