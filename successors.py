@@ -52,16 +52,26 @@ def sampling_options(cfg, pipe, rng, generator, num_samples, num_steps):
     return options
 
 
+def flat(scores, g, k):
+    """Whether the group of k scores from index g has no spread: all its rewards equal."""
+    return np.ptp(scores[g : g + k]) == 0
+
+
 def group_advantages(algo, rewards, k, latent_size, per_position=False):
     """--advantages group: each sample's reward normalised by the mean and std of its group
     (consecutive blocks of k samples; ddpo.batch_advantages within each group, PXPO's maps too). A
-    group whose k rewards are all equal gets zero advantages: nothing in it tells better from
-    worse. Returns the advantages (a tensor) and how many groups had no spread."""
+    group whose k rewards are all equal gets zero advantages: nothing in it tells better from worse."""
     scores, maps = ddpo.reward_maps(algo, rewards, latent_size)
-    values, flat = np.zeros_like(scores if maps is None else maps), 0
+    values = np.zeros_like(scores if maps is None else maps)
     for g in range(0, len(scores), k):
-        if np.ptp(scores[g : g + k]) == 0:
-            flat += 1
-        else:
+        if not flat(scores, g, k):
             values[g : g + k] = ddpo.batch_advantages(scores[g : g + k], None if maps is None else maps[g : g + k], per_position)
-    return torch.as_tensor(values, dtype=torch.float32, device=rewards.device), flat
+    return torch.as_tensor(values, dtype=torch.float32, device=rewards.device)
+
+
+def group_stats(cfg, rewards):
+    """What an epoch logs of its groups under --advantages group: how many had no spread (flat_groups)."""
+    if cfg.advantages != "group":
+        return {}
+    scores = rewards.cpu().numpy()
+    return {"flat_groups": int(sum(flat(scores, g, cfg.samples_per_prompt) for g in range(0, len(scores), cfg.samples_per_prompt)))}

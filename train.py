@@ -130,13 +130,12 @@ def main(argv=None, reward_fn=None):
             else:
                 # 3. advantages: each reward normalised by its prompt's statistics, over the whole epoch
                 if cfg.advantages == "tracker":
-                    advantages = ddpo.advantages(cfg.algo, all_prompts, reward_out, traj["latents"].shape[-2:], tracker, per_position)[mine]
-                else:  # beyond the paper: within each group (successors.py)
-                    advantages, flat_groups = successors.group_advantages(cfg.algo, reward_out, cfg.samples_per_prompt, traj["latents"].shape[-2:], per_position)
-                    advantages = advantages[mine]
+                    advantages = ddpo.advantages(cfg.algo, all_prompts, reward_out, traj["latents"].shape[-2:], tracker, per_position)
+                else:  # beyond the paper: within each group of one prompt (successors.py)
+                    advantages = successors.group_advantages(cfg.algo, reward_out, cfg.samples_per_prompt, traj["latents"].shape[-2:], per_position)
                 # 4. update the policy on this process's samples
-                stats = update(cfg, pipe, traj, advantages, optimizer, params, rng, autocast, progress=rank == 0, base=base)
-            stats = parallel.mean_over_processes(stats) | ({"flat_groups": flat_groups} if cfg.advantages == "group" else {})
+                stats = update(cfg, pipe, traj, advantages[mine], optimizer, params, rng, autocast, progress=rank == 0, base=base)
+            stats = parallel.mean_over_processes(stats)
             train_seconds = time.time() - start
             if not all(torch.isfinite(p).all() for p in params):
                 stop(f"epoch {epoch}: the weights became non-finite, so nothing of this epoch was saved; resuming would repeat it: start a new run "
@@ -144,7 +143,7 @@ def main(argv=None, reward_fn=None):
             # 5. log: metrics, samples and weights (rank 0 writes), a checkpoint when due or when asked to stop
             history.append({
                 "epoch": epoch, "reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(),
-                "reward_queries": (epoch + 1) * cfg.samples_per_epoch, **stats,
+                "reward_queries": (epoch + 1) * cfg.samples_per_epoch, **stats, **successors.group_stats(cfg, rewards),
                 **({"fidelity": parallel.gather(toy_world.judge(traj["images"], prompts).to(device)).mean().item()} if toy_prompts else {}),
                 **eval_metrics, "sample_seconds": sample_seconds, "train_seconds": train_seconds,
             })

@@ -18,13 +18,14 @@ from sampler import guided_eps, policy_log_prob, sample_trajectories
 @pytest.mark.math
 def test_group_advantages_normalise_each_group_by_its_own_mean_and_std_and_a_flat_group_gets_zero():
     rewards = torch.tensor([1.0, 2.0, 3.0, 6.0, 5.0, 5.0, 5.0, 5.0, -1.0, 1.0, -1.0, 1.0])
-    advantages, flat = successors.group_advantages("ddpo-is", rewards, 4, (8, 8))
+    advantages = successors.group_advantages("ddpo-is", rewards, 4, (8, 8))
+    flat = successors.group_stats(Config(advantages="group", samples_per_prompt=4), rewards)["flat_groups"]
     first = np.array([1.0, 2.0, 3.0, 6.0])  # mean 3, population std sqrt(14 / 4)
     by_hand = np.concatenate([(first - 3) / (np.sqrt(3.5) + 1e-6), np.zeros(4), np.array([-1.0, 1.0, -1.0, 1.0]) / (1 + 1e-6)])
     np.testing.assert_allclose(advantages.numpy(), by_hand, rtol=1e-6)
     assert flat == 1 and (advantages[4:8] == 0).all()  # all equal: exactly zero, not (r - mean) / 1e-6 of round-off
     # a group of one prompt's k samples is what the tracker would see with no history and min_count <= k
-    pxpo, _ = successors.group_advantages("pxpo", rewards, 4, (2, 2))
+    pxpo = successors.group_advantages("pxpo", rewards, 4, (2, 2))
     assert pxpo.shape == (12, 2, 2) and torch.allclose(pxpo[:, 0, 0], advantages)  # a scalar reward is a flat map
 
 
