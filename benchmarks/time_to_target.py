@@ -24,7 +24,9 @@ samples with) runs every --eval-every epochs, and it decides:
 2. final: each recipe at its choice on --seeds. Writes time_to_target.md (the tuning, every run,
    and per recipe the median and range) and time_to_target.png (cut against training seconds).
 
-A run with its result.json is reused, so an interrupted sweep picks up where it stopped. With
+A run with its result.json is reused, so an interrupted sweep picks up where it stopped; README's
+numbers are docs/time-to-target (the tuning's choices and each held-out run's result.json), and
+`--stage final --out docs/time-to-target` writes their report again without training anything. With
 --jobs N, N runs go at once, each its own single-threaded process; they are started in turn,
 recipe by recipe (A, B, C, A, B, C, ...), so a busy spell of the machine falls on all alike.
 """
@@ -111,7 +113,7 @@ def run(argv, out, args):
             process.send_signal(signal.SIGTERM)  # train.py ends after this epoch's checkpoint
             stopped = True
     stderr = process.stderr.read()
-    if process.returncode not in (0, 75):
+    if process.returncode not in (0, 75) and not (stopped and process.returncode == -signal.SIGTERM):  # (a stop that came as the last epoch ended)
         sys.exit(f"time_to_target.py: error: {' '.join(command)} failed (exit {process.returncode}):\n{stderr[-2000:]}")
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     at = reached(metrics)
