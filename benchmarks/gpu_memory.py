@@ -55,8 +55,8 @@ def sd14_random_pipeline():
     )
 
 
-def measure(model, batch, args):
-    """One train.py run of 2 epochs x 2 batches: (peak GiB or None, sample/s, train/s, epoch/s) of its second epoch."""
+def measure(model, batch, args, extra=()):
+    """One train.py run of 2 epochs x 2 batches (extra: more of its flags): (peak GiB or None, sample/s, train/s, epoch/s) of its second epoch."""
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
@@ -64,7 +64,7 @@ def measure(model, batch, args):
             "--model", str(model), "--device", args.device, "--epochs", "2", "--samples-per-epoch", str(2 * batch), "--batch-size", str(batch),
             "--updates-per-epoch", "1", "--num-steps", str(args.num_steps), "--guidance-scale", "5", "--timestep-fraction", "1",
             "--lora-rank", "4", "--mixed-precision", args.mixed_precision, "--prompts", "shapes", "--reward", "jpeg",
-            "--seed", "0", "--out", f"{tmp}/run", *(["--gradient-checkpointing"] if args.gradient_checkpointing else []),
+            "--seed", "0", "--out", f"{tmp}/run", *(["--gradient-checkpointing"] if args.gradient_checkpointing else []), *extra,
         ])
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
     gc.collect()
