@@ -79,22 +79,23 @@ def test_gpu_memory_runs_in_reduced_mode_on_the_cpu():
     assert all(peak is None and sampling > 0 and training > 0 for _, peak, sampling, training, _ in rows)
 
 
-def test_gpu_check_records_each_check_as_it_is_measured_and_a_spent_budget_skips_the_rest(tiny_pipeline_dir, tmp_path):
-    """The GPU script's dry run, reduced: two checks in their own processes, the default command in this one."""
-    out = tmp_path / "out"
-    gpu_check.main(["--out", str(out), "--model", str(tiny_pipeline_dir), "--device", "cpu", "--num-steps", "2", "--budget", "600",
-                    "--checks", "exactness", "memory"])
-    gpu_check.main(["--out", str(out), "--check", "default", "--model", str(tiny_pipeline_dir), "--device", "cpu"])
+def test_gpu_check_records_each_check_as_it_is_measured_and_a_spent_budget_skips_the_rest(tiny_pipeline_dir, tmp_path, monkeypatch):
+    """The GPU script's dry run, reduced: one check in its own process, two in this one (the memory table cut to two rows)."""
+    out, model = tmp_path / "out", str(tiny_pipeline_dir)
+    gpu_check.main(["--out", str(out), "--model", model, "--device", "cpu", "--num-steps", "2", "--budget", "600", "--checks", "exactness"])
+    monkeypatch.setattr(gpu_check, "MEMORY", [("bf16", 1, False, 5), ("no", 2, True, 1)])
+    for check in ("default", "memory"):
+        gpu_check.main(["--out", str(out), "--check", check, "--model", model, "--device", "cpu", "--num-steps", "2"])
     results = [json.loads(line) for line in (out / "gpu_check.jsonl").read_text().splitlines()]
     exact = [r for r in results if r["check"] == "exactness"]
     assert [r["mixed_precision"] for r in exact] == ["no", "bf16"]
     assert all(r["minibatch_steps"] == 4 and 0 <= r["max_abs_ratio_minus_1"] < 1e-4 for r in exact), exact  # 2 minibatches x 2 steps
+    (default,) = [r for r in results if r["check"] == "default"]
+    assert default["fits"] and default["batch_size"] == 8 and default["mixed_precision"] == "no" and default["samples"] == 32
     memory = [r for r in results if r["check"] == "memory"]
     assert [(r["mixed_precision"], r["train_batch"], r["gradient_checkpointing"], r["steps_per_forward"]) for r in memory] == gpu_check.MEMORY
     assert all(r["peak_gib"] is None and r["epoch_per_s"] > 0 for r in memory)  # no CUDA: no peak to read
-    (default,) = [r for r in results if r["check"] == "default"]
-    assert default["fits"] and default["batch_size"] == 8 and default["mixed_precision"] == "no" and default["samples"] == 32
-    gpu_check.main(["--out", str(out), "--model", str(tiny_pipeline_dir), "--device", "cpu", "--budget", "0", "--checks", "torchrun"])
+    gpu_check.main(["--out", str(out), "--model", model, "--device", "cpu", "--budget", "0", "--checks", "torchrun"])
     assert json.loads((out / "gpu_check.jsonl").read_text().splitlines()[-1]) == {"check": "torchrun", "skipped": "the budget of 0 s was spent"}
 
 
