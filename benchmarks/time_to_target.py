@@ -12,7 +12,7 @@ samples with) runs every --eval-every epochs, and it decides:
 
 - the target: on the evaluation's trained prompts, a JPEG cut of CUT (25 %) against the first
   evaluation (the base model) while keeping FIDELITY (0.90) of its fidelity (toy_world.judge), at
-  HELD (2) evaluations in a row (every 2 epochs: held over 3 epochs);
+  HELD (2) evaluations in a row (with --eval-every 2: two evaluations 2 epochs apart);
 - time to target: the training's own seconds (sampling and update, as metrics.jsonl times them;
   not the evaluations) and its reward queries, up to the epoch where the target is first held;
   a run that gets there is stopped (SIGTERM: it ends after that epoch's checkpoint);
