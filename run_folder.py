@@ -34,7 +34,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 import parallel
-from config import EVAL_PROMPTS_COPY, LOCK, PROMPTS_COPY, check_out, fail, stop
+from checks import check_out
+from config import EVAL_PROMPTS_COPY, LOCK, PROMPTS_COPY, fail, stop
 from pipeline import save_weights
 from rewards import to_pil
 

@@ -9,9 +9,10 @@ sample trajectories -> reward -> advantages -> minibatch updates -> log (and che
 
 Defaults are the paper's SD v1.4 settings, with a LoRA (`--show-config` says where each comes
 from); with the bundled model the preset "tiny" scales them to a CPU (every flag given still wins);
-config.py holds them all. The policy and its log-prob are in sampler.py, advantages and losses in
-ddpo.py, rewards in rewards.py, the fixed-noise evaluation in evaluation.py, the run folder
-(what it writes, signals, a full disk) in run_folder.py, what resume needs in checkpoints.py.
+config.py holds them all, and checks.py refuses bad ones. The policy and its log-prob are in
+sampler.py, advantages and losses in ddpo.py, rewards in rewards.py, the fixed-noise evaluation in
+evaluation.py, the run folder (what it writes, signals, a full disk) in run_folder.py, what resume
+needs in checkpoints.py.
 """
 import config
 
