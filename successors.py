@@ -52,9 +52,9 @@ def sampling_options(cfg, pipe, rng, generator, num_samples, num_steps):
     return options
 
 
-def flat(scores, g, k):
-    """Whether the group of k scores from index g has no spread: all its rewards equal."""
-    return np.ptp(scores[g : g + k]) == 0
+def flat_groups(scores, k):
+    """For each group of k consecutive scores, whether it has no spread: all its rewards equal."""
+    return np.ptp(scores.reshape(-1, k), axis=1) == 0
 
 
 def group_advantages(algo, rewards, k, latent_size, per_position=False):
@@ -63,8 +63,8 @@ def group_advantages(algo, rewards, k, latent_size, per_position=False):
     group whose k rewards are all equal gets zero advantages: nothing in it tells better from worse."""
     scores, maps = ddpo.reward_maps(algo, rewards, latent_size)
     values = np.zeros_like(scores if maps is None else maps)
-    for g in range(0, len(scores), k):
-        if not flat(scores, g, k):
+    for g, flat in zip(range(0, len(scores), k), flat_groups(scores, k)):
+        if not flat:
             values[g : g + k] = ddpo.batch_advantages(scores[g : g + k], None if maps is None else maps[g : g + k], per_position)
     return torch.as_tensor(values, dtype=torch.float32, device=rewards.device)
 
@@ -73,5 +73,4 @@ def group_stats(cfg, rewards):
     """What an epoch logs of its groups under --advantages group: how many had no spread (flat_groups)."""
     if cfg.advantages != "group":
         return {}
-    scores = rewards.cpu().numpy()
-    return {"flat_groups": int(sum(flat(scores, g, cfg.samples_per_prompt) for g in range(0, len(scores), cfg.samples_per_prompt)))}
+    return {"flat_groups": int(flat_groups(rewards.cpu().numpy(), cfg.samples_per_prompt).sum())}

@@ -115,7 +115,8 @@ def torchrun(args, model):
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", str(ROOT / "train.py"), *small_run(args, model, f"{tmp}/run")]
         start = time.time()
         result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-        epochs = len((Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()) if (Path(tmp) / "run" / "metrics.jsonl").is_file() else 0
+        metrics = Path(tmp) / "run" / "metrics.jsonl"
+        epochs = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
     record(args, "torchrun", returncode=result.returncode, epochs=epochs, seconds=time.time() - start, stderr_tail=result.stderr[-600:])
 
 
@@ -157,8 +158,7 @@ def main(argv=None):
     parser.add_argument("--check", choices=CHECKS, help=argparse.SUPPRESS)  # run one check in this process (what each child does)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.check:
-        sys.path.insert(0, str(ROOT / "benchmarks"))
+    if args.check:  # (benchmarks/ is on the path: this script's folder)
         return globals()[args.check](args, args.model)
     start = time.time()
     model = build(args)
