@@ -14,6 +14,9 @@ import toy_world
 from config import LOCK, OWN_REWARD, PYTHON, REWARD_NAMES, Config, fail, file_sha256, load_prompts, own_reward_file, world_size
 
 
+DEVICE = re.compile(r"cpu|(cuda|mps|xpu)(:\d+)?")  # --device: the devices torch runs this project's models on
+
+
 def validate(cfg):
     """Refuse bad input before anything is loaded or written."""
     for name, value in vars(cfg).items():
@@ -69,6 +72,8 @@ def validate(cfg):
     if cfg.reward == "alignment":
         check_model("--alignment-model", cfg.alignment_model, "a vision-language model folder", "config.json")
         check_model("--bertscore-model", cfg.bertscore_model, "a model folder", "config.json")
+    if not DEVICE.fullmatch(cfg.device):  # its form; whether torch can use it, once torch has loaded (parallel.setup)
+        fail(f"--device {cfg.device}: not a torch device; use cpu, or cuda, mps or xpu, with :N for the N-th device (e.g. cuda:1)")
     if cfg.mixed_precision == "fp16" and not cfg.device.startswith("cuda"):
         fail("--mixed-precision fp16 needs a CUDA device; use bf16 or no on the CPU")
     check_reward(cfg.reward)

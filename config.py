@@ -31,7 +31,9 @@ PROMPTS_COPY, EVAL_PROMPTS_COPY = "prompts.txt", "eval_prompts.txt"  # in the ru
 
 
 def read_lines(path):
-    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    """A text file's non-blank lines, stripped; UTF-8, with or without the byte-order mark some
+    editors write first (utf-8-sig drops it: it is not part of the first line)."""
+    return [line.strip() for line in Path(path).read_text(encoding="utf-8-sig").splitlines() if line.strip()]
 
 
 PROMPT_SETS = {
@@ -104,8 +106,8 @@ class Config:
     preset: str = arg("auto", "settings to start from: the paper's, or tiny for the bundled model on a CPU; auto: tiny with the bundled model", choices=("auto", *PRESETS))
     lora_rank: int = arg(4, "rank of the LoRA on the UNet's attention projections; 0 fine-tunes the whole UNet")
     # task
-    reward: str = arg("jpeg", f"reward function: one of {', '.join(REWARD_NAMES)} (README, Rewards), or your own as FILE.py:NAME "
-                      f"or module:NAME (README, Your own reward)")
+    reward: str = arg("jpeg", f"reward function: one of {', '.join(REWARD_NAMES)} (README, \"Rewards and prompts\"), or your own as FILE.py:NAME "
+                      f"or module:NAME (README, \"Your own reward\")")
     prompts: str = arg("imagenet_animals", f"a built-in prompt set ({', '.join(PROMPT_SETS)}) or a text file, one prompt a line")
     # sampling (paper, appendix D.5: 50 steps, guidance 5; DDIM with eta 1 as the original code samples)
     num_steps: int = arg(50, "DDIM steps T per trajectory")
@@ -127,7 +129,7 @@ class Config:
     buffer_size: int = arg(32, "rewards kept per prompt for its statistics")
     min_count: int = arg(16, "rewards a prompt needs before its own statistics replace the batch's")
     beta: float = arg(0.2, "rwr: inverse temperature of the weights exp(beta * r)")
-    # beyond the paper: what DDPO's successors changed (successors.py; README, "What the successors changed, measured")
+    # beyond the paper: what DDPO's successors changed (successors.py; README, "What DDPO's successors changed")
     samples_per_prompt: int = arg(1, "trajectories of each drawn prompt in an epoch, a group (1: every sample draws its own prompt, the paper's)")
     advantages: str = arg("tracker", "tracker: the paper's normalisation (per prompt, or over the batch with --no-per-prompt-stat-tracking); "
                           "group: within each group of --samples-per-prompt (GRPO's)", choices=("tracker", "group"))
@@ -156,7 +158,7 @@ class Config:
     out: str = arg(None, "run folder; default runs/<reward>-<algo>-<time>")
     mixed_precision: str = arg("no", "frozen networks in this dtype and the forwards autocast to it; the LoRA stays fp32", choices=("no", "fp16", "bf16"))
     gradient_checkpointing: bool = arg(False, "recompute the UNet's activations in the backward pass: less memory, more time")
-    compile: bool = arg(False, "torch.compile the UNet for sampling and training; the first epoch pays the compiling (README, Speed)")
+    compile: bool = arg(False, "torch.compile the UNet for sampling and training; the first epoch pays the compiling (README, \"Speed: how close an epoch comes to its compute floor\")")
     allow_tf32: bool = arg(True, "TF32 matmuls and convolutions on CUDA (Ampere and newer)")
     device: str = arg(None, "torch device; default cuda when available, else cpu")
     log_with: str = arg("none", "also send each epoch's metrics, sample grid and the settings to tensorboard (RUN/tensorboard) or wandb; "
@@ -166,6 +168,15 @@ class Config:
     resume: str = arg(None, "continue the run in this folder from its last checkpoint, with its saved settings (--epochs may extend it)")
     run_id: str = arg(None, "not a flag: a new one for each run, kept in config.json and in its checkpoints (resume refuses another's)", flag=False)
     reward_sha256: str = arg(None, "not a flag: the sha256 of your own reward's file, which --resume checks", flag=False)
+
+
+def base_needed(cfg):
+    """Whether the run holds the base policy (sampler.base_policy): for the KL leash (--kl-coef > 0),
+    for the evaluation's eval_kl_to_base (--eval-every), and with a LoRA, where it is the adapter
+    switched off and costs nothing, for the kl_to_base that ddpo-is, ddpo-sf and pxpo log. A full
+    fine-tune (--lora-rank 0) without the leash and the evaluation makes no frozen copy of the UNet
+    and logs no kl_to_base."""
+    return cfg.kl_coef > 0 or bool(cfg.eval_every) or (cfg.lora_rank > 0 and not cfg.algo.startswith("rwr"))
 
 
 def fail(message):

@@ -224,15 +224,16 @@ def rwr_epoch_weights(algo, prompts, rewards, beta=0.2, per_prompt=False):
     return weights / weights.mean()
 
 
-def rwr_loss(eps_pred, noise, weights):
-    """The denoising loss ||eps - eps_hat(x_t, t, c)||^2 (per-element mean) of each sample, times
-    its weight, averaged. With weights scaled to average 1 over the epoch's samples, the
-    minibatches of an epoch add up to the weighted mean, on the plain denoising loss's scale.
+def rwr_loss(prediction, target, weights):
+    """The denoising loss ||target - prediction(x_t, t, c)||^2 (per-element mean) of each sample,
+    times its weight, averaged. The target is what the model predicts: the noise eps (SD 1.x, SDXL)
+    or the velocity v (SD 2.x at 768 px). With weights scaled to average 1 over the epoch's samples,
+    the minibatches of an epoch add up to the weighted mean, on the plain denoising loss's scale.
 
-    eps_hat is the *guided* prediction eps_u + w (eps_c - eps_u) (sampler.guided_eps), the one the
+    The prediction is the *guided* one, eps_u + w (eps_c - eps_u) (sampler.guided_eps), the one the
     sampler uses, as in the original code's RWR runs (its `train_cfg`). Regressing the conditional
     branch alone while sampling with guidance w > 1 trains a different model from the one sampled,
     which the paper's appendix E.1 ("CFG Training", Figure 10) reports degrading
     after the first round."""
-    errors = ((eps_pred.float() - noise) ** 2).mean(dim=tuple(range(1, noise.dim())))
+    errors = ((prediction.float() - target) ** 2).mean(dim=tuple(range(1, target.dim())))
     return (weights * errors).mean()

@@ -16,16 +16,19 @@ EVAL_SEED = 20_230_522  # the evaluation's noise, the same in every run and ever
 
 
 def evaluation_due(cfg, epoch, rank):
-    """Every cfg.eval_every epochs (0: never) and at the last epoch, on rank 0 alone."""
-    return bool(cfg.eval_every) and (epoch % cfg.eval_every == 0 or epoch + 1 == cfg.epochs) and rank == 0
+    """Before epoch 0 (the base model), every cfg.eval_every epochs (0: never) and after the last
+    (epoch = cfg.epochs: the weights the run ends with), on rank 0 alone."""
+    return bool(cfg.eval_every) and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs) and rank == 0
 
 
 def evaluate(cfg, pipe, base, prompts, trained, reward_fn, autocast, out, epoch):
-    """The fixed-noise evaluation, before the epoch's sampling (so it sees the policy that samples
-    the epoch): the same prompts from the same noise every time, drawn from a generator of its own,
-    so the training's random streams are untouched and a resumed run evaluates as a straight one.
-    It logs the mean reward, the KL to the base model on the states the policy visits and the toy
-    world's fidelity; split by trained and held-out prompts when the prompts hold both (section 6.3)."""
+    """The fixed-noise evaluation of the weights after `epoch` epochs of updates (eval_after_epochs):
+    before that epoch's sampling (so it sees the policy that samples the epoch), or, at epoch =
+    cfg.epochs, after the run's last update. The same prompts from the same noise every time, drawn
+    from a generator of its own, so the training's random streams are untouched and a resumed run
+    evaluates as a straight one. It logs the mean reward, the KL to the base model on the states the
+    policy visits and the toy world's fidelity; split by trained and held-out prompts when the
+    prompts hold both (section 6.3)."""
     start = time.time()
     generator = torch.Generator(pipe.unet.device).manual_seed(EVAL_SEED)
     with autocast:
@@ -40,4 +43,11 @@ def evaluate(cfg, pipe, base, prompts, trained, reward_fn, autocast, out, epoch)
     metrics = {f"{group}_{key}": value[rows].mean().item() for group, rows in groups.items() for key, value in values.items()}
     captions = [f"{p[:20]}{' (held out)' if h else ''}\n{r:.2f}" for p, h, r in zip(prompts, heldout.tolist(), values["reward_mean"].tolist())]
     save_grid(traj["images"][:16], captions[:16], out / "samples" / f"eval_epoch_{epoch:04d}.png")
-    return {**metrics, "eval_seconds": time.time() - start}
+    return {**metrics, "eval_after_epochs": epoch, "eval_seconds": time.time() - start}
+
+
+def final_row(cfg, evaluated):
+    """metrics.jsonl's last row when the run evaluates: the evaluation of the weights it ends with,
+    a row of its own after the last epoch's (epoch = cfg.epochs, as if before an epoch that does
+    not run), with the reward queries spent to get there."""
+    return {"epoch": cfg.epochs, "reward_queries": cfg.epochs * cfg.samples_per_epoch, **evaluated}

@@ -21,9 +21,16 @@ SEED_STRIDE = 1_000_003  # rank r draws from seed + r * SEED_STRIDE; rank 0 from
 
 
 def setup(device):
-    """(rank, world size, this process's device); joins the process group under torchrun."""
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        fail(f"--device {device}: torch cannot use CUDA here (a CPU build of torch, or no driver or device); use --device cpu")
+    """(rank, world size, this process's device); joins the process group under torchrun. A device
+    torch cannot use here is refused in one line (its form was checked before torch loaded)."""
+    kind = torch.device(device)
+    accelerator = torch.accelerator.current_accelerator()
+    if kind.type != "cpu" and (accelerator is None or accelerator.type != kind.type):
+        fail(f"--device {device}: torch cannot use {kind.type} here (a build of torch without it, or no driver or device); "
+             f"use --device {accelerator.type if accelerator else 'cpu'}")
+    if kind.index is not None and kind.index >= torch.accelerator.device_count():
+        fail(f"--device {device}: there is no {kind.type} device {kind.index} here ({torch.accelerator.device_count()} found, "
+             f"numbered from 0); use --device {kind.type}:0")
     world = world_size()
     if world == 1:
         return 0, 1, torch.device(device)

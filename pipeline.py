@@ -75,6 +75,10 @@ def load_model(cfg, device, dtype):
     if prediction not in PREDICTION_TYPES or thresholding:
         fail(f"--model {cfg.model}: its scheduler predicts {prediction!r}{' with thresholding' if thresholding else ''}; the policy's "
              f"Gaussian is written for {' and '.join(PREDICTION_TYPES)} without thresholding (sampler.ddim_mean_std)")
+    if prediction == "epsilon" and pipe.scheduler.alphas_cumprod[-1] == 0:  # x0_hat = (x_t - eps) / sqrt(abar_T) = (x_t - eps) / 0
+        fail(f"--model {cfg.model}: its scheduler has zero terminal SNR (rescale_betas_zero_snr) and predicts 'epsilon', from which the "
+             f"clean image at t = T cannot be recovered (it divides by sqrt(alpha-bar_T) = 0); such schedules go with "
+             f"\"prediction_type\": \"v_prediction\" in scheduler/scheduler_config.json")
     for flag, num_steps in (("--num-steps", cfg.num_steps), ("--eval-num-steps", cfg.eval_num_steps)):
         pipe.scheduler.set_timesteps(num_steps or cfg.num_steps)  # as sampling will: its steps must fall within the training timesteps
         trained, offset = pipe.scheduler.config.num_train_timesteps, pipe.scheduler.config.get("steps_offset", 0)

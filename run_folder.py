@@ -2,9 +2,9 @@
 
     config.json           every setting, after presets and defaults, and the run's id (its checkpoints carry it)
     prompts.txt           the prompts it trains on, copied at the start (eval_prompts.txt: --eval-prompts'); resume reads them here
-    metrics.jsonl         one line of metrics per epoch
+    metrics.jsonl         one line of metrics per epoch (and one for the final evaluation)
     samples/epoch_N.png   the first 16 samples of each epoch, captioned with prompt and reward
-    samples/eval_epoch_N.png  the first 16 images of the fixed-noise evaluation at epoch N (--eval-every)
+    samples/eval_epoch_N.png  the first 16 images of the fixed-noise evaluation after N epochs (--eval-every)
     reward_curve.png      reward mean and spread against reward queries
     checkpoints/epoch_N.pt  what `train.py --resume` needs to continue exactly after epoch N (checkpoints.py)
     lora/ (or unet/)      the trained weights after the last epoch (pipeline.save_weights)
@@ -171,7 +171,7 @@ def write_config(out, config, prompts, eval_prompts):
     write_atomic(out / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
     for name, lines in ((PROMPTS_COPY, prompts), (EVAL_PROMPTS_COPY, eval_prompts)):
         if lines is not None:
-            write_atomic(out / name, lambda tmp: tmp.write_text("".join(line + "\n" for line in lines)))
+            write_atomic(out / name, lambda tmp: tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8"))
     with writing(out / "samples"):
         (out / "samples").mkdir(exist_ok=True)
 
@@ -193,6 +193,17 @@ def log_epoch(out, cfg, history, pipe, images, prompts, rewards):
     plot_rewards(history, cfg.reward, out / "reward_curve.png")
     export_weights(pipe, out, cfg.lora_rank)
     return grid
+
+
+def log_final_evaluation(out, cfg, history, track):
+    """The evaluation of the weights a run ends with (history's last row, evaluation.final_row) into
+    metrics.jsonl, the reward curve and the tracker, with its grid; returns its console line."""
+    write_metrics(out, history)
+    plot_rewards(history, cfg.reward, out / "reward_curve.png")
+    track(history[-1], out / "samples" / f"eval_epoch_{cfg.epochs:04d}.png")
+    m = history[-1]
+    return f"the final weights (after {m['eval_after_epochs']} epochs), evaluated: reward {m['eval_reward_mean']:.3f}" + (
+        f" fidelity {m['eval_fidelity']:.3f}" if "eval_fidelity" in m else "")
 
 
 def export_weights(pipe, out, lora_rank):
@@ -219,6 +230,7 @@ def console_line(m, elapsed, left):
     line += f" kl_to_base {m['kl_to_base']:.2e}" if "kl_to_base" in m else ""
     line += f" | 90 % of the weight on {m['weight_share']:.0%} of samples" if "weight_share" in m else ""
     line += f" | eval {m['eval_reward_mean']:.3f}" if "eval_reward_mean" in m else ""
+    line += f" | skipped {m['skipped_updates']:g} updates: non-finite loss or gradient, weights unchanged" if m.get("skipped_updates") else ""
     line += f" | sample {m['sample_seconds']:.1f}s train {m['train_seconds']:.1f}s"
     return line + f" | {clock(elapsed)} elapsed" + (f", about {clock(left)} left" if left > 0 else "")
 
@@ -300,8 +312,9 @@ def save_grid(images, captions, path, size=128, cols=4):
 
 
 def plot_rewards(history, reward, path):
-    queries = [m["reward_queries"] for m in history]
-    mean, std = np.array([m["reward_mean"] for m in history]), np.array([m["reward_std"] for m in history])
+    epochs = [m for m in history if "reward_mean" in m]  # not the final evaluation's row (evaluation.final_row)
+    queries = [m["reward_queries"] for m in epochs]
+    mean, std = np.array([m["reward_mean"] for m in epochs]), np.array([m["reward_std"] for m in epochs])
     fig, ax = plt.subplots(figsize=(5, 3.5))
     fig.subplots_adjust(left=0.15, bottom=0.14, right=0.97, top=0.91)  # fixed margins: a third faster than bbox_inches="tight"
     ax.plot(queries, mean, marker="o")

@@ -57,7 +57,10 @@ def ddim_mean_std(scheduler, model_output, timestep, sample, eta=1.0):
         x0_hat = x0_hat.clamp(-scheduler.config.clip_sample_range, scheduler.config.clip_sample_range)
     variance = (1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)
     std = eta * variance.sqrt()  # sigma_t
-    mean = abar_prev.sqrt() * x0_hat + (1 - abar_prev - std**2).sqrt() * eps
+    # 1 - abar' - sigma_t^2 >= 0 exactly; at eta 1 on a zero-SNR schedule's first step (abar = 0) it is 0,
+    # which rounding can make a tiny negative number: clamped, its square root is 0, not NaN
+    direction = (1 - abar_prev - std**2).clamp(min=0).sqrt()
+    mean = abar_prev.sqrt() * x0_hat + direction * eps
     return mean, std
 
 
@@ -79,20 +82,23 @@ def gaussian_log_prob(action, mean, std, reduce="mean"):
     return reduce_elements(log_prob, reduce)
 
 
-def policy_kl(mean, base_mean, std, reduce="mean"):
+def policy_kl(scheduler, model_output, base_output, timestep, sample, eta=1.0, reduce="mean"):
     """KL(p_theta(. | s_t) || p_base(. | s_t)), the leash to the pretrained model (not in DDPO; DPOK,
-    arXiv 2305.16381, and Flow-GRPO, arXiv 2505.05470, add it). Both are Gaussians with the same
-    sigma_t, so it is ||mean_t - base_mean_t||^2 / (2 sigma_t^2), element by element, reduced like
-    the log-prob ("mean" by default). The base policy is fixed: the gradient flows through mean only."""
-    return reduce_elements((mean - base_mean.detach()) ** 2 / (2 * std**2), reduce)
+    arXiv 2305.16381, and Flow-GRPO, arXiv 2505.05470, add it), from the two models' predictions at
+    the state (c, t, x_t). Both steps are Gaussians with the same sigma_t, so it is
+    ||mean_t - base_mean_t||^2 / (2 sigma_t^2), element by element, reduced like the log-prob ("mean"
+    by default). The base policy is fixed: the gradient flows through model_output only."""
+    mean, std = ddim_mean_std(scheduler, model_output, timestep, sample, eta)
+    base_mean, _ = ddim_mean_std(scheduler, base_output.detach(), timestep, sample, eta)
+    return reduce_elements((mean - base_mean) ** 2 / (2 * std**2), reduce)
 
 
 def ddim_step_with_logprob(
     scheduler, model_output, timestep, sample, eta=1.0, prev_sample=None, generator=None, reduce="mean"
 ):
-    """One DDIM step x_t -> x_{t-1} and log p_theta(x_{t-1} | x_t, c) (paper, section 4.3).
-
-    If prev_sample is given it is scored (the action taken at sampling time) instead of drawn.
+    """One DDIM step x_t -> x_{t-1} and log p_theta(x_{t-1} | x_t, c) (paper, section 4.3): the one
+    function that computes the policy's log-prob. Sampling calls it to draw an action; the update
+    and the notebook call it with prev_sample, the stored action, to score it under today's weights.
     reduce: "mean" (the default, as the public code), "sum" or "none" (reduce_elements).
     """
     mean, std = ddim_mean_std(scheduler, model_output, timestep, sample, eta)
@@ -141,18 +147,12 @@ def guided_eps(unet, latents, timesteps, prompt_embeds, negative_embeds, guidanc
     return eps_u + guidance_scale * (eps_c - eps_u)
 
 
-def policy_gaussian(pipe, unet, latents, timesteps, prompt_embeds, negative_embeds, guidance_scale, eta):
-    """mean_t and sigma_t of the policy at the states (prompt_embeds, timesteps, latents), with gradient
-    through unet (the trained one, or the base one of base_policy)."""
-    eps = guided_eps(unet, latents, timesteps, prompt_embeds, negative_embeds, guidance_scale)
-    return ddim_mean_std(pipe.scheduler, eps, timesteps, latents, eta)
-
-
 def policy_log_prob(pipe, latents, next_latents, timesteps, prompt_embeds, negative_embeds, guidance_scale, eta, reduce="mean"):
     """log p_theta(a_t | s_t) of stored actions under the current weights, with gradient: the
-    state is (prompt_embeds, timesteps, latents), the action is next_latents."""
-    mean, std = policy_gaussian(pipe, pipe.unet, latents, timesteps, prompt_embeds, negative_embeds, guidance_scale, eta)
-    return gaussian_log_prob(next_latents, mean, std, reduce)
+    state is (prompt_embeds, timesteps, latents), the action is next_latents. The update's two lines:
+    the guided prediction, then ddim_step_with_logprob scoring the action."""
+    eps = guided_eps(pipe.unet, latents, timesteps, prompt_embeds, negative_embeds, guidance_scale)
+    return ddim_step_with_logprob(pipe.scheduler, eps, timesteps, latents, eta, prev_sample=next_latents, reduce=reduce)[1]
 
 
 def encode_prompts(pipe, prompts, guidance=False):
@@ -215,9 +215,7 @@ def sample_trajectories(pipe, prompts, num_steps=50, guidance_scale=5.0, eta=1.0
             x_prev, log_prob = ddim_step_with_logprob(pipe.scheduler, eps, t, latents[-1], eta=eta, generator=generator, reduce=reduce)
             if base is not None:
                 with base() as base_unet:
-                    base_eps = guided_eps(base_unet, *state)
-                mean, std = ddim_mean_std(pipe.scheduler, eps, t, latents[-1], eta)
-                kls.append(policy_kl(mean, ddim_mean_std(pipe.scheduler, base_eps, t, latents[-1], eta)[0], std, reduce))
+                    kls.append(policy_kl(pipe.scheduler, eps, guided_eps(base_unet, *state), t, latents[-1], eta, reduce))
             latents.append(x_prev)
             log_probs.append(log_prob)
         with torch.autocast(device.type, enabled=False) if getattr(pipe, "text_encoder_2", None) is not None else contextlib.nullcontext():

@@ -42,11 +42,11 @@ import successors
 import toy_world
 import trackers
 from config import load_prompts, parse_args, stop
-from evaluation import evaluate, evaluation_due
+from evaluation import evaluate, evaluation_due, final_row
 from pipeline import DTYPES, add_trainable, compile_policy, load_model, prompt_losses
 from rewards import load_reward, python_reward, scalar
 from run_folder import STOPPED, stop_signals
-from sampler import base_policy, gaussian_log_prob, guided_eps, policy_gaussian, policy_kl, sample_trajectories
+from sampler import base_policy, ddim_step_with_logprob, guided_eps, policy_kl, reduce_elements, sample_trajectories
 
 
 def main(argv=None, reward_fn=None):
@@ -67,7 +67,7 @@ def main(argv=None, reward_fn=None):
     reward_fn = load_reward(cfg, reward_fn)
     pipe = load_model(cfg, device, weight_dtype)  # pipeline.py: the model of --model, checked for what the run asks of it
     params = add_trainable(pipe.unet, cfg.lora_rank)
-    base = base_policy(pipe.unet, cfg.lora_rank) if cfg.eval_every or not cfg.algo.startswith("rwr") else None  # before any update
+    base = base_policy(pipe.unet, cfg.lora_rank) if config.base_needed(cfg) else None  # before any update
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
     if cfg.compile:
@@ -101,7 +101,7 @@ def main(argv=None, reward_fn=None):
             f"{len(prompt_set)} prompts -> {out}")
         session_start = time.time()
         for epoch in tqdm(range(first_epoch, cfg.epochs), desc="epochs", total=cfg.epochs, initial=first_epoch, disable=None if rank == 0 else True):
-            # 0. beyond the paper: the fixed-noise evaluation, every eval_every epochs and at the last one
+            # 0. beyond the paper: the fixed-noise evaluation, every eval_every epochs (and after the last)
             due = evaluation_due(cfg, epoch, rank)
             eval_metrics = evaluate(cfg, pipe, base, eval_prompts, set(prompt_set), reward_fn, autocast, out, epoch) if due else {}
             # 1. sample: roll out the current policy, one trajectory per drawn prompt (this process's share)
@@ -159,6 +159,9 @@ def main(argv=None, reward_fn=None):
             if stopping:
                 say(f"stopped after epoch {epoch}; continue with: python train.py --resume {out}")
                 sys.exit(STOPPED)
+        if evaluation_due(cfg, cfg.epochs, rank):  # beyond the paper: the weights the run ends with, evaluated
+            history.append(final_row(cfg, evaluate(cfg, pipe, base, eval_prompts, set(prompt_set), reward_fn, autocast, out, cfg.epochs)))
+            say(run_folder.log_final_evaluation(out, cfg, history, track))
     return history
 
 
@@ -173,16 +176,19 @@ def update(cfg, pipe, traj, advantages, optimizer, params, rng, autocast, progre
     train_steps = max(1, int(len(steps) * cfg.timestep_fraction))
     microbatches = num_samples // (cfg.updates_per_epoch * cfg.batch_size)  # of cfg.batch_size samples, per optimiser step
     stats, skipped = defaultdict(list), 0
-    batches = shuffled_microbatches(cfg, num_samples, steps, train_steps, rng)
+    batches = shuffled_microbatches(cfg, num_samples, rng, steps.device, steps, train_steps)
     for i, (samples, step_order) in enumerate(tqdm(batches, desc="training", disable=None if progress else True, leave=False)):
         for chunk, (rows, steps, steps_each) in enumerate(fused_steps(cfg, samples, step_order, train_steps)):  # K = 1: a step t each
             with autocast:
-                # the stored states s_t = (c, t, x_t), here in the UNet's order (x_t, t, c), and the policy at them now
-                states = (traj["latents"][rows, steps], traj["timesteps"][rows, steps], traj["prompt_embeds"][rows])
-                mean, std = policy_gaussian(pipe, pipe.unet, *states, traj["negative_embeds"], cfg.guidance_scale, cfg.eta)
-                # the action a_t = x_{t-1} is the next stored latent; its log-density under the policy now
-                element_log_prob = gaussian_log_prob(traj["latents"][rows, steps + 1], mean, std, reduce="none")
-                log_prob = element_log_prob.mean(dim=(1, 2, 3))  # over the latent's elements: averaged, not summed (README, FAQ)
+                # the stored states s_t = (c, t, x_t), here in the UNet's order (x_t, t, c), and the policy's prediction now
+                x_t, t, c = traj["latents"][rows, steps], traj["timesteps"][rows, steps], traj["prompt_embeds"][rows]
+                eps = guided_eps(pipe.unet, x_t, t, c, traj["negative_embeds"], cfg.guidance_scale)
+                # the action a_t = x_{t-1} is the next stored latent; its log-density under the policy now,
+                # by the function that sampled it
+                action = traj["latents"][rows, steps + 1]
+                _, element_log_prob = ddim_step_with_logprob(pipe.scheduler, eps, t, x_t, cfg.eta, action, reduce="none")
+                # averaged over the latent's elements (README, "Why is the log-prob averaged, not summed?")
+                log_prob = reduce_elements(element_log_prob, "mean")
                 old_log_prob = traj["log_probs"][rows, steps]  # at sampling time
                 if cfg.algo == "ddpo-is":  # importance sampling: ratio p_theta / p_old, clipped to 1 +- clip_range
                     loss = ddpo.ddpo_is_loss(log_prob, old_log_prob, advantages[rows], cfg.clip_range, cfg.adv_clip_max)
@@ -192,7 +198,7 @@ def update(cfg, pipe, traj, advantages, optimizer, params, rng, autocast, progre
                     loss = ddpo.pxpo_loss(element_log_prob, advantages[rows], cfg.adv_clip_max)
                 diagnostics = ddpo.diagnostics(log_prob, old_log_prob, cfg.clip_range)
                 if base is not None and (cfg.kl_coef > 0 or chunk == 0):  # beyond the paper: the leash to the base model
-                    penalty, diagnostics["kl_to_base"] = kl_leash(cfg, pipe, base, traj, states, mean, std, measured=len(samples))
+                    penalty, diagnostics["kl_to_base"] = kl_leash(cfg, pipe, base, traj, (x_t, t, c), eps, measured=len(samples))
                     loss = loss + penalty
             (loss * steps_each / (train_steps * microbatches)).backward()  # loss is a mean over these states
             for key, value in {"loss": loss.detach(), **diagnostics}.items():
@@ -202,14 +208,14 @@ def update(cfg, pipe, traj, advantages, optimizer, params, rng, autocast, progre
     return {**weighted_means(stats), "skipped_updates": skipped}
 
 
-def shuffled_microbatches(cfg, num_samples, steps, train_steps, rng):
+def shuffled_microbatches(cfg, num_samples, rng, device, steps=None, train_steps=1):
     """cfg.inner_epochs passes over the samples, each in a new random order, cut into microbatches
-    of cfg.batch_size rows; with each pass, every sample's own random order of the steps it can
-    train (steps: their indices), of which the first train_steps are trained."""
+    of cfg.batch_size rows. Given the steps a sample can train (their indices), each pass also draws
+    every sample's own random order of them, of which the first train_steps are trained (else None)."""
     batches = []
     for _ in range(cfg.inner_epochs):
-        order = torch.as_tensor(rng.permutation(num_samples), device=steps.device)
-        step_order = steps[torch.as_tensor(rng.random((num_samples, len(steps))).argsort(axis=1)[:, :train_steps], device=steps.device)]
+        order = torch.as_tensor(rng.permutation(num_samples), device=device)
+        step_order = None if steps is None else steps[torch.as_tensor(rng.random((num_samples, len(steps))).argsort(axis=1)[:, :train_steps], device=device)]
         batches += [(order[start : start + cfg.batch_size], step_order) for start in range(0, num_samples, cfg.batch_size)]
     return batches
 
@@ -223,15 +229,16 @@ def fused_steps(cfg, samples, step_order, train_steps):
         yield samples.repeat(len(chunk)), step_order[samples][:, chunk].T.flatten(), len(chunk)
 
 
-def kl_leash(cfg, pipe, base, traj, states, mean, std, measured):
-    """Beyond the paper (DPOK, Flow-GRPO): KL(p_theta || p_base) at these states (sampler.policy_kl),
-    from one more guided forward of the base policy without gradient. Returns the penalty,
-    cfg.kl_coef times it, and the KL. At kl_coef 0 it is only measured, on the first `measured`
-    states (each sample's first trained step)."""
+def kl_leash(cfg, pipe, base, traj, states, eps, measured):
+    """Beyond the paper (DPOK, Flow-GRPO): KL(p_theta || p_base) at these states (sampler.policy_kl)
+    from the policy's prediction eps and one more guided forward of the base policy without
+    gradient. Returns the penalty, cfg.kl_coef times it, and the KL. At kl_coef 0 it is only
+    measured, on the first `measured` states (each sample's first trained step)."""
     part = slice(None if cfg.kl_coef > 0 else measured)
+    latents, timesteps, prompt_embeds = (s[part] for s in states)
     with torch.no_grad(), base() as base_unet:
-        base_mean, _ = policy_gaussian(pipe, base_unet, *(s[part] for s in states), traj["negative_embeds"], cfg.guidance_scale, cfg.eta)
-    kl = policy_kl(mean[part], base_mean, std[part]).mean()  # mean over elements, as the log-prob; then over the states
+        base_eps = guided_eps(base_unet, latents, timesteps, prompt_embeds, traj["negative_embeds"], cfg.guidance_scale)
+    kl = policy_kl(pipe.scheduler, eps[part], base_eps, timesteps, latents, cfg.eta).mean()  # mean over elements, then states
     return cfg.kl_coef * kl, kl.detach()
 
 
@@ -244,10 +251,10 @@ def rwr_round(cfg, pipe, traj, prompts, rewards, mine, optimizer, params, rng, a
     weights = torch.as_tensor(weights, dtype=torch.float32, device=rewards.device)
     selectivity = float(ddpo.weight_share(weights.cpu().numpy()))
     weights = weights[mine]
-    num_samples, num_steps = traj["log_probs"].shape
+    num_samples = len(traj["log_probs"])
     microbatches = num_samples // (cfg.updates_per_epoch * cfg.batch_size)
     stats, skipped = defaultdict(list), 0
-    batches = shuffled_microbatches(cfg, num_samples, torch.arange(num_steps, device=traj["latents"].device), 1, rng)  # (their step orders go unused)
+    batches = shuffled_microbatches(cfg, num_samples, rng, traj["latents"].device)
     for i, (rows, _) in enumerate(tqdm(batches, desc="training", disable=None if progress else True, leave=False)):
         with autocast:
             loss = rwr_regression_loss(cfg, pipe, traj, weights, rows, rng)
@@ -260,24 +267,26 @@ def rwr_round(cfg, pipe, traj, prompts, rewards, mine, optimizer, params, rng, a
 
 def rwr_regression_loss(cfg, pipe, traj, weights, rows, rng):
     """RWR's loss on the samples `rows`: the denoising loss of the guided prediction on each x_0,
-    noised afresh at a random t, times the sample's weight (ddpo.rwr_loss)."""
+    noised afresh at a random t, times the sample's weight (ddpo.rwr_loss). The target is what the
+    model predicts, the one it was trained on: the noise, or for v-prediction (SD 2.x at 768 px)
+    the velocity v = sqrt(abar_t) noise - sqrt(1 - abar_t) x_0."""
     x0 = traj["latents"][rows, -1]
     noise = torch.randn_like(x0)
     t = torch.as_tensor(rng.integers(pipe.scheduler.config.num_train_timesteps, size=len(rows)), device=x0.device)
-    eps_pred = guided_eps(pipe.unet, pipe.scheduler.add_noise(x0, noise, t), t, traj["prompt_embeds"][rows], traj["negative_embeds"], cfg.guidance_scale)
-    return ddpo.rwr_loss(eps_pred, noise, weights[rows])
+    prediction = guided_eps(pipe.unet, pipe.scheduler.add_noise(x0, noise, t), t, traj["prompt_embeds"][rows], traj["negative_embeds"], cfg.guidance_scale)
+    target = pipe.scheduler.get_velocity(x0, noise, t) if pipe.scheduler.config.prediction_type == "v_prediction" else noise
+    return ddpo.rwr_loss(prediction, target, weights[rows])
 
 
 def optimizer_step(cfg, optimizer, params):
     """One step on the accumulated gradient, averaged over the processes and clipped to
-    cfg.max_grad_norm; skipped (False) when it is not finite, so the weights stay finite."""
+    cfg.max_grad_norm; skipped (False) when it is not finite, so the weights stay finite (the
+    epoch's skipped_updates count it, and its console line says so)."""
     parallel.average_gradients(params)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
     finite = bool(torch.isfinite(grad_norm))  # a non-finite loss gives a non-finite norm too
     if finite:
         optimizer.step()
-    else:
-        print(f"skipped an update: non-finite loss or gradient (norm {grad_norm.item()}); the weights are unchanged", file=sys.stderr)
     optimizer.zero_grad()
     return finite
 

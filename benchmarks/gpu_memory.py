@@ -35,12 +35,17 @@ from pretrain import SD14_SCHEDULER, build_pipeline, make_tokenizer  # noqa: E40
 WORDS = ["a", *toy_world.COLOURS, *toy_world.SHAPES]  # the prompt set "shapes", one token a word
 
 
-def sd14_random_pipeline():
-    """SD v1.4's architecture (CompVis/stable-diffusion-v1-4's configs), random weights."""
-    unet = UNet2DConditionModel(  # 860 M parameters
+def sd14_unet():
+    """SD v1.4's UNet (CompVis/stable-diffusion-v1-4's unet/config.json), random weights: 860 M parameters."""
+    return UNet2DConditionModel(
         sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",), up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
     )
+
+
+def sd14_random_pipeline():
+    """SD v1.4's architecture (CompVis/stable-diffusion-v1-4's configs), random weights."""
+    unet = sd14_unet()
     vae = AutoencoderKL(
         block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,

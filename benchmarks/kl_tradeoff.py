@@ -9,11 +9,11 @@ held-out prompts (the paper's section 6.3, in miniature). Per run it reads metri
 
 - cut: 1 - last epoch's mean JPEG kB / first epoch's (training samples, trained prompts)
 - kept: last epoch's fidelity / first epoch's (toy_world.judge)
-- kl_to_base: the last evaluation's KL to the base model (eval_kl_to_base: the same 45 trajectories
+- kl_to_base: the final weights' evaluation's KL to the base model (eval_kl_to_base: the same 45 trajectories
   from the same noise at every coefficient, all their steps; the training's kl_to_base is noisier,
   on each epoch's new samples, and at kl-coef 0 on one step a sample)
-- eval cut and kept on the trained and the held-out prompts: the last evaluation against the
-  first (the base model), same noise; "carried" = held-out eval cut / trained eval cut
+- eval cut and kept on the trained and the held-out prompts: the evaluation of the weights the
+  run ends with against the first (the base model), same noise; "carried" = held-out eval cut / trained eval cut
 
 It writes kl_tradeoff.md (every run, then the median and range per coefficient) and
 kl_tradeoff.png (cut against kept, and against kl_to_base, one point a run). A finished run is
@@ -39,8 +39,9 @@ KEPT = 0.95  # the fidelity a leashed run should keep, as a share of the base mo
 
 def summary(metrics):
     """One run's numbers (module docstring)."""
-    first, last = metrics[0], metrics[-1]
-    evals = [m for m in metrics if "eval_reward_mean" in m]
+    epochs = [m for m in metrics if "reward_mean" in m]  # the epochs' rows, not the final evaluation's
+    first, last = epochs[0], epochs[-1]
+    evals = [m for m in metrics if "eval_reward_mean" in m]  # the base model's first, the final weights' last
     row = {"cut": 1 - last["reward_mean"] / first["reward_mean"], "kept": last["fidelity"] / first["fidelity"],
            "kl_to_base": evals[-1]["eval_kl_to_base"], "first_kb": -first["reward_mean"], "last_kb": -last["reward_mean"]}
     start, end = evals[0], evals[-1]
@@ -85,7 +86,7 @@ def plot(rows, path):
             ax.scatter([r[key] for r in seeds], [100 * r["cut"] for r in seeds], color=colour, label=f"kl-coef {coef:g}")
     axes[0].axvline(KEPT, color="grey", linestyle=":", label=f"{KEPT:.0%} of the fidelity kept")
     axes[0].set(xlabel="fidelity kept (last epoch / first)", ylabel="JPEG size cut (%), last epoch vs first", title="reward against fidelity")
-    axes[1].set(xlabel="kl_to_base at the last evaluation (per latent element)", ylabel="JPEG size cut (%)", title="reward against drift")
+    axes[1].set(xlabel="kl_to_base of the final weights (per latent element)", ylabel="JPEG size cut (%)", title="reward against drift")
     axes[1].set_xscale("log")
     for ax in axes:
         ax.axhline(30, color="grey", linestyle="--", linewidth=0.8)
@@ -99,7 +100,7 @@ def main(argv=None):
     parser.add_argument("--coefs", type=float, nargs="+", default=COEFS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=35, help="the demo's 35")
-    parser.add_argument("--eval-every", type=int, default=17, help="epochs between evaluations (and the first and last)")
+    parser.add_argument("--eval-every", type=int, default=17, help="epochs between evaluations (and before the first epoch and after the last)")
     parser.add_argument("--eval-samples", type=int, default=45, help="evaluation images: 3 of each of the 15 prompts")
     parser.add_argument("--out", type=Path, default=Path("runs/kl-tradeoff"))
     parser.add_argument("--train-args", default="", help="more train.py flags for every run, quoted")

@@ -13,6 +13,7 @@ from config import ALGOS, TUNED, load_prompts, parse_args
 from ddpo import (PerPromptStatTracker, advantages, batch_advantages, ddpo_sf_loss, pool_to_latent, pxpo_loss, rwr_epoch_weights, rwr_loss,
                   rwr_weights, sparse_rwr_weights, weight_share)
 from sampler import ddim_step_with_logprob, sample_trajectories
+import train
 from train import rwr_regression_loss
 
 
@@ -85,6 +86,37 @@ def test_rwr_regresses_the_guided_prediction_which_is_the_plain_one_at_guidance_
             torch.testing.assert_close(loss, plain)
         else:
             assert not torch.isclose(loss, plain)  # at w = 3 the conditional branch alone is another model
+
+
+def test_rwr_on_a_v_prediction_model_regresses_the_velocity_its_own_training_loss():
+    """At guidance 1 and weights 1 RWR's loss is the model's own training loss for its prediction
+    type: on SD 2.x's v-prediction, || v - v_hat ||^2 with v = sqrt(abar_t) noise - sqrt(1 - abar_t) x_0
+    (computed here in float64 from the schedule), not || noise - v_hat ||^2."""
+    pipe = tiny_pipeline(family="sd2")
+    traj = sample_trajectories(pipe, ["a cat", "a dog", "an owl"], num_steps=2, guidance_scale=1.0, generator=torch.Generator().manual_seed(0))
+    rows, weights = torch.tensor([0, 1, 2]), torch.ones(3)
+    torch.manual_seed(7)
+    loss = rwr_regression_loss(SimpleNamespace(guidance_scale=1.0), pipe, traj, weights, rows, np.random.default_rng(7))
+    torch.manual_seed(7)
+    x0 = traj["latents"][rows, -1]
+    noise = torch.randn_like(x0)
+    t = torch.as_tensor(np.random.default_rng(7).integers(1000, size=3))
+    abar = pipe.scheduler.alphas_cumprod.double()[t].view(-1, 1, 1, 1)
+    velocity = abar.sqrt() * noise.double() - (1 - abar).sqrt() * x0.double()
+    prediction = pipe.unet(pipe.scheduler.add_noise(x0, noise, t), t, traj["prompt_embeds"]).sample.double()
+    torch.testing.assert_close(loss.double(), ((prediction - velocity) ** 2).mean(), rtol=1e-5, atol=1e-7)
+    assert not torch.isclose(loss.double(), ((prediction - noise.double()) ** 2).mean(), rtol=1e-3)
+
+
+def test_rwr_draws_only_the_sample_orders_it_uses():
+    """Its microbatches are shuffled samples; no step orders are drawn for it (DDPO's update draws them)."""
+    cfg = SimpleNamespace(inner_epochs=3, batch_size=2)
+    rng, expected = np.random.default_rng(5), np.random.default_rng(5)
+    batches = train.shuffled_microbatches(cfg, 6, rng, "cpu")
+    orders = [expected.permutation(6) for _ in range(3)]
+    assert [rows.tolist() for rows, steps in batches] == [order[k : k + 2].tolist() for order in orders for k in (0, 2, 4)]
+    assert all(steps is None for _, steps in batches)
+    assert rng.bit_generator.state == expected.bit_generator.state  # nothing else drawn
 
 
 def test_rwr_runs_as_the_original_five_passes_with_weights_over_the_round_and_flags_win():

@@ -164,6 +164,10 @@ def test_time_to_target_finds_the_first_evaluation_of_a_held_target_and_counts_t
     assert at["epoch"] == 6 and at["seconds"] == 6 * 3.0 and at["queries"] == 6 * 64  # epoch 6's evaluation comes before its sampling
     assert abs(at["cut"] - 0.32) < 1e-12 and abs(at["kept"] - 0.97) < 1e-12 and abs(at["heldout_cut"] - 0.16) < 1e-12
     assert time_to_target.reached(metrics[:6]) is None
+    # the final weights' evaluation, a row of its own after the last epoch: all the training before it
+    final = {"epoch": 8, "reward_queries": 8 * 64, **{k: v for k, v in epoch(8, 0.33, 0.98).items() if k.startswith("eval")}}
+    assert time_to_target.evaluations([*metrics, final])[-1]["seconds"] == 8 * 3.0
+    assert time_to_target.reached([*metrics[:5], final])["epoch"] == 8  # 4 then the final one, in a row
     fast, slow, none = {"reached": True, "seconds": 10}, {"reached": True, "seconds": 20}, {"reached": False, "cut": 0.5, "kept": 0.99}
     assert time_to_target.choose({1e-3: slow, 2e-3: fast, 4e-3: none}) == 2e-3 and time_to_target.choose({1e-3: none}) == 1e-3
 

@@ -10,6 +10,7 @@ import torch
 import config
 import parallel
 import rewards
+import toy_world
 
 ROOT = Path(__file__).resolve().parents[1]
 # run train.py as `python train.py ...` does; on its way out, say which heavy libraries were imported
@@ -29,6 +30,7 @@ finally:
     (["--algo", "ppo"], 2),
     (["--min-count", "40"], 2),
     (["--prompts", "no_such_file.txt"], 2),
+    (["--device", "gpu0"], 2),
 ])
 def test_help_show_config_and_flag_errors_answer_before_torch_and_diffusers_load(flags, status, tmp_path):
     result = subprocess.run([sys.executable, "-c", PROBE, *flags, "--out", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -50,3 +52,10 @@ def test_a_cuda_device_torch_cannot_use_is_refused_in_one_line(capsys):
     with pytest.raises(SystemExit) as exit:
         parallel.setup("cuda")
     assert exit.value.code == 2 and "--device cuda" in capsys.readouterr().err
+
+
+def test_a_prompt_file_an_editor_saved_with_a_byte_order_mark_reads_as_its_prompts(tmp_path):
+    """The mark is not part of the first prompt: the toy world's judge still knows it, the encoder sees no stray character."""
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(("\ufeff" + "\r\n".join(toy_world.PROMPTS[:3]) + "\r\n").encode("utf-8"))
+    assert config.load_prompts(str(path)) == toy_world.PROMPTS[:3]

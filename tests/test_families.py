@@ -2,6 +2,7 @@
 prediction), SD 2.x (v-prediction) and SDXL (two text encoders, added conditioning). The sampler is the family's own pipeline, the recomputed
 log-prob gives ratio 1, and one epoch's LoRA loads into the stock pipeline."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -54,3 +55,22 @@ def test_one_epoch_of_ddpo_is_trains_and_its_lora_loads_into_the_stock_pipeline(
     tuned.load_lora_weights(out / "lora")
     draw = [p("a cat", num_inference_steps=3, generator=torch.Generator().manual_seed(1), output_type="pt").images for p in (base, tuned)]
     assert (draw[0] - draw[1]).abs().max() > 1e-4
+
+
+def test_a_zero_snr_v_prediction_model_trains_an_epoch_with_finite_log_probs(tiny_sd2_pipeline_dir, tmp_path, monkeypatch):
+    """A zero-terminal-SNR schedule with trailing spacing (the first step at t = 999 has abar_t = 0)
+    and eta 1: every sampled log-prob, the update's ratios and the weights stay finite."""
+    model = tmp_path / "zero-snr"
+    shutil.copytree(tiny_sd2_pipeline_dir, model)
+    config = model / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}))
+    sampled, sample = [], train.sample_trajectories
+    monkeypatch.setattr(train, "sample_trajectories", lambda *args, **kw: sampled.append(sample(*args, **kw)) or sampled[-1])
+    out = tmp_path / "run"
+    train.main(["--model", str(model), "--out", str(out), "--epochs", "1", "--samples-per-epoch", "8", "--batch-size", "2",
+                "--num-steps", "3", "--prompts", "simple_animals", "--lr", "1e-2"])
+    (traj,) = sampled
+    assert traj["timesteps"][0, 0] == 999 and load_pipeline(model).scheduler.alphas_cumprod[999] == 0
+    assert torch.isfinite(traj["log_probs"]).all() and torch.isfinite(traj["latents"]).all()
+    (metrics,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics["skipped_updates"] == 0 and all(torch.isfinite(torch.tensor(metrics[k])) for k in ("loss", "approx_kl", "clipfrac"))

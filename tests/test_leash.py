@@ -4,7 +4,7 @@ import types
 
 import pytest
 import torch
-from conftest import perturb_lora
+from conftest import perturb_lora, sd14_scheduler
 
 import toy_world
 import train
@@ -12,32 +12,50 @@ from evaluation import evaluate
 from config import load_prompts
 from pipeline import add_trainable, load_pipeline
 from rewards import REWARDS
-from sampler import base_policy, policy_gaussian, policy_kl, sample_trajectories
+from sampler import base_policy, ddim_mean_std, guided_eps, policy_kl, sample_trajectories
 
 SMALL = ["--samples-per-epoch", "8", "--batch-size", "2", "--num-steps", "3", "--lr", "1e-2"]
 
 
 def states(pipe):
     traj = sample_trajectories(pipe, ["a cat", "a dog", "an owl"], num_steps=4, guidance_scale=3.0, generator=torch.Generator().manual_seed(0))
-    return traj["latents"][:, 1], traj["timesteps"][:, 1], traj["prompt_embeds"], traj["negative_embeds"], 3.0, 1.0
+    return traj["latents"][:, 1], traj["timesteps"][:, 1], traj["prompt_embeds"], traj["negative_embeds"], 3.0
+
+
+def step_kl(pipe, eps, base_eps, state):
+    return policy_kl(pipe.scheduler, eps, base_eps, state[1], state[0], 1.0)
+
+
+def two_gaussians():
+    """A DDIM step's state and two predictions of it: the policy's (with gradient) and the base's."""
+    scheduler = sd14_scheduler(10)
+    t, sample = scheduler.timesteps[3], torch.randn(3, 4, 8, 8)
+    eps, base_eps = torch.randn(3, 4, 8, 8, requires_grad=True), torch.randn(3, 4, 8, 8, requires_grad=True)
+    return scheduler, t, sample, eps, base_eps
 
 
 @pytest.mark.math
 def test_policy_kl_equals_torch_distributions_kl_of_the_two_gaussians():
-    mean, base_mean, std = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.rand(3, 1, 1, 1) + 0.1
+    scheduler, t, sample, eps, base_eps = two_gaussians()
+    (mean, std), (base_mean, _) = ddim_mean_std(scheduler, eps, t, sample), ddim_mean_std(scheduler, base_eps, t, sample)
     expected = torch.distributions.kl_divergence(torch.distributions.Normal(mean, std.expand_as(mean)),
                                                  torch.distributions.Normal(base_mean, std.expand_as(mean)))
-    torch.testing.assert_close(policy_kl(mean, base_mean, std, reduce="none"), expected)
-    torch.testing.assert_close(policy_kl(mean, base_mean, std, reduce="sum"), expected.sum(dim=(1, 2, 3)))
-    torch.testing.assert_close(policy_kl(mean, base_mean, std), expected.mean(dim=(1, 2, 3)))  # the default: per element, as the log-prob
+    kl = {reduce: policy_kl(scheduler, eps, base_eps, t, sample, reduce=reduce) for reduce in ("none", "sum", "mean")}
+    torch.testing.assert_close(kl["none"], expected)
+    torch.testing.assert_close(kl["sum"], expected.sum(dim=(1, 2, 3)))
+    torch.testing.assert_close(kl["mean"], expected.mean(dim=(1, 2, 3)))  # the default: per element, as the log-prob
 
 
 @pytest.mark.math
 def test_policy_kl_gradient_flows_only_through_the_current_policy():
-    mean, base_mean, std = torch.randn(2, 4, 8, 8, requires_grad=True), torch.randn(2, 4, 8, 8, requires_grad=True), torch.tensor(0.5)
-    policy_kl(mean, base_mean, std, reduce="sum").sum().backward()
-    assert base_mean.grad is None
-    torch.testing.assert_close(mean.grad, (mean - base_mean).detach() / std**2)
+    scheduler, t, sample, eps, base_eps = two_gaussians()
+    policy_kl(scheduler, eps, base_eps, t, sample, reduce="sum").sum().backward()
+    assert base_eps.grad is None
+    (mean, std), (base_mean, _) = ddim_mean_std(scheduler, eps, t, sample), ddim_mean_std(scheduler, base_eps, t, sample)
+    # d KL / d eps = (mean - base_mean) / sigma^2 * d mean / d eps, the step's coefficient of eps (epsilon prediction)
+    abar, abar_prev = scheduler.alphas_cumprod[t], scheduler.alphas_cumprod[t - 100]
+    coefficient = -abar_prev.sqrt() * (1 - abar).sqrt() / abar.sqrt() + (1 - abar_prev - std**2).sqrt()
+    torch.testing.assert_close(eps.grad, ((mean - base_mean) / std**2 * coefficient).detach())
 
 
 @pytest.mark.parametrize("lora_rank", [4, 0])
@@ -48,18 +66,17 @@ def test_kl_to_base_is_zero_at_initialisation_and_the_base_stays_the_pretrained_
     state = states(pretrained)
     pipe.scheduler = pretrained.scheduler  # set to the sampled timesteps
     with torch.no_grad(), base() as unet:
-        base_mean, std = policy_gaussian(pipe, unet, *state)
-    mean, _ = policy_gaussian(pipe, pipe.unet, *state)
-    assert policy_kl(mean, base_mean, std).abs().max() == 0  # a fresh LoRA (B = 0) is the identity
+        base_eps = guided_eps(unet, *state)
+    assert step_kl(pipe, guided_eps(pipe.unet, *state), base_eps, state).abs().max() == 0  # a fresh LoRA (B = 0) is the identity
     perturb_lora(pipe.unet) if lora_rank else torch.nn.init.normal_(pipe.unet.conv_out.weight, 0, 0.1)
-    moved, _ = policy_gaussian(pipe, pipe.unet, *state)
+    moved = guided_eps(pipe.unet, *state)
     with torch.no_grad(), base() as unet:
-        still_base, _ = policy_gaussian(pipe, unet, *state)
-    expected, _ = policy_gaussian(pretrained, pretrained.unet, *state)
+        still_base = guided_eps(unet, *state)
+    expected = guided_eps(pretrained.unet, *state)
     torch.testing.assert_close(still_base, expected, rtol=0, atol=0)  # the base ignores the trained weights
-    assert policy_kl(moved, still_base, std).min() > 0
+    assert step_kl(pipe, moved, still_base, state).min() > 0
     assert all(p.requires_grad for p in params)  # switching the adapter off and on again leaves it trainable
-    torch.testing.assert_close(policy_gaussian(pipe, pipe.unet, *state)[0], moved, rtol=0, atol=0)
+    torch.testing.assert_close(guided_eps(pipe.unet, *state), moved, rtol=0, atol=0)
 
 
 def test_sampling_with_a_base_reports_the_kl_of_every_visited_state(tiny_pipeline_dir):
@@ -72,10 +89,10 @@ def test_sampling_with_a_base_reports_the_kl_of_every_visited_state(tiny_pipelin
     torch.testing.assert_close(traj["latents"], plain["latents"], rtol=0, atol=0)  # measuring draws no noise
     assert traj["kl_to_base"].shape == (2, 4)
     j = 2
-    mean, std = policy_gaussian(pipe, pipe.unet, traj["latents"][:, j], traj["timesteps"][:, j], traj["prompt_embeds"], traj["negative_embeds"], 3.0, 1.0)
+    state = (traj["latents"][:, j], traj["timesteps"][:, j], traj["prompt_embeds"], traj["negative_embeds"], 3.0)
     with torch.no_grad(), base() as unet:
-        base_mean, _ = policy_gaussian(pipe, unet, traj["latents"][:, j], traj["timesteps"][:, j], traj["prompt_embeds"], traj["negative_embeds"], 3.0, 1.0)
-    torch.testing.assert_close(traj["kl_to_base"][:, j], policy_kl(mean, base_mean, std), rtol=1e-5, atol=1e-7)
+        base_eps = guided_eps(unet, *state)
+    torch.testing.assert_close(traj["kl_to_base"][:, j], step_kl(pipe, guided_eps(pipe.unet, *state), base_eps, state), rtol=1e-5, atol=1e-7)
 
 
 def test_the_leash_holds_the_policy_nearer_the_base(tiny_pipeline_dir, tmp_path):
@@ -100,12 +117,14 @@ def test_the_evaluation_uses_the_same_noise_every_time_and_leaves_training_alone
     out = tmp_path / "evaluated"
     evaluated = train.main([*common, "--out", str(out), "--eval-every", "2", "--eval-prompts", "shapes", "--eval-samples", "15"])
     training = lambda history: [{k: v for k, v in m.items() if not k.startswith("eval") and not k.endswith("seconds")} for m in history]
-    assert training(evaluated) == training(plain)  # the training's random streams never see the evaluation
-    assert [("eval_reward_mean" in m) for m in evaluated] == [True, False, True]  # epochs 0 and 2 (the last)
+    assert training(evaluated[:3]) == training(plain)  # the training's random streams never see the evaluation
+    # before epochs 0 and 2, and the final weights after epoch 2's update, in a row of their own
+    assert [m.get("eval_after_epochs") for m in evaluated] == [0, None, 2, 3] and "reward_mean" not in evaluated[3]
     assert evaluated[0]["eval_kl_to_base"] == 0 and evaluated[2]["eval_kl_to_base"] > 0
     for group in ("trained", "heldout"):  # 10 trained and 5 held-out prompts
-        assert 0 <= evaluated[0][f"eval_{group}_fidelity"] <= 1 and f"eval_{group}_reward_mean" in evaluated[2]
-    assert (out / "samples" / "eval_epoch_0000.png").is_file() and (out / "samples" / "eval_epoch_0002.png").is_file()
+        assert 0 <= evaluated[0][f"eval_{group}_fidelity"] <= 1 and f"eval_{group}_reward_mean" in evaluated[3]
+    assert all((out / "samples" / f"eval_epoch_{epoch:04d}.png").is_file() for epoch in (0, 2, 3))
+    assert [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] == evaluated
     pipe = load_pipeline(tiny_pipeline_dir)
     add_trainable(pipe.unet, 4)
     cfg = types.SimpleNamespace(**json.loads((out / "config.json").read_text()))
@@ -113,3 +132,6 @@ def test_the_evaluation_uses_the_same_noise_every_time_and_leaves_training_alone
     first, again = evaluate(cfg, *args), evaluate(cfg, *args)
     assert {k: v for k, v in first.items() if k != "eval_seconds"} == {k: v for k, v in again.items() if k != "eval_seconds"}
     assert first["eval_reward_mean"] == evaluated[0]["eval_reward_mean"]  # the base policy at epoch 0, from the same noise
+    pipe.unet.load_state_dict(torch.load(out / "checkpoints" / "epoch_0002.pt", weights_only=True)["trainable"], strict=False)
+    final = evaluate(cfg, *args)  # the weights the run ended with, as its last checkpoint (and lora/) holds them
+    assert final["eval_reward_mean"] == evaluated[3]["eval_reward_mean"] != evaluated[2]["eval_reward_mean"]

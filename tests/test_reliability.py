@@ -37,9 +37,12 @@ def test_a_resumed_run_writes_the_same_metrics_as_an_uninterrupted_one(extra, ru
     train.main(run_args(tmp_path / "straight", 3) + extra)
     train.main(run_args(tmp_path / "resumed", 2) + extra)  # 16 samples of 2 prompts by then: the buffers (--min-count 4) are in use
     train.main(["--resume", str(tmp_path / "resumed"), "--epochs", "3"])
-    assert len(metrics(tmp_path / "straight")) == 3
-    assert all(("eval_kl_to_base" in m) == ("--eval-every" in extra) for m in metrics(tmp_path / "straight"))
-    assert metrics(tmp_path / "resumed") == metrics(tmp_path / "straight")  # every value but the wall-clock times
+    straight = metrics(tmp_path / "straight")
+    assert len(straight) == (4 if "--eval-every" in extra else 3)
+    assert all(("eval_kl_to_base" in m) == ("--eval-every" in extra) for m in straight)
+    if "--eval-every" in extra:  # the weights each evaluation saw; the last row the final weights', the resumed run's new ones
+        assert [m["eval_after_epochs"] for m in straight] == [0, 1, 2, 3] and "reward_mean" not in straight[-1]
+    assert metrics(tmp_path / "resumed") == straight  # every value but the wall-clock times
 
 
 def test_checkpoints_keep_the_latest_ones(run_args, tmp_path):
@@ -119,11 +122,13 @@ def test_a_non_finite_reward_stops_the_run_before_it_is_trained_on_or_saved(run_
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["epoch_0000.pt"]
 
 
-def test_a_non_finite_loss_skips_the_update_and_never_reaches_the_weights(run_args, tmp_path, monkeypatch):
+def test_a_non_finite_loss_skips_the_update_and_never_reaches_the_weights(run_args, tmp_path, monkeypatch, capsys):
     real_loss = train.ddpo.ddpo_is_loss
     monkeypatch.setattr(train.ddpo, "ddpo_is_loss", lambda *args: real_loss(*args) * float("nan"))
     history = train.main(run_args(tmp_path / "run", 1))
     assert history[0]["skipped_updates"] == 4  # every one of the epoch's updates
+    said = capsys.readouterr()
+    assert said.out.count("skipped 4 updates") == 1 and "skipped" not in said.err  # once, in the epoch's own line
     state = torch.load(tmp_path / "run" / "checkpoints" / "epoch_0000.pt", weights_only=False)
     ups = [v for k, v in state["trainable"].items() if "lora_B" in k]
     assert ups and all(torch.equal(v, torch.zeros_like(v)) for v in ups)  # untouched since the init (B = 0)

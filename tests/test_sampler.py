@@ -6,7 +6,7 @@ import torch
 from conftest import perturb_lora, sd14_scheduler
 
 from pipeline import add_trainable, load_pipeline
-from sampler import ddim_step_with_logprob, policy_log_prob, sample_trajectories
+from sampler import ddim_mean_std, ddim_step_with_logprob, policy_log_prob, sample_trajectories
 
 NUM_STEPS = 10
 SHAPE = (3, 4, 8, 8)
@@ -19,23 +19,76 @@ def diffusers_mean_and_std(scheduler, eps, t, sample, eta):
     return mean, std
 
 
+# every scheduler configuration the project accepts (pipeline.load_model refuses linspace spacing, whose
+# last step adds no noise, and epsilon prediction on a zero-terminal-SNR schedule)
+CONFIGURATIONS = {
+    "sd1-epsilon": {}, "epsilon-trailing": {"timestep_spacing": "trailing"}, "sd2-v": {"prediction_type": "v_prediction"},
+    "v-trailing": {"prediction_type": "v_prediction", "timestep_spacing": "trailing"},
+    "v-zero-snr": {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True},
+    "v-trailing-zero-snr": {"prediction_type": "v_prediction", "timestep_spacing": "trailing", "rescale_betas_zero_snr": True},
+}
+
+
+def reference_mean_std(scheduler, model_output, t, sample, eta):
+    """The DDIM step's mean and sigma from the formulas (sampler.ddim_mean_std's docstring), in
+    float64, one timestep for the batch; and how far fp32 may be from that mean. 1 - abar' - sigma^2
+    is >= 0 in exact arithmetic (its rounding below 0 is taken as 0). In fp32 it is off by a few
+    units of 1's last place, e, whose square root moves the direction's coefficient by up to
+    min(sqrt(e), e / sqrt(1 - abar' - sigma^2)): about 7e-4 where it is 0, at eta 1 on a zero-SNR
+    schedule's first step (diffusers computes it the same way); about 1e-6 everywhere else."""
+    alphas_cumprod = scheduler.alphas_cumprod.double()
+    t_prev = int(t) - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    abar = alphas_cumprod[int(t)].item()
+    abar_prev = alphas_cumprod[t_prev].item() if t_prev >= 0 else scheduler.final_alpha_cumprod.double().item()
+    out, x = model_output.double(), sample.double()
+    if scheduler.config.prediction_type == "epsilon":
+        eps, x0 = out, (x - math.sqrt(1 - abar) * out) / math.sqrt(abar)
+    else:
+        eps, x0 = math.sqrt(abar) * out + math.sqrt(1 - abar) * x, math.sqrt(abar) * x - math.sqrt(1 - abar) * out
+    std = eta * math.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
+    direction = max(1 - abar_prev - std**2, 0.0)
+    e = 4 * torch.finfo(torch.float32).eps
+    slack = min(math.sqrt(e), e / math.sqrt(direction) if direction else math.inf) * eps.abs().max().item()
+    return math.sqrt(abar_prev) * x0 + math.sqrt(direction) * eps, std, 1e-5 + slack
+
+
 @pytest.mark.math
 @pytest.mark.parametrize("eta", [0.5, 1.0])
 @pytest.mark.parametrize("step", [0, NUM_STEPS // 2, NUM_STEPS - 1])  # first, middle, last (t' < 0)
-@pytest.mark.parametrize("options", [{}, {"prediction_type": "v_prediction"}, {"prediction_type": "v_prediction", "timestep_spacing": "trailing"},
-                                     {"timestep_spacing": "trailing", "rescale_betas_zero_snr": True, "prediction_type": "v_prediction"}],
-                         ids=["sd1-epsilon", "sd2-v", "v-trailing", "v-trailing-zero-snr"])
-def test_ddim_step_equals_diffusers_step_for_same_noise(eta, step, options):
+@pytest.mark.parametrize("options", CONFIGURATIONS.values(), ids=CONFIGURATIONS)
+def test_ddim_step_equals_the_float64_formulas_and_diffusers_step_where_it_is_finite(eta, step, options):
     scheduler = sd14_scheduler(NUM_STEPS, **options)
     t = scheduler.timesteps[step]
     sample, eps = torch.randn(SHAPE), torch.randn(SHAPE)
+    # the mean: at x_{t-1} = mean each element has the Gaussian's peak density, -log(sigma) - log(2 pi) / 2
+    expected_mean, expected_std, atol = reference_mean_std(scheduler, eps, t, sample, eta)
     ours, _ = ddim_step_with_logprob(scheduler, eps, t, sample, eta=eta, generator=torch.Generator().manual_seed(7))
+    _, log_prob = ddim_step_with_logprob(scheduler, eps, t, sample, eta=eta, prev_sample=expected_mean.float(), reduce="none")
+    torch.testing.assert_close(log_prob.double(), torch.full(SHAPE, -math.log(expected_std) - 0.5 * math.log(2 * math.pi), dtype=torch.float64),
+                               rtol=1e-5, atol=1e-4)
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(ours.double(), expected_mean + expected_std * noise.double(), rtol=1e-5, atol=atol)
     theirs = scheduler.step(eps, t, sample, eta=eta, generator=torch.Generator().manual_seed(7)).prev_sample
-    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
-    # and the mean alone: at x_{t-1} = diffusers' mean each element has the Gaussian's peak density
-    mean, std = diffusers_mean_and_std(scheduler, eps, t, sample, eta)
-    _, log_prob = ddim_step_with_logprob(scheduler, eps, t, sample, eta=eta, prev_sample=mean, reduce="none")
-    torch.testing.assert_close(log_prob, -torch.log(std) - 0.5 * math.log(2 * math.pi), rtol=1e-5, atol=1e-5)
+    if torch.isfinite(theirs).all():  # diffusers takes the square root of 1 - abar' - sigma^2 unclamped: NaN where rounding makes it < 0
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.math
+@pytest.mark.parametrize("options", CONFIGURATIONS.values(), ids=CONFIGURATIONS)
+def test_every_step_is_finite_at_every_accepted_configuration_in_fp32_and_bf16(options):
+    """Every step of 10, 20 and 50, eta 0.5 and 1, the prediction and the latents in fp32 or bf16:
+    the mean, sigma > 0, the drawn step and its log-prob are finite (a zero-SNR schedule's first
+    step, abar = 0, included)."""
+    for num_steps in (10, 20, 50):
+        scheduler = sd14_scheduler(num_steps, **options)
+        for dtype in (torch.float32, torch.bfloat16):
+            for eta in (0.5, 1.0):
+                for t in scheduler.timesteps:
+                    sample, eps = torch.randn(SHAPE).to(dtype), torch.randn(SHAPE).to(dtype)
+                    mean, std = ddim_mean_std(scheduler, eps, t, sample, eta)
+                    prev, log_prob = ddim_step_with_logprob(scheduler, eps, t, sample, eta=eta)
+                    assert torch.isfinite(mean).all() and (std > 0).all() and torch.isfinite(prev).all() and torch.isfinite(log_prob).all(), \
+                        (num_steps, dtype, eta, int(t))
 
 
 @pytest.mark.math

@@ -75,12 +75,12 @@ def test_outside_the_window_the_steps_are_diffusers_deterministic_ddim_with_no_l
 def test_the_update_draws_its_trained_steps_from_the_window_alone():
     cfg = Config(inner_epochs=2, batch_size=2)
     steps = torch.tensor([3, 4, 5])
-    batches = train.shuffled_microbatches(cfg, 6, steps, 2, np.random.default_rng(0))
+    batches = train.shuffled_microbatches(cfg, 6, np.random.default_rng(0), "cpu", steps, 2)
     for _, step_order in batches:
         assert step_order.shape == (6, 2) and set(step_order.flatten().tolist()) <= {3, 4, 5}
         assert all(len(set(row)) == 2 for row in step_order.tolist())  # two different steps of each sample
     # every step is the window's when there is none: the paper's draw, unchanged
-    full = train.shuffled_microbatches(cfg, 6, torch.arange(5), 2, np.random.default_rng(0))
+    full = train.shuffled_microbatches(cfg, 6, np.random.default_rng(0), "cpu", torch.arange(5), 2)
     order = np.random.default_rng(0)
     order.permutation(6)
     assert np.array_equal(full[0][1].numpy(), order.random((6, 5)).argsort(axis=1)[:, :2])
@@ -89,8 +89,8 @@ def test_the_update_draws_its_trained_steps_from_the_window_alone():
 def test_a_run_with_groups_shared_noise_a_window_and_fewer_steps_than_its_evaluation_trains_only_the_window(
         tiny_pipeline_dir, tmp_path, monkeypatch):
     trained, evaluated = [], []
-    policy_gaussian, options, evaluation_sampler = train.policy_gaussian, successors.sampling_options, evaluation.sample_trajectories
-    monkeypatch.setattr(train, "policy_gaussian", lambda pipe, unet, x, t, *rest: trained.append(set(t.tolist())) or policy_gaussian(pipe, unet, x, t, *rest))
+    step, options, evaluation_sampler = train.ddim_step_with_logprob, successors.sampling_options, evaluation.sample_trajectories
+    monkeypatch.setattr(train, "ddim_step_with_logprob", lambda scheduler, eps, t, *rest, **kw: trained.append(set(t.tolist())) or step(scheduler, eps, t, *rest, **kw))
     monkeypatch.setattr(evaluation, "sample_trajectories", lambda pipe, prompts, steps, *rest, **kw: evaluated.append(steps) or evaluation_sampler(pipe, prompts, steps, *rest, **kw))
     windows = []
     monkeypatch.setattr(successors, "sampling_options", lambda *args: windows.append(options(*args)) or windows[-1])
@@ -99,8 +99,8 @@ def test_a_run_with_groups_shared_noise_a_window_and_fewer_steps_than_its_evalua
                 "--num-steps", "4", "--eval-num-steps", "6", "--eval-every", "1", "--eval-samples", "2", "--prompts", "simple_animals",
                 "--samples-per-prompt", "4", "--advantages", "group", "--shared-noise", "--train-window", "2", "--timestep-fraction", "1"])
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(metrics) == 2 and all(0 <= m["flat_groups"] <= 2 and np.isfinite(m["approx_kl"]) for m in metrics)
-    assert evaluated == [6, 6]  # the evaluation at its own steps (epochs 0 and 1)
+    assert len(metrics) == 3 and all(0 <= m["flat_groups"] <= 2 and np.isfinite(m["approx_kl"]) for m in metrics[:2])
+    assert evaluated == [6, 6, 6]  # the evaluation at its own steps (before epochs 0 and 1, and after 1)
     scheduler = load_pipeline(tiny_pipeline_dir).scheduler
     scheduler.set_timesteps(4)
     assert len(windows) == 2 and all(w["stochastic"].sum() == 2 and w["initial_latents"].shape[0] == 8 for w in windows)

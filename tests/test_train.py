@@ -9,6 +9,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
+import config
 import train
 from config import Config, parse_args
 from pipeline import add_trainable, load_pipeline
@@ -39,11 +40,21 @@ def test_one_epoch_writes_the_run_folder_and_a_loadable_lora(tiny_pipeline_dir, 
     assert change > 0  # the trained LoRA is loaded and moves the UNet
 
 
-def test_full_unet_fine_tune_saves_the_unet(tiny_pipeline_dir, tmp_path):
+def test_full_unet_fine_tune_saves_the_unet_and_copies_it_for_no_logged_number(tiny_pipeline_dir, tmp_path, monkeypatch):
+    copies, copy = [], train.base_policy
+    monkeypatch.setattr(train, "base_policy", lambda unet, rank: copies.append(rank) or copy(unet, rank))
     out = tmp_path / "run"
-    train.main(["--model", str(tiny_pipeline_dir), "--out", str(out), "--lora-rank", "0", "--algo", "ddpo-sf", *TINY_RUN])
+    history = train.main(["--model", str(tiny_pipeline_dir), "--out", str(out), "--lora-rank", "0", "--algo", "ddpo-sf", *TINY_RUN])
     assert json.loads((out / "config.json").read_text())["lr"] == 1e-5
     assert (out / "unet" / "config.json").is_file() and not (out / "lora").exists()
+    assert copies == [] and "kl_to_base" not in history[0]  # no frozen copy of the UNet: neither the leash nor the evaluation asked
+
+
+def test_the_base_policy_is_held_only_where_something_reads_it():
+    needed = lambda *flags: config.base_needed(parse_args([*flags, "--out", "/nonexistent/base"]))
+    assert needed() and needed("--algo", "pxpo")  # a LoRA: the adapter switched off, free; kl_to_base is logged
+    assert not needed("--lora-rank", "0") and not needed("--algo", "rwr")  # a full copy of the UNet for a logged number; rwr logs none
+    assert needed("--lora-rank", "0", "--kl-coef", "0.1") and needed("--lora-rank", "0", "--eval-every", "5") and needed("--algo", "rwr", "--eval-every", "5")
 
 
 @pytest.mark.parametrize("algo, reward", [
