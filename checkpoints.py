@@ -14,7 +14,7 @@ import torch
 
 import parallel
 from config import fail
-from run_folder import write_atomic, write_metrics, writing
+from run_folder import final_evaluated, write_atomic, write_metrics, writing
 
 def due(cfg, epoch, stopping):
     return (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs or stopping
@@ -57,8 +57,9 @@ KEYS = {"epoch", "history", "optimizer", "rng", "trainable", "buffers"}  # what 
 
 def read(cfg, world):
     """The state to resume from, checked before anything is loaded or written: this run's (its run_id),
-    of as many processes, with epochs left to run. None for a run that never reached its first
-    checkpoint (it starts again from epoch 0 with its saved settings)."""
+    of as many processes, with epochs left to run, or the final weights' evaluation (stopped or
+    crashed after its last epoch). None for a run that never reached its first checkpoint (it starts
+    again from epoch 0 with its saved settings)."""
     if not any((Path(cfg.out) / "checkpoints").glob("epoch_*.pt")):
         return None
     path, state = load_newest(Path(cfg.out))
@@ -67,7 +68,7 @@ def read(cfg, world):
              f"says {cfg.run_id}); remove it from {path.parent}, or resume the run it came from")
     if len(state["rng"]) != world:
         fail(f"--resume {cfg.out}: the run was trained by {len(state['rng'])} process(es), not {world}; resume it with as many")
-    if len(state["history"]) >= cfg.epochs:
+    if len(state["history"]) >= cfg.epochs and not (cfg.eval_every and not final_evaluated(Path(cfg.out), cfg.epochs)):
         fail(f"--resume {cfg.out}: the run has done {len(state['history'])} epochs of --epochs {cfg.epochs}; "
              f"give --epochs above {len(state['history'])} to run it further")
     return state

@@ -14,7 +14,7 @@ import toy_world
 from config import LOCK, OWN_REWARD, PYTHON, REWARD_NAMES, Config, fail, file_sha256, load_prompts, own_reward_file, world_size
 
 
-DEVICE = re.compile(r"cpu|(cuda|mps|xpu)(:\d+)?")  # --device: the devices torch runs this project's models on
+DEVICE = re.compile(r"(cpu|cuda|mps|xpu)(:\d+)?")  # --device: the devices torch runs this project's models on
 
 
 def validate(cfg):

@@ -146,7 +146,7 @@ class Config:
     bertscore_layer: int = arg(40, "alignment: its hidden layer used by BERTScore (40: bert_score's choice for deberta-xlarge-mnli)")
     # overoptimisation: a leash to the base model and a held-out evaluation (not in the paper)
     kl_coef: float = arg(0.0, "weight of the KL(policy || base model) penalty on the trained steps (0: the paper's DDPO; sampler.policy_kl)")
-    eval_every: int = arg(0, "epochs between fixed-noise evaluations (0: none), and always at the first and last epoch")
+    eval_every: int = arg(0, "epochs between fixed-noise evaluations (0: none), and always of the base model and of the final weights")
     eval_prompts: str = arg(None, "the evaluation's prompts: a built-in set or a text file; default --prompts")
     eval_samples: int = arg(64, "images per evaluation, the prompts in turn, from the same noise every time")
     # optimiser (AdamW, paper's settings)

@@ -1,7 +1,7 @@
 """The fixed-noise evaluation (--eval-every): the reward of a fixed set of prompts from fixed noise
 over training, and how far the policy has moved from the base model. It is not part of DDPO:
-train.py runs it as phase 0 of an epoch to watch for overoptimisation and, with prompts it never
-trains on, for generalisation (the paper's section 6.3).
+train.py runs it as phase 0 of an epoch, and once more after the last epoch's update, to watch for
+overoptimisation and, with prompts it never trains on, for generalisation (the paper's section 6.3).
 """
 import time
 

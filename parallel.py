@@ -28,7 +28,7 @@ def setup(device):
     if kind.type != "cpu" and (accelerator is None or accelerator.type != kind.type):
         fail(f"--device {device}: torch cannot use {kind.type} here (a build of torch without it, or no driver or device); "
              f"use --device {accelerator.type if accelerator else 'cpu'}")
-    if kind.index is not None and kind.index >= torch.accelerator.device_count():
+    if kind.type != "cpu" and kind.index is not None and kind.index >= torch.accelerator.device_count():
         fail(f"--device {device}: there is no {kind.type} device {kind.index} here ({torch.accelerator.device_count()} found, "
              f"numbered from 0); use --device {kind.type}:0")
     world = world_size()

@@ -190,20 +190,26 @@ def log_epoch(out, cfg, history, pipe, images, prompts, rewards):
     captions = [f"{p[:20]}\n{r:.2f}" for p, r in zip(prompts, rewards.tolist())]
     grid = out / "samples" / f"epoch_{history[-1]['epoch']:04d}.png"
     save_grid(images[:16], captions[:16], grid)
-    plot_rewards(history, cfg.reward, out / "reward_curve.png")
+    plot_rewards(history, cfg, out / "reward_curve.png")
     export_weights(pipe, out, cfg.lora_rank)
     return grid
 
 
-def log_final_evaluation(out, cfg, history, track):
+def log_final_evaluation(out, cfg, history):
     """The evaluation of the weights a run ends with (history's last row, evaluation.final_row) into
-    metrics.jsonl, the reward curve and the tracker, with its grid; returns its console line."""
+    metrics.jsonl and the reward curve (not to --log-with's tracker: a resumed run's next epoch would
+    take its step); returns its console line."""
     write_metrics(out, history)
-    plot_rewards(history, cfg.reward, out / "reward_curve.png")
-    track(history[-1], out / "samples" / f"eval_epoch_{cfg.epochs:04d}.png")
+    plot_rewards(history, cfg, out / "reward_curve.png")
     m = history[-1]
     return f"the final weights (after {m['eval_after_epochs']} epochs), evaluated: reward {m['eval_reward_mean']:.3f}" + (
         f" fidelity {m['eval_fidelity']:.3f}" if "eval_fidelity" in m else "")
+
+
+def final_evaluated(out, epochs):
+    """Whether metrics.jsonl ends with the evaluation of a run's final weights after `epochs` epochs."""
+    lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").is_file() else []
+    return bool(lines) and json.loads(lines[-1]).get("eval_after_epochs") == epochs and json.loads(lines[-1])["epoch"] == epochs
 
 
 def export_weights(pipe, out, lora_rank):
@@ -311,7 +317,9 @@ def save_grid(images, captions, path, size=128, cols=4):
     write_atomic(path, canvas.save)
 
 
-def plot_rewards(history, reward, path):
+def plot_rewards(history, cfg, path):
+    """The epochs' mean reward and spread against reward queries, and each evaluation's at the
+    queries spent before it (an evaluation before epoch N: N epochs' worth; the final one: all)."""
     epochs = [m for m in history if "reward_mean" in m]  # not the final evaluation's row (evaluation.final_row)
     queries = [m["reward_queries"] for m in epochs]
     mean, std = np.array([m["reward_mean"] for m in epochs]), np.array([m["reward_std"] for m in epochs])
@@ -323,10 +331,10 @@ def plot_rewards(history, reward, path):
     if not any("eval_heldout_reward_mean" in m for m in history):
         evaluations = {"eval_reward_mean": "evaluation (fixed noise)"}
     for key, label in evaluations.items():
-        points = [(m["reward_queries"], m[key]) for m in history if key in m]
+        points = [(m.get("eval_after_epochs", m["epoch"]) * cfg.samples_per_epoch, m[key]) for m in history if key in m]
         if points:
             ax.plot(*zip(*points), marker="s", linestyle="--", label=label)
-    ax.set(xlabel="reward queries", ylabel=f"reward ({reward.rpartition(':')[2]})", title="training")  # your own reward: its name
+    ax.set(xlabel="reward queries", ylabel=f"reward ({cfg.reward.rpartition(':')[2]})", title="training")  # your own reward: its name
     ax.legend(loc="best", fontsize=8)
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100))
     plt.close(fig)

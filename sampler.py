@@ -98,7 +98,8 @@ def ddim_step_with_logprob(
 ):
     """One DDIM step x_t -> x_{t-1} and log p_theta(x_{t-1} | x_t, c) (paper, section 4.3): the one
     function that computes the policy's log-prob. Sampling calls it to draw an action; the update
-    and the notebook call it with prev_sample, the stored action, to score it under today's weights.
+    and the notebook call it with prev_sample, the stored action, to score it under today's weights,
+    after the same guided prediction (guided_eps) at the stored state.
     reduce: "mean" (the default, as the public code), "sum" or "none" (reduce_elements).
     """
     mean, std = ddim_mean_std(scheduler, model_output, timestep, sample, eta)
@@ -145,14 +146,6 @@ def guided_eps(unet, latents, timesteps, prompt_embeds, negative_embeds, guidanc
     negative = negative_embeds.expand(len(latents), -1, -1)
     eps_u, eps_c = unet_eps(unet, torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), torch.cat([negative, prompt_embeds])).chunk(2)
     return eps_u + guidance_scale * (eps_c - eps_u)
-
-
-def policy_log_prob(pipe, latents, next_latents, timesteps, prompt_embeds, negative_embeds, guidance_scale, eta, reduce="mean"):
-    """log p_theta(a_t | s_t) of stored actions under the current weights, with gradient: the
-    state is (prompt_embeds, timesteps, latents), the action is next_latents. The update's two lines:
-    the guided prediction, then ddim_step_with_logprob scoring the action."""
-    eps = guided_eps(pipe.unet, latents, timesteps, prompt_embeds, negative_embeds, guidance_scale)
-    return ddim_step_with_logprob(pipe.scheduler, eps, timesteps, latents, eta, prev_sample=next_latents, reduce=reduce)[1]
 
 
 def encode_prompts(pipe, prompts, guidance=False):

@@ -161,7 +161,7 @@ def main(argv=None, reward_fn=None):
                 sys.exit(STOPPED)
         if evaluation_due(cfg, cfg.epochs, rank):  # beyond the paper: the weights the run ends with, evaluated
             history.append(final_row(cfg, evaluate(cfg, pipe, base, eval_prompts, set(prompt_set), reward_fn, autocast, out, cfg.epochs)))
-            say(run_folder.log_final_evaluation(out, cfg, history, track))
+            say(run_folder.log_final_evaluation(out, cfg, history))
     return history
 
 

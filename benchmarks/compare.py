@@ -19,8 +19,8 @@ preset, so all get the same samples per epoch and the same reward queries.
    grid, the choice and the seeds' results) and compare.png (reward and fidelity against reward
    queries: mean over seeds, shaded from the lowest to the highest seed).
 
-A run whose metrics.jsonl already has every epoch is reused, so an interrupted sweep picks up
-where it stopped. With --jobs N, N runs go at once, each its own single-threaded process.
+A finished run (its wall_seconds.txt written) is reused, so an interrupted sweep picks up where
+it stopped. With --jobs N, N runs go at once, each its own single-threaded process.
 """
 import argparse
 import contextlib
@@ -80,7 +80,7 @@ def run(argv, out, epochs, jobs):
     """One training run (or the finished one already in out): its metrics and wall time. With
     jobs > 1 in a single-threaded process of its own, else in this process."""
     metrics_file = out / "metrics.jsonl"
-    if not (metrics_file.is_file() and len(metrics_file.read_text().splitlines()) == epochs):
+    if not (out / "wall_seconds.txt").is_file():  # written once the run has finished
         if out.exists():  # an unfinished run: start it again (train.py refuses to write over a run)
             shutil.rmtree(out)
         start = time.time()
@@ -101,8 +101,10 @@ def run_all(tasks, args):
     def one(key):
         argv, out = tasks[key]
         metrics, wall = run([*argv, *shlex.split(args.train_args)], out, args.epochs, args.jobs)
-        print(f"{out.name}: reward {metrics[0]['reward_mean']:.3f} -> {metrics[-1]['reward_mean']:.3f}, "
-              f"fidelity {metrics[0].get('fidelity', float('nan')):.2f} -> {metrics[-1].get('fidelity', float('nan')):.2f} ({wall:.0f} s)", flush=True)
+        epochs = [m for m in metrics if "reward_mean" in m]  # not the final evaluation's row
+        first, last = epochs[0], epochs[-1]
+        print(f"{out.name}: reward {first['reward_mean']:.3f} -> {last['reward_mean']:.3f}, "
+              f"fidelity {first.get('fidelity', float('nan')):.2f} -> {last.get('fidelity', float('nan')):.2f} ({wall:.0f} s)", flush=True)
         return key, (metrics, wall)
     if args.jobs == 1:  # in the main thread: train.py's Ctrl-C handling needs it
         return dict(map(one, tasks))

@@ -36,7 +36,7 @@ def run(arm, out, cache, train_args):
                    env=env, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - start
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    epochs = [m["sample_seconds"] + m["train_seconds"] for m in metrics]
+    epochs = [m["sample_seconds"] + m["train_seconds"] for m in metrics if "reward_mean" in m]  # not a final evaluation's row
     return {"wall": wall, "first": epochs[0], "epochs": epochs}
 
 

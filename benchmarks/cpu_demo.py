@@ -13,6 +13,7 @@ fine-tuned model, sampling the same prompts from the same noise.
 """
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -36,6 +37,7 @@ LAST = 5  # the epochs at the end whose mean is the result
 
 def run_seed(seed, out):
     if not (out / "wall_seconds.txt").is_file():  # else a finished run: read it again
+        shutil.rmtree(out, ignore_errors=True)  # an unfinished one starts again (train.py writes only into an empty folder)
         start = time.time()
         subprocess.run([sys.executable, str(ROOT / "train.py"), "--reward", "jpeg", "--seed", str(seed), "--out", str(out)], check=True)
         (out / "wall_seconds.txt").write_text(f"{time.time() - start:.1f}\n")

@@ -12,7 +12,8 @@ samples with) runs every --eval-every epochs, and it decides:
 
 - the target: on the evaluation's trained prompts, a JPEG cut of CUT (25 %) against the first
   evaluation (the base model) while keeping FIDELITY (0.90) of its fidelity (toy_world.judge), at
-  HELD (2) evaluations in a row (with --eval-every 2: two evaluations 2 epochs apart);
+  HELD (2) evaluations in a row (with --eval-every 2: two evaluations 2 epochs apart, or the last
+  one before the budget's end and the final weights', after it);
 - time to target: the training's own seconds (sampling and update, as metrics.jsonl times them;
   not the evaluations) and its reward queries, up to the epoch where the target is first held;
   a run that gets there is stopped (SIGTERM: it ends after that epoch's checkpoint);
@@ -63,7 +64,7 @@ RECIPES = {
 }
 LRS = (2.5e-3, 5e-3, 1e-2, 2e-2)  # around the preset's 5e-3, by factors of 2; 2e-2 added when most recipes did best at 1e-2
 # The target: a little short of what the paper's method reaches in the demo's 35 epochs (README, "Overoptimisation, and the KL leash", kl-coef 0:
-# a median cut of 29.2 % on the evaluation's trained prompts at its last evaluation, 0.90 of its samples' fidelity kept)
+# a median cut of 29.2 % on the evaluation's trained prompts at its last evaluation, before epoch 34, 0.90 of its samples' fidelity kept)
 CUT, FIDELITY, HELD = 0.25, 0.90, 2
 COMMON = ["--reward", "jpeg", "--prompts", "shapes_train", "--eval-prompts", "shapes", "--eval-samples", "45", "--checkpoint-every", "1000"]
 

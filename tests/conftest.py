@@ -17,6 +17,7 @@ from diffusers import DDIMScheduler
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pretrain import SD14_SCHEDULER, build_pipeline  # noqa: E402
+from sampler import ddim_step_with_logprob, guided_eps  # noqa: E402
 
 
 def pytest_configure(config):
@@ -37,6 +38,13 @@ def sd14_scheduler(num_steps, **changes):
     scheduler = DDIMScheduler(**{**SD14_SCHEDULER, **changes})
     scheduler.set_timesteps(num_steps)
     return scheduler
+
+
+def recomputed_log_prob(pipe, latents, next_latents, timesteps, prompt_embeds, negative_embeds, guidance_scale, eta):
+    """log p_theta(a_t | s_t) of stored actions under the current weights, with gradient, as the
+    update computes it: the guided prediction at the state, then the step's log-density of the action."""
+    eps = guided_eps(pipe.unet, latents, timesteps, prompt_embeds, negative_embeds, guidance_scale)
+    return ddim_step_with_logprob(pipe.scheduler, eps, timesteps, latents, eta, prev_sample=next_latents)[1]
 
 
 def perturb_lora(unet):

@@ -125,7 +125,7 @@ CASES = {
     "model epsilon on a zero-snr schedule": (lambda w, r: model_copy(w, r, "scheduler/scheduler_config.json", rescale_betas_zero_snr=True,
                                                                     timestep_spacing="trailing"), "zero terminal SNR"),
     "device not a device": (lambda w, r: ["--device", "gpu0"], "--device gpu0"),
-    "device without cuda": (lambda w, r: ["--device", "cuda:1"], "--device cuda:1"),
+    "device not here": (lambda w, r: ["--device", "cuda:99"], "--device cuda:99"),  # no CUDA, or no 100th GPU
     "model predicts the sample": (lambda w, r: model_copy(w, r, "scheduler/scheduler_config.json", prediction_type="sample"), "'sample'"),
     "samples per prompt not dividing": (lambda w, r: ["--samples-per-prompt", "3"], "--samples-per-prompt"),
     "group advantages without groups": (lambda w, r: ["--advantages", "group"], "--advantages group"),

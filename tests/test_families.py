@@ -6,12 +6,12 @@ import shutil
 
 import pytest
 import torch
-from conftest import perturb_lora
+from conftest import perturb_lora, recomputed_log_prob
 from diffusers import DiffusionPipeline
 
 import train
 from pipeline import add_trainable, load_pipeline
-from sampler import policy_log_prob, sample_trajectories
+from sampler import sample_trajectories
 
 PROMPTS = ["a cat", "a red fox", "an owl"]
 
@@ -39,7 +39,7 @@ def test_the_recomputed_log_prob_gives_ratio_1(family_dir):
     perturb_lora(pipe.unet)
     traj = sample_trajectories(pipe, PROMPTS, num_steps=4, guidance_scale=3.0, batch_size=3, generator=torch.Generator().manual_seed(0))
     for j in range(4):
-        log_prob = policy_log_prob(pipe, traj["latents"][:, j], traj["latents"][:, j + 1], traj["timesteps"][:, j], traj["prompt_embeds"],
+        log_prob = recomputed_log_prob(pipe, traj["latents"][:, j], traj["latents"][:, j + 1], traj["timesteps"][:, j], traj["prompt_embeds"],
                                    traj["negative_embeds"], 3.0, 1.0)
         assert torch.equal(log_prob, traj["log_probs"][:, j])  # ratio 1 exactly: the same batch, the same computation
 

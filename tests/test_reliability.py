@@ -45,6 +45,28 @@ def test_a_resumed_run_writes_the_same_metrics_as_an_uninterrupted_one(extra, ru
     assert metrics(tmp_path / "resumed") == straight  # every value but the wall-clock times
 
 
+def test_a_run_that_dies_before_its_final_evaluation_resumes_to_evaluate_the_weights_it_ended_with(run_args, tmp_path, monkeypatch):
+    extra = ["--eval-every", "1", "--eval-samples", "3"]
+    train.main(run_args(tmp_path / "straight", 2) + extra)
+    evaluate = train.evaluate
+
+    def die_at_the_end(cfg, *args):  # the final weights' evaluation never lands (a kill, a stop signal's exit)
+        if args[-1] == cfg.epochs:
+            raise SystemExit(137)
+        return evaluate(cfg, *args)
+
+    monkeypatch.setattr(train, "evaluate", die_at_the_end)
+    with pytest.raises(SystemExit):
+        train.main(run_args(tmp_path / "died", 2) + extra)
+    monkeypatch.undo()
+    assert len(metrics(tmp_path / "died")) == 2  # both epochs, no final row
+    train.main(["--resume", str(tmp_path / "died")])  # no epoch left to run: only the evaluation
+    assert metrics(tmp_path / "died") == metrics(tmp_path / "straight")
+    with pytest.raises(SystemExit) as exit:
+        train.main(["--resume", str(tmp_path / "died")])
+    assert exit.value.code == 2  # now nothing is left to do
+
+
 def test_checkpoints_keep_the_latest_ones(run_args, tmp_path):
     train.main(run_args(tmp_path / "run", 4) + ["--keep-checkpoints", "2"])
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["epoch_0002.pt", "epoch_0003.pt"]

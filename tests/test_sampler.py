@@ -3,10 +3,10 @@ import math
 
 import pytest
 import torch
-from conftest import perturb_lora, sd14_scheduler
+from conftest import perturb_lora, recomputed_log_prob, sd14_scheduler
 
 from pipeline import add_trainable, load_pipeline
-from sampler import ddim_mean_std, ddim_step_with_logprob, policy_log_prob, sample_trajectories
+from sampler import ddim_mean_std, ddim_step_with_logprob, sample_trajectories
 
 NUM_STEPS = 10
 SHAPE = (3, 4, 8, 8)
@@ -92,6 +92,28 @@ def test_every_step_is_finite_at_every_accepted_configuration_in_fp32_and_bf16(o
 
 
 @pytest.mark.math
+def test_the_direction_coefficient_is_0_where_rounding_makes_its_square_a_negative_number():
+    """A zero-SNR first step (abar_t = 0) at eta 1: sigma^2 = 1 - abar', so 1 - abar' - sigma^2 is 0 in
+    exact arithmetic, and in fp32 below 0 for many abar' (about a quarter of them; which ones depends
+    only on IEEE rounding). For such an abar' the step is still finite: mean = sqrt(abar') x0_hat."""
+    scheduler = sd14_scheduler(NUM_STEPS, **CONFIGURATIONS["v-trailing-zero-snr"])
+    t = scheduler.timesteps[0]
+    candidates = torch.rand(400, generator=torch.Generator().manual_seed(0)) * 0.98 + 0.01
+    sigma = ((1 - candidates) / (1 - 0.0) * (1 - 0.0 / candidates)).sqrt()  # as ddim_mean_std rounds it, at abar_t = 0
+    negative = candidates[1 - candidates - sigma**2 < 0]
+    assert len(negative) > 10  # the case the clamp is for is really exercised
+    sample, v = torch.randn(SHAPE), torch.randn(SHAPE)
+    for abar_prev in negative[:10]:
+        scheduler.alphas_cumprod = scheduler.alphas_cumprod.clone()
+        scheduler.alphas_cumprod[t - 1000 // NUM_STEPS] = abar_prev
+        assert scheduler.alphas_cumprod[t] == 0
+        mean, std = ddim_mean_std(scheduler, v, t, sample, eta=1.0)
+        _, log_prob = ddim_step_with_logprob(scheduler, v, t, sample, eta=1.0, generator=torch.Generator().manual_seed(0))
+        assert torch.isfinite(log_prob).all()
+        torch.testing.assert_close(mean, -abar_prev.sqrt() * v, rtol=0, atol=0)  # x0_hat = -v; the direction adds exactly 0
+
+
+@pytest.mark.math
 def test_a_prediction_type_without_its_maths_is_refused_in_one_line():
     for options, named in (({"prediction_type": "sample"}, "'sample'"), ({"thresholding": True}, "thresholding")):
         with pytest.raises(ValueError, match=f"{named}.*only epsilon and v_prediction"):
@@ -142,7 +164,7 @@ def test_recomputed_log_prob_equals_sampling_log_prob_with_cfg_and_lora(tiny_pip
     assert traj["latents"].shape == (5, 7, 4, 8, 8) and traj["log_probs"].shape == (5, 6)
     # score each stored step again, in a different grouping (all samples, one step at a time)
     for j in range(6):
-        log_prob = policy_log_prob(
+        log_prob = recomputed_log_prob(
             pipe, traj["latents"][:, j], traj["latents"][:, j + 1], traj["timesteps"][:, j],
             traj["prompt_embeds"], traj["negative_embeds"], guidance_scale=5.0, eta=1.0,
         )
@@ -155,7 +177,7 @@ def test_guidance_changes_the_policy(tiny_pipeline_dir):
     pipe = load_pipeline(tiny_pipeline_dir)
     traj = sample_trajectories(pipe, ["a cat", "a dog"], num_steps=4, guidance_scale=5.0, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        unguided = policy_log_prob(pipe, traj["latents"][:, 0], traj["latents"][:, 1], traj["timesteps"][:, 0],
+        unguided = recomputed_log_prob(pipe, traj["latents"][:, 0], traj["latents"][:, 1], traj["timesteps"][:, 0],
                                    traj["prompt_embeds"], traj["negative_embeds"], guidance_scale=1.0, eta=1.0)
     assert (unguided - traj["log_probs"][:, 0]).abs().max().item() > 1e-3
 
@@ -170,7 +192,7 @@ def test_gradient_checkpointing_recomputes_blocks_and_keeps_the_gradient(tiny_pi
     def gradient():
         pipe.unet.zero_grad()
         block_calls.clear()
-        policy_log_prob(pipe, traj["latents"][:, 1], traj["latents"][:, 2], traj["timesteps"][:, 1],
+        recomputed_log_prob(pipe, traj["latents"][:, 1], traj["latents"][:, 2], traj["timesteps"][:, 1],
                         traj["prompt_embeds"], traj["negative_embeds"], guidance_scale=5.0, eta=1.0).sum().backward()
         return [p.grad.clone() for p in params], len(block_calls)
 

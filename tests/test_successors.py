@@ -5,14 +5,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import perturb_lora
+from conftest import perturb_lora, recomputed_log_prob
 
 import evaluation
 import successors
 import train
 from config import Config
 from pipeline import add_trainable, load_pipeline
-from sampler import guided_eps, policy_log_prob, sample_trajectories
+from sampler import guided_eps, sample_trajectories
 
 
 @pytest.mark.math
@@ -63,7 +63,7 @@ def test_outside_the_window_the_steps_are_diffusers_deterministic_ddim_with_no_l
         for j in range(5):
             x_t, x_prev, t = traj["latents"][:, j], traj["latents"][:, j + 1], traj["timesteps"][0, j]
             if window[j]:  # the window's steps: recomputed, the log-prob sampled (ratio 1)
-                log_prob = policy_log_prob(pipe, x_t, x_prev, traj["timesteps"][:, j], traj["prompt_embeds"], traj["negative_embeds"], 3.0, 1.0)
+                log_prob = recomputed_log_prob(pipe, x_t, x_prev, traj["timesteps"][:, j], traj["prompt_embeds"], traj["negative_embeds"], 3.0, 1.0)
                 assert (log_prob - traj["log_probs"][:, j]).abs().max() < 1e-5
             else:  # the others: diffusers' DDIM step at eta 0, to the bit (in the sampler's batches of 2)
                 for rows in (slice(0, 2), slice(2, 3)):
