@@ -1,9 +1,12 @@
 """Do two revisions of the code train the same, bit for bit? For a restructuring that must change no
-output. Each revision is checked out in a worktree of its own (under --work); there, a short run of
-each algorithm (RUNS: 2 epochs of the bundled model's preset, seed 3) goes through its train.py,
-single-threaded, --jobs at a time. Then what the two wrote is compared: metrics.jsonl (every value
-but the timings, and the keys' order), the saved LoRA files byte for byte, and the last
-checkpoint's state (weights, optimiser, random streams, reward buffers, the history without timings).
+output. Each revision is checked out in a worktree of its own (under --work); there, short runs
+(RUNS: 2 epochs of the bundled model's preset, seed 3) go through its train.py, single-threaded,
+--jobs at a time: every algorithm (PXPO with both normalisations), the KL leash with fused steps,
+the evaluation, the successors' options together, tiny random-weight SD 2.x and SDXL pipelines
+(built once, from configs, for both sides), a run resumed after its first epoch, and a run of two
+processes under torchrun. Then what the two wrote is compared: metrics.jsonl (every value but the
+timings, and the keys' order), the saved LoRA files byte for byte, and the last checkpoint's state
+(weights, optimiser, random streams, reward buffers, the history without timings).
 
     python benchmarks/same_outputs.py dc01ac8 943cad5 --jobs 2   # the restructuring of train.py
 
@@ -24,6 +27,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = ("sample_seconds", "train_seconds", "eval_seconds")
+TINY = "--num-steps 4 --samples-per-epoch 8 --batch-size 2 --prompts simple_animals"  # for the tiny SD 2.x and SDXL pipelines
 RUNS = {
     "ddpo-is": "--algo ddpo-is",
     "ddpo-is-leash-fused": "--algo ddpo-is --kl-coef 0.01 --steps-per-forward 3",
@@ -32,13 +36,37 @@ RUNS = {
     "rwr": "--algo rwr",
     "rwr-sparse": "--algo rwr-sparse",
     "pxpo": "--algo pxpo --reward pixel_background",
+    "pxpo-position": "--algo pxpo --reward pixel_background --pxpo-normalise position",
+    "successors": "--samples-per-prompt 4 --advantages group --shared-noise --train-window 5 --eval-num-steps 10 --eval-every 1 --eval-samples 8",
+    "sd2": f"--model {{models}}/sd2 {TINY}",
+    "sdxl": f"--model {{models}}/sdxl {TINY}",
+    "resumed": "--algo ddpo-is",  # its first epoch, then --resume for the rest
+    "torchrun": "--algo ddpo-is --device cpu",  # two processes, gloo
 }
 
 
+def build_models(work):
+    """The tiny SD 2.x and SDXL pipelines both sides train, built once from configs (no download)."""
+    sys.path.insert(0, str(ROOT))
+    from pretrain import build_pipeline
+
+    for family in ("sd2", "sdxl"):
+        if not (work / "models" / family / "model_index.json").is_file():
+            build_pipeline(image_size=16, vae_channels=(16, 32), unet_channels=(32,), text_dim=32, max_length=16, seed=0,
+                           family=family).save_pretrained(work / "models" / family)
+
+
 def train(tree, name, out, args):
-    argv = [*shlex.split(RUNS[name]), "--epochs", str(args.epochs), "--seed", "3", "--out", str(out), *shlex.split(args.train_args)]
+    flags = shlex.split(RUNS[name].format(models=args.work_models)) + ["--seed", "3", "--out", str(out), *shlex.split(args.train_args)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "train.py", *argv], cwd=tree, env=env, check=True, stdout=subprocess.DEVNULL)
+    if name == "torchrun":
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "train.py"]
+    else:
+        launch = [sys.executable, "train.py"]
+    if name == "resumed":
+        subprocess.run([*launch, *flags, "--epochs", "1"], cwd=tree, env=env, check=True, stdout=subprocess.DEVNULL)
+        flags = ["--resume", str(out)]
+    subprocess.run([*launch, *flags, "--epochs", str(args.epochs)], cwd=tree, env=env, check=True, stdout=subprocess.DEVNULL)
 
 
 def same(a, b):
@@ -75,6 +103,9 @@ def main(argv=None):
     parser.add_argument("--work", type=Path, help="where the worktrees and runs go (default: a temporary folder)")
     args = parser.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="same-outputs-"))
+    args.work_models = work / "models"
+    if {"sd2", "sdxl"} & set(args.runs):
+        build_models(work)
     trees = {}
     for side in ("before", "after"):
         trees[side] = work / side
