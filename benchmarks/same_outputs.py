@@ -41,7 +41,7 @@ RUNS = {
     "sd2": f"--model {{models}}/sd2 {TINY}",
     "sdxl": f"--model {{models}}/sdxl {TINY}",
     "resumed": "--algo ddpo-is",  # its first epoch, then --resume for the rest
-    "torchrun": "--algo ddpo-is --device cpu",  # two processes, gloo
+    "torchrun": "--algo ddpo-is --device cpu --batch-size 8",  # two processes, gloo; 64 samples = 2 x 4 updates x 8
 }
 
 
