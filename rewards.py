@@ -30,7 +30,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, CLIPVisionModelWithProjection
 
 import toy_world
-from config import PYTHON, REWARD_NAMES, fail, stop
+from machinery.config import PYTHON, REWARD_NAMES, fail, stop
 
 AESTHETIC_HEAD = Path(__file__).parent / "data" / "sac+logos+ava1-l14-linearMSE.pth"
 QUESTION = "What is going on in this image?"

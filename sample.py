@@ -21,7 +21,7 @@ import time
 import types
 from pathlib import Path
 
-import config
+from machinery import config
 
 
 def fail(message):
@@ -69,9 +69,9 @@ for library in ("TRANSFORMERS", "DIFFUSERS"):  # before they are imported: keep 
 import torch  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
 
-from pipeline import load_pipeline  # noqa: E402
+from machinery.pipeline import load_pipeline  # noqa: E402
 from rewards import REWARDS, load_reward, scalar, to_pil  # noqa: E402
-from run_folder import save_grid  # noqa: E402
+from machinery.run_folder import save_grid  # noqa: E402
 
 
 def main(argv=None):

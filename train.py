@@ -14,10 +14,10 @@ sampler.py, advantages and losses in ddpo.py, rewards in rewards.py, the fixed-n
 evaluation.py, the run folder (what it writes, signals, a full disk) in run_folder.py, what resume
 needs in checkpoints.py.
 """
-import config
+from machinery import cli, config
 
 if __name__ == "__main__":  # --help, --show-config and a bad flag answer here, before torch and diffusers load (seconds)
-    cli_config = config.parse_args(description=__doc__)
+    cli_config = cli.parse_args(description=__doc__)
 
 import dataclasses
 import functools
@@ -34,18 +34,19 @@ from tqdm import tqdm
 for library in ("TRANSFORMERS", "DIFFUSERS"):  # before they are imported: keep the console for results
     os.environ.setdefault(f"{library}_VERBOSITY", "error")
 
-import checkpoints
+from machinery import checkpoints
 import ddpo
-import parallel
-import run_folder
-import successors
+from machinery import parallel
+from machinery import run_folder
+from machinery import successors
 import toy_world
-import trackers
-from config import load_prompts, parse_args, stop
-from evaluation import evaluate, evaluation_due, final_row
-from pipeline import DTYPES, add_trainable, compile_policy, load_model, prompt_losses
+from machinery import trackers
+from machinery.cli import parse_args
+from machinery.config import load_prompts, stop
+from machinery.evaluation import evaluate, evaluation_due, final_row
+from machinery.pipeline import DTYPES, add_trainable, compile_policy, load_model, prompt_losses
 from rewards import load_reward, python_reward, scalar
-from run_folder import STOPPED, stop_signals
+from machinery.run_folder import STOPPED, stop_signals
 from sampler import base_policy, ddim_step_with_logprob, guided_eps, policy_kl, reduce_elements, sample_trajectories
 
 

@@ -27,10 +27,10 @@ sys.path.insert(0, str(ROOT))
 
 import toy_world  # noqa: E402
 from rewards import jpeg_kilobytes  # noqa: E402
-from pipeline import load_pipeline  # noqa: E402
+from machinery.pipeline import load_pipeline  # noqa: E402
 from sampler import sample_trajectories  # noqa: E402
-from run_folder import save_grid  # noqa: E402
-from config import BUNDLED_MODEL, PRESETS  # noqa: E402
+from machinery.run_folder import save_grid  # noqa: E402
+from machinery.config import BUNDLED_MODEL, PRESETS  # noqa: E402
 
 LAST = 5  # the epochs at the end whose mean is the result
 

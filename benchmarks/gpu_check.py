@@ -76,10 +76,10 @@ def exactness(args, model):
 def default(args, model):
     import torch
 
-    import config
+    from machinery import cli
     import train
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = config.parse_args(["--reward", "jpeg", "--model", str(model), "--device", args.device, "--out", f"{tmp}/run"])
+        cfg = cli.parse_args(["--reward", "jpeg", "--model", str(model), "--device", args.device, "--out", f"{tmp}/run"])
         samples = cfg.updates_per_epoch * cfg.batch_size  # one minibatch a update: the smallest epoch the defaults allow
         cfg.epochs, cfg.samples_per_epoch, cfg.num_steps = 1, samples, min(cfg.num_steps, 10)  # fewer steps: the same peak, a fifth of the time
         try:
@@ -139,7 +139,7 @@ def build(args):
     folder = args.work / f"{args.arch}-random"
     if not (folder / "model_index.json").is_file():
         import gpu_memory
-        from pretrain import build_pipeline
+        from toy_world.pretrain import build_pipeline
         pipe = gpu_memory.sd14_random_pipeline() if args.arch == "sd14" else build_pipeline(image_size=64, words=gpu_memory.WORDS, seed=0)
         pipe.save_pretrained(folder)
     return folder

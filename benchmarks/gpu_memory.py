@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import toy_world  # noqa: E402
 import train  # noqa: E402
-from pipeline import DTYPES  # noqa: E402
-from pretrain import SD14_SCHEDULER, build_pipeline, make_tokenizer  # noqa: E402
+from machinery.pipeline import DTYPES  # noqa: E402
+from toy_world.pretrain import SD14_SCHEDULER, build_pipeline, make_tokenizer  # noqa: E402
 
 WORDS = ["a", *toy_world.COLOURS, *toy_world.SHAPES]  # the prompt set "shapes", one token a word
 

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train  # noqa: E402
-from pipeline import DTYPES  # noqa: E402
+from machinery.pipeline import DTYPES  # noqa: E402
 
 
 @contextlib.contextmanager

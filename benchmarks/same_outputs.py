@@ -48,7 +48,7 @@ RUNS = {
 def build_models(work):
     """The tiny SD 2.x and SDXL pipelines both sides train, built once from configs (no download)."""
     sys.path.insert(0, str(ROOT))
-    from pretrain import build_pipeline
+    from toy_world.pretrain import build_pipeline
 
     for family in ("sd2", "sdxl"):
         if not (work / "models" / family / "model_index.json").is_file():

@@ -113,7 +113,7 @@ def run_trl(epochs, model, settings=SETTINGS):
 
 
 def main(argv=None):
-    from config import BUNDLED_MODEL
+    from machinery.config import BUNDLED_MODEL
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=3, help="rounds of the sides taking turns")
     parser.add_argument("--epochs", type=int, default=5, help="epochs a run; the first is not counted")

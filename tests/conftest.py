@@ -16,7 +16,7 @@ from diffusers import DDIMScheduler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain import SD14_SCHEDULER, build_pipeline  # noqa: E402
+from toy_world.pretrain import SD14_SCHEDULER, build_pipeline  # noqa: E402
 from sampler import ddim_step_with_logprob, guided_eps  # noqa: E402
 
 

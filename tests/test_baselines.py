@@ -9,7 +9,8 @@ import pytest
 import torch
 from conftest import sd14_scheduler, tiny_pipeline
 
-from config import ALGOS, TUNED, load_prompts, parse_args
+from machinery.cli import parse_args
+from machinery.config import ALGOS, TUNED, load_prompts
 from ddpo import (PerPromptStatTracker, advantages, batch_advantages, ddpo_sf_loss, pool_to_latent, pxpo_loss, rwr_epoch_weights, rwr_loss,
                   rwr_weights, sparse_rwr_weights, weight_share)
 from sampler import ddim_step_with_logprob, sample_trajectories

@@ -5,8 +5,8 @@ import os
 import torch
 
 import toy_world
-import config
-from pipeline import load_pipeline
+from machinery import cli, config
+from machinery.pipeline import load_pipeline
 from sampler import sample_trajectories
 
 
@@ -22,7 +22,7 @@ def test_bundled_model_loads_offline_and_samples_a_batch(monkeypatch):
 
 def test_model_auto_without_cuda_picks_the_bundled_model_and_the_tiny_preset(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(config, "cuda_available", lambda: False)
-    cfg = config.parse_args(["--out", str(tmp_path / "run"), "--epochs", "3"])
+    cfg = cli.parse_args(["--out", str(tmp_path / "run"), "--epochs", "3"])
     assert os.path.samefile(cfg.model, config.BUNDLED_MODEL) and cfg.preset == "tiny"
     assert cfg.prompts == "shapes" and cfg.epochs == 3  # the preset, and a flag that overrides it
     assert cfg.samples_per_epoch == config.PRESETS["tiny"]["samples_per_epoch"]
@@ -30,11 +30,11 @@ def test_model_auto_without_cuda_picks_the_bundled_model_and_the_tiny_preset(mon
 
 
 def test_other_models_keep_the_papers_settings(tmp_path):
-    cfg = config.parse_args(["--model", "some/hub-id", "--out", str(tmp_path / "run")])
+    cfg = cli.parse_args(["--model", "some/hub-id", "--out", str(tmp_path / "run")])
     assert cfg.preset == "paper" and cfg.samples_per_epoch == 256 and cfg.num_steps == 50 and cfg.lr == 3e-4
 
 
 def test_model_auto_with_cuda_picks_sd14_and_the_papers_settings(monkeypatch, tmp_path):
     monkeypatch.setattr(config, "cuda_available", lambda: True)
-    cfg = config.parse_args(["--out", str(tmp_path / "run"), "--mixed-precision", "fp16"])
+    cfg = cli.parse_args(["--out", str(tmp_path / "run"), "--mixed-precision", "fp16"])
     assert cfg.model == config.SD14 and cfg.preset == "paper" and cfg.device == "cuda" and cfg.num_steps == 50

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import config
-import parallel
+from machinery import config
+from machinery import parallel
 import rewards
 import toy_world
 

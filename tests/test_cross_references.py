@@ -22,7 +22,7 @@ def sections():
 
 def citing_texts():
     """Each file that may cite README, as one text: the notebook's cells joined, escaped quotes as quotes."""
-    files = [*ROOT.glob("*.py"), *ROOT.glob("benchmarks/*.py"), *ROOT.glob("tests/*.py"), *ROOT.glob("examples/*.py")]
+    files = [*ROOT.glob("*.py"), *ROOT.glob("*/*.py")]  # the paper, the machinery, the toy world, benchmarks, tests, examples
     texts = {path.name: path.read_text() for path in files if path.name != Path(__file__).name}
     cells = json.loads((ROOT / "tutorial.ipynb").read_text())["cells"]
     texts["tutorial.ipynb"] = "\n".join("".join(cell["source"]) for cell in cells)

@@ -10,7 +10,7 @@ from conftest import perturb_lora, recomputed_log_prob
 from diffusers import DiffusionPipeline
 
 import train
-from pipeline import add_trainable, load_pipeline
+from machinery.pipeline import add_trainable, load_pipeline
 from sampler import sample_trajectories
 
 PROMPTS = ["a cat", "a red fox", "an owl"]

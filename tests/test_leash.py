@@ -8,9 +8,9 @@ from conftest import perturb_lora, sd14_scheduler
 
 import toy_world
 import train
-from evaluation import evaluate
-from config import load_prompts
-from pipeline import add_trainable, load_pipeline
+from machinery.evaluation import evaluate
+from machinery.config import load_prompts
+from machinery.pipeline import add_trainable, load_pipeline
 from rewards import REWARDS
 from sampler import base_policy, ddim_mean_std, guided_eps, policy_kl, sample_trajectories
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import run_folder
+from machinery import run_folder
 import train
 
 ROOT = Path(__file__).resolve().parents[1]

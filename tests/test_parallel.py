@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import parallel
-from config import PROMPT_SETS
+from machinery import parallel
+from machinery.config import PROMPT_SETS
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,9 +1,9 @@
 """The bundled model's pretraining runs on a CPU and yields a pipeline train.py can load."""
 import torch
 
-import pretrain
+from toy_world import pretrain
 import toy_world
-from pipeline import load_pipeline
+from machinery.pipeline import load_pipeline
 from sampler import sample_trajectories
 
 

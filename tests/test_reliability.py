@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoints
-import run_folder
+from machinery import checkpoints
+from machinery import run_folder
 import train
 from rewards import REWARDS
 

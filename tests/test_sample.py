@@ -5,7 +5,7 @@ import torch
 
 import sample
 import train
-from pipeline import load_pipeline
+from machinery.pipeline import load_pipeline
 
 TINY = ["--samples-per-epoch", "8", "--batch-size", "2", "--num-steps", "3", "--lr", "3e-2", "--min-count", "4", "--buffer-size", "6", "--epochs", "1"]
 

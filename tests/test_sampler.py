@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import perturb_lora, recomputed_log_prob, sd14_scheduler
 
-from pipeline import add_trainable, load_pipeline
+from machinery.pipeline import add_trainable, load_pipeline
 from sampler import ddim_mean_std, ddim_step_with_logprob, sample_trajectories
 
 NUM_STEPS = 10

@@ -7,11 +7,11 @@ import pytest
 import torch
 from conftest import perturb_lora, recomputed_log_prob
 
-import evaluation
-import successors
+from machinery import evaluation
+from machinery import successors
 import train
-from config import Config
-from pipeline import add_trainable, load_pipeline
+from machinery.config import Config
+from machinery.pipeline import add_trainable, load_pipeline
 from sampler import guided_eps, sample_trajectories
 
 

@@ -9,10 +9,11 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-import config
+from machinery import config
 import train
-from config import Config, parse_args
-from pipeline import add_trainable, load_pipeline
+from machinery.cli import parse_args
+from machinery.config import Config
+from machinery.pipeline import add_trainable, load_pipeline
 from sampler import base_policy, sample_trajectories
 
 TINY_RUN = ["--epochs", "1", "--samples-per-epoch", "8", "--batch-size", "2", "--num-steps", "4", "--prompts", "simple_animals"]

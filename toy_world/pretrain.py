@@ -1,6 +1,6 @@
 """Pretrain the bundled tiny text-to-image model on the toy world (toy_world.py), on a CPU.
 
-    python pretrain.py --out models/tiny-shapes      # the shipped model: under an hour on 2 cores
+    python -m toy_world.pretrain --out toy_world/tiny-shapes      # the shipped model: under an hour on 2 cores
 
 The result has Stable Diffusion 1.x's shape, scaled down: a CLIP tokenizer (one token a word of
 the world, characters otherwise) and text encoder, a VAE (64 x 64 images <-> 4 x 8 x 8 latents,
@@ -36,7 +36,7 @@ SD14_SCHEDULER = dict(
 
 @dataclass
 class Config:
-    out: str = "models/tiny-shapes"
+    out: str = "toy_world/tiny-shapes"
     seed: int = 0
     vae_steps: int = 3500
     vae_batch: int = 8

@@ -9,7 +9,7 @@ import torch
 
 import toy_world
 from rewards import scalar
-from run_folder import save_grid
+from machinery.run_folder import save_grid
 from sampler import sample_trajectories
 
 EVAL_SEED = 20_230_522  # the evaluation's noise, the same in every run and every epoch (arXiv 2305.13301's date)

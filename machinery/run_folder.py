@@ -33,10 +33,10 @@ import matplotlib
 import numpy as np
 from PIL import Image, ImageDraw
 
-import parallel
-from checks import check_out
-from config import EVAL_PROMPTS_COPY, LOCK, PROMPTS_COPY, fail, stop
-from pipeline import save_weights
+from machinery import parallel
+from machinery.checks import check_out
+from machinery.config import EVAL_PROMPTS_COPY, LOCK, PROMPTS_COPY, fail, stop
+from machinery.pipeline import save_weights
 from rewards import to_pil
 
 matplotlib.use("Agg")

@@ -1,5 +1,5 @@
 """Bad input refused before anything is loaded or written: one line naming the flag or file and the
-fix, exit status 2 (config.fail). config.parse_args calls these on every new or resumed run's
+fix, exit status 2 (config.fail). cli.parse_args calls these on every new or resumed run's
 settings; like config.py, this module imports neither torch nor diffusers.
 """
 import dataclasses
@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 import toy_world
-from config import LOCK, OWN_REWARD, PYTHON, REWARD_NAMES, Config, fail, file_sha256, load_prompts, own_reward_file, world_size
+from machinery.config import LOCK, OWN_REWARD, PYTHON, REWARD_NAMES, Config, fail, file_sha256, load_prompts, own_reward_file, world_size
 
 
 DEVICE = re.compile(r"(cpu|cuda|mps|xpu)(:\d+)?")  # --device: the devices torch runs this project's models on

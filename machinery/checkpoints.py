@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-import parallel
-from config import fail
-from run_folder import final_evaluated, write_atomic, write_metrics, writing
+from machinery import parallel
+from machinery.config import fail
+from machinery.run_folder import final_evaluated, write_atomic, write_metrics, writing
 
 def due(cfg, epoch, stopping):
     return (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs or stopping

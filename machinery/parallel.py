@@ -15,7 +15,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from config import fail, world_size
+from machinery.config import fail, world_size
 
 SEED_STRIDE = 1_000_003  # rank r draws from seed + r * SEED_STRIDE; rank 0 from --seed itself
 

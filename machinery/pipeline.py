@@ -19,7 +19,7 @@ from peft import LoraConfig  # noqa: E402
 from peft.utils import get_peft_model_state_dict  # noqa: E402
 from transformers.utils import logging as transformers_logging  # noqa: E402
 
-from config import SD14, fail  # noqa: E402
+from machinery.config import SD14, fail  # noqa: E402
 from rewards import hub_reachable  # noqa: E402
 from sampler import PREDICTION_TYPES, ddim_mean_std  # noqa: E402
 
