@@ -28,7 +28,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rewards import scalar
+
+
+def scalar(rewards):
+    """One reward per image: a reward map's mean over its pixels, a scalar reward unchanged."""
+    return rewards.flatten(1).mean(dim=1) if rewards.dim() > 1 else rewards
 
 
 class PerPromptStatTracker:

@@ -70,7 +70,9 @@ import torch  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
 
 from machinery.pipeline import load_pipeline  # noqa: E402
-from rewards import REWARDS, load_reward, scalar, to_pil  # noqa: E402
+from ddpo import scalar  # noqa: E402
+from machinery.reward_loading import load_reward  # noqa: E402
+from rewards import REWARDS, to_pil  # noqa: E402
 from machinery.run_folder import save_grid  # noqa: E402
 
 

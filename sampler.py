@@ -7,7 +7,6 @@ every step has a log-probability. This file takes that step with its log-prob, a
 trajectories, keeping everything the update needs. Loading and saving the pipeline: pipeline.py.
 """
 import contextlib
-import copy
 import math
 
 import torch
@@ -107,24 +106,6 @@ def ddim_step_with_logprob(
         noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         prev_sample = mean + std * noise
     return prev_sample.detach(), gaussian_log_prob(prev_sample, mean, std, reduce)
-
-
-def base_policy(unet, lora_rank):
-    """The pretrained policy p_base, for the KL leash and the evaluation: a function that returns a
-    context holding the base UNet. With a LoRA it is the same UNet with the adapter switched off
-    (no copy); after a full fine-tune, a frozen copy made now, before any update."""
-    if lora_rank == 0:
-        frozen = copy.deepcopy(unet).requires_grad_(False)
-        return lambda: contextlib.nullcontext(frozen)
-
-    @contextlib.contextmanager
-    def adapter_off():
-        unet.disable_adapters()
-        try:
-            yield unet
-        finally:
-            unet.enable_adapters()
-    return adapter_off
 
 
 def unet_eps(unet, latents, timesteps, cond):

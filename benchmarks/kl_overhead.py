@@ -27,7 +27,11 @@ import train  # noqa: E402
 @contextlib.contextmanager
 def without_kl_measurement():
     update = train.update
-    train.update = lambda *args, **kwargs: update(*args, **{**kwargs, "base": None})
+    def no_base(cfg, run, *args):
+        run.base = None  # as the loop was before the leash: no base policy, no kl_to_base
+        return update(cfg, run, *args)
+
+    train.update = no_base
     try:
         yield
     finally:

@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import machinery.run  # noqa: E402
 import train  # noqa: E402
 from machinery.pipeline import DTYPES  # noqa: E402
 
@@ -33,7 +34,7 @@ from machinery.pipeline import DTYPES  # noqa: E402
 @contextlib.contextmanager
 def instrument(calls, epoch_starts, pipes):
     """While inside, train.main records each UNet call, the start of each epoch's sampling, and its pipeline."""
-    load_model, sample_trajectories, update = train.load_model, train.sample_trajectories, train.update
+    load_model, sample_trajectories, update = machinery.run.load_model, train.sample_trajectories, train.update
     phase = ["sampling"]
 
     def record(unet, args, kwargs):
@@ -57,11 +58,11 @@ def instrument(calls, epoch_starts, pipes):
         finally:
             phase[0] = "sampling"
 
-    train.load_model, train.sample_trajectories, train.update = loading, sampling, updating
+    machinery.run.load_model, train.sample_trajectories, train.update = loading, sampling, updating
     try:
         yield
     finally:
-        train.load_model, train.sample_trajectories, train.update = load_model, sample_trajectories, update
+        machinery.run.load_model, train.sample_trajectories, train.update = load_model, sample_trajectories, update
 
 
 def replay(unet, calls, autocast):

@@ -120,7 +120,7 @@ def check_model(flag, name, kind, index):
 
 def check_reward(spec):
     """--reward is a built-in name, or your own function as FILE.py:NAME (the file there) or module:NAME
-    (the module importable); whether NAME is in it is known once it is loaded (rewards.own_reward)."""
+    (the module importable); whether NAME is in it is known once it is loaded (reward_loading.own_reward)."""
     if spec in REWARD_NAMES or spec.startswith(PYTHON):  # python:...: given to train.main, which checks it
         return
     match = OWN_REWARD.fullmatch(spec)

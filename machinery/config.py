@@ -86,7 +86,7 @@ PAPER_DEFAULTS = {
     "weight_decay": "paper, appendix D.5", "max_grad_norm": "paper, appendix D.5", "lora_rank": "public PyTorch port (kvablack/ddpo-pytorch)",
     "adv_clip_max": "public PyTorch port", "timestep_fraction": "paper: every step trained", "inner_epochs": "paper, appendix D.1: one pass",
 }
-# rewards.REWARDS's names (the learned ones are built by rewards.load_reward); a test keeps them equal
+# rewards.REWARDS's names (the learned ones are built by reward_loading.load_reward); a test keeps them equal
 REWARD_NAMES = ("jpeg", "jpeg_incompressibility", "pixel_color", "pixel_background", "toy_alignment", "aesthetic", "alignment")
 OWN_REWARD = re.compile(r"(?P<where>.+):(?P<name>[A-Za-z_]\w*)")  # --reward FILE.py:NAME or module:NAME, your own function
 PYTHON = "python:"  # how config.json names a reward function given to train.main(reward_fn=...): python:module.qualname

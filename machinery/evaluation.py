@@ -8,7 +8,7 @@ import time
 import torch
 
 import toy_world
-from rewards import scalar
+from ddpo import scalar
 from machinery.run_folder import save_grid
 from sampler import sample_trajectories
 

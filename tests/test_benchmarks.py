@@ -19,6 +19,7 @@ import kl_tradeoff  # noqa: E402
 import overhead  # noqa: E402
 import same_outputs  # noqa: E402
 import time_to_target  # noqa: E402
+import machinery.run  # noqa: E402
 import train  # noqa: E402
 import vs_trl  # noqa: E402
 
@@ -62,7 +63,7 @@ def test_compare_refuses_a_final_stage_without_its_tuning(tmp_path):
 def test_overhead_replays_exactly_the_counted_unet_calls(tiny_pipeline_dir):
     small = ["--model", str(tiny_pipeline_dir), "--samples-per-epoch", "8", "--batch-size", "2", "--updates-per-epoch", "2",
              "--num-steps", "2", "--prompts", "simple_animals"]
-    loader = train.load_model
+    loader = machinery.run.load_model
     result = overhead.main(["--epochs", "2", "--", *small])
     # one counted epoch: 4 batches x 2 steps, sampling and training (every step trained), and kl_to_base measured
     # at kl-coef 0 on each sample's first trained step: one base forward per batch
@@ -70,7 +71,7 @@ def test_overhead_replays_exactly_the_counted_unet_calls(tiny_pipeline_dir):
     leashed = overhead.main(["--epochs", "2", "--", *small, "--kl-coef", "0.1"])
     assert leashed["training_calls"] == 8 + 8 and leashed["base_calls"] == 8  # with the penalty: one for every trained step
     assert 0 < result["overhead_ratio"] < float("inf")
-    assert train.load_model is loader  # the instrumentation is undone
+    assert machinery.run.load_model is loader  # the instrumentation is undone
 
 
 def test_gpu_memory_runs_in_reduced_mode_on_the_cpu():

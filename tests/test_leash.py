@@ -12,7 +12,8 @@ from machinery.evaluation import evaluate
 from machinery.config import load_prompts
 from machinery.pipeline import add_trainable, load_pipeline
 from rewards import REWARDS
-from sampler import base_policy, ddim_mean_std, guided_eps, policy_kl, sample_trajectories
+from machinery.leash import base_policy
+from sampler import ddim_mean_std, guided_eps, policy_kl, sample_trajectories
 
 SMALL = ["--samples-per-epoch", "8", "--batch-size", "2", "--num-steps", "3", "--lr", "1e-2"]
 
@@ -116,7 +117,9 @@ def test_the_evaluation_uses_the_same_noise_every_time_and_leaves_training_alone
     plain = train.main([*common, "--out", str(tmp_path / "plain")])
     out = tmp_path / "evaluated"
     evaluated = train.main([*common, "--out", str(out), "--eval-every", "2", "--eval-prompts", "shapes", "--eval-samples", "15"])
-    training = lambda history: [{k: v for k, v in m.items() if not k.startswith("eval") and not k.endswith("seconds")} for m in history]
+    def training(history):
+        return [{k: v for k, v in m.items() if not k.startswith("eval") and not k.endswith("seconds")} for m in history]
+
     assert training(evaluated[:3]) == training(plain)  # the training's random streams never see the evaluation
     # before epochs 0 and 2, and the final weights after epoch 2's update, in a row of their own
     assert [m.get("eval_after_epochs") for m in evaluated] == [0, None, 2, 3] and "reward_mean" not in evaluated[3]

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from pathlib import Path
+
 import train
 
 ROOT_EXAMPLE = "examples/brightness.py:brightness"
@@ -109,6 +111,6 @@ def test_a_wrong_return_ends_the_run_on_the_first_batch_in_one_line_naming_the_f
 
 
 def test_the_example_reward_trains_from_the_command_line(args, tmp_path, monkeypatch):
-    monkeypatch.chdir(train.Path(train.__file__).parent)
+    monkeypatch.chdir(Path(train.__file__).parent)
     history = train.main(args(tmp_path / "run", 1, "--reward", ROOT_EXAMPLE))
     assert np.isfinite(history[0]["reward_mean"]) and 0 < history[0]["reward_mean"] < 1

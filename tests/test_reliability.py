@@ -10,6 +10,7 @@ import torch
 
 from machinery import checkpoints
 from machinery import run_folder
+import machinery.run
 import train
 from rewards import REWARDS
 
@@ -48,14 +49,14 @@ def test_a_resumed_run_writes_the_same_metrics_as_an_uninterrupted_one(extra, ru
 def test_a_run_that_dies_before_its_final_evaluation_resumes_to_evaluate_the_weights_it_ended_with(run_args, tmp_path, monkeypatch):
     extra = ["--eval-every", "1", "--eval-samples", "3"]
     train.main(run_args(tmp_path / "straight", 2) + extra)
-    evaluate = train.evaluate
+    evaluate = machinery.run.evaluate
 
     def die_at_the_end(cfg, *args):  # the final weights' evaluation never lands (a kill, a stop signal's exit)
         if args[-1] == cfg.epochs:
             raise SystemExit(137)
         return evaluate(cfg, *args)
 
-    monkeypatch.setattr(train, "evaluate", die_at_the_end)
+    monkeypatch.setattr(machinery.run, "evaluate", die_at_the_end)
     with pytest.raises(SystemExit):
         train.main(run_args(tmp_path / "died", 2) + extra)
     monkeypatch.undo()
@@ -122,7 +123,7 @@ def test_ctrl_c_sigterm_or_sighup_stops_after_the_epoch_and_says_how_to_resume(s
     handlers = {s: signal.getsignal(s) for s in run_folder.STOP_SIGNALS}
     with pytest.raises(SystemExit) as exit:
         train.main(run_args(tmp_path / "run", 5))
-    assert exit.value.code == train.STOPPED
+    assert exit.value.code == run_folder.STOPPED
     assert len(metrics(tmp_path / "run")) == 1 and (tmp_path / "run" / "checkpoints" / "epoch_0000.pt").is_file()
     assert f"--resume {tmp_path / 'run'}" in capsys.readouterr().out
     assert {s: signal.getsignal(s) for s in handlers} == handlers  # the handlers are given back
@@ -260,13 +261,13 @@ def test_a_long_epoch_says_after_its_first_batch_how_long_its_sampling_will_take
 
 
 def test_weights_that_become_non_finite_stop_the_run_before_they_are_saved_and_say_what_would_work(run_args, tmp_path, monkeypatch, capsys):
-    def poisoned_step(cfg, optimizer, params):  # as a far too large learning rate would leave them
-        for p in params:
+    def poisoned_step(run):  # as a far too large learning rate would leave them
+        for p in run.params:
             p.data.fill_(float("nan"))
-        optimizer.zero_grad()
+        run.optimizer.zero_grad()
         return True
 
-    monkeypatch.setattr(train, "optimizer_step", poisoned_step)
+    monkeypatch.setattr(machinery.run.Learner, "optimizer_step", poisoned_step)
     with pytest.raises(SystemExit) as exit:
         train.main(run_args(tmp_path / "run", 2))
     error = capsys.readouterr().err.strip()

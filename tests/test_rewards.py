@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 import toy_world
-from rewards import REWARDS, jpeg_kilobytes, scalar, to_pil
+from ddpo import scalar
+from rewards import REWARDS, jpeg_kilobytes, to_pil
 
 
 def test_jpeg_size_is_the_file_size_at_quality_95():

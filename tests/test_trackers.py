@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+import machinery.run
 import train
 
 TINY = ["--samples-per-epoch", "4", "--batch-size", "2", "--updates-per-epoch", "1", "--num-steps", "2", "--prompts", "simple_animals"]
@@ -17,7 +18,7 @@ def test_tensorboard_gets_every_epochs_metrics_and_grid_once_across_a_resume(tin
     out = tmp_path / "run"
     train.main(["--model", str(tiny_pipeline_dir), *TINY, "--out", str(out), "--epochs", "2", "--log-with", "tensorboard"])
     # a crash after epoch 2 was logged but before its checkpoint landed: the resume does epoch 2 again
-    monkeypatch.setattr(train.checkpoints, "due", lambda cfg, epoch, stopping: epoch < 2)
+    monkeypatch.setattr(machinery.run.checkpoints, "due", lambda cfg, epoch, stopping: epoch < 2)
     train.main(["--resume", str(out), "--epochs", "3"])
     monkeypatch.undo()
     train.main(["--resume", str(out), "--epochs", "4"])

@@ -1,5 +1,4 @@
 """train.py end to end on the tiny pipeline: the run folder, the saved LoRA, and refused input."""
-import contextlib
 import dataclasses
 import json
 
@@ -9,12 +8,15 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
+import machinery.run
 from machinery import config
 import train
 from machinery.cli import parse_args
 from machinery.config import Config
 from machinery.pipeline import add_trainable, load_pipeline
-from sampler import base_policy, sample_trajectories
+from machinery.leash import base_policy
+from machinery.run import Learner
+from sampler import sample_trajectories
 
 TINY_RUN = ["--epochs", "1", "--samples-per-epoch", "8", "--batch-size", "2", "--num-steps", "4", "--prompts", "simple_animals"]
 
@@ -42,8 +44,8 @@ def test_one_epoch_writes_the_run_folder_and_a_loadable_lora(tiny_pipeline_dir, 
 
 
 def test_full_unet_fine_tune_saves_the_unet_and_copies_it_for_no_logged_number(tiny_pipeline_dir, tmp_path, monkeypatch):
-    copies, copy = [], train.base_policy
-    monkeypatch.setattr(train, "base_policy", lambda unet, rank: copies.append(rank) or copy(unet, rank))
+    copies, copy = [], machinery.run.base_policy
+    monkeypatch.setattr(machinery.run, "base_policy", lambda unet, rank: copies.append(rank) or copy(unet, rank))
     out = tmp_path / "run"
     history = train.main(["--model", str(tiny_pipeline_dir), "--out", str(out), "--lora-rank", "0", "--algo", "ddpo-sf", *TINY_RUN])
     assert json.loads((out / "config.json").read_text())["lr"] == 1e-5
@@ -52,7 +54,9 @@ def test_full_unet_fine_tune_saves_the_unet_and_copies_it_for_no_logged_number(t
 
 
 def test_the_base_policy_is_held_only_where_something_reads_it():
-    needed = lambda *flags: config.base_needed(parse_args([*flags, "--out", "/nonexistent/base"]))
+    def needed(*flags):
+        return config.base_needed(parse_args([*flags, "--out", "/nonexistent/base"]))
+
     assert needed() and needed("--algo", "pxpo")  # a LoRA: the adapter switched off, free; kl_to_base is logged
     assert not needed("--lora-rank", "0") and not needed("--algo", "rwr")  # a full copy of the UNet for a logged number; rwr logs none
     assert needed("--lora-rank", "0", "--kl-coef", "0.1") and needed("--lora-rank", "0", "--eval-every", "5") and needed("--algo", "rwr", "--eval-every", "5")
@@ -111,7 +115,7 @@ def test_taking_several_trained_steps_through_one_forward_gives_the_same_update(
         for p, p0 in zip(params, start):
             p.data.copy_(p0)
         optimizer = torch.optim.SGD(params, lr=1.0)  # the step is the gradient itself
-        stats.append(train.update(cfg, pipe, traj, advantages, optimizer, params, np.random.default_rng(0), contextlib.nullcontext(), False, base))
+        stats.append(train.update(cfg, Learner(cfg, pipe, params, optimizer, np.random.default_rng(0), base=base), traj, advantages))
         moved.append(torch.cat([(p.detach() - p0).flatten() for p, p0 in zip(params, start)]))
     # float rounding only: the sums run in another order (measured: up to 1.1e-6 of the largest change, by the thread count)
     assert moved[0].abs().max() > 0 and torch.allclose(moved[1], moved[0], rtol=1e-4, atol=1e-5 * moved[0].abs().max().item())
