@@ -22,12 +22,12 @@ share the loop: reward-weighted regression (RWR, dense or sparse; section 4.2), 
 whole chain as one bandit step and regresses on its own best samples, and pixel-wise PXPO, which
 gives every latent position its own advantage from a per-pixel reward map.
 """
+
 from collections import defaultdict, deque
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 
 
 def scalar(rewards):
@@ -61,19 +61,28 @@ class PerPromptStatTracker:
             buffer = self.buffers[prompt]
             buffer.extend(tracked[rows])
             ref = np.asarray(buffer) if len(buffer) >= self.min_count else tracked
-            mean, std = (ref.mean(axis=0), ref.std(axis=0)) if self.per_position else (ref.mean(), ref.std())
+            mean, std = (
+                (ref.mean(axis=0), ref.std(axis=0))
+                if self.per_position
+                else (ref.mean(), ref.std())
+            )
             advantages[rows] = (values[rows] - mean) / (std + 1e-6)
         return advantages
 
     def state_dict(self):
-        """The buffers as plain data and tensors (a checkpoint loads them with weights_only=True)."""
+        """The buffers as plain data and tensors (a checkpoint loads them weights_only)."""
         if self.per_position:
-            return {prompt: torch.as_tensor(np.asarray(values)) for prompt, values in self.buffers.items()}
+            return {
+                prompt: torch.as_tensor(np.asarray(values))
+                for prompt, values in self.buffers.items()
+            }
         return {prompt: [float(v) for v in values] for prompt, values in self.buffers.items()}
 
     def load_state_dict(self, buffers):
         for prompt, values in buffers.items():
-            self.buffers[prompt] = deque(np.asarray(values) if self.per_position else values, maxlen=self.buffer_size)
+            self.buffers[prompt] = deque(
+                np.asarray(values) if self.per_position else values, maxlen=self.buffer_size
+            )
 
 
 def batch_advantages(rewards, maps=None, per_position=False):
@@ -91,9 +100,13 @@ def batch_advantages(rewards, maps=None, per_position=False):
 def advantages(algo, prompts, rewards, latent_size, tracker=None, per_position=False):
     """Each sample's advantage as a tensor: its reward normalised by its prompt's statistics
     (tracker) or the batch's (appendix D.3). PXPO: the same for each latent position of the reward
-    map pooled to latent_size (a scalar reward is a flat map); per_position: see PerPromptStatTracker."""
+    map pooled to latent_size (a scalar reward is a flat map)."""
     scores, maps = reward_maps(algo, rewards, latent_size)
-    values = tracker.update(prompts, scores, maps) if tracker is not None else batch_advantages(scores, maps, per_position)
+    values = (
+        tracker.update(prompts, scores, maps)
+        if tracker is not None
+        else batch_advantages(scores, maps, per_position)
+    )
     return torch.as_tensor(values, dtype=torch.float32, device=rewards.device)
 
 
@@ -130,7 +143,8 @@ def ddpo_is_loss(log_prob, old_log_prob, advantages, clip_range, adv_clip_max):
 @torch.no_grad()
 def diagnostics(log_prob, old_log_prob, clip_range):
     """approx_kl = 0.5 E[(log p - log p_old)^2] and the fraction of ratios outside the clip range
-    (0-d tensors: reading them would wait for the GPU at every step; the epoch's means are read once)."""
+    (0-d tensors: reading them would wait for the GPU at every step; the epoch's means are read
+    once)."""
     diff = log_prob - old_log_prob
     return {
         "approx_kl": 0.5 * (diff**2).mean(),
@@ -161,20 +175,24 @@ def pool_to_latent(reward_map, latent_size):
 
 def groups(prompts, n):
     """Index arrays of the samples of each prompt, or one group of all n samples without prompts."""
-    return [np.arange(n)] if prompts is None else [np.flatnonzero([p == q for p in prompts]) for q in set(prompts)]
+    return (
+        [np.arange(n)]
+        if prompts is None
+        else [np.flatnonzero([p == q for p in prompts]) for q in set(prompts)]
+    )
 
 
 def rwr_weights(rewards, prompts=None, beta=0.2):
     """Reward-weighted regression (section 4.2; appendix D.2, D.5): w = exp(beta * r) / Z, with Z
-    making the weights average 1 over the batch, or over each prompt's samples when prompts are given.
+    making the weights average 1 over the batch, or over each prompt's samples given prompts.
 
     beta is an inverse temperature on the reward's own scale, so what it means depends on the
     reward's spread sigma: for normally spread rewards the weights are log-normal, and the share of
     samples that carry 90 % of the weight (the original code's sanity check, `weight_share`) is
-    1 - Phi(beta * sigma - 1.28): 90 % at beta = 0 (plain self-training), 30 % at beta * sigma = 1.81,
-    10 % at 2.56 (sparse RWR's share), 1 % at 3.61. The original's beta = 0.2 per kB suits 512 px
-    JPEGs that spread over tens of kB; the bundled model's 64 px images spread over a fraction of a
-    kB, so its preset scales beta up to keep the selectivity (config.py)."""
+    1 - Phi(beta * sigma - 1.28): 90 % at beta = 0 (plain self-training), 30 % at beta * sigma =
+    1.81, 10 % at 2.56 (sparse RWR's share), 1 % at 3.61. The original's beta = 0.2 per kB suits
+    512 px JPEGs that spread over tens of kB; the bundled model's 64 px images spread over a
+    fraction of a kB, so its preset scales beta up to keep the selectivity (config.py)."""
     rewards = np.asarray(rewards, dtype=np.float64)
     weights = np.empty_like(rewards)
     for rows in groups(prompts, len(rewards)):
@@ -192,8 +210,8 @@ def weight_share(weights, mass=0.9):
 
 def sparse_rwr_weights(rewards, prompts=None, top=0.1):
     """Sparse RWR (section 4.2, w = 1[r >= C]; appendix D.2 and D.5: C the 90th percentile of a pool
-    of samples): weight 1 for the top fraction of rewards, 0 for the rest: top * n of each pool of n,
-    rounded half up (at least one).
+    of samples): weight 1 for the top fraction of rewards, 0 for the rest: top * n of each pool of
+    n, rounded half up (at least one).
 
     The pools: given prompts, each prompt with at least 1 / top samples is a pool of its own (the
     paper's per-prompt threshold, appendix D.3; the original code samples each prompt in batches of
@@ -206,7 +224,9 @@ def sparse_rwr_weights(rewards, prompts=None, top=0.1):
     weights = np.zeros_like(rewards)
     pools = groups(prompts, len(rewards))
     enough = [rows for rows in pools if len(rows) >= round(1 / top)]
-    rest = np.concatenate([rows for rows in pools if len(rows) < round(1 / top)] + [np.array([], dtype=int)])
+    rest = np.concatenate(
+        [rows for rows in pools if len(rows) < round(1 / top)] + [np.array([], dtype=int)]
+    )
     for rows in enough + ([np.sort(rest)] if len(rest) else []):
         keep = max(1, int(np.floor(top * len(rows) + 0.5)))
         weights[rows[np.argsort(-rewards[rows], kind="stable")[:keep]]] = 1.0
@@ -214,8 +234,8 @@ def sparse_rwr_weights(rewards, prompts=None, top=0.1):
 
 
 def rwr_epoch_weights(algo, prompts, rewards, beta=0.2, per_prompt=False):
-    """RWR's weights on an epoch's rewards (a tensor; returns an array): exp(beta * r) (rwr) or 1 for the top 10 %
-    (rwr-sparse), per prompt or over the epoch, scaled to average 1 over the epoch.
+    """RWR's weights on an epoch's rewards (a tensor; returns an array): exp(beta * r) (rwr) or 1
+    for the top 10 % (rwr-sparse), per prompt or over the epoch, scaled to average 1 over the epoch.
 
     Where this differs from the original code (jannerm/ddpo): its round is 10,240 samples
     (appendix D.5: 10k samples, 400 updates of 128), here one epoch (256 on SD v1.4); it regresses
@@ -224,7 +244,11 @@ def rwr_epoch_weights(algo, prompts, rewards, beta=0.2, per_prompt=False):
     --per-prompt-stat-tracking decides (default off for rwr, as on compressibility)."""
     rewards = rewards.cpu().numpy()
     by_prompt = prompts if per_prompt else None
-    weights = rwr_weights(rewards, by_prompt, beta) if algo == "rwr" else sparse_rwr_weights(rewards, by_prompt)
+    weights = (
+        rwr_weights(rewards, by_prompt, beta)
+        if algo == "rwr"
+        else sparse_rwr_weights(rewards, by_prompt)
+    )
     return weights / weights.mean()
 
 

@@ -4,7 +4,8 @@ map (B, H, W) whose mean over the pixels is the image's reward (`scalar`), so th
 can use it and PXPO can use the map itself.
 
 `REWARDS` maps the names that `train.py --reward` accepts to these functions. The paper's two
-learned rewards (sections 5.2 and 5.3) need models: `aesthetic` and `alignment` build a reward function
+learned rewards (sections 5.2 and 5.3) need models: `aesthetic` and `alignment` build a reward
+function
 around them, loaded once, when a run asks for that reward.
 
 Your own reward (`--reward FILE.py:NAME` or `module:NAME`, or `train.main(argv, reward_fn=fn)`) is
@@ -12,6 +13,7 @@ a function NAME(images, prompts): images a float tensor (B, 3, H, W) in [0, 1] o
 device, prompts a list of B strings. It returns B scores, higher is better (a tensor, a numpy array
 or a list), or a (B, H, W) map for a pixel-wise reward. examples/brightness.py is one.
 """
+
 import io
 import os
 import re
@@ -24,7 +26,14 @@ import torch
 import torch.nn.functional as F
 from huggingface_hub import constants as hf_constants
 from PIL import Image
-from transformers import AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, CLIPVisionModelWithProjection
+from transformers import (
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    CLIPVisionModelWithProjection,
+)
 
 import toy_world
 
@@ -73,7 +82,9 @@ def pixel_background(images, prompts, target=(1.0, 1.0, 1.0)):
     credit that a scalar reward spreads over the whole image belongs to its background."""
     distance_to_prompt = toy_world.colour_distance(images, prompts)
     on_shape = distance_to_prompt < toy_world.MATCH_DISTANCE
-    return torch.where(on_shape, 1 - distance_to_prompt / 3**0.5, pixel_color(images, prompts, target))
+    return torch.where(
+        on_shape, 1 - distance_to_prompt / 3**0.5, pixel_color(images, prompts, target)
+    )
 
 
 REWARDS = {
@@ -91,27 +102,39 @@ def hub_reachable(timeout=3.0):
     proxy the answer is yes, and the client's own retries decide."""
     if hf_constants.HF_HUB_OFFLINE:
         return False
-    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+    if any(
+        os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+    ):
         return True
     url = urllib.parse.urlparse(hf_constants.ENDPOINT)
     try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout).close()
+        socket.create_connection(
+            (url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout
+        ).close()
         return True
     except OSError:
         return False
 
 
 def pretrained(cls, model_id, flag, **kwargs):
-    """cls.from_pretrained(model_id) from a folder, the hub cache, or the hub when it can be reached;
+    """cls.from_pretrained(model_id) from a folder, the hub cache, or the hub when it is reachable;
     else an OSError whose one line names the model, the flag that chose it, and the fix."""
     try:
         return cls.from_pretrained(model_id, local_files_only=not hub_reachable(), **kwargs)
     except (OSError, ValueError) as error:
-        if Path(model_id).exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", model_id):  # a folder, not a hub id
-            raise OSError(f"{flag} {model_id}: not a readable model folder ({type(error).__name__}); pass a folder saved by "
-                          f"save_pretrained, or a hub id") from error
-        raise OSError(f"{flag} {model_id}: cannot load it ({type(error).__name__}: no network, not in the hub cache, or no such model); "
-                      f"download it first with `hf download {model_id}`, or pass a local folder with {flag}") from error
+        if Path(model_id).exists() or not re.fullmatch(
+            r"[\w.-]+/[\w.-]+", model_id
+        ):  # a folder, not a hub id
+            raise OSError(
+                f"{flag} {model_id}: not a readable model folder ({type(error).__name__}); "
+                f"pass a folder saved by "
+                f"save_pretrained, or a hub id"
+            ) from error
+        raise OSError(
+            f"{flag} {model_id}: cannot load it ({type(error).__name__}: no network, not in the "
+            f"hub cache, or no such model); "
+            f"download it first with `hf download {model_id}`, or pass a local folder with {flag}"
+        ) from error
 
 
 def clip_preprocess(images, processor):
@@ -119,11 +142,19 @@ def clip_preprocess(images, processor):
     antialiased) to the processor's size, a centre crop, then its mean and std."""
     height, width = images.shape[-2:]
     scale = processor.size["shortest_edge"] / min(height, width)
-    resized = F.interpolate(images.float(), size=(int(height * scale), int(width * scale)), mode="bicubic", antialias=True)
+    resized = F.interpolate(
+        images.float(),
+        size=(int(height * scale), int(width * scale)),
+        mode="bicubic",
+        antialias=True,
+    )
     crop_h, crop_w = processor.crop_size["height"], processor.crop_size["width"]
     top, left = (resized.shape[-2] - crop_h) // 2, (resized.shape[-1] - crop_w) // 2
     cropped = resized[..., top : top + crop_h, left : left + crop_w].clamp(0, 1)
-    mean, std = (torch.tensor(v, device=images.device)[:, None, None] for v in (processor.image_mean, processor.image_std))
+    mean, std = (
+        torch.tensor(v, device=images.device)[:, None, None]
+        for v in (processor.image_mean, processor.image_std)
+    )
     return (cropped - mean) / std
 
 
@@ -131,8 +162,14 @@ def aesthetic_head(path=AESTHETIC_HEAD):
     """LAION's improved aesthetic predictor: an MLP 768-1024-128-64-16-1 with dropouts 0.2, 0.2,
     0.1 and no activations, its weights from the shipped state dict."""
     head = torch.nn.Sequential(
-        torch.nn.Linear(768, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128), torch.nn.Dropout(0.2),
-        torch.nn.Linear(128, 64), torch.nn.Dropout(0.1), torch.nn.Linear(64, 16), torch.nn.Linear(16, 1),
+        torch.nn.Linear(768, 1024),
+        torch.nn.Dropout(0.2),
+        torch.nn.Linear(1024, 128),
+        torch.nn.Dropout(0.2),
+        torch.nn.Linear(128, 64),
+        torch.nn.Dropout(0.1),
+        torch.nn.Linear(64, 16),
+        torch.nn.Linear(16, 1),
     )
     state = torch.load(path, map_location="cpu", weights_only=True)
     head.load_state_dict({key.removeprefix("layers."): value for key, value in state.items()})
@@ -143,7 +180,9 @@ def aesthetic(clip_model, device="cpu", batch_size=32, head=None):
     """The LAION aesthetic score (paper, section 5.2): CLIP's image embedding, L2-normalised, into
     the aesthetic head; roughly 1 to 10."""
     processor = pretrained(AutoImageProcessor, clip_model, "--aesthetic-model")
-    clip = pretrained(CLIPVisionModelWithProjection, clip_model, "--aesthetic-model").to(device).eval()
+    clip = (
+        pretrained(CLIPVisionModelWithProjection, clip_model, "--aesthetic-model").to(device).eval()
+    )
     head = (head or aesthetic_head()).to(device)
 
     @torch.no_grad()
@@ -171,7 +210,9 @@ def bertscore_recall(candidate_embeds, candidate_mask, reference_embeds, referen
 def bert_embeddings(texts, tokenizer, model, layer, device):
     """Token embeddings of one hidden layer (0 = the embedding layer), the tokens' mask, and each
     token's weight in the score (0 for special tokens and padding)."""
-    tokens = tokenizer(texts, padding=True, truncation=True, return_tensors="pt", return_special_tokens_mask=True).to(device)
+    tokens = tokenizer(
+        texts, padding=True, truncation=True, return_tensors="pt", return_special_tokens_mask=True
+    ).to(device)
     special = tokens.pop("special_tokens_mask")
     hidden = model(**tokens, output_hidden_states=True).hidden_states[layer]
     mask = tokens["attention_mask"].float()
@@ -180,14 +221,22 @@ def bert_embeddings(texts, tokenizer, model, layer, device):
 
 def alignment(vlm_model, scorer_model, scorer_layer, device="cpu", batch_size=8, max_new_tokens=64):
     """Prompt alignment (paper, section 5.3): a vision-language model answers QUESTION about each
-    image; the reward is the BERTScore recall of its answer against "The image contains <prompt>"."""
+    image; the reward is the BERTScore recall of its answer against "The image contains
+    <prompt>"."""
     dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
     processor = pretrained(AutoProcessor, vlm_model, "--alignment-model", padding_side="left")
-    vlm = pretrained(AutoModelForImageTextToText, vlm_model, "--alignment-model", dtype=dtype).to(device).eval()
+    vlm = (
+        pretrained(AutoModelForImageTextToText, vlm_model, "--alignment-model", dtype=dtype)
+        .to(device)
+        .eval()
+    )
     tokenizer = pretrained(AutoTokenizer, scorer_model, "--bertscore-model")
     scorer = pretrained(AutoModel, scorer_model, "--bertscore-model").to(device).eval()
     if not 0 <= scorer_layer <= scorer.config.num_hidden_layers:
-        raise OSError(f"--bertscore-layer {scorer_layer}: {scorer_model} has layers 0 to {scorer.config.num_hidden_layers}; choose one of them")
+        raise OSError(
+            f"--bertscore-layer {scorer_layer}: {scorer_model} has layers 0 to "
+            f"{scorer.config.num_hidden_layers}; choose one of them"
+        )
     chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
     question = processor.apply_chat_template(chat, add_generation_prompt=True)
 
@@ -195,15 +244,28 @@ def alignment(vlm_model, scorer_model, scorer_layer, device="cpu", batch_size=8,
     def score(images, prompts):
         answers = []
         for batch in images.split(batch_size):
-            inputs = processor(images=to_pil(batch), text=[question] * len(batch), return_tensors="pt", padding=True).to(device, dtype)
+            inputs = processor(
+                images=to_pil(batch),
+                text=[question] * len(batch),
+                return_tensors="pt",
+                padding=True,
+            ).to(device, dtype)
             output = vlm.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-            answers += processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        score.answers = [answer.strip() for answer in answers]  # kept for a look at what the VLM said
+            answers += processor.batch_decode(
+                output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+            )
+        score.answers = [
+            answer.strip() for answer in answers
+        ]  # kept for a look at what the VLM said
         references = [f"The image contains {prompt}" for prompt in prompts]
         recalls = []
         for start in range(0, len(answers), batch_size):
-            candidate, candidate_mask, _ = bert_embeddings(score.answers[start : start + batch_size], tokenizer, scorer, scorer_layer, device)
-            reference, _, reference_weight = bert_embeddings(references[start : start + batch_size], tokenizer, scorer, scorer_layer, device)
+            candidate, candidate_mask, _ = bert_embeddings(
+                score.answers[start : start + batch_size], tokenizer, scorer, scorer_layer, device
+            )
+            reference, _, reference_weight = bert_embeddings(
+                references[start : start + batch_size], tokenizer, scorer, scorer_layer, device
+            )
             recalls.append(bertscore_recall(candidate, candidate_mask, reference, reference_weight))
         return torch.cat(recalls).float()
 

@@ -13,6 +13,7 @@ stock pipeline, or the saved `unet/` after a full fine-tune. It writes into a fo
 captioned with its prompt and, for a built-in reward, its reward) and each image as base_K.png
 and tuned_K.png.
 """
+
 import argparse
 import json
 import os
@@ -30,13 +31,23 @@ def fail(message):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="sample.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="sample.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.error = fail
     parser.add_argument("run", help="a run folder of train.py (its config.json and lora/ or unet/)")
-    parser.add_argument("--prompts", nargs="+", help="the prompts, in turn; default the run's own, in order")
+    parser.add_argument(
+        "--prompts", nargs="+", help="the prompts, in turn; default the run's own, in order"
+    )
     parser.add_argument("--num-images", type=int, default=8, help="images per side (default: 8)")
-    parser.add_argument("--seed", type=int, default=0, help="the noise, the same for both sides (default: 0)")
-    parser.add_argument("--eta", type=float, help="DDIM noise level; default the run's (1: as trained; 0: deterministic DDIM)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="the noise, the same for both sides (default: 0)"
+    )
+    parser.add_argument(
+        "--eta",
+        type=float,
+        help="DDIM noise level; default the run's (1: as trained; 0: deterministic DDIM)",
+    )
     parser.add_argument("--device", help="torch device; default cuda when available, else cpu")
     parser.add_argument("--out", help="the folder to write; default RUN/generated/<time>")
     args = parser.parse_args(argv)
@@ -44,7 +55,9 @@ def parse_args(argv=None):
     try:
         saved = json.loads((run / "config.json").read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        fail(f"{run}: no readable config.json ({type(error).__name__}); give the folder of a run train.py wrote")
+        fail(
+            f"{run}: no readable config.json ({type(error).__name__}); give the folder of a run train.py wrote"
+        )
     weights = [run / name for name in ("lora", "unet") if (run / name).is_dir()]
     if not weights:
         fail(f"{run}: no lora/ or unet/ yet (the run writes them after its first epoch)")
@@ -52,7 +65,11 @@ def parse_args(argv=None):
         fail(f"--num-images must be at least 1, got {args.num_images}")
     if args.eta is not None and not 0 <= args.eta <= 1:
         fail(f"--eta must be in [0, 1], got {args.eta}")
-    prompts = args.prompts or config.load_prompts(str(run / config.PROMPTS_COPY) if (run / config.PROMPTS_COPY).is_file() else saved["prompts"])
+    prompts = args.prompts or config.load_prompts(
+        str(run / config.PROMPTS_COPY)
+        if (run / config.PROMPTS_COPY).is_file()
+        else saved["prompts"]
+    )
     args.prompts = [prompts[k % len(prompts)] for k in range(args.num_images)]
     args.eta = saved.get("eta", 1.0) if args.eta is None else args.eta
     args.device = args.device or ("cuda" if config.cuda_available() else "cpu")
@@ -63,7 +80,10 @@ def parse_args(argv=None):
 if __name__ == "__main__":  # a bad flag or run folder answers here, before torch and diffusers load
     cli_args = parse_args()
 
-for library in ("TRANSFORMERS", "DIFFUSERS"):  # before they are imported: keep the console for results
+for library in (
+    "TRANSFORMERS",
+    "DIFFUSERS",
+):  # before they are imported: keep the console for results
     os.environ.setdefault(f"{library}_VERBOSITY", "error")
 
 import torch  # noqa: E402
@@ -81,8 +101,13 @@ def main(argv=None):
     base and tuned, each (N, 3, H, W) in [0, 1]."""
     args, saved, weights = argv if isinstance(argv, tuple) else parse_args(argv)
     pipe = load_pipeline(saved["model"], args.device)
-    sample = lambda: pipe(args.prompts, num_inference_steps=saved["num_steps"], guidance_scale=saved["guidance_scale"], eta=args.eta,  # noqa: E731
-                          generator=torch.Generator(args.device).manual_seed(args.seed), output_type="pt").images
+
+    def sample():
+        generator = torch.Generator(args.device).manual_seed(args.seed)
+        steps, guidance = saved["num_steps"], saved["guidance_scale"]
+        options = dict(num_inference_steps=steps, guidance_scale=guidance, eta=args.eta)
+        return pipe(args.prompts, **options, generator=generator, output_type="pt").images
+
     base = sample()
     if weights.name == "lora":
         pipe.load_lora_weights(weights)
@@ -91,16 +116,30 @@ def main(argv=None):
     tuned = sample()
     # the built-in rewards are cheap, and load_reward makes them as the run did (pixel_color's target); your own and the learned ones are not called
     reward = load_reward(types.SimpleNamespace(**saved)) if saved["reward"] in REWARDS else None
-    scores = [scalar(reward(images, args.prompts)).tolist() if reward else [None] * len(args.prompts) for images in (base, tuned)]
+    scores = [
+        scalar(reward(images, args.prompts)).tolist() if reward else [None] * len(args.prompts)
+        for images in (base, tuned)
+    ]
     args.out.mkdir(parents=True, exist_ok=True)
-    captions = [f"{side}: {prompt[:16]}" + ("" if score is None else f"\n{saved['reward']} {score:.2f}")
-                for side, side_scores in zip(("base", "tuned"), scores) for prompt, score in zip(args.prompts, side_scores)]
-    save_grid(torch.cat([base, tuned]), captions, args.out / "grid.png", size=max(128, min(256, base.shape[-1])), cols=len(args.prompts))
+    captions = [
+        f"{side}: {prompt[:16]}" + ("" if score is None else f"\n{saved['reward']} {score:.2f}")
+        for side, side_scores in zip(("base", "tuned"), scores)
+        for prompt, score in zip(args.prompts, side_scores)
+    ]
+    save_grid(
+        torch.cat([base, tuned]),
+        captions,
+        args.out / "grid.png",
+        size=max(128, min(256, base.shape[-1])),
+        cols=len(args.prompts),
+    )
     for side, images in (("base", base), ("tuned", tuned)):
         for k, picture in enumerate(to_pil(images)):
             picture.save(args.out / f"{side}_{k}.png")
-    print(f"{len(args.prompts)} prompts, base and tuned from the same noise (seed {args.seed}, {saved['num_steps']} steps, "
-          f"guidance {saved['guidance_scale']}, eta {args.eta}) -> {args.out / 'grid.png'}")
+    print(
+        f"{len(args.prompts)} prompts, base and tuned from the same noise (seed {args.seed}, {saved['num_steps']} steps, "
+        f"guidance {saved['guidance_scale']}, eta {args.eta}) -> {args.out / 'grid.png'}"
+    )
     return base, tuned
 
 

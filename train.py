@@ -1,7 +1,7 @@
 """Fine-tune a Stable Diffusion (1.x, 2.x or XL) UNet with DDPO (Black et al. 2023). One epoch is:
 sample trajectories -> reward -> advantages -> minibatch updates -> log (and checkpoint).
 
-    python train.py --reward jpeg                       # SD v1.4 on CUDA, else the bundled CPU model
+    python train.py --reward jpeg                       # SD v1.4 with CUDA, else the bundled model
     python train.py --algo rwr                          # or ddpo-sf, rwr-sparse, pxpo
     python train.py --resume runs/<run>                 # after a crash or Ctrl-C, where it stopped
     torchrun --nproc-per-node 8 train.py --reward jpeg  # data parallel over 8 GPUs
@@ -23,7 +23,10 @@ from collections import defaultdict
 import torch
 from tqdm import tqdm
 
-for library in ("TRANSFORMERS", "DIFFUSERS"):  # before they are imported: keep the console for results
+for library in (
+    "TRANSFORMERS",
+    "DIFFUSERS",
+):  # before they are imported: keep the console for results
     os.environ.setdefault(f"{library}_VERBOSITY", "error")
 
 import ddpo
@@ -34,20 +37,30 @@ from sampler import ddim_step_with_logprob, guided_eps, reduce_elements, sample_
 
 
 def main(argv=None, reward_fn=None):
-    """One training run: argv are train.py's flags (or their Config); returns the history. reward_fn,
-    your own reward function (README, "Your own reward"), is recorded in config.json by its
-    qualified name, and must be given again to resume the run."""
+    """One training run: argv are train.py's flags (or their Config); returns the history.
+    reward_fn, your own reward function (README, "Your own reward"), is recorded in config.json by
+    its qualified name, and must be given again to resume the run."""
     cfg = argv if isinstance(argv, Config) else cli.parse_args(argv, description=__doc__)
-    with Run(cfg, reward_fn) as run:  # machinery/run.py: the processes, the model, the folder, resume
+    with Run(
+        cfg, reward_fn
+    ) as run:  # machinery/run.py: the processes, the model, the folder, resume
         cfg = run.cfg
-        for epoch in run.epochs():  # after the last: the final weights' evaluation (beyond the paper)
+        for (
+            epoch
+        ) in run.epochs():  # after the last: the final weights' evaluation (beyond the paper)
             run.before_sampling(epoch)  # beyond the paper: the fixed-noise evaluation, when due
             # 1. sample: roll out the current policy, one trajectory per drawn prompt
             prompts = run.draw_prompts()
             with run.autocast:
                 traj = sample_trajectories(
-                    run.pipe, prompts, cfg.num_steps, cfg.guidance_scale, cfg.eta, cfg.batch_size,
-                    run.generator, **run.sampling_options(epoch, prompts),
+                    run.pipe,
+                    prompts,
+                    cfg.num_steps,
+                    cfg.guidance_scale,
+                    cfg.eta,
+                    cfg.batch_size,
+                    run.generator,
+                    **run.sampling_options(epoch, prompts),
                 )
             # 2. reward r(x_0, c) of the decoded images, gathered from every process
             all_prompts, reward_out = run.reward(epoch, traj["images"], prompts)
@@ -79,23 +92,30 @@ def update(cfg, run, traj, advantages):
     progress = tqdm(batches, desc="training", disable=None if run.progress else True, leave=False)
     for i, (samples, step_order) in enumerate(progress):
         # each sample's trained steps, a step t of every sample a forward (beyond the paper: K)
-        for chunk, (rows, steps, each) in enumerate(run.fused_steps(samples, step_order, train_steps)):
+        for chunk, (rows, steps, each) in enumerate(
+            run.fused_steps(samples, step_order, train_steps)
+        ):
             with run.autocast:
                 # the stored states s_t = (c, t, x_t), in the UNet's order, and the prediction now
                 x_t, t = traj["latents"][rows, steps], traj["timesteps"][rows, steps]
                 c = traj["prompt_embeds"][rows]
-                eps = guided_eps(run.pipe.unet, x_t, t, c, traj["negative_embeds"], cfg.guidance_scale)
+                eps = guided_eps(
+                    run.pipe.unet, x_t, t, c, traj["negative_embeds"], cfg.guidance_scale
+                )
                 # the action a_t = x_{t-1}: its log-density now, by the function that sampled it
                 action = traj["latents"][rows, steps + 1]
                 _, element_log_prob = ddim_step_with_logprob(
                     run.pipe.scheduler, eps, t, x_t, cfg.eta, action, reduce="none"
                 )
-                # averaged over the latent's elements (README, "Why is the log-prob averaged, not summed?")
+                # averaged over the latent's elements:
+                # README, "Why is the log-prob averaged, not summed?"
                 log_prob = reduce_elements(element_log_prob, "mean")
                 old_log_prob = traj["log_probs"][rows, steps]  # at sampling time
                 A = advantages[rows]
                 if cfg.algo == "ddpo-is":  # importance sampling: ratio p_theta / p_old, clipped
-                    loss = ddpo.ddpo_is_loss(log_prob, old_log_prob, A, cfg.clip_range, cfg.adv_clip_max)
+                    loss = ddpo.ddpo_is_loss(
+                        log_prob, old_log_prob, A, cfg.clip_range, cfg.adv_clip_max
+                    )
                 elif cfg.algo == "ddpo-sf":  # the score function (REINFORCE), on-policy
                     loss = ddpo.ddpo_sf_loss(log_prob, A, cfg.adv_clip_max)
                 else:  # pxpo: every latent position its own advantage
@@ -104,7 +124,9 @@ def update(cfg, run, traj, advantages):
                 penalty, measured = run.extra_loss(traj, (x_t, t, c), eps, chunk == 0, len(samples))
                 loss = loss + penalty  # beyond the paper: the KL leash (0 without --kl-coef)
                 diagnostics.update(measured)
-            (loss * each / (train_steps * microbatches)).backward()  # loss: a mean over these states
+            (
+                loss * each / (train_steps * microbatches)
+            ).backward()  # loss: a mean over these states
             for key, value in {"loss": loss.detach(), **diagnostics}.items():
                 stats[key].append((value, each))
         if (i + 1) % microbatches == 0:
@@ -161,7 +183,9 @@ def rwr_regression_loss(cfg, pipe, traj, weights, rows, rng):
     x0 = traj["latents"][rows, -1]
     noise = torch.randn_like(x0)
     size = len(rows)
-    t = torch.as_tensor(rng.integers(pipe.scheduler.config.num_train_timesteps, size=size), device=x0.device)
+    t = torch.as_tensor(
+        rng.integers(pipe.scheduler.config.num_train_timesteps, size=size), device=x0.device
+    )
     x_t, c = pipe.scheduler.add_noise(x0, noise, t), traj["prompt_embeds"][rows]
     prediction = guided_eps(pipe.unet, x_t, t, c, traj["negative_embeds"], cfg.guidance_scale)
     if pipe.scheduler.config.prediction_type == "v_prediction":

@@ -22,6 +22,7 @@ preset, so all get the same samples per epoch and the same reward queries.
 A finished run (its wall_seconds.txt written) is reused, so an interrupted sweep picks up where
 it stopped. With --jobs N, N runs go at once, each its own single-threaded process.
 """
+
 import argparse
 import contextlib
 import io
@@ -49,7 +50,10 @@ import train  # noqa: E402
 
 # On pixel_background ddpo-sf is PXPO's control: with a flat reward map PXPO is DDPO_SF, so the two
 # differ only in the per-pixel credit, while ddpo-is also differs in its 4 clipped updates per epoch.
-COMPARISONS = {"jpeg": ("ddpo-is", "ddpo-sf", "rwr", "rwr-sparse"), "pixel_background": ("ddpo-is", "ddpo-sf", "pxpo", "pxpo-position")}
+COMPARISONS = {
+    "jpeg": ("ddpo-is", "ddpo-sf", "rwr", "rwr-sparse"),
+    "pixel_background": ("ddpo-is", "ddpo-sf", "pxpo", "pxpo-position"),
+}
 # A variant is an algorithm run with more flags: PXPO with each latent position normalised by its own statistics
 VARIANTS = {"pxpo-position": ["--algo", "pxpo", "--pxpo-normalise", "position"]}
 LRS = (5e-4, 1.6e-3, 5e-3, 1.6e-2)  # log-spaced by sqrt(10), around the tiny preset's 5e-3
@@ -65,7 +69,11 @@ def algo_flags(algo):
 
 
 def grid(algo, lrs=LRS, betas=BETAS):
-    return [{"lr": lr, **({"beta": beta} if algo == "rwr" else {})} for lr in lrs for beta in (betas if algo == "rwr" else (None,))]
+    return [
+        {"lr": lr, **({"beta": beta} if algo == "rwr" else {})}
+        for lr in lrs
+        for beta in (betas if algo == "rwr" else (None,))
+    ]
 
 
 def name(setting):
@@ -87,7 +95,12 @@ def run(argv, out, epochs, jobs):
         argv = [*argv, "--epochs", str(epochs), "--out", str(out)]
         if jobs > 1:
             env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-            subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], check=True, env=env, stdout=subprocess.DEVNULL)
+            subprocess.run(
+                [sys.executable, str(ROOT / "train.py"), *argv],
+                check=True,
+                env=env,
+                stdout=subprocess.DEVNULL,
+            )
         else:
             with contextlib.redirect_stdout(io.StringIO()):  # keep the console for the results
                 train.main(argv)
@@ -98,14 +111,19 @@ def run(argv, out, epochs, jobs):
 
 def run_all(tasks, args):
     """tasks: {key: (argv, out)} -> {key: (metrics, wall)}, args.jobs at a time, each printed when done."""
+
     def one(key):
         argv, out = tasks[key]
         metrics, wall = run([*argv, *shlex.split(args.train_args)], out, args.epochs, args.jobs)
         epochs = [m for m in metrics if "reward_mean" in m]  # not the final evaluation's row
         first, last = epochs[0], epochs[-1]
-        print(f"{out.name}: reward {first['reward_mean']:.3f} -> {last['reward_mean']:.3f}, "
-              f"fidelity {first.get('fidelity', float('nan')):.2f} -> {last.get('fidelity', float('nan')):.2f} ({wall:.0f} s)", flush=True)
+        print(
+            f"{out.name}: reward {first['reward_mean']:.3f} -> {last['reward_mean']:.3f}, "
+            f"fidelity {first.get('fidelity', float('nan')):.2f} -> {last.get('fidelity', float('nan')):.2f} ({wall:.0f} s)",
+            flush=True,
+        )
         return key, (metrics, wall)
+
     if args.jobs == 1:  # in the main thread: train.py's Ctrl-C handling needs it
         return dict(map(one, tasks))
     with ThreadPoolExecutor(args.jobs) as pool:
@@ -130,16 +148,37 @@ def tune(args, comparisons):
     """Every grid setting of every algorithm on the tuning seed; tune/tune.json keeps each
     algorithm's results and choice (merged with earlier ones, so a grid can be widened later)."""
     folder = args.out / "tune"
-    grids = {(reward, algo): {name(s): s for s in grid(algo, args.lrs, args.betas)} for reward, algos in comparisons.items() for algo in algos}
-    tasks = {(reward, algo, key): ([*algo_flags(algo), "--reward", reward, "--seed", str(args.tune_seed), *flags(s)], folder / f"{reward}-{algo}-{key}")
-             for (reward, algo), settings in grids.items() for key, s in settings.items()}
+    grids = {
+        (reward, algo): {name(s): s for s in grid(algo, args.lrs, args.betas)}
+        for reward, algos in comparisons.items()
+        for algo in algos
+    }
+    tasks = {
+        (reward, algo, key): (
+            [*algo_flags(algo), "--reward", reward, "--seed", str(args.tune_seed), *flags(s)],
+            folder / f"{reward}-{algo}-{key}",
+        )
+        for (reward, algo), settings in grids.items()
+        for key, s in settings.items()
+    }
     results = run_all(tasks, args)
     path = folder / "tune.json"
     tuned = json.loads(path.read_text()) if path.is_file() else {}
     for (reward, algo), settings in grids.items():
         best = choose({key: results[(reward, algo, key)] for key in settings})
-        tuned.setdefault(reward, {})[algo] = {"chosen": settings[best], "seed": args.tune_seed, "epochs": args.epochs, "settings": [
-            {"setting": s, "first": results[(reward, algo, key)][0][0], "last": results[(reward, algo, key)][0][-1]} for key, s in settings.items()]}
+        tuned.setdefault(reward, {})[algo] = {
+            "chosen": settings[best],
+            "seed": args.tune_seed,
+            "epochs": args.epochs,
+            "settings": [
+                {
+                    "setting": s,
+                    "first": results[(reward, algo, key)][0][0],
+                    "last": results[(reward, algo, key)][0][-1],
+                }
+                for key, s in settings.items()
+            ],
+        }
     path.write_text(json.dumps(tuned, indent=1) + "\n")
     table = tuning_table(tuned)
     print(table)
@@ -149,15 +188,24 @@ def tune(args, comparisons):
 
 def tuning_table(tuned):
     """Markdown: every setting tried, its first and last epoch, the fidelity it kept, the choice."""
-    rows = ["| reward | algorithm | setting | first epoch | last epoch | fidelity first -> last (kept) | chosen |", "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| reward | algorithm | setting | first epoch | last epoch | fidelity first -> last (kept) | chosen |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for reward, algos in tuned.items():
         for algo, result in algos.items():
             for row in result["settings"]:
                 first, last = row["first"], row["last"]
                 kept_share = kept([first, last])
-                fidelity = f"{first['fidelity']:.2f} -> {last['fidelity']:.2f} ({kept_share:.2f})" if "fidelity" in first else "-"
+                fidelity = (
+                    f"{first['fidelity']:.2f} -> {last['fidelity']:.2f} ({kept_share:.2f})"
+                    if "fidelity" in first
+                    else "-"
+                )
                 mark = "**yes**" if row["setting"] == result["chosen"] else ""
-                rows.append(f"| {reward} | {algo} | {name(row['setting'])} | {first['reward_mean']:.3f} | {last['reward_mean']:.3f} | {fidelity} | {mark} |")
+                rows.append(
+                    f"| {reward} | {algo} | {name(row['setting'])} | {first['reward_mean']:.3f} | {last['reward_mean']:.3f} | {fidelity} | {mark} |"
+                )
     return "\n".join(rows)
 
 
@@ -166,13 +214,36 @@ def final(args, comparisons):
     if not path.is_file():
         sys.exit(f"compare.py: error: {path} not found: run the tuning first (--stage tune)")
     tuned = json.loads(path.read_text())
-    missing = [f"{reward} {algo}" for reward, algos in comparisons.items() for algo in algos if algo not in tuned.get(reward, {})]
+    missing = [
+        f"{reward} {algo}"
+        for reward, algos in comparisons.items()
+        for algo in algos
+        if algo not in tuned.get(reward, {})
+    ]
     if missing:
-        sys.exit(f"compare.py: error: {path} has no choice for {', '.join(missing)}: run --stage tune for it first")
-    chosen = {reward: {algo: result["chosen"] for algo, result in algos.items()} for reward, algos in tuned.items()}
-    tasks = {(reward, algo, seed): ([*algo_flags(algo), "--reward", reward, "--seed", str(seed), *flags(chosen[reward][algo])],
-                                    args.out / f"{reward}-{algo}-{name(chosen[reward][algo])}-seed{seed}")
-             for reward, algos in comparisons.items() for algo in algos for seed in args.seeds}
+        sys.exit(
+            f"compare.py: error: {path} has no choice for {', '.join(missing)}: run --stage tune for it first"
+        )
+    chosen = {
+        reward: {algo: result["chosen"] for algo, result in algos.items()}
+        for reward, algos in tuned.items()
+    }
+    tasks = {
+        (reward, algo, seed): (
+            [
+                *algo_flags(algo),
+                "--reward",
+                reward,
+                "--seed",
+                str(seed),
+                *flags(chosen[reward][algo]),
+            ],
+            args.out / f"{reward}-{algo}-{name(chosen[reward][algo])}-seed{seed}",
+        )
+        for reward, algos in comparisons.items()
+        for algo in algos
+        for seed in args.seeds
+    }
     results = run_all(tasks, args)
     runs = {}
     for (reward, algo, seed), result in results.items():
@@ -180,24 +251,31 @@ def final(args, comparisons):
     table = summarise(runs, chosen)
     print(table)
     seeds = {result["seed"] for algos in tuned.values() for result in algos.values()}
-    (args.out / "compare.md").write_text(f"Seeds {' '.join(map(str, args.seeds))}, {args.epochs} epochs a run.\n\n{table}\n\n"
-                                         f"## The tuning (seed {', '.join(map(str, sorted(seeds)))})\n\n{tuning_table(tuned)}\n")
+    (args.out / "compare.md").write_text(
+        f"Seeds {' '.join(map(str, args.seeds))}, {args.epochs} epochs a run.\n\n{table}\n\n"
+        f"## The tuning (seed {', '.join(map(str, sorted(seeds)))})\n\n{tuning_table(tuned)}\n"
+    )
     plot(runs, args.out / "compare.png")
     return runs
 
 
 def summarise(runs, chosen):
     """Markdown rows: first and last epoch's reward (median and range over seeds), fidelity kept, time."""
-    rows = ["| reward | algorithm | chosen | seeds | first epoch | last epoch (median) | last epoch (min-max) | last fidelity (median) | "
-            "fidelity kept (median) | wall s / run |", "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| reward | algorithm | chosen | seeds | first epoch | last epoch (median) | last epoch (min-max) | last fidelity (median) | "
+        "fidelity kept (median) | wall s / run |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for (reward, algo), seeds in runs.items():
         first = statistics.median(m[0]["reward_mean"] for m, _ in seeds)
         last = [m[-1]["reward_mean"] for m, _ in seeds]
         fidelity = [m[-1]["fidelity"] for m, _ in seeds if "fidelity" in m[-1]]
         fidelity = f"{statistics.median(fidelity):.3f}" if fidelity else "-"
         wall = statistics.median(w for _, w in seeds)
-        rows.append(f"| {reward} | {algo} | {name(chosen[reward][algo])} | {len(seeds)} | {first:.3f} | {statistics.median(last):.3f} | "
-                    f"{min(last):.3f} to {max(last):.3f} | {fidelity} | {statistics.median(kept(m) for m, _ in seeds):.2f} | {wall:.0f} |")
+        rows.append(
+            f"| {reward} | {algo} | {name(chosen[reward][algo])} | {len(seeds)} | {first:.3f} | {statistics.median(last):.3f} | "
+            f"{min(last):.3f} to {max(last):.3f} | {fidelity} | {statistics.median(kept(m) for m, _ in seeds):.2f} | {wall:.0f} |"
+        )
     return "\n".join(rows)
 
 
@@ -213,8 +291,12 @@ def plot(runs, path):
             for row, key in enumerate(("reward_mean", "fidelity")):
                 curves = np.array([[m.get(key, np.nan) for m in metrics] for metrics, _ in seeds])
                 axes[row, column].plot(queries, curves.mean(axis=0), label=algo)
-                axes[row, column].fill_between(queries, curves.min(axis=0), curves.max(axis=0), alpha=0.2)
-        axes[0, column].set(ylabel=f"mean reward ({reward})", title=f"{reward}: mean of seeds, range shaded")
+                axes[row, column].fill_between(
+                    queries, curves.min(axis=0), curves.max(axis=0), alpha=0.2
+                )
+        axes[0, column].set(
+            ylabel=f"mean reward ({reward})", title=f"{reward}: mean of seeds, range shaded"
+        )
         axes[1, column].set(xlabel="reward queries", ylabel="fidelity (toy_world.judge)")
         for ax in axes[:, column]:
             ax.legend(fontsize=8)
@@ -223,21 +305,52 @@ def plot(runs, path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--stage", choices=("tune", "final", "all"), default="all")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="final stage's seeds")
-    parser.add_argument("--tune-seed", type=int, default=100, help="the tuning's one seed, not among --seeds")
-    parser.add_argument("--epochs", type=int, default=15, help="epochs per run: the budget is epochs x samples per epoch")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="final stage's seeds"
+    )
+    parser.add_argument(
+        "--tune-seed", type=int, default=100, help="the tuning's one seed, not among --seeds"
+    )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=15,
+        help="epochs per run: the budget is epochs x samples per epoch",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/compare"))
-    parser.add_argument("--train-args", default="", help="more train.py flags for every run, quoted (e.g. a smaller --model)")
-    parser.add_argument("--algos", nargs="+", help="only these algorithms (default: every one in the comparisons)")
-    parser.add_argument("--lrs", type=float, nargs="+", default=LRS, help="the tuning's learning rates")
-    parser.add_argument("--betas", type=float, nargs="+", default=BETAS, help="the tuning's betas for dense RWR")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at once, each a single-threaded process (1: one after another, here)")
+    parser.add_argument(
+        "--train-args",
+        default="",
+        help="more train.py flags for every run, quoted (e.g. a smaller --model)",
+    )
+    parser.add_argument(
+        "--algos", nargs="+", help="only these algorithms (default: every one in the comparisons)"
+    )
+    parser.add_argument(
+        "--lrs", type=float, nargs="+", default=LRS, help="the tuning's learning rates"
+    )
+    parser.add_argument(
+        "--betas", type=float, nargs="+", default=BETAS, help="the tuning's betas for dense RWR"
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs at once, each a single-threaded process (1: one after another, here)",
+    )
     args = parser.parse_args(argv)
     if args.tune_seed in args.seeds:
-        parser.error(f"--tune-seed {args.tune_seed} is among --seeds: the final numbers must come from seeds the tuning did not pick from")
-    comparisons = {reward: tuple(a for a in algos if not args.algos or a in args.algos) for reward, algos in COMPARISONS.items()}
+        parser.error(
+            f"--tune-seed {args.tune_seed} is among --seeds: the final numbers must come from seeds the tuning did not pick from"
+        )
+    comparisons = {
+        reward: tuple(a for a in algos if not args.algos or a in args.algos)
+        for reward, algos in COMPARISONS.items()
+    }
     comparisons = {reward: algos for reward, algos in comparisons.items() if algos}
     if args.stage in ("tune", "all"):
         tune(args, comparisons)

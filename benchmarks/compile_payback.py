@@ -14,6 +14,7 @@ neither read nor written. The table gives each run's wall time (start of the pro
 its first epoch's sampling + update seconds (where the compiling happens) and the median of the
 others, and each arm's median wall time over the eager arm's.
 """
+
 import argparse
 import json
 import os
@@ -32,16 +33,33 @@ def run(arm, out, cache, train_args):
     """One demo run: its wall seconds and each epoch's sampling + update seconds."""
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
     start = time.perf_counter()
-    subprocess.run([sys.executable, str(ROOT / "train.py"), "--reward", "jpeg", "--out", str(out), *ARMS[arm], *train_args],
-                   env=env, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "--reward",
+            "jpeg",
+            "--out",
+            str(out),
+            *ARMS[arm],
+            *train_args,
+        ],
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     wall = time.perf_counter() - start
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    epochs = [m["sample_seconds"] + m["train_seconds"] for m in metrics if "reward_mean" in m]  # not a final evaluation's row
+    epochs = [
+        m["sample_seconds"] + m["train_seconds"] for m in metrics if "reward_mean" in m
+    ]  # not a final evaluation's row
     return {"wall": wall, "first": epochs[0], "epochs": epochs}
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=2, help="turns of the arms")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("train_args", nargs="*", help="after --: more flags for train.py")
@@ -49,17 +67,27 @@ def main(argv=None):
     runs = {arm: [] for arm in args.arms}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        if "warm" in args.arms:  # fill the warm arm's cache: a compiled run of one epoch, not measured
+        if (
+            "warm" in args.arms
+        ):  # fill the warm arm's cache: a compiled run of one epoch, not measured
             run("warm", tmp / "prime", tmp / "cache-warm", [*args.train_args, "--epochs", "1"])
         for turn in range(args.rounds):
             for arm in args.arms:
-                cache = tmp / ("cache-warm" if arm == "warm" else f"cache-{arm}-{turn}")  # cold: a new, empty one each time
+                cache = tmp / (
+                    "cache-warm" if arm == "warm" else f"cache-{arm}-{turn}"
+                )  # cold: a new, empty one each time
                 runs[arm].append(run(arm, tmp / f"{arm}-{turn}", cache, args.train_args))
                 result = runs[arm][-1]
-                print(f"round {turn} {arm}: wall {result['wall']:.1f} s, epochs " + " ".join(f"{s:.2f}" for s in result["epochs"]), flush=True)
+                print(
+                    f"round {turn} {arm}: wall {result['wall']:.1f} s, epochs "
+                    + " ".join(f"{s:.2f}" for s in result["epochs"]),
+                    flush=True,
+                )
     medians = {arm: statistics.median(r["wall"] for r in results) for arm, results in runs.items()}
-    lines = ["| arm | wall time of each run (s) | first epoch (s) | median of the other epochs (s) | median wall / eager's |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| arm | wall time of each run (s) | first epoch (s) | median of the other epochs (s) | median wall / eager's |",
+        "|---|---|---|---|---|",
+    ]
     for arm, results in runs.items():
         walls, firsts = (", ".join(f"{r[key]:.1f}" for r in results) for key in ("wall", "first"))
         rest = ", ".join(f"{statistics.median(r['epochs'][1:]):.2f}" for r in results)

@@ -11,6 +11,7 @@ A, B, C, A, B, C...; the table gives each repeat's seconds per epoch, the median
 ratios to the "no kl_to_base" arm, with the UNet calls of one counted epoch. Arguments after `--` go
 to train.py.
 """
+
 import argparse
 import contextlib
 import io
@@ -27,6 +28,7 @@ import train  # noqa: E402
 @contextlib.contextmanager
 def without_kl_measurement():
     update = train.update
+
     def no_base(cfg, run, *args):
         run.base = None  # as the loop was before the leash: no base policy, no kl_to_base
         return update(cfg, run, *args)
@@ -39,9 +41,13 @@ def without_kl_measurement():
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=4, help="epochs a run; the first is not counted")
+    parser.add_argument(
+        "--epochs", type=int, default=4, help="epochs a run; the first is not counted"
+    )
     parser.add_argument("--kl-coef", type=float, default=1.0)
     parser.add_argument("train_args", nargs="*", help="more train.py arguments, after --")
     args = parser.parse_args(argv)
@@ -54,16 +60,26 @@ def main(argv=None):
     for repeat in range(args.repeats):
         for arm, (context, flags) in arms.items():
             with context(), contextlib.redirect_stdout(io.StringIO()):
-                result = overhead.main(["--epochs", str(args.epochs), "--", *args.train_args, *flags])
+                result = overhead.main(
+                    ["--epochs", str(args.epochs), "--", *args.train_args, *flags]
+                )
             seconds[arm].append(result["epoch_seconds"])
-            calls[arm] = [result[key] // (args.epochs - 1) for key in ("sampling_calls", "training_calls", "base_calls")]  # per counted epoch
+            calls[arm] = [
+                result[key] // (args.epochs - 1)
+                for key in ("sampling_calls", "training_calls", "base_calls")
+            ]  # per counted epoch
             print(f"repeat {repeat} {arm}: {result['epoch_seconds']:.2f} s/epoch", flush=True)
     reference = statistics.median(seconds["no kl_to_base"])
-    lines = ["| arm | s/epoch, each repeat | median | ratio | UNet calls an epoch: sampling, update (base) |", "|---|---|---|---|---|"]
+    lines = [
+        "| arm | s/epoch, each repeat | median | ratio | UNet calls an epoch: sampling, update (base) |",
+        "|---|---|---|---|---|",
+    ]
     for arm, values in seconds.items():
         median = statistics.median(values)
         sampling, update, base = calls[arm]
-        lines.append(f"| {arm} | {', '.join(f'{v:.2f}' for v in values)} | {median:.2f} | {median / reference:.3f} | {sampling}, {update} ({base}) |")
+        lines.append(
+            f"| {arm} | {', '.join(f'{v:.2f}' for v in values)} | {median:.2f} | {median / reference:.3f} | {sampling}, {update} ({base}) |"
+        )
     print("\n".join(lines))
     return seconds
 

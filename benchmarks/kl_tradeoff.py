@@ -19,6 +19,7 @@ It writes kl_tradeoff.md (every run, then the median and range per coefficient) 
 kl_tradeoff.png (cut against kept, and against kl_to_base, one point a run). A finished run is
 reused. With --jobs N, N runs go at once, each its own single-threaded process.
 """
+
 import argparse
 import statistics
 import sys
@@ -33,45 +34,96 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from compare import run_all  # noqa: E402
 
-COEFS = (0.0, 0.003, 0.01, 0.03, 0.1)  # the paper's DDPO, then log-spaced by about sqrt(10) (at 0.1 the JPEG gain is mostly gone)
+COEFS = (
+    0.0,
+    0.003,
+    0.01,
+    0.03,
+    0.1,
+)  # the paper's DDPO, then log-spaced by about sqrt(10) (at 0.1 the JPEG gain is mostly gone)
 KEPT = 0.95  # the fidelity a leashed run should keep, as a share of the base model's
 
 
 def summary(metrics):
     """One run's numbers (module docstring)."""
-    epochs = [m for m in metrics if "reward_mean" in m]  # the epochs' rows, not the final evaluation's
+    epochs = [
+        m for m in metrics if "reward_mean" in m
+    ]  # the epochs' rows, not the final evaluation's
     first, last = epochs[0], epochs[-1]
-    evals = [m for m in metrics if "eval_reward_mean" in m]  # the base model's first, the final weights' last
-    row = {"cut": 1 - last["reward_mean"] / first["reward_mean"], "kept": last["fidelity"] / first["fidelity"],
-           "kl_to_base": evals[-1]["eval_kl_to_base"], "first_kb": -first["reward_mean"], "last_kb": -last["reward_mean"]}
+    evals = [
+        m for m in metrics if "eval_reward_mean" in m
+    ]  # the base model's first, the final weights' last
+    row = {
+        "cut": 1 - last["reward_mean"] / first["reward_mean"],
+        "kept": last["fidelity"] / first["fidelity"],
+        "kl_to_base": evals[-1]["eval_kl_to_base"],
+        "first_kb": -first["reward_mean"],
+        "last_kb": -last["reward_mean"],
+    }
     start, end = evals[0], evals[-1]
     for group in ("trained", "heldout"):
-        row[f"eval_{group}_cut"] = 1 - end[f"eval_{group}_reward_mean"] / start[f"eval_{group}_reward_mean"]
+        row[f"eval_{group}_cut"] = (
+            1 - end[f"eval_{group}_reward_mean"] / start[f"eval_{group}_reward_mean"]
+        )
         row[f"eval_{group}_kept"] = end[f"eval_{group}_fidelity"] / start[f"eval_{group}_fidelity"]
-    row["carried"] = row["eval_heldout_cut"] / row["eval_trained_cut"] if row["eval_trained_cut"] > 0 else float("nan")
+    row["carried"] = (
+        row["eval_heldout_cut"] / row["eval_trained_cut"]
+        if row["eval_trained_cut"] > 0
+        else float("nan")
+    )
     return row
 
 
-COLUMNS = ("first_kb", "last_kb", "cut", "kept", "kl_to_base", "eval_trained_cut", "eval_heldout_cut", "carried", "eval_trained_kept", "eval_heldout_kept")
+COLUMNS = (
+    "first_kb",
+    "last_kb",
+    "cut",
+    "kept",
+    "kl_to_base",
+    "eval_trained_cut",
+    "eval_heldout_cut",
+    "carried",
+    "eval_trained_kept",
+    "eval_heldout_kept",
+)
 
 
 def table(rows):
     """Markdown: every run, then per coefficient the median (and min-max) over its seeds."""
-    lines = ["| kl-coef | seed | " + " | ".join(COLUMNS) + " | wall s |", "|---" * (len(COLUMNS) + 3) + "|"]
+    lines = [
+        "| kl-coef | seed | " + " | ".join(COLUMNS) + " | wall s |",
+        "|---" * (len(COLUMNS) + 3) + "|",
+    ]
     for (coef, seed), (row, wall) in sorted(rows.items()):
-        lines.append(f"| {coef:g} | {seed} | " + " | ".join(f"{row[c]:.3g}" for c in COLUMNS) + f" | {wall:.0f} |")
-    lines += ["", "| kl-coef | seeds | " + " | ".join(f"{c} median (min-max)" for c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 2) + "|"]
+        lines.append(
+            f"| {coef:g} | {seed} | "
+            + " | ".join(f"{row[c]:.3g}" for c in COLUMNS)
+            + f" | {wall:.0f} |"
+        )
+    lines += [
+        "",
+        "| kl-coef | seeds | " + " | ".join(f"{c} median (min-max)" for c in COLUMNS) + " |",
+        "|---" * (len(COLUMNS) + 2) + "|",
+    ]
     for coef in sorted({coef for coef, _ in rows}):
         seeds = [row for (c, _), (row, _) in rows.items() if c == coef]
-        cells = [f"{statistics.median(r[c] for r in seeds):.3g} ({min(r[c] for r in seeds):.3g}-{max(r[c] for r in seeds):.3g})" for c in COLUMNS]
+        cells = [
+            f"{statistics.median(r[c] for r in seeds):.3g} ({min(r[c] for r in seeds):.3g}-{max(r[c] for r in seeds):.3g})"
+            for c in COLUMNS
+        ]
         lines.append(f"| {coef:g} | {len(seeds)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def best(rows):
     """The coefficient with the largest median cut among those whose median run keeps KEPT of its fidelity, or None."""
-    medians = {coef: {key: statistics.median(row[key] for (c, _), (row, _) in rows.items() if c == coef) for key in ("cut", "kept")}
-               for coef, _ in rows}
+    medians = {
+        coef: {
+            key: statistics.median(row[key] for (c, _), (row, _) in rows.items() if c == coef)
+            for key in ("cut", "kept")
+        }
+        for coef, _ in rows
+    }
     keeping = [coef for coef, m in medians.items() if m["kept"] >= KEPT]
     return max(keeping, key=lambda coef: medians[coef]["cut"]) if keeping else None
 
@@ -83,10 +135,23 @@ def plot(rows, path):
     for coef, colour in zip(coefs, colours):
         seeds = [row for (c, _), (row, _) in rows.items() if c == coef]
         for ax, key in zip(axes, ("kept", "kl_to_base")):
-            ax.scatter([r[key] for r in seeds], [100 * r["cut"] for r in seeds], color=colour, label=f"kl-coef {coef:g}")
+            ax.scatter(
+                [r[key] for r in seeds],
+                [100 * r["cut"] for r in seeds],
+                color=colour,
+                label=f"kl-coef {coef:g}",
+            )
     axes[0].axvline(KEPT, color="grey", linestyle=":", label=f"{KEPT:.0%} of the fidelity kept")
-    axes[0].set(xlabel="fidelity kept (last epoch / first)", ylabel="JPEG size cut (%), last epoch vs first", title="reward against fidelity")
-    axes[1].set(xlabel="kl_to_base of the final weights (per latent element)", ylabel="JPEG size cut (%)", title="reward against drift")
+    axes[0].set(
+        xlabel="fidelity kept (last epoch / first)",
+        ylabel="JPEG size cut (%), last epoch vs first",
+        title="reward against fidelity",
+    )
+    axes[1].set(
+        xlabel="kl_to_base of the final weights (per latent element)",
+        ylabel="JPEG size cut (%)",
+        title="reward against drift",
+    )
     axes[1].set_xscale("log")
     for ax in axes:
         ax.axhline(30, color="grey", linestyle="--", linewidth=0.8)
@@ -96,23 +161,58 @@ def plot(rows, path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--coefs", type=float, nargs="+", default=COEFS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=35, help="the demo's 35")
-    parser.add_argument("--eval-every", type=int, default=17, help="epochs between evaluations (and before the first epoch and after the last)")
-    parser.add_argument("--eval-samples", type=int, default=45, help="evaluation images: 3 of each of the 15 prompts")
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=17,
+        help="epochs between evaluations (and before the first epoch and after the last)",
+    )
+    parser.add_argument(
+        "--eval-samples",
+        type=int,
+        default=45,
+        help="evaluation images: 3 of each of the 15 prompts",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/kl-tradeoff"))
-    parser.add_argument("--train-args", default="", help="more train.py flags for every run, quoted")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at once, each a single-threaded process")
+    parser.add_argument(
+        "--train-args", default="", help="more train.py flags for every run, quoted"
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="runs at once, each a single-threaded process"
+    )
     args = parser.parse_args(argv)
-    common = ["--reward", "jpeg", "--prompts", "shapes_train", "--eval-prompts", "shapes",
-              "--eval-every", str(args.eval_every), "--eval-samples", str(args.eval_samples)]
-    tasks = {(coef, seed): ([*common, "--kl-coef", f"{coef:g}", "--seed", str(seed)], args.out / f"kl{coef:g}-seed{seed}")
-             for seed in args.seeds for coef in args.coefs}
+    common = [
+        "--reward",
+        "jpeg",
+        "--prompts",
+        "shapes_train",
+        "--eval-prompts",
+        "shapes",
+        "--eval-every",
+        str(args.eval_every),
+        "--eval-samples",
+        str(args.eval_samples),
+    ]
+    tasks = {
+        (coef, seed): (
+            [*common, "--kl-coef", f"{coef:g}", "--seed", str(seed)],
+            args.out / f"kl{coef:g}-seed{seed}",
+        )
+        for seed in args.seeds
+        for coef in args.coefs
+    }
     rows = {key: (summary(metrics), wall) for key, (metrics, wall) in run_all(tasks, args).items()}
     chosen = best(rows)
-    text = table(rows) + f"\n\nThe largest median cut among the kl-coefs whose median run keeps {KEPT:.0%} of its fidelity: {chosen if chosen is not None else 'none'}\n"
+    text = (
+        table(rows)
+        + f"\n\nThe largest median cut among the kl-coefs whose median run keeps {KEPT:.0%} of its fidelity: {chosen if chosen is not None else 'none'}\n"
+    )
     print(text)
     (args.out / "kl_tradeoff.md").write_text(text)
     plot(rows, args.out / "kl_tradeoff.png")

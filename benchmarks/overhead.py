@@ -14,6 +14,7 @@ everything the epochs took beyond it (text encoding, the VAE, the per-step Pytho
 rewards, logging, saving) is overhead. The last line is overhead_ratio=<epochs / floor>.
 Arguments after `--` go to train.py.
 """
+
 import argparse
 import contextlib
 import json
@@ -34,12 +35,26 @@ from machinery.pipeline import DTYPES  # noqa: E402
 @contextlib.contextmanager
 def instrument(calls, epoch_starts, pipes):
     """While inside, train.main records each UNet call, the start of each epoch's sampling, and its pipeline."""
-    load_model, sample_trajectories, update = machinery.run.load_model, train.sample_trajectories, train.update
+    load_model, sample_trajectories, update = (
+        machinery.run.load_model,
+        train.sample_trajectories,
+        train.update,
+    )
     phase = ["sampling"]
 
     def record(unet, args, kwargs):
-        sample, timestep, context = (list(args) + [kwargs.get("timestep"), kwargs.get("encoder_hidden_states")])[:3]
-        calls.append((time.perf_counter(), tuple(sample.shape), tuple(context.shape), torch.is_grad_enabled(), phase[0]))
+        sample, timestep, context = (
+            list(args) + [kwargs.get("timestep"), kwargs.get("encoder_hidden_states")]
+        )[:3]
+        calls.append(
+            (
+                time.perf_counter(),
+                tuple(sample.shape),
+                tuple(context.shape),
+                torch.is_grad_enabled(),
+                phase[0],
+            )
+        )
 
     def loading(*args, **kwargs):
         pipe = load_model(*args, **kwargs)
@@ -62,7 +77,11 @@ def instrument(calls, epoch_starts, pipes):
     try:
         yield
     finally:
-        machinery.run.load_model, train.sample_trajectories, train.update = load_model, sample_trajectories, update
+        machinery.run.load_model, train.sample_trajectories, train.update = (
+            load_model,
+            sample_trajectories,
+            update,
+        )
 
 
 def replay(unet, calls, autocast):
@@ -87,40 +106,64 @@ def replay(unet, calls, autocast):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=4, help="epochs to run; the first is warm-up and not counted")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=4, help="epochs to run; the first is warm-up and not counted"
+    )
     parser.add_argument("train_args", nargs="*", help="more train.py arguments, after --")
     args = parser.parse_args(argv)
     if args.epochs < 2:
         parser.error("--epochs must be at least 2: the first one only warms up")
     calls, epoch_starts, pipes = [], [], []
     with instrument(calls, epoch_starts, pipes), tempfile.TemporaryDirectory() as tmp:
-        history = train.main(["--epochs", str(args.epochs), "--out", f"{tmp}/run", *args.train_args])
+        history = train.main(
+            ["--epochs", str(args.epochs), "--out", f"{tmp}/run", *args.train_args]
+        )
         end = time.perf_counter()
         cfg = json.loads(Path(f"{tmp}/run/config.json").read_text())
     counted = [c for c in calls if c[0] >= epoch_starts[1]]
     epochs = history[1:]
     measured = end - epoch_starts[1]
-    sample_s, train_s = sum(m["sample_seconds"] for m in epochs), sum(m["train_seconds"] for m in epochs)
+    sample_s, train_s = (
+        sum(m["sample_seconds"] for m in epochs),
+        sum(m["train_seconds"] for m in epochs),
+    )
 
     unet = pipes[0].unet
-    autocast = torch.autocast(unet.device.type, dtype=DTYPES[cfg["mixed_precision"]], enabled=cfg["mixed_precision"] != "no")
+    autocast = torch.autocast(
+        unet.device.type,
+        dtype=DTYPES[cfg["mixed_precision"]],
+        enabled=cfg["mixed_precision"] != "no",
+    )
     floor_sample, floor_train = replay(unet, counted, autocast)
 
     n = len(epochs)
     sampling_calls = sum(c[4] == "sampling" for c in counted)
     base_calls = sum(c[4] == "update" and not c[3] for c in counted)
-    print(f"{n} epochs counted ({cfg['samples_per_epoch']} samples, {cfg['num_steps']} steps, batch {cfg['batch_size']}, "
-          f"{cfg['model']} on {cfg['device']}, {torch.get_num_threads()} threads)")
-    print(f"UNet calls: {sampling_calls} sampling, {len(counted) - sampling_calls} training ({base_calls} of them the base policy's, no gradient)")
+    print(
+        f"{n} epochs counted ({cfg['samples_per_epoch']} samples, {cfg['num_steps']} steps, batch {cfg['batch_size']}, "
+        f"{cfg['model']} on {cfg['device']}, {torch.get_num_threads()} threads)"
+    )
+    print(
+        f"UNet calls: {sampling_calls} sampling, {len(counted) - sampling_calls} training ({base_calls} of them the base policy's, no gradient)"
+    )
     print(f"sampling   {sample_s / n:7.2f} s/epoch   floor {floor_sample / n:7.2f}")
     print(f"training   {train_s / n:7.2f} s/epoch   floor {floor_train / n:7.2f}")
-    print(f"the rest   {(measured - sample_s - train_s) / n:7.2f} s/epoch   (rewards, advantages, logging, saving)")
+    print(
+        f"the rest   {(measured - sample_s - train_s) / n:7.2f} s/epoch   (rewards, advantages, logging, saving)"
+    )
     print(f"epoch      {measured / n:7.2f} s         floor {(floor_sample + floor_train) / n:7.2f}")
     ratio = measured / (floor_sample + floor_train)
     print(f"overhead_ratio={ratio:.3f}")
-    return {"sampling_calls": sampling_calls, "training_calls": len(counted) - sampling_calls, "base_calls": base_calls, "overhead_ratio": ratio,
-            "epoch_seconds": measured / n}
+    return {
+        "sampling_calls": sampling_calls,
+        "training_calls": len(counted) - sampling_calls,
+        "base_calls": base_calls,
+        "overhead_ratio": ratio,
+        "epoch_seconds": measured / n,
+    }
 
 
 if __name__ == "__main__":

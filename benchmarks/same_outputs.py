@@ -13,6 +13,7 @@ timings, and the keys' order), the saved LoRA files byte for byte, and the last 
 Prints one line a run and exits 1 if anything differs. Same machine only: another CPU may round
 differently, and over epochs the runs part.
 """
+
 import argparse
 import json
 import os
@@ -52,39 +53,84 @@ def build_models(work):
 
     for family in ("sd2", "sdxl"):
         if not (work / "models" / family / "model_index.json").is_file():
-            build_pipeline(image_size=16, vae_channels=(16, 32), unet_channels=(32,), text_dim=32, max_length=16, seed=0,
-                           family=family).save_pretrained(work / "models" / family)
+            build_pipeline(
+                image_size=16,
+                vae_channels=(16, 32),
+                unet_channels=(32,),
+                text_dim=32,
+                max_length=16,
+                seed=0,
+                family=family,
+            ).save_pretrained(work / "models" / family)
 
 
 def train(tree, name, out, args):
-    flags = shlex.split(RUNS[name].format(models=args.work_models)) + ["--seed", "3", "--out", str(out), *shlex.split(args.train_args)]
+    flags = shlex.split(RUNS[name].format(models=args.work_models)) + [
+        "--seed",
+        "3",
+        "--out",
+        str(out),
+        *shlex.split(args.train_args),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     if name == "torchrun":
-        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "train.py"]
+        launch = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "train.py",
+        ]
     else:
         launch = [sys.executable, "train.py"]
     if name == "resumed":
-        subprocess.run([*launch, *flags, "--epochs", "1"], cwd=tree, env=env, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [*launch, *flags, "--epochs", "1"],
+            cwd=tree,
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         flags = ["--resume", str(out)]
-    subprocess.run([*launch, *flags, "--epochs", str(args.epochs)], cwd=tree, env=env, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [*launch, *flags, "--epochs", str(args.epochs)],
+        cwd=tree,
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
 
 
 def same(a, b):
     """Equal values, tensors bit for bit; a dict's keys in any order (the reward buffers fill in the
     order of a set of prompts, which differs from process to process)."""
     if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+        return (
+            isinstance(b, torch.Tensor)
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and torch.equal(a, b)
+        )
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
-        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        return (
+            isinstance(b, (list, tuple))
+            and len(a) == len(b)
+            and all(same(x, y) for x, y in zip(a, b))
+        )
     return a == b
 
 
 def written(out):
     """What a run wrote, timings and run id left out: its metrics (as (key, value) pairs: their order
     counts), its LoRA files' bytes, its last checkpoint's state."""
-    metrics = [list({k: v for k, v in json.loads(line).items() if k not in TIMING}.items()) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = [
+        list({k: v for k, v in json.loads(line).items() if k not in TIMING}.items())
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+    ]
     lora = {p.name: p.read_bytes() for p in sorted((out / "lora").iterdir())}
     state = torch.load(sorted((out / "checkpoints").glob("epoch_*.pt"))[-1], weights_only=True)
     state["history"] = [{k: v for k, v in m.items() if k not in TIMING} for m in state["history"]]
@@ -93,14 +139,20 @@ def written(out):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("before", help="a git revision")
     parser.add_argument("after", help="another git revision")
     parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS))
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--train-args", default="", help="more train.py flags for every run, quoted")
+    parser.add_argument(
+        "--train-args", default="", help="more train.py flags for every run, quoted"
+    )
     parser.add_argument("--jobs", type=int, default=1)
-    parser.add_argument("--work", type=Path, help="where the worktrees and runs go (default: a temporary folder)")
+    parser.add_argument(
+        "--work", type=Path, help="where the worktrees and runs go (default: a temporary folder)"
+    )
     args = parser.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="same-outputs-"))
     args.work_models = work / "models"
@@ -109,22 +161,53 @@ def main(argv=None):
     trees = {}
     for side in ("before", "after"):
         trees[side] = work / side
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--force", str(trees[side]), getattr(args, side)],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [
+                "git",
+                "-C",
+                str(ROOT),
+                "worktree",
+                "add",
+                "--detach",
+                "--force",
+                str(trees[side]),
+                getattr(args, side),
+            ],
+            check=True,
+            capture_output=True,
+        )
     try:
         tasks = [(side, name) for name in args.runs for side in trees]
         with ThreadPoolExecutor(args.jobs) as pool:
-            list(pool.map(lambda task: train(trees[task[0]], task[1], work / "runs" / task[0] / task[1], args), tasks))
+            list(
+                pool.map(
+                    lambda task: train(
+                        trees[task[0]], task[1], work / "runs" / task[0] / task[1], args
+                    ),
+                    tasks,
+                )
+            )
         differ = []
         for name in args.runs:
             before, after = (written(work / "runs" / side / name) for side in trees)
             verdict = {part: same(before[part], after[part]) for part in before}
-            print(f"{name:20s} " + "  ".join(f"{part} {'identical' if ok else 'DIFFER'}" for part, ok in verdict.items()))
+            print(
+                f"{name:20s} "
+                + "  ".join(
+                    f"{part} {'identical' if ok else 'DIFFER'}" for part, ok in verdict.items()
+                )
+            )
             differ += [name] if not all(verdict.values()) else []
     finally:
         for tree in trees.values():
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
-    print(f"{args.before} and {args.after}: " + (f"{', '.join(differ)} differ" if differ else "every run identical"))
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)],
+                capture_output=True,
+            )
+    print(
+        f"{args.before} and {args.after}: "
+        + (f"{', '.join(differ)} differ" if differ else "every run identical")
+    )
     return 1 if differ else 0
 
 

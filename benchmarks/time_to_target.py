@@ -31,6 +31,7 @@ numbers are docs/time-to-target (the tuning's choices and each held-out run's re
 --jobs N, N runs go at once, each its own single-threaded process; they are started in turn,
 recipe by recipe (A, B, C, A, B, C, ...), so a busy spell of the machine falls on all alike.
 """
+
 import argparse
 import json
 import os
@@ -56,17 +57,53 @@ RECIPES = {
     "group4": ["--samples-per-prompt", "4", "--advantages", "group"],
     "group8": ["--samples-per-prompt", "8", "--advantages", "group"],
     "group4-shared-noise": ["--samples-per-prompt", "4", "--advantages", "group", "--shared-noise"],
-    "window5": ["--train-window", "5", "--timestep-fraction", "1"],  # 5 of 20 steps stochastic, all 5 trained (the preset: 10 of 20)
-    "steps10": ["--num-steps", "10", "--eval-num-steps", "20"],  # 10 steps to train on (5 of them trained), 20 to evaluate
+    "window5": [
+        "--train-window",
+        "5",
+        "--timestep-fraction",
+        "1",
+    ],  # 5 of 20 steps stochastic, all 5 trained (the preset: 10 of 20)
+    "steps10": [
+        "--num-steps",
+        "10",
+        "--eval-num-steps",
+        "20",
+    ],  # 10 steps to train on (5 of them trained), 20 to evaluate
     # the best combination: what reached the target sooner than the paper's method on the tuning's seed (fewer steps; groups of 4
     # with shared noise), the window left out (it missed the target at every rate of the grid)
-    "steps10-group4-shared-noise": ["--num-steps", "10", "--eval-num-steps", "20", "--samples-per-prompt", "4", "--advantages", "group", "--shared-noise"],
+    "steps10-group4-shared-noise": [
+        "--num-steps",
+        "10",
+        "--eval-num-steps",
+        "20",
+        "--samples-per-prompt",
+        "4",
+        "--advantages",
+        "group",
+        "--shared-noise",
+    ],
 }
-LRS = (2.5e-3, 5e-3, 1e-2, 2e-2)  # around the preset's 5e-3, by factors of 2; 2e-2 added when most recipes did best at 1e-2
+LRS = (
+    2.5e-3,
+    5e-3,
+    1e-2,
+    2e-2,
+)  # around the preset's 5e-3, by factors of 2; 2e-2 added when most recipes did best at 1e-2
 # The target: a little short of what the paper's method reaches in the demo's 35 epochs (README, "Overoptimisation, and the KL leash", kl-coef 0:
 # a median cut of 29.2 % on the evaluation's trained prompts at its last evaluation, before epoch 34, 0.90 of its samples' fidelity kept)
 CUT, FIDELITY, HELD = 0.25, 0.90, 2
-COMMON = ["--reward", "jpeg", "--prompts", "shapes_train", "--eval-prompts", "shapes", "--eval-samples", "45", "--checkpoint-every", "1000"]
+COMMON = [
+    "--reward",
+    "jpeg",
+    "--prompts",
+    "shapes_train",
+    "--eval-prompts",
+    "shapes",
+    "--eval-samples",
+    "45",
+    "--checkpoint-every",
+    "1000",
+]
 
 
 def evaluations(metrics):
@@ -77,11 +114,23 @@ def evaluations(metrics):
     for m in metrics:
         if "eval_trained_reward_mean" in m:
             base = rows[0]["metrics"] if rows else m
-            rows.append({"epoch": m["epoch"], "seconds": seconds, "queries": queries, "metrics": m,
-                         "cut": 1 - m["eval_trained_reward_mean"] / base["eval_trained_reward_mean"],
-                         "kept": m.get("eval_trained_fidelity", 1.0) / base.get("eval_trained_fidelity", 1.0),
-                         "heldout_cut": 1 - m["eval_heldout_reward_mean"] / base["eval_heldout_reward_mean"]})
-        seconds, queries = seconds + m.get("sample_seconds", 0) + m.get("train_seconds", 0), m["reward_queries"]
+            rows.append(
+                {
+                    "epoch": m["epoch"],
+                    "seconds": seconds,
+                    "queries": queries,
+                    "metrics": m,
+                    "cut": 1 - m["eval_trained_reward_mean"] / base["eval_trained_reward_mean"],
+                    "kept": m.get("eval_trained_fidelity", 1.0)
+                    / base.get("eval_trained_fidelity", 1.0),
+                    "heldout_cut": 1
+                    - m["eval_heldout_reward_mean"] / base["eval_heldout_reward_mean"],
+                }
+            )
+        seconds, queries = (
+            seconds + m.get("sample_seconds", 0) + m.get("train_seconds", 0),
+            m["reward_queries"],
+        )
     return rows
 
 
@@ -102,38 +151,78 @@ def run(argv, out, args):
         return json.loads(result_file.read_text())
     if out.exists():  # an unfinished run: start it again
         shutil.rmtree(out)
-    env = {**os.environ, **({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if args.jobs > 1 else {})}
-    command = [sys.executable, str(ROOT / "train.py"), *COMMON, "--eval-every", str(args.eval_every), "--epochs", str(args.epochs),
-               *argv, *shlex.split(args.train_args), "--out", str(out)]
-    process, metrics, stopped = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), [], False
+    env = {
+        **os.environ,
+        **({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if args.jobs > 1 else {}),
+    }
+    command = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        *COMMON,
+        "--eval-every",
+        str(args.eval_every),
+        "--epochs",
+        str(args.epochs),
+        *argv,
+        *shlex.split(args.train_args),
+        "--out",
+        str(out),
+    ]
+    process, metrics, stopped = (
+        subprocess.Popen(
+            command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        ),
+        [],
+        False,
+    )
     while process.poll() is None:
         time.sleep(1)
-        lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").is_file() else []
+        lines = (
+            (out / "metrics.jsonl").read_text().splitlines()
+            if (out / "metrics.jsonl").is_file()
+            else []
+        )
         metrics = [json.loads(line) for line in lines]
         if not stopped and reached(metrics):
             process.send_signal(signal.SIGTERM)  # train.py ends after this epoch's checkpoint
             stopped = True
     stderr = process.stderr.read()
-    if process.returncode not in (0, 75) and not (stopped and process.returncode == -signal.SIGTERM):  # (a stop that came as the last epoch ended)
-        sys.exit(f"time_to_target.py: error: {' '.join(command)} failed (exit {process.returncode}):\n{stderr[-2000:]}")
+    if process.returncode not in (0, 75) and not (
+        stopped and process.returncode == -signal.SIGTERM
+    ):  # (a stop that came as the last epoch ended)
+        sys.exit(
+            f"time_to_target.py: error: {' '.join(command)} failed (exit {process.returncode}):\n{stderr[-2000:]}"
+        )
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     at = reached(metrics)
     last = at or evaluations(metrics)[-1]
-    result = {"reached": at is not None, "epoch": last["epoch"], "seconds": last["seconds"], "queries": last["queries"],
-              "cut": last["cut"], "kept": last["kept"], "heldout_cut": last["heldout_cut"],
-              "curve": [(row["seconds"], row["cut"], row["kept"]) for row in evaluations(metrics)]}
+    result = {
+        "reached": at is not None,
+        "epoch": last["epoch"],
+        "seconds": last["seconds"],
+        "queries": last["queries"],
+        "cut": last["cut"],
+        "kept": last["kept"],
+        "heldout_cut": last["heldout_cut"],
+        "curve": [(row["seconds"], row["cut"], row["kept"]) for row in evaluations(metrics)],
+    }
     result_file.write_text(json.dumps(result) + "\n")
     return result
 
 
 def run_all(tasks, args):
     """tasks: {key: (argv, out)} -> {key: result}, args.jobs at a time in the order given, each printed when done."""
+
     def one(key):
         argv, out = tasks[key]
         result = run(argv, out, args)
-        print(f"{out.name}: {'target at epoch ' + str(result['epoch']) if result['reached'] else 'no target in the budget'}, "
-              f"{result['seconds']:.0f} s of training, cut {result['cut']:.1%}, kept {result['kept']:.2f}, held-out cut {result['heldout_cut']:.1%}", flush=True)
+        print(
+            f"{out.name}: {'target at epoch ' + str(result['epoch']) if result['reached'] else 'no target in the budget'}, "
+            f"{result['seconds']:.0f} s of training, cut {result['cut']:.1%}, kept {result['kept']:.2f}, held-out cut {result['heldout_cut']:.1%}",
+            flush=True,
+        )
         return key, result
+
     with ThreadPoolExecutor(args.jobs) as pool:
         return dict(pool.map(one, tasks))
 
@@ -144,7 +233,11 @@ def choose(results):
     if fastest:
         return min(fastest, key=lambda lr: results[lr]["seconds"])
     keeping = [lr for lr, r in results.items() if r["kept"] >= FIDELITY]
-    return max(keeping, key=lambda lr: results[lr]["cut"]) if keeping else max(results, key=lambda lr: results[lr]["kept"])
+    return (
+        max(keeping, key=lambda lr: results[lr]["cut"])
+        if keeping
+        else max(results, key=lambda lr: results[lr]["kept"])
+    )
 
 
 def interleaved(recipes, inner):
@@ -153,14 +246,23 @@ def interleaved(recipes, inner):
 
 
 def tune(args):
-    tasks = {(recipe, lr): ([*RECIPES[recipe], "--lr", f"{lr:g}", "--seed", str(args.tune_seed)], args.out / "tune" / f"{recipe}-lr{lr:g}")
-             for recipe, lr in interleaved(args.recipes, args.lrs)}
+    tasks = {
+        (recipe, lr): (
+            [*RECIPES[recipe], "--lr", f"{lr:g}", "--seed", str(args.tune_seed)],
+            args.out / "tune" / f"{recipe}-lr{lr:g}",
+        )
+        for recipe, lr in interleaved(args.recipes, args.lrs)
+    }
     results = run_all(tasks, args)
     path = args.out / "tune" / "tune.json"
     tuned = json.loads(path.read_text()) if path.is_file() else {}
     for recipe in args.recipes:
         settings = {lr: results[(recipe, lr)] for lr in args.lrs}
-        tuned[recipe] = {"lr": choose(settings), "seed": args.tune_seed, "settings": {f"{lr:g}": r for lr, r in settings.items()}}
+        tuned[recipe] = {
+            "lr": choose(settings),
+            "seed": args.tune_seed,
+            "settings": {f"{lr:g}": r for lr, r in settings.items()},
+        }
     path.write_text(json.dumps(tuned, indent=1) + "\n")
     return tuned
 
@@ -170,9 +272,16 @@ def final(args):
     tuned = json.loads(path.read_text()) if path.is_file() else {}
     missing = [recipe for recipe in args.recipes if recipe not in tuned]
     if missing:
-        sys.exit(f"time_to_target.py: error: {path} has no choice for {', '.join(missing)}: run --stage tune for it first")
-    tasks = {(recipe, seed): ([*RECIPES[recipe], "--lr", f"{tuned[recipe]['lr']:g}", "--seed", str(seed)], args.out / f"{recipe}-seed{seed}")
-             for recipe, seed in interleaved(args.recipes, args.seeds)}
+        sys.exit(
+            f"time_to_target.py: error: {path} has no choice for {', '.join(missing)}: run --stage tune for it first"
+        )
+    tasks = {
+        (recipe, seed): (
+            [*RECIPES[recipe], "--lr", f"{tuned[recipe]['lr']:g}", "--seed", str(seed)],
+            args.out / f"{recipe}-seed{seed}",
+        )
+        for recipe, seed in interleaved(args.recipes, args.seeds)
+    }
     results = run_all(tasks, args)
     text = report(args, tuned, results)
     print(text)
@@ -182,29 +291,55 @@ def final(args):
 
 
 def report(args, tuned, results):
-    lines = [f"Target: the evaluation's trained prompts {CUT:.0%} smaller as JPEG than the base model's, keeping {FIDELITY:.0%} of their "
-             f"fidelity, at {HELD} evaluations in a row (every {args.eval_every} epochs); budget {args.epochs} epochs. "
-             f"Seconds: the training's (sampling and updates), not the evaluations'.", "",
-             "| recipe | lr | seeds at target | training s to target (median, min-max) | reward queries (median) | "
-             "held-out cut there (median) | cut / kept at the end of the runs without it |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Target: the evaluation's trained prompts {CUT:.0%} smaller as JPEG than the base model's, keeping {FIDELITY:.0%} of their "
+        f"fidelity, at {HELD} evaluations in a row (every {args.eval_every} epochs); budget {args.epochs} epochs. "
+        f"Seconds: the training's (sampling and updates), not the evaluations'.",
+        "",
+        "| recipe | lr | seeds at target | training s to target (median, min-max) | reward queries (median) | "
+        "held-out cut there (median) | cut / kept at the end of the runs without it |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for recipe in args.recipes:
         runs = [results[(recipe, seed)] for seed in args.seeds]
         hit = [r for r in runs if r["reached"]]
-        seconds = f"{statistics.median(r['seconds'] for r in hit):.0f} ({min(r['seconds'] for r in hit):.0f}-{max(r['seconds'] for r in hit):.0f})" if hit else "-"
+        seconds = (
+            f"{statistics.median(r['seconds'] for r in hit):.0f} ({min(r['seconds'] for r in hit):.0f}-{max(r['seconds'] for r in hit):.0f})"
+            if hit
+            else "-"
+        )
         queries = f"{statistics.median(r['queries'] for r in hit):.0f}" if hit else "-"
         heldout = f"{statistics.median(r['heldout_cut'] for r in hit):.1%}" if hit else "-"
-        missed = ", ".join(f"{r['cut']:.1%} / {r['kept']:.2f}" for r in runs if not r["reached"]) or "-"
-        lines.append(f"| {recipe} | {tuned[recipe]['lr']:g} | {len(hit)} of {len(runs)} | {seconds} | {queries} | {heldout} | {missed} |")
-    lines += ["", f"The tuning (seed {args.tune_seed}): training seconds to the target, or the last cut / kept", "",
-              "| recipe | " + " | ".join(f"lr {lr:g}" for lr in args.lrs) + " | chosen |", "|---" * (len(args.lrs) + 2) + "|"]
+        missed = (
+            ", ".join(f"{r['cut']:.1%} / {r['kept']:.2f}" for r in runs if not r["reached"]) or "-"
+        )
+        lines.append(
+            f"| {recipe} | {tuned[recipe]['lr']:g} | {len(hit)} of {len(runs)} | {seconds} | {queries} | {heldout} | {missed} |"
+        )
+    lines += [
+        "",
+        f"The tuning (seed {args.tune_seed}): training seconds to the target, or the last cut / kept",
+        "",
+        "| recipe | " + " | ".join(f"lr {lr:g}" for lr in args.lrs) + " | chosen |",
+        "|---" * (len(args.lrs) + 2) + "|",
+    ]
     for recipe in args.recipes:
-        cells = [(f"{r['seconds']:.0f} s" if r["reached"] else f"{r['cut']:.1%} / {r['kept']:.2f}") for r in
-                 (tuned[recipe]["settings"].get(f"{lr:g}") for lr in args.lrs) if r is not None]
+        cells = [
+            (f"{r['seconds']:.0f} s" if r["reached"] else f"{r['cut']:.1%} / {r['kept']:.2f}")
+            for r in (tuned[recipe]["settings"].get(f"{lr:g}") for lr in args.lrs)
+            if r is not None
+        ]
         lines.append(f"| {recipe} | " + " | ".join(cells) + f" | {tuned[recipe]['lr']:g} |")
-    lines += ["", "Every run: recipe, seed, reached, epoch, training s, queries, cut, kept, held-out cut", ""]
+    lines += [
+        "",
+        "Every run: recipe, seed, reached, epoch, training s, queries, cut, kept, held-out cut",
+        "",
+    ]
     for (recipe, seed), r in results.items():
-        lines.append(f"- {recipe} seed {seed}: {r['reached']}, epoch {r['epoch']}, {r['seconds']:.0f} s, {r['queries']}, "
-                     f"{r['cut']:.3f}, {r['kept']:.3f}, {r['heldout_cut']:.3f}")
+        lines.append(
+            f"- {recipe} seed {seed}: {r['reached']}, epoch {r['epoch']}, {r['seconds']:.0f} s, {r['queries']}, "
+            f"{r['cut']:.3f}, {r['kept']:.3f}, {r['heldout_cut']:.3f}"
+        )
     return "\n".join(lines)
 
 
@@ -218,8 +353,14 @@ def plot(args, results, path):
         axes[1].plot(seconds, kept, color=colours[recipe], label=label, alpha=0.8)
     axes[0].axhline(100 * CUT, color="grey", linestyle="--", linewidth=0.8)
     axes[1].axhline(FIDELITY, color="grey", linestyle="--", linewidth=0.8)
-    axes[0].set(xlabel="training seconds", ylabel="JPEG cut on the trained prompts (%)", title="evaluation: reward against time, each seed")
-    axes[1].set(xlabel="training seconds", ylabel="fidelity kept", title="evaluation: fidelity against time")
+    axes[0].set(
+        xlabel="training seconds",
+        ylabel="JPEG cut on the trained prompts (%)",
+        title="evaluation: reward against time, each seed",
+    )
+    axes[1].set(
+        xlabel="training seconds", ylabel="fidelity kept", title="evaluation: fidelity against time"
+    )
     for ax in axes:
         ax.legend(fontsize=7)
     fig.savefig(path, dpi=100, bbox_inches="tight")
@@ -227,20 +368,41 @@ def plot(args, results, path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--stage", choices=("tune", "final", "all"), default="all")
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="final stage's seeds")
-    parser.add_argument("--tune-seed", type=int, default=100, help="the tuning's one seed, not among --seeds")
-    parser.add_argument("--lrs", type=float, nargs="+", default=LRS, help="the tuning's learning rates")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="final stage's seeds"
+    )
+    parser.add_argument(
+        "--tune-seed", type=int, default=100, help="the tuning's one seed, not among --seeds"
+    )
+    parser.add_argument(
+        "--lrs", type=float, nargs="+", default=LRS, help="the tuning's learning rates"
+    )
     parser.add_argument("--epochs", type=int, default=35, help="the budget: the demo's 35 epochs")
-    parser.add_argument("--eval-every", type=int, default=2, help="epochs between evaluations (and before the first epoch and after the last)")
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=2,
+        help="epochs between evaluations (and before the first epoch and after the last)",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/time-to-target"))
-    parser.add_argument("--train-args", default="", help="more train.py flags for every run, quoted (e.g. a smaller --model)")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at once, each a single-threaded process")
+    parser.add_argument(
+        "--train-args",
+        default="",
+        help="more train.py flags for every run, quoted (e.g. a smaller --model)",
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="runs at once, each a single-threaded process"
+    )
     args = parser.parse_args(argv)
     if args.tune_seed in args.seeds:
-        parser.error(f"--tune-seed {args.tune_seed} is among --seeds: the final numbers must come from seeds the tuning did not pick from")
+        parser.error(
+            f"--tune-seed {args.tune_seed} is among --seeds: the final numbers must come from seeds the tuning did not pick from"
+        )
     if args.stage in ("tune", "all"):
         tune(args)
     if args.stage in ("final", "all"):

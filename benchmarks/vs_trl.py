@@ -21,6 +21,7 @@ phases is the side's own: rewards and advantages on both, logging and checkpoint
 steps taken through the UNet five at a time (80 states a forward, not 16); TRL, like `ours`, takes
 one timestep of 16 samples a forward.
 """
+
 import argparse
 import contextlib
 import io
@@ -38,16 +39,32 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # our sides: train.py with these flags
-OURS = {"ours": [], "ours-compiled": ["--compile"], "ours-batched": ["--steps-per-forward", "5"],
-        "ours-batched-compiled": ["--steps-per-forward", "5", "--compile"]}
-SETTINGS = dict(num_steps=20, guidance_scale=3.0, samples=64, batch_size=16, updates=4, timestep_fraction=0.5, lr=5e-3, clip_range=8e-4)
-REDUCED = dict(num_steps=2, samples=8, batch_size=2)  # --reduced, for the smoke test: both sides smaller, nothing timed worth reading
+OURS = {
+    "ours": [],
+    "ours-compiled": ["--compile"],
+    "ours-batched": ["--steps-per-forward", "5"],
+    "ours-batched-compiled": ["--steps-per-forward", "5", "--compile"],
+}
+SETTINGS = dict(
+    num_steps=20,
+    guidance_scale=3.0,
+    samples=64,
+    batch_size=16,
+    updates=4,
+    timestep_fraction=0.5,
+    lr=5e-3,
+    clip_range=8e-4,
+)
+REDUCED = dict(
+    num_steps=2, samples=8, batch_size=2
+)  # --reduced, for the smoke test: both sides smaller, nothing timed worth reading
 
 
 def run_ours(epochs, model, flags=(), settings=SETTINGS):
     """train.main on the tiny preset (whose settings are SETTINGS; its size from settings): each
     epoch's seconds, and its sampling and update phases' (train.py's own sample_seconds and train_seconds)."""
     import train
+
     starts, sample_trajectories = [], train.sample_trajectories
 
     def timed(*args, **kwargs):
@@ -56,11 +73,35 @@ def run_ours(epochs, model, flags=(), settings=SETTINGS):
 
     train.sample_trajectories = timed
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
-        history = train.main(["--model", model, "--preset", "tiny", "--reward", "jpeg", "--epochs", str(epochs), "--out", f"{tmp}/run",
-                              "--seed", "0", "--num-steps", str(settings["num_steps"]), "--samples-per-epoch", str(settings["samples"]),
-                              "--batch-size", str(settings["batch_size"]), *flags])
+        history = train.main(
+            [
+                "--model",
+                model,
+                "--preset",
+                "tiny",
+                "--reward",
+                "jpeg",
+                "--epochs",
+                str(epochs),
+                "--out",
+                f"{tmp}/run",
+                "--seed",
+                "0",
+                "--num-steps",
+                str(settings["num_steps"]),
+                "--samples-per-epoch",
+                str(settings["samples"]),
+                "--batch-size",
+                str(settings["batch_size"]),
+                *flags,
+            ]
+        )
         starts.append(time.perf_counter())
-    return {"epoch": list(np.diff(starts)), "sampling": [m["sample_seconds"] for m in history], "update": [m["train_seconds"] for m in history]}
+    return {
+        "epoch": list(np.diff(starts)),
+        "sampling": [m["sample_seconds"] for m in history],
+        "update": [m["train_seconds"] for m in history],
+    }
 
 
 def run_trl(epochs, model, settings=SETTINGS):
@@ -71,17 +112,32 @@ def run_trl(epochs, model, settings=SETTINGS):
 
     import toy_world
     from rewards import jpeg_compressibility
+
     rng = np.random.default_rng(0)
     PartialState()  # the pipeline logs (no LoRA in the folder) through accelerate, which needs its state first
     with tempfile.TemporaryDirectory() as tmp:
         config = DDPOConfig(
-            num_epochs=epochs, seed=0, logdir=tmp, save_freq=10**9, mixed_precision="no", log_with=None,
-            sample_num_steps=settings["num_steps"], sample_eta=1.0, sample_guidance_scale=settings["guidance_scale"],
-            sample_batch_size=settings["batch_size"], sample_num_batches_per_epoch=settings["samples"] // settings["batch_size"],
-            train_batch_size=settings["samples"] // settings["updates"], train_gradient_accumulation_steps=1,
-            train_learning_rate=settings["lr"], train_adam_weight_decay=1e-4, train_clip_range=settings["clip_range"], train_adv_clip_max=5.0,
-            train_timestep_fraction=settings["timestep_fraction"], per_prompt_stat_tracking=True,
-            per_prompt_stat_tracking_buffer_size=32, per_prompt_stat_tracking_min_count=16,
+            num_epochs=epochs,
+            seed=0,
+            logdir=tmp,
+            save_freq=10**9,
+            mixed_precision="no",
+            log_with=None,
+            sample_num_steps=settings["num_steps"],
+            sample_eta=1.0,
+            sample_guidance_scale=settings["guidance_scale"],
+            sample_batch_size=settings["batch_size"],
+            sample_num_batches_per_epoch=settings["samples"] // settings["batch_size"],
+            train_batch_size=settings["samples"] // settings["updates"],
+            train_gradient_accumulation_steps=1,
+            train_learning_rate=settings["lr"],
+            train_adam_weight_decay=1e-4,
+            train_clip_range=settings["clip_range"],
+            train_adv_clip_max=5.0,
+            train_timestep_fraction=settings["timestep_fraction"],
+            per_prompt_stat_tracking=True,
+            per_prompt_stat_tracking_buffer_size=32,
+            per_prompt_stat_tracking_min_count=16,
         )
         trainer = DDPOTrainer(
             config,
@@ -97,10 +153,13 @@ def run_trl(epochs, model, settings=SETTINGS):
                 result = method(*args, **kwargs)
                 spent[phase] += time.perf_counter() - start
                 return result
+
             return call
 
         trainer._generate_samples = timed("sampling", trainer._generate_samples)
-        trainer._train_batched_samples = timed("update", trainer._train_batched_samples)  # once per inner epoch
+        trainer._train_batched_samples = timed(
+            "update", trainer._train_batched_samples
+        )  # once per inner epoch
         global_step = 0
         for epoch in range(epochs):
             spent.update(sampling=0.0, update=0.0)
@@ -114,39 +173,77 @@ def run_trl(epochs, model, settings=SETTINGS):
 
 def main(argv=None):
     from machinery.config import BUNDLED_MODEL
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--pairs", type=int, default=3, help="rounds of the sides taking turns")
-    parser.add_argument("--epochs", type=int, default=5, help="epochs a run; the first is not counted")
+    parser.add_argument(
+        "--epochs", type=int, default=5, help="epochs a run; the first is not counted"
+    )
     parser.add_argument("--sides", nargs="+", default=["ours", "trl"], choices=[*OURS, "trl"])
     parser.add_argument("--model", default=str(BUNDLED_MODEL))
-    parser.add_argument("--reduced", action="store_true", help=f"both sides at {REDUCED} (the smoke test)")
-    parser.add_argument("--side", help=argparse.SUPPRESS)  # one run, in this process: what the rounds start
+    parser.add_argument(
+        "--reduced", action="store_true", help=f"both sides at {REDUCED} (the smoke test)"
+    )
+    parser.add_argument(
+        "--side", help=argparse.SUPPRESS
+    )  # one run, in this process: what the rounds start
     args = parser.parse_args(argv)
     settings = {**SETTINGS, **(REDUCED if args.reduced else {})}
     if args.side:
-        seconds = run_trl(args.epochs, args.model, settings) if args.side == "trl" else run_ours(args.epochs, args.model, OURS[args.side], settings)
+        seconds = (
+            run_trl(args.epochs, args.model, settings)
+            if args.side == "trl"
+            else run_ours(args.epochs, args.model, OURS[args.side], settings)
+        )
         print(json.dumps(seconds))
         return seconds
     runs = {side: [] for side in args.sides}
     for pair in range(args.pairs):
         for side in args.sides:
-            result = subprocess.run([sys.executable, __file__, "--side", side, "--epochs", str(args.epochs), "--model", args.model,
-                                     *(["--reduced"] if args.reduced else [])],
-                                    capture_output=True, text=True, check=True)
+            result = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--side",
+                    side,
+                    "--epochs",
+                    str(args.epochs),
+                    "--model",
+                    args.model,
+                    *(["--reduced"] if args.reduced else []),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             runs[side].append(json.loads(result.stdout.strip().splitlines()[-1]))
-            print(f"round {pair} {side}: " + " ".join(f"{s:.2f}" for s in runs[side][-1]["epoch"]), flush=True)
+            print(
+                f"round {pair} {side}: " + " ".join(f"{s:.2f}" for s in runs[side][-1]["epoch"]),
+                flush=True,
+            )
 
     def median(side, phase):  # over every run's counted epochs
         return statistics.median(s for run in runs[side] for s in run[phase][1:])
+
     medians = {side: median(side, "epoch") for side in runs}
-    lines = ["| side | s/epoch, median of counted epochs | sampling | update | each run's median | first epoch (each run) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| side | s/epoch, median of counted epochs | sampling | update | each run's median | first epoch (each run) |",
+        "|---|---|---|---|---|---|",
+    ]
     for side, seconds in runs.items():
         each = ", ".join(f"{statistics.median(run['epoch'][1:]):.2f}" for run in seconds)
         first = ", ".join(f"{run['epoch'][0]:.2f}" for run in seconds)
-        lines.append(f"| {side} | {medians[side]:.2f} | {median(side, 'sampling'):.2f} | {median(side, 'update'):.2f} | {each} | {first} |")
+        lines.append(
+            f"| {side} | {medians[side]:.2f} | {median(side, 'sampling'):.2f} | {median(side, 'update'):.2f} | {each} | {first} |"
+        )
     if "trl" in medians:
-        lines += [f"\n{side} is {medians['trl'] / medians[side]:.2f} x as fast as TRL per epoch" for side in medians if side != "trl"]
+        lines += [
+            f"\n{side} is {medians['trl'] / medians[side]:.2f} x as fast as TRL per epoch"
+            for side in medians
+            if side != "trl"
+        ]
     print("\n".join(lines))
     return runs
 

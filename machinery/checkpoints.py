@@ -6,6 +6,7 @@ process's random streams, the metrics so far, and the run's id from config.json:
 the folder's own. It holds only tensors and plain Python data, so that it loads with
 torch.load(weights_only=True), which runs no code.
 """
+
 import pickle
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from machinery import parallel
 from machinery.config import fail
 from machinery.run_folder import final_evaluated, write_atomic, write_metrics, writing
 
+
 def due(cfg, epoch, stopping):
     return (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs or stopping
 
@@ -23,17 +25,33 @@ def due(cfg, epoch, stopping):
 def save(out, cfg, history, pipe, optimizer, tracker, rng, generator, device, rank):
     """Everything a resumed run needs after the last epoch: every process hands over its random
     streams, rank 0 writes them with the trainable weights, the optimiser and the reward buffers."""
-    streams = parallel.gather_objects([{
-        "numpy": rng.bit_generator.state, "torch": torch.get_rng_state(), "generator": generator.get_state(),
-        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-    }])
+    streams = parallel.gather_objects(
+        [
+            {
+                "numpy": rng.bit_generator.state,
+                "torch": torch.get_rng_state(),
+                "generator": generator.get_state(),
+                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            }
+        ]
+    )
     if rank == 0:
         trainable = {name for name, p in pipe.unet.named_parameters() if p.requires_grad}
-        write(out, {
-            "run_id": cfg.run_id, "epoch": history[-1]["epoch"], "history": history, "optimizer": optimizer.state_dict(), "rng": streams,
-            "trainable": {name: p for name, p in pipe.unet.state_dict().items() if name in trainable},
-            "buffers": tracker.state_dict() if tracker is not None else {},
-        }, cfg.keep_checkpoints)
+        write(
+            out,
+            {
+                "run_id": cfg.run_id,
+                "epoch": history[-1]["epoch"],
+                "history": history,
+                "optimizer": optimizer.state_dict(),
+                "rng": streams,
+                "trainable": {
+                    name: p for name, p in pipe.unet.state_dict().items() if name in trainable
+                },
+                "buffers": tracker.state_dict() if tracker is not None else {},
+            },
+            cfg.keep_checkpoints,
+        )
 
 
 def write(out, state, keep):
@@ -48,11 +66,20 @@ def write(out, state, keep):
 
 
 def torch_save(state, path):
-    with open(path, "wb") as f:  # through a Python file, whose failed write says why (torch's own writer: "basic_ios::clear")
+    with (
+        open(path, "wb") as f
+    ):  # through a Python file, whose failed write says why (torch's own writer: "basic_ios::clear")
         torch.save(state, f)
 
 
-KEYS = {"epoch", "history", "optimizer", "rng", "trainable", "buffers"}  # what every checkpoint holds (and run_id, since run ids began)
+KEYS = {
+    "epoch",
+    "history",
+    "optimizer",
+    "rng",
+    "trainable",
+    "buffers",
+}  # what every checkpoint holds (and run_id, since run ids began)
 
 
 def read(cfg, world):
@@ -64,13 +91,21 @@ def read(cfg, world):
         return None
     path, state = load_newest(Path(cfg.out))
     if cfg.run_id is not None and state.get("run_id") != cfg.run_id:
-        fail(f"--resume {cfg.out}: {path} is another run's checkpoint (run id {state.get('run_id')}, this folder's config.json "
-             f"says {cfg.run_id}); remove it from {path.parent}, or resume the run it came from")
+        fail(
+            f"--resume {cfg.out}: {path} is another run's checkpoint (run id {state.get('run_id')}, this folder's config.json "
+            f"says {cfg.run_id}); remove it from {path.parent}, or resume the run it came from"
+        )
     if len(state["rng"]) != world:
-        fail(f"--resume {cfg.out}: the run was trained by {len(state['rng'])} process(es), not {world}; resume it with as many")
-    if len(state["history"]) >= cfg.epochs and not (cfg.eval_every and not final_evaluated(Path(cfg.out), cfg.epochs)):
-        fail(f"--resume {cfg.out}: the run has done {len(state['history'])} epochs of --epochs {cfg.epochs}; "
-             f"give --epochs above {len(state['history'])} to run it further")
+        fail(
+            f"--resume {cfg.out}: the run was trained by {len(state['rng'])} process(es), not {world}; resume it with as many"
+        )
+    if len(state["history"]) >= cfg.epochs and not (
+        cfg.eval_every and not final_evaluated(Path(cfg.out), cfg.epochs)
+    ):
+        fail(
+            f"--resume {cfg.out}: the run has done {len(state['history'])} epochs of --epochs {cfg.epochs}; "
+            f"give --epochs above {len(state['history'])} to run it further"
+        )
     return state
 
 
@@ -84,8 +119,10 @@ def load_newest(out):
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as error:
             if "Unsupported global" in str(error) or "Unsupported operand" in str(error):
-                fail(f"--resume: {path} holds more than tensors and plain data, and loading it could run code; "
-                     f"resume only checkpoints written by this train.py")
+                fail(
+                    f"--resume: {path} holds more than tensors and plain data, and loading it could run code; "
+                    f"resume only checkpoints written by this train.py"
+                )
             state, reason = None, type(error).__name__
         except Exception as error:  # a truncated or corrupted file: torch raises several kinds
             state, reason = None, type(error).__name__
@@ -93,11 +130,16 @@ def load_newest(out):
             state, reason = None, "not a train.py checkpoint"
         if state is not None:
             for name, reason in skipped:
-                print(f"train.py: {name} is unreadable ({reason}); resuming from {path.name}, the newest readable checkpoint", file=sys.stderr)
+                print(
+                    f"train.py: {name} is unreadable ({reason}); resuming from {path.name}, the newest readable checkpoint",
+                    file=sys.stderr,
+                )
             return path, state
         skipped.append((path.name, reason))
-    fail(f"--resume {out}: no readable checkpoint ({', '.join(f'{name}: {reason}' for name, reason in skipped)}); "
-         f"the run cannot continue: start it again in a new --out with the settings in {out / 'config.json'}")
+    fail(
+        f"--resume {out}: no readable checkpoint ({', '.join(f'{name}: {reason}' for name, reason in skipped)}); "
+        f"the run cannot continue: start it again in a new --out with the settings in {out / 'config.json'}"
+    )
 
 
 def restore(state, cfg, pipe, optimizer, tracker, rng, generator, rank, device):
@@ -108,13 +150,21 @@ def restore(state, cfg, pipe, optimizer, tracker, rng, generator, rank, device):
         if rank == 0:
             write_metrics(Path(cfg.out), [])
         return []
-    trainable = {name: tuple(p.shape) for name, p in pipe.unet.named_parameters() if p.requires_grad}
+    trainable = {
+        name: tuple(p.shape) for name, p in pipe.unet.named_parameters() if p.requires_grad
+    }
     saved = {name: tuple(t.shape) for name, t in state["trainable"].items()}
     if saved != trainable:
-        name = next(name for name in sorted(set(saved) | set(trainable)) if saved.get(name) != trainable.get(name))
-        fail(f"--resume {cfg.out}: its checkpoint's weights do not fit the model that config.json makes ({name}: {saved.get(name, 'absent')} "
-             f"in the checkpoint, {trainable.get(name, 'absent')} in the model; another --lora-rank or --model); restore config.json "
-             f"from a copy, or resume the run the checkpoint came from")
+        name = next(
+            name
+            for name in sorted(set(saved) | set(trainable))
+            if saved.get(name) != trainable.get(name)
+        )
+        fail(
+            f"--resume {cfg.out}: its checkpoint's weights do not fit the model that config.json makes ({name}: {saved.get(name, 'absent')} "
+            f"in the checkpoint, {trainable.get(name, 'absent')} in the model; another --lora-rank or --model); restore config.json "
+            f"from a copy, or resume the run the checkpoint came from"
+        )
     pipe.unet.load_state_dict(state["trainable"], strict=False)
     optimizer.load_state_dict(state["optimizer"])
     if tracker is not None:

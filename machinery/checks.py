@@ -2,6 +2,7 @@
 fix, exit status 2 (config.fail). cli.parse_args calls these on every new or resumed run's
 settings; like config.py, this module imports neither torch nor diffusers.
 """
+
 import dataclasses
 import importlib.util
 import json
@@ -11,10 +12,23 @@ import re
 from pathlib import Path
 
 import toy_world
-from machinery.config import LOCK, OWN_REWARD, PYTHON, REWARD_NAMES, Config, fail, file_sha256, load_prompts, own_reward_file, world_size
+from machinery.config import (
+    LOCK,
+    OWN_REWARD,
+    PYTHON,
+    REWARD_NAMES,
+    Config,
+    fail,
+    file_sha256,
+    load_prompts,
+    own_reward_file,
+    world_size,
+)
 
 
-DEVICE = re.compile(r"(cpu|cuda|mps|xpu)(:\d+)?")  # --device: the devices torch runs this project's models on
+DEVICE = re.compile(
+    r"(cpu|cuda|mps|xpu)(:\d+)?"
+)  # --device: the devices torch runs this project's models on
 
 
 def validate(cfg):
@@ -22,8 +36,22 @@ def validate(cfg):
     for name, value in vars(cfg).items():
         if isinstance(value, float) and not math.isfinite(value):
             fail(f"--{name.replace('_', '-')} must be a finite number, got {value}")
-    for name in ("num_steps", "epochs", "samples_per_epoch", "batch_size", "steps_per_forward", "updates_per_epoch", "inner_epochs",
-                 "buffer_size", "min_count", "checkpoint_every", "keep_checkpoints", "eval_samples", "samples_per_prompt", "eval_num_steps"):
+    for name in (
+        "num_steps",
+        "epochs",
+        "samples_per_epoch",
+        "batch_size",
+        "steps_per_forward",
+        "updates_per_epoch",
+        "inner_epochs",
+        "buffer_size",
+        "min_count",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "eval_samples",
+        "samples_per_prompt",
+        "eval_num_steps",
+    ):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     for name in ("eta", "clip_range", "lr", "adv_clip_max", "beta", "max_grad_norm"):
@@ -31,24 +59,36 @@ def validate(cfg):
             fail(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
     # allowed by the arithmetic, meant by no one
     if cfg.eta > 1:
-        fail(f"--eta must be in (0, 1] (1: the DDPM posterior's noise, the paper's setting), got {cfg.eta}")
+        fail(
+            f"--eta must be in (0, 1] (1: the DDPM posterior's noise, the paper's setting), got {cfg.eta}"
+        )
     if cfg.guidance_scale < 1:
-        fail(f"--guidance-scale must be >= 1 (1: no guidance; the paper: 5), got {cfg.guidance_scale}")
+        fail(
+            f"--guidance-scale must be >= 1 (1: no guidance; the paper: 5), got {cfg.guidance_scale}"
+        )
     for name in ("num_steps", "eval_num_steps"):
         if (getattr(cfg, name) or 0) > 1000:
-            fail(f"--{name.replace('_', '-')} must be at most the 1000 training timesteps of Stable Diffusion 1.x, got {getattr(cfg, name)}")
+            fail(
+                f"--{name.replace('_', '-')} must be at most the 1000 training timesteps of Stable Diffusion 1.x, got {getattr(cfg, name)}"
+            )
     for name in ("weight_decay", "kl_coef", "eval_every"):
         if getattr(cfg, name) < 0:
             fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if cfg.kl_coef > 0 and cfg.algo.startswith("rwr"):
-        fail(f"--kl-coef works with ddpo-is, ddpo-sf and pxpo, whose updates score the sampled steps; {cfg.algo} regresses on fresh noise instead")
+        fail(
+            f"--kl-coef works with ddpo-is, ddpo-sf and pxpo, whose updates score the sampled steps; {cfg.algo} regresses on fresh noise instead"
+        )
     if cfg.algo in ("ddpo-sf", "pxpo") and (cfg.updates_per_epoch > 1 or cfg.inner_epochs > 1):
-        fail(f"--algo {cfg.algo} is on-policy: one update per epoch (--updates-per-epoch 1, --inner-epochs 1); "
-             f"for several updates on the same samples use --algo ddpo-is, whose clipped ratio allows them")
+        fail(
+            f"--algo {cfg.algo} is on-policy: one update per epoch (--updates-per-epoch 1, --inner-epochs 1); "
+            f"for several updates on the same samples use --algo ddpo-is, whose clipped ratio allows them"
+        )
     if cfg.pxpo_normalise != "prompt" and cfg.algo != "pxpo":
         fail(f"--pxpo-normalise {cfg.pxpo_normalise} applies to --algo pxpo only, not {cfg.algo}")
     if cfg.min_count > cfg.buffer_size:
-        fail(f"--min-count ({cfg.min_count}) must be at most --buffer-size ({cfg.buffer_size}), or no prompt would use its own statistics")
+        fail(
+            f"--min-count ({cfg.min_count}) must be at most --buffer-size ({cfg.buffer_size}), or no prompt would use its own statistics"
+        )
     try:
         target = [float(v) for v in cfg.target_color.split(",")]
     except ValueError:
@@ -63,44 +103,73 @@ def validate(cfg):
         fail(f"--timestep-fraction must be in (0, 1], got {cfg.timestep_fraction}")
     world = world_size()  # processes under torchrun: each samples its share
     if cfg.samples_per_epoch % (world * cfg.updates_per_epoch * cfg.batch_size):
-        fail(f"--samples-per-epoch ({cfg.samples_per_epoch}) must be a multiple of processes x --updates-per-epoch x --batch-size "
-             f"({world} x {cfg.updates_per_epoch} x {cfg.batch_size})")
+        fail(
+            f"--samples-per-epoch ({cfg.samples_per_epoch}) must be a multiple of processes x --updates-per-epoch x --batch-size "
+            f"({world} x {cfg.updates_per_epoch} x {cfg.batch_size})"
+        )
     check_successors(cfg, world)
     check_model("--model", cfg.model, "a pipeline folder", "model_index.json")
     if cfg.reward == "aesthetic":
         check_model("--aesthetic-model", cfg.aesthetic_model, "a CLIP model folder", "config.json")
     if cfg.reward == "alignment":
-        check_model("--alignment-model", cfg.alignment_model, "a vision-language model folder", "config.json")
+        check_model(
+            "--alignment-model",
+            cfg.alignment_model,
+            "a vision-language model folder",
+            "config.json",
+        )
         check_model("--bertscore-model", cfg.bertscore_model, "a model folder", "config.json")
-    if not DEVICE.fullmatch(cfg.device):  # its form; whether torch can use it, once torch has loaded (parallel.setup)
-        fail(f"--device {cfg.device}: not a torch device; use cpu, or cuda, mps or xpu, with :N for the N-th device (e.g. cuda:1)")
+    if not DEVICE.fullmatch(
+        cfg.device
+    ):  # its form; whether torch can use it, once torch has loaded (parallel.setup)
+        fail(
+            f"--device {cfg.device}: not a torch device; use cpu, or cuda, mps or xpu, with :N for the N-th device (e.g. cuda:1)"
+        )
     if cfg.mixed_precision == "fp16" and not cfg.device.startswith("cuda"):
         fail("--mixed-precision fp16 needs a CUDA device; use bf16 or no on the CPU")
     check_reward(cfg.reward)
     if cfg.log_with != "none" and importlib.util.find_spec(cfg.log_with) is None:
-        fail(f"--log-with {cfg.log_with}: the package {cfg.log_with} is not installed; pip install {cfg.log_with}, or leave the flag out")
+        fail(
+            f"--log-with {cfg.log_with}: the package {cfg.log_with} is not installed; pip install {cfg.log_with}, or leave the flag out"
+        )
     if not cfg.resume:
         check_out(Path(cfg.out))
-    for flag, name in (("--prompts", cfg.prompts), ("--eval-prompts", cfg.eval_prompts or cfg.prompts)):
-        prompts = load_prompts(name, flag)  # read now: a missing or broken file fails before the models load
+    for flag, name in (
+        ("--prompts", cfg.prompts),
+        ("--eval-prompts", cfg.eval_prompts or cfg.prompts),
+    ):
+        prompts = load_prompts(
+            name, flag
+        )  # read now: a missing or broken file fails before the models load
         if cfg.reward == "pixel_background" and not set(prompts) <= set(toy_world.PROMPTS):
-            fail(f"--reward pixel_background finds the shape by the toy world's colours: use {flag} shapes, not {name}")
+            fail(
+                f"--reward pixel_background finds the shape by the toy world's colours: use {flag} shapes, not {name}"
+            )
 
 
 def check_successors(cfg, world):
     """The successors' options (successors.py): groups that fit, and only where they mean something."""
     k = cfg.samples_per_prompt
     if (cfg.samples_per_epoch // world) % k:
-        fail(f"--samples-per-epoch ({cfg.samples_per_epoch}) must be a multiple of processes x --samples-per-prompt ({world} x {k}): "
-             f"each process samples whole groups")
-    for flag, wanted in (("--advantages group", cfg.advantages == "group"), ("--shared-noise", cfg.shared_noise)):
+        fail(
+            f"--samples-per-epoch ({cfg.samples_per_epoch}) must be a multiple of processes x --samples-per-prompt ({world} x {k}): "
+            f"each process samples whole groups"
+        )
+    for flag, wanted in (
+        ("--advantages group", cfg.advantages == "group"),
+        ("--shared-noise", cfg.shared_noise),
+    ):
         if wanted and k < 2:
             fail(f"{flag} needs groups: --samples-per-prompt 2 or more (4 to 8 is usual), got {k}")
     if not 0 <= cfg.train_window <= cfg.num_steps:
-        fail(f"--train-window must be in [0, --num-steps {cfg.num_steps}] (0: every step stochastic and trained), got {cfg.train_window}")
+        fail(
+            f"--train-window must be in [0, --num-steps {cfg.num_steps}] (0: every step stochastic and trained), got {cfg.train_window}"
+        )
     if cfg.algo.startswith("rwr") and (cfg.advantages == "group" or cfg.train_window):
-        fail(f"--advantages group and --train-window work with ddpo-is, ddpo-sf and pxpo, which train on the steps' log-probs; "
-             f"{cfg.algo} weights per prompt with --per-prompt-stat-tracking, where each group of --samples-per-prompt is its prompt's samples")
+        fail(
+            f"--advantages group and --train-window work with ddpo-is, ddpo-sf and pxpo, which train on the steps' log-probs; "
+            f"{cfg.algo} weights per prompt with --per-prompt-stat-tracking, where each group of --samples-per-prompt is its prompt's samples"
+        )
 
 
 def check_model(flag, name, kind, index):
@@ -108,37 +177,55 @@ def check_model(flag, name, kind, index):
     path = Path(name)
     if not path.is_dir():
         if not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
-            fail(f"{flag} {name}: no such folder, nor a hub id of the form owner/name; give {kind} saved by save_pretrained, or a hub id")
+            fail(
+                f"{flag} {name}: no such folder, nor a hub id of the form owner/name; give {kind} saved by save_pretrained, or a hub id"
+            )
         return
     try:
         saved = json.loads((path / index).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        fail(f"{flag} {name}: its {index} is missing or unreadable ({type(error).__name__}); give {kind} saved by save_pretrained, or a hub id")
+        fail(
+            f"{flag} {name}: its {index} is missing or unreadable ({type(error).__name__}); give {kind} saved by save_pretrained, or a hub id"
+        )
     if not isinstance(saved, dict):
-        fail(f"{flag} {name}: its {index} is not a JSON object; give {kind} saved by save_pretrained, or a hub id")
+        fail(
+            f"{flag} {name}: its {index} is not a JSON object; give {kind} saved by save_pretrained, or a hub id"
+        )
 
 
 def check_reward(spec):
     """--reward is a built-in name, or your own function as FILE.py:NAME (the file there) or module:NAME
     (the module importable); whether NAME is in it is known once it is loaded (reward_loading.own_reward)."""
-    if spec in REWARD_NAMES or spec.startswith(PYTHON):  # python:...: given to train.main, which checks it
+    if spec in REWARD_NAMES or spec.startswith(
+        PYTHON
+    ):  # python:...: given to train.main, which checks it
         return
     match = OWN_REWARD.fullmatch(spec)
     if not match:
-        fail(f"--reward {spec}: not a built-in reward ({', '.join(REWARD_NAMES)}), nor your own as FILE.py:NAME or module:NAME")
+        fail(
+            f"--reward {spec}: not a built-in reward ({', '.join(REWARD_NAMES)}), nor your own as FILE.py:NAME or module:NAME"
+        )
     if match["where"].endswith(".py") and not Path(match["where"]).is_file():
-        fail(f"--reward {spec}: no file {match['where']}; give FILE.py:NAME, where the file defines NAME(images, prompts)")
+        fail(
+            f"--reward {spec}: no file {match['where']}; give FILE.py:NAME, where the file defines NAME(images, prompts)"
+        )
     if not match["where"].endswith(".py") and own_reward_file(spec) is None:
-        fail(f"--reward {spec}: no module {match['where']} on the Python path; give module:NAME of an importable module, or FILE.py:NAME")
+        fail(
+            f"--reward {spec}: no module {match['where']} on the Python path; give module:NAME of an importable module, or FILE.py:NAME"
+        )
 
 
 def check_out(out):
     """--out must be an empty folder, or a path where one can be made."""
     if out.is_dir() and any(path.name != LOCK for path in out.iterdir()):
-        fail(f"--out {out} is not empty: choose a new folder, or continue that run with --resume {out}")
+        fail(
+            f"--out {out} is not empty: choose a new folder, or continue that run with --resume {out}"
+        )
     existing = next(p for p in (out, *out.parents) if p.exists())
     if not existing.is_dir():
-        fail(f"--out {out}: {existing} is a file, not a folder; choose another path for the run folder")
+        fail(
+            f"--out {out}: {existing} is a file, not a folder; choose another path for the run folder"
+        )
     if not os.access(existing, os.W_OK | os.X_OK):
         fail(f"--out {out}: {existing} is not writable; choose a folder you can write to")
 
@@ -157,8 +244,12 @@ def read_saved_config(path):
         if key not in types:
             fail(f"--resume: {path} has an unknown setting {key!r}; {fix}")
         wanted = (int, float) if types[key] is float else types[key]
-        if value is not None and (not isinstance(value, wanted) or (isinstance(value, bool) and types[key] is not bool)):
-            fail(f"--resume: {path} sets {key} to {value!r}, which is not of type {types[key].__name__}; {fix}")
+        if value is not None and (
+            not isinstance(value, wanted) or (isinstance(value, bool) and types[key] is not bool)
+        ):
+            fail(
+                f"--resume: {path} sets {key} to {value!r}, which is not of type {types[key].__name__}; {fix}"
+            )
     return saved
 
 
@@ -168,12 +259,16 @@ def check_own_reward(folder, saved, accept_changed):
     --accept-changed-reward says the change is meant."""
     spec, path = saved["reward"], own_reward_file(saved["reward"])
     if path is None or not path.is_file():
-        fail(f"--resume {folder}: its reward {spec} is gone (no {path or spec.rpartition(':')[0]}); put it back where it was")
+        fail(
+            f"--resume {folder}: its reward {spec} is gone (no {path or spec.rpartition(':')[0]}); put it back where it was"
+        )
     if file_sha256(path) == saved["reward_sha256"]:
         return f"saved in {folder / 'config.json'}"
     trained = any((folder / "checkpoints").glob("epoch_*.pt"))
     if trained and not accept_changed:
-        fail(f"--resume {folder}: its reward's file {path} has changed since the run began, and the run was trained with the old one; "
-             f"restore it, or continue with the new one with --accept-changed-reward")
+        fail(
+            f"--resume {folder}: its reward's file {path} has changed since the run began, and the run was trained with the old one; "
+            f"restore it, or continue with the new one with --accept-changed-reward"
+        )
     saved["reward_sha256"] = file_sha256(path)
     return f"derived: the reward's file as it is now ({'--accept-changed-reward' if trained else 'changed, but the run has no checkpoint: it starts again'})"

@@ -3,6 +3,7 @@ layers (the paper's defaults, a preset, the algorithm's own, the tuned ones, the
 saved settings of a resumed one, and --show-config. Like config.py it imports neither torch nor
 diffusers, so that --help, --show-config and a bad flag answer at once.
 """
+
 import argparse
 import dataclasses
 import sys
@@ -12,13 +13,27 @@ from pathlib import Path
 
 from machinery import checks, config
 from machinery.config import (
-    ALGO_SETTINGS, BUNDLED_MODEL, EVAL_PROMPTS_COPY, PAPER_DEFAULTS, PRESETS, PROMPTS_COPY, SD14, TUNED, Config, fail,
-    file_sha256, own_reward_file,
+    ALGO_SETTINGS,
+    BUNDLED_MODEL,
+    EVAL_PROMPTS_COPY,
+    PAPER_DEFAULTS,
+    PRESETS,
+    PROMPTS_COPY,
+    SD14,
+    TUNED,
+    Config,
+    fail,
+    file_sha256,
+    own_reward_file,
 )
 
 
 def parse_args(argv=None, description=None):
-    parser = argparse.ArgumentParser(prog="train.py", description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="train.py",
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.error = fail  # one line, exit status 2
     for f in dataclasses.fields(Config):
         meta = dict(f.metadata)
@@ -30,10 +45,18 @@ def parse_args(argv=None, description=None):
         else:
             meta.setdefault("type", f.type)
         parser.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, **meta)
-    parser.add_argument("--show-config", action="store_true", default=argparse.SUPPRESS,
-                        help="print every setting the run would use and where it comes from, then exit without loading a model")
-    parser.add_argument("--accept-changed-reward", action="store_true", default=argparse.SUPPRESS,
-                        help="with --resume: continue although your reward's file has changed since the run began (you mean the change)")
+    parser.add_argument(
+        "--show-config",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="print every setting the run would use and where it comes from, then exit without loading a model",
+    )
+    parser.add_argument(
+        "--accept-changed-reward",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="with --resume: continue although your reward's file has changed since the run began (you mean the change)",
+    )
     given = vars(parser.parse_args(argv))  # only the flags on the command line
     show = given.pop("show_config", False)
     if "accept_changed_reward" in given and "resume" not in given:
@@ -50,19 +73,33 @@ def resolve(given):
     the preset, the algorithm's own (ALGO_SETTINGS), the preset's tuned ones (TUNED), the flags
     given; then the values derived from them. Returns the Config and where each value came from."""
     model, preset = given.pop("model", "auto"), given.pop("preset", "auto")
-    sources = {f.name: f"default: {PAPER_DEFAULTS[f.name]}" if f.name in PAPER_DEFAULTS else "default" for f in dataclasses.fields(Config)}
+    sources = {
+        f.name: f"default: {PAPER_DEFAULTS[f.name]}" if f.name in PAPER_DEFAULTS else "default"
+        for f in dataclasses.fields(Config)
+    }
     sources.update(model="flag", preset="flag")
     if model == "auto":
         cuda = config.cuda_available()
         model = SD14 if cuda else str(BUNDLED_MODEL)
-        print(f"--model auto: {f'CUDA is available, so {SD14}' if cuda else 'no CUDA device, so the bundled CPU model toy_world/tiny-shapes'} (choose with --model)")
+        print(
+            f"--model auto: {f'CUDA is available, so {SD14}' if cuda else 'no CUDA device, so the bundled CPU model toy_world/tiny-shapes'} (choose with --model)"
+        )
         sources["model"] = "auto: " + ("CUDA is available" if cuda else "no CUDA device")
     if preset == "auto":
         preset = "tiny" if Path(model).resolve() == BUNDLED_MODEL.resolve() else "paper"
-        sources["preset"] = f"auto: {'the bundled model' if preset == 'tiny' else 'not the bundled model'}"
+        sources["preset"] = (
+            f"auto: {'the bundled model' if preset == 'tiny' else 'not the bundled model'}"
+        )
     algo, reward = given.get("algo", Config.algo), given.get("reward", Config.reward)
-    layers = [(f"preset {preset}", PRESETS[preset]), (f"algorithm {algo}", ALGO_SETTINGS[algo]),
-              (f"tuned for {reward} and {algo} (config.TUNED)", TUNED.get(preset, {}).get((reward, algo), {})), ("flag", given)]
+    layers = [
+        (f"preset {preset}", PRESETS[preset]),
+        (f"algorithm {algo}", ALGO_SETTINGS[algo]),
+        (
+            f"tuned for {reward} and {algo} (config.TUNED)",
+            TUNED.get(preset, {}).get((reward, algo), {}),
+        ),
+        ("flag", given),
+    ]
     settings = {}
     for source, layer in layers:
         settings.update(layer)
@@ -71,12 +108,16 @@ def resolve(given):
     # derived values, computed once
     if cfg.lr is None:
         cfg.lr = 3e-4 if cfg.lora_rank > 0 else 1e-5
-        sources["lr"] = f"derived: {'3e-4 with a LoRA (paper, appendix C)' if cfg.lora_rank > 0 else '1e-5 for the whole UNet (paper, appendix D.5)'}"
+        sources["lr"] = (
+            f"derived: {'3e-4 with a LoRA (paper, appendix C)' if cfg.lora_rank > 0 else '1e-5 for the whole UNet (paper, appendix D.5)'}"
+        )
     if not cfg.device:
         cfg.device = "cuda" if config.cuda_available() else "cpu"
         sources["device"] = "derived: cuda when available, else cpu"
     if not cfg.out:
-        cfg.out = f"runs/{cfg.reward.rpartition(':')[2]}-{cfg.algo}-{time.strftime('%Y%m%d-%H%M%S')}"
+        cfg.out = (
+            f"runs/{cfg.reward.rpartition(':')[2]}-{cfg.algo}-{time.strftime('%Y%m%d-%H%M%S')}"
+        )
         sources["out"] = "derived: runs/<reward>-<algo>-<time>"
     cfg.run_id, sources["run_id"] = uuid.uuid4().hex[:12], "derived: new for each run"
     checks.validate(cfg)
@@ -84,7 +125,10 @@ def resolve(given):
     if reward_file:  # recorded as it is now: --resume checks it is the same
         where, _, name = cfg.reward.rpartition(":")
         cfg.reward = f"{Path(where).resolve() if where.endswith('.py') else where}:{name}"
-        cfg.reward_sha256, sources["reward_sha256"] = file_sha256(reward_file), "derived: the reward's file as it is now"
+        cfg.reward_sha256, sources["reward_sha256"] = (
+            file_sha256(reward_file),
+            "derived: the reward's file as it is now",
+        )
     return cfg, sources
 
 
@@ -92,7 +136,10 @@ def describe(cfg, sources):
     """Every setting, its value and where it came from, one a line."""
     width = max(len(name) for name in sources) + 2
     flags = {f.name for f in dataclasses.fields(Config) if f.metadata.get("flag", True)}
-    return "\n".join(f"{'--' if name in flags else '  '}{name.replace('_', '-'):{width}} {getattr(cfg, name)!s:32} {sources[name]}" for name in sources)
+    return "\n".join(
+        f"{'--' if name in flags else '  '}{name.replace('_', '-'):{width}} {getattr(cfg, name)!s:32} {sources[name]}"
+        for name in sources
+    )
 
 
 def resumed_config(given):
@@ -102,20 +149,38 @@ def resumed_config(given):
     folder, accept_changed = Path(given.pop("resume")), given.pop("accept_changed_reward", False)
     others = sorted(set(given) - {"epochs"})
     if others:
-        fail(f"--resume continues a run with its saved settings: only --epochs may go with it, not --{others[0].replace('_', '-')}")
+        fail(
+            f"--resume continues a run with its saved settings: only --epochs may go with it, not --{others[0].replace('_', '-')}"
+        )
     if not (folder / "config.json").is_file():
         if not any((folder / "checkpoints").glob("epoch_*.pt")):
-            fail(f"--resume {folder}: no run there (no config.json, no checkpoints/epoch_N.pt); give the folder of a run train.py started")
-        fail(f"--resume: {folder / 'config.json'} is missing, so the run's settings are unknown; restore it from a copy, "
-             f"or start a new run with the same flags")
+            fail(
+                f"--resume {folder}: no run there (no config.json, no checkpoints/epoch_N.pt); give the folder of a run train.py started"
+            )
+        fail(
+            f"--resume: {folder / 'config.json'} is missing, so the run's settings are unknown; restore it from a copy, "
+            f"or start a new run with the same flags"
+        )
     saved = checks.read_saved_config(folder / "config.json")
-    sources = {f.name: f"saved in {folder / 'config.json'}" if f.name in saved else "default (not in the saved config.json)"
-               for f in dataclasses.fields(Config)}
+    sources = {
+        f.name: f"saved in {folder / 'config.json'}"
+        if f.name in saved
+        else "default (not in the saved config.json)"
+        for f in dataclasses.fields(Config)
+    }
     if saved.get("reward_sha256"):
         sources["reward_sha256"] = checks.check_own_reward(folder, saved, accept_changed)
-    for name, copy in (("prompts", folder / PROMPTS_COPY), ("eval_prompts", folder / EVAL_PROMPTS_COPY)):
-        if saved.get(name) and copy.is_file():  # runs of earlier versions have no copies: their prompts are read where they were
-            saved[name], sources[name] = str(copy), f"the copy of {saved[name]} taken at the run's start"
+    for name, copy in (
+        ("prompts", folder / PROMPTS_COPY),
+        ("eval_prompts", folder / EVAL_PROMPTS_COPY),
+    ):
+        if (
+            saved.get(name) and copy.is_file()
+        ):  # runs of earlier versions have no copies: their prompts are read where they were
+            saved[name], sources[name] = (
+                str(copy),
+                f"the copy of {saved[name]} taken at the run's start",
+            )
     cfg = Config(**{**saved, **given, "out": str(folder), "resume": str(folder)})
     checks.validate(cfg)
     sources.update(dict.fromkeys([*given, "resume", "out"], "flag"))

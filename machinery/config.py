@@ -7,6 +7,7 @@ Bad input is refused before anything is loaded or written (checks.py): one line,
 module imports neither torch nor diffusers (seconds to load), so that --help, --show-config and a
 bad flag answer at once: train.py parses its flags before its own imports.
 """
+
 import ctypes
 import functools
 import hashlib
@@ -24,20 +25,30 @@ DATA = ROOT / "data"
 BUNDLED_MODEL = ROOT / "toy_world" / "tiny-shapes"
 SD14 = "CompVis/stable-diffusion-v1-4"
 LOCK = ".lock"  # the run folder's lock file (run_folder.claim): a folder holding only it counts as empty
-PROMPTS_COPY, EVAL_PROMPTS_COPY = "prompts.txt", "eval_prompts.txt"  # in the run folder: a resumed run reads its prompts there
+PROMPTS_COPY, EVAL_PROMPTS_COPY = (
+    "prompts.txt",
+    "eval_prompts.txt",
+)  # in the run folder: a resumed run reads its prompts there
 
 
 def read_lines(path):
     """A text file's non-blank lines, stripped; UTF-8, with or without the byte-order mark some
     editors write first (utf-8-sig drops it: it is not part of the first line)."""
-    return [line.strip() for line in Path(path).read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    return [
+        line.strip()
+        for line in Path(path).read_text(encoding="utf-8-sig").splitlines()
+        if line.strip()
+    ]
 
 
 PROMPT_SETS = {
     "imagenet_animals": lambda: read_lines(DATA / "imagenet_classes.txt")[:398],
     "simple_animals": lambda: read_lines(DATA / "simple_animals.txt"),
-    "animal_activities": lambda: [f"{'an' if animal[0] in 'aeiou' else 'a'} {animal} {activity}"
-                                  for animal in read_lines(DATA / "simple_animals.txt") for activity in read_lines(DATA / "activities.txt")],
+    "animal_activities": lambda: [
+        f"{'an' if animal[0] in 'aeiou' else 'a'} {animal} {activity}"
+        for animal in read_lines(DATA / "simple_animals.txt")
+        for activity in read_lines(DATA / "activities.txt")
+    ],
     "shapes": lambda: toy_world.PROMPTS,
     "shapes_train": lambda: toy_world.TRAIN,  # 10 of the 15, for training
     "shapes_heldout": lambda: toy_world.HELDOUT,  # the other 5, never trained on
@@ -47,8 +58,17 @@ PROMPT_SETS = {
 # 4 x 8 x 8 latent is that much noisier than over SD's 16,384.
 PRESETS = {
     "paper": {},
-    "tiny": dict(prompts="shapes", num_steps=20, guidance_scale=3.0, epochs=35, samples_per_epoch=64, batch_size=16,
-                 timestep_fraction=0.5, lr=5e-3, clip_range=8e-4),
+    "tiny": dict(
+        prompts="shapes",
+        num_steps=20,
+        guidance_scale=3.0,
+        epochs=35,
+        samples_per_epoch=64,
+        batch_size=16,
+        timestep_fraction=0.5,
+        lr=5e-3,
+        clip_range=8e-4,
+    ),
 }
 # Each algorithm's own settings: over the preset's, under the tuned ones and the flags given.
 ALGO_SETTINGS = {
@@ -80,15 +100,37 @@ TUNED = {
 # Where the defaults come from, for --show-config: the paper's text (arXiv 2305.13301, ICLR 2024
 # version) or the original code (jannerm/ddpo) where the paper is silent. The rest are this project's.
 PAPER_DEFAULTS = {
-    "num_steps": "paper, appendix D.5", "guidance_scale": "paper, appendix D.5", "eta": "original code; the paper does not say",
-    "algo": "paper, section 4.3", "samples_per_epoch": "paper, appendix D.1", "updates_per_epoch": "paper, appendix D.1", "clip_range": "paper, appendix D.1",
-    "per_prompt_stat_tracking": "paper, appendix D.3", "buffer_size": "original code", "min_count": "original code", "beta": "paper, appendix D.5",
-    "weight_decay": "paper, appendix D.5", "max_grad_norm": "paper, appendix D.5", "lora_rank": "public PyTorch port (kvablack/ddpo-pytorch)",
-    "adv_clip_max": "public PyTorch port", "timestep_fraction": "paper: every step trained", "inner_epochs": "paper, appendix D.1: one pass",
+    "num_steps": "paper, appendix D.5",
+    "guidance_scale": "paper, appendix D.5",
+    "eta": "original code; the paper does not say",
+    "algo": "paper, section 4.3",
+    "samples_per_epoch": "paper, appendix D.1",
+    "updates_per_epoch": "paper, appendix D.1",
+    "clip_range": "paper, appendix D.1",
+    "per_prompt_stat_tracking": "paper, appendix D.3",
+    "buffer_size": "original code",
+    "min_count": "original code",
+    "beta": "paper, appendix D.5",
+    "weight_decay": "paper, appendix D.5",
+    "max_grad_norm": "paper, appendix D.5",
+    "lora_rank": "public PyTorch port (kvablack/ddpo-pytorch)",
+    "adv_clip_max": "public PyTorch port",
+    "timestep_fraction": "paper: every step trained",
+    "inner_epochs": "paper, appendix D.1: one pass",
 }
 # rewards.REWARDS's names (the learned ones are built by reward_loading.load_reward); a test keeps them equal
-REWARD_NAMES = ("jpeg", "jpeg_incompressibility", "pixel_color", "pixel_background", "toy_alignment", "aesthetic", "alignment")
-OWN_REWARD = re.compile(r"(?P<where>.+):(?P<name>[A-Za-z_]\w*)")  # --reward FILE.py:NAME or module:NAME, your own function
+REWARD_NAMES = (
+    "jpeg",
+    "jpeg_incompressibility",
+    "pixel_color",
+    "pixel_background",
+    "toy_alignment",
+    "aesthetic",
+    "alignment",
+)
+OWN_REWARD = re.compile(
+    r"(?P<where>.+):(?P<name>[A-Za-z_]\w*)"
+)  # --reward FILE.py:NAME or module:NAME, your own function
 PYTHON = "python:"  # how config.json names a reward function given to train.main(reward_fn=...): python:module.qualname
 
 
@@ -99,53 +141,126 @@ def arg(default, help, **kwargs):
 @dataclass
 class Config:
     # model
-    model: str = arg("auto", f"hub id or local folder of a Stable Diffusion 1.x, 2.x or XL pipeline; auto: {SD14} with CUDA, else the bundled {BUNDLED_MODEL.name}")
-    preset: str = arg("auto", "settings to start from: the paper's, or tiny for the bundled model on a CPU; auto: tiny with the bundled model", choices=("auto", *PRESETS))
-    lora_rank: int = arg(4, "rank of the LoRA on the UNet's attention projections; 0 fine-tunes the whole UNet")
+    model: str = arg(
+        "auto",
+        f"hub id or local folder of a Stable Diffusion 1.x, 2.x or XL pipeline; auto: {SD14} with CUDA, else the bundled {BUNDLED_MODEL.name}",
+    )
+    preset: str = arg(
+        "auto",
+        "settings to start from: the paper's, or tiny for the bundled model on a CPU; auto: tiny with the bundled model",
+        choices=("auto", *PRESETS),
+    )
+    lora_rank: int = arg(
+        4, "rank of the LoRA on the UNet's attention projections; 0 fine-tunes the whole UNet"
+    )
     # task
-    reward: str = arg("jpeg", f"reward function: one of {', '.join(REWARD_NAMES)} (README, \"Rewards and prompts\"), or your own as FILE.py:NAME "
-                      f"or module:NAME (README, \"Your own reward\")")
-    prompts: str = arg("imagenet_animals", f"a built-in prompt set ({', '.join(PROMPT_SETS)}) or a text file, one prompt a line")
+    reward: str = arg(
+        "jpeg",
+        f'reward function: one of {", ".join(REWARD_NAMES)} (README, "Rewards and prompts"), or your own as FILE.py:NAME '
+        f'or module:NAME (README, "Your own reward")',
+    )
+    prompts: str = arg(
+        "imagenet_animals",
+        f"a built-in prompt set ({', '.join(PROMPT_SETS)}) or a text file, one prompt a line",
+    )
     # sampling (paper, appendix D.5: 50 steps, guidance 5; DDIM with eta 1 as the original code samples)
     num_steps: int = arg(50, "DDIM steps T per trajectory")
     guidance_scale: float = arg(5.0, "classifier-free guidance weight w, part of the policy")
     eta: float = arg(1.0, "DDIM noise level; must be > 0 for the step to have a log-prob")
     # algorithm (paper, sections 4.2-4.3; settings from appendix D.1 and D.5)
-    algo: str = arg("ddpo-is", "DDPO_IS (clipped importance sampling), DDPO_SF (REINFORCE), reward-weighted regression "
-                    "(dense or top 10 %%), or pixel-wise PXPO (ddpo.py)", choices=ALGOS)
+    algo: str = arg(
+        "ddpo-is",
+        "DDPO_IS (clipped importance sampling), DDPO_SF (REINFORCE), reward-weighted regression "
+        "(dense or top 10 %%), or pixel-wise PXPO (ddpo.py)",
+        choices=ALGOS,
+    )
     epochs: int = arg(100, "epochs, each one round of sampling and updates")
     samples_per_epoch: int = arg(256, "trajectories sampled per epoch")
-    batch_size: int = arg(8, "trajectories per forward pass, sampling and training (memory only, not the maths)")
-    steps_per_forward: int = arg(1, "training: trained steps of each trajectory in one forward and backward (memory and speed only)")
-    updates_per_epoch: int = arg(None, "optimiser steps per pass over an epoch's samples; default 4 for ddpo-is and rwr (minibatches of 64), 1 for ddpo-sf and pxpo")
-    inner_epochs: int = arg(1, "passes over each epoch's samples (the original's RWR: 5, set by --algo rwr and rwr-sparse)")
-    timestep_fraction: float = arg(1.0, "fraction of each trajectory's steps trained on, drawn per sample")
+    batch_size: int = arg(
+        8, "trajectories per forward pass, sampling and training (memory only, not the maths)"
+    )
+    steps_per_forward: int = arg(
+        1,
+        "training: trained steps of each trajectory in one forward and backward (memory and speed only)",
+    )
+    updates_per_epoch: int = arg(
+        None,
+        "optimiser steps per pass over an epoch's samples; default 4 for ddpo-is and rwr (minibatches of 64), 1 for ddpo-sf and pxpo",
+    )
+    inner_epochs: int = arg(
+        1,
+        "passes over each epoch's samples (the original's RWR: 5, set by --algo rwr and rwr-sparse)",
+    )
+    timestep_fraction: float = arg(
+        1.0, "fraction of each trajectory's steps trained on, drawn per sample"
+    )
     clip_range: float = arg(1e-4, "PPO clip range eps on the per-element (mean-reduced) ratio")
     adv_clip_max: float = arg(5.0, "advantages are clipped to [-adv_clip_max, adv_clip_max]")
-    per_prompt_stat_tracking: bool = arg(True, "normalise rewards per prompt (else over the batch); rwr: weights per prompt")
+    per_prompt_stat_tracking: bool = arg(
+        True, "normalise rewards per prompt (else over the batch); rwr: weights per prompt"
+    )
     buffer_size: int = arg(32, "rewards kept per prompt for its statistics")
     min_count: int = arg(16, "rewards a prompt needs before its own statistics replace the batch's")
     beta: float = arg(0.2, "rwr: inverse temperature of the weights exp(beta * r)")
     # beyond the paper: what DDPO's successors changed (successors.py; README, "What DDPO's successors changed")
-    samples_per_prompt: int = arg(1, "trajectories of each drawn prompt in an epoch, a group (1: every sample draws its own prompt, the paper's)")
-    advantages: str = arg("tracker", "tracker: the paper's normalisation (per prompt, or over the batch with --no-per-prompt-stat-tracking); "
-                          "group: within each group of --samples-per-prompt (GRPO's)", choices=("tracker", "group"))
-    shared_noise: bool = arg(False, "each group of --samples-per-prompt starts from one x_T (DanceGRPO)")
-    train_window: int = arg(0, "only this many consecutive steps, drawn each epoch, sample with eta and are trained; the others are "
-                            "deterministic DDIM steps (MixGRPO); 0: every step")
+    samples_per_prompt: int = arg(
+        1,
+        "trajectories of each drawn prompt in an epoch, a group (1: every sample draws its own prompt, the paper's)",
+    )
+    advantages: str = arg(
+        "tracker",
+        "tracker: the paper's normalisation (per prompt, or over the batch with --no-per-prompt-stat-tracking); "
+        "group: within each group of --samples-per-prompt (GRPO's)",
+        choices=("tracker", "group"),
+    )
+    shared_noise: bool = arg(
+        False, "each group of --samples-per-prompt starts from one x_T (DanceGRPO)"
+    )
+    train_window: int = arg(
+        0,
+        "only this many consecutive steps, drawn each epoch, sample with eta and are trained; the others are "
+        "deterministic DDIM steps (MixGRPO); 0: every step",
+    )
     eval_num_steps: int = arg(None, "DDIM steps of the fixed-noise evaluation; default --num-steps")
-    pxpo_normalise: str = arg("prompt", "pxpo: each latent position's reward against its prompt's statistics of the scalar rewards (prompt), "
-                              "or against its prompt's running mean and std at that position (position)", choices=("prompt", "position"))
-    target_color: str = arg("1,1,1", "pixel_color, pixel_background: the target colour as R,G,B in [0, 1]")
-    aesthetic_model: str = arg("openai/clip-vit-large-patch14", "aesthetic: the CLIP model (hub id or folder) under LAION's aesthetic head")
-    alignment_model: str = arg("llava-hf/llava-1.5-7b-hf", "alignment: the vision-language model (hub id or folder) that describes each image")
-    bertscore_model: str = arg("microsoft/deberta-xlarge-mnli", "alignment: the model whose embeddings BERTScore compares")
-    bertscore_layer: int = arg(40, "alignment: its hidden layer used by BERTScore (40: bert_score's choice for deberta-xlarge-mnli)")
+    pxpo_normalise: str = arg(
+        "prompt",
+        "pxpo: each latent position's reward against its prompt's statistics of the scalar rewards (prompt), "
+        "or against its prompt's running mean and std at that position (position)",
+        choices=("prompt", "position"),
+    )
+    target_color: str = arg(
+        "1,1,1", "pixel_color, pixel_background: the target colour as R,G,B in [0, 1]"
+    )
+    aesthetic_model: str = arg(
+        "openai/clip-vit-large-patch14",
+        "aesthetic: the CLIP model (hub id or folder) under LAION's aesthetic head",
+    )
+    alignment_model: str = arg(
+        "llava-hf/llava-1.5-7b-hf",
+        "alignment: the vision-language model (hub id or folder) that describes each image",
+    )
+    bertscore_model: str = arg(
+        "microsoft/deberta-xlarge-mnli", "alignment: the model whose embeddings BERTScore compares"
+    )
+    bertscore_layer: int = arg(
+        40,
+        "alignment: its hidden layer used by BERTScore (40: bert_score's choice for deberta-xlarge-mnli)",
+    )
     # overoptimisation: a leash to the base model and a held-out evaluation (not in the paper)
-    kl_coef: float = arg(0.0, "weight of the KL(policy || base model) penalty on the trained steps (0: the paper's DDPO; sampler.policy_kl)")
-    eval_every: int = arg(0, "epochs between fixed-noise evaluations (0: none), and always of the base model and of the final weights")
-    eval_prompts: str = arg(None, "the evaluation's prompts: a built-in set or a text file; default --prompts")
-    eval_samples: int = arg(64, "images per evaluation, the prompts in turn, from the same noise every time")
+    kl_coef: float = arg(
+        0.0,
+        "weight of the KL(policy || base model) penalty on the trained steps (0: the paper's DDPO; sampler.policy_kl)",
+    )
+    eval_every: int = arg(
+        0,
+        "epochs between fixed-noise evaluations (0: none), and always of the base model and of the final weights",
+    )
+    eval_prompts: str = arg(
+        None, "the evaluation's prompts: a built-in set or a text file; default --prompts"
+    )
+    eval_samples: int = arg(
+        64, "images per evaluation, the prompts in turn, from the same noise every time"
+    )
     # optimiser (AdamW, paper's settings)
     lr: float = arg(None, "learning rate; default 3e-4 with LoRA, 1e-5 for the whole UNet")
     weight_decay: float = arg(1e-4, "AdamW weight decay")
@@ -153,18 +268,42 @@ class Config:
     # system
     seed: int = arg(0, "seed for prompts, noise, shuffling and LoRA init")
     out: str = arg(None, "run folder; default runs/<reward>-<algo>-<time>")
-    mixed_precision: str = arg("no", "frozen networks in this dtype and the forwards autocast to it; the LoRA stays fp32", choices=("no", "fp16", "bf16"))
-    gradient_checkpointing: bool = arg(False, "recompute the UNet's activations in the backward pass: less memory, more time")
-    compile: bool = arg(False, "torch.compile the UNet for sampling and training; the first epoch pays the compiling (README, \"Speed: how close an epoch comes to its compute floor\")")
+    mixed_precision: str = arg(
+        "no",
+        "frozen networks in this dtype and the forwards autocast to it; the LoRA stays fp32",
+        choices=("no", "fp16", "bf16"),
+    )
+    gradient_checkpointing: bool = arg(
+        False, "recompute the UNet's activations in the backward pass: less memory, more time"
+    )
+    compile: bool = arg(
+        False,
+        'torch.compile the UNet for sampling and training; the first epoch pays the compiling (README, "Speed: how close an epoch comes to its compute floor")',
+    )
     allow_tf32: bool = arg(True, "TF32 matmuls and convolutions on CUDA (Ampere and newer)")
     device: str = arg(None, "torch device; default cuda when available, else cpu")
-    log_with: str = arg("none", "also send each epoch's metrics, sample grid and the settings to tensorboard (RUN/tensorboard) or wandb; "
-                        "each an optional package: pip install tensorboard, or wandb", choices=("none", "tensorboard", "wandb"))
-    checkpoint_every: int = arg(1, "epochs between checkpoints (checkpoints/epoch_N.pt: everything --resume needs)")
+    log_with: str = arg(
+        "none",
+        "also send each epoch's metrics, sample grid and the settings to tensorboard (RUN/tensorboard) or wandb; "
+        "each an optional package: pip install tensorboard, or wandb",
+        choices=("none", "tensorboard", "wandb"),
+    )
+    checkpoint_every: int = arg(
+        1, "epochs between checkpoints (checkpoints/epoch_N.pt: everything --resume needs)"
+    )
     keep_checkpoints: int = arg(2, "checkpoints kept, the latest ones")
-    resume: str = arg(None, "continue the run in this folder from its last checkpoint, with its saved settings (--epochs may extend it)")
-    run_id: str = arg(None, "not a flag: a new one for each run, kept in config.json and in its checkpoints (resume refuses another's)", flag=False)
-    reward_sha256: str = arg(None, "not a flag: the sha256 of your own reward's file, which --resume checks", flag=False)
+    resume: str = arg(
+        None,
+        "continue the run in this folder from its last checkpoint, with its saved settings (--epochs may extend it)",
+    )
+    run_id: str = arg(
+        None,
+        "not a flag: a new one for each run, kept in config.json and in its checkpoints (resume refuses another's)",
+        flag=False,
+    )
+    reward_sha256: str = arg(
+        None, "not a flag: the sha256 of your own reward's file, which --resume checks", flag=False
+    )
 
 
 def base_needed(cfg):
@@ -173,7 +312,11 @@ def base_needed(cfg):
     switched off and costs nothing, for the kl_to_base that ddpo-is, ddpo-sf and pxpo log. A full
     fine-tune (--lora-rank 0) without the leash and the evaluation makes no frozen copy of the UNet
     and logs no kl_to_base."""
-    return cfg.kl_coef > 0 or bool(cfg.eval_every) or (cfg.lora_rank > 0 and not cfg.algo.startswith("rwr"))
+    return (
+        cfg.kl_coef > 0
+        or bool(cfg.eval_every)
+        or (cfg.lora_rank > 0 and not cfg.algo.startswith("rwr"))
+    )
 
 
 def fail(message):
@@ -195,14 +338,20 @@ def cuda_available():
     parallel.setup refuses a CUDA device that torch itself cannot use."""
     spec = importlib.util.find_spec("torch")
     version = Path(spec.origin).with_name("version.py").read_text() if spec else ""
-    if not re.search(r"^cuda\b[^=]*=\s*'", version, re.M):  # "cuda: Optional[str] = None" in a CPU build
+    if not re.search(
+        r"^cuda\b[^=]*=\s*'", version, re.M
+    ):  # "cuda: Optional[str] = None" in a CPU build
         return False
     try:
         driver = ctypes.CDLL("nvcuda.dll" if os.name == "nt" else "libcuda.so.1")
     except OSError:
         return False
     count = ctypes.c_int(0)
-    return driver.cuInit(0) == 0 and driver.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
+    return (
+        driver.cuInit(0) == 0
+        and driver.cuDeviceGetCount(ctypes.byref(count)) == 0
+        and count.value > 0
+    )
 
 
 def own_reward_file(spec):
@@ -233,11 +382,15 @@ def load_prompts(name, flag="--prompts"):
     if name in PROMPT_SETS:
         return PROMPT_SETS[name]()
     if not Path(name).is_file():
-        fail(f"{flag} {name}: no such set or file; use one of {', '.join(PROMPT_SETS)} or a text file")
+        fail(
+            f"{flag} {name}: no such set or file; use one of {', '.join(PROMPT_SETS)} or a text file"
+        )
     try:
         prompts = read_lines(name)
     except (OSError, UnicodeDecodeError) as error:
-        fail(f"{flag} {name}: not a readable text file ({type(error).__name__}); give a UTF-8 text file, one prompt a line")
+        fail(
+            f"{flag} {name}: not a readable text file ({type(error).__name__}); give a UTF-8 text file, one prompt a line"
+        )
     if not prompts:
         fail(f"{flag} {name}: the file has no prompts; write one prompt a line")
     return prompts

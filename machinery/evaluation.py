@@ -3,6 +3,7 @@ over training, and how far the policy has moved from the base model. It is not p
 train.py runs it as phase 0 of an epoch, and once more after the last epoch's update, to watch for
 overoptimisation and, with prompts it never trains on, for generalisation (the paper's section 6.3).
 """
+
 import time
 
 import torch
@@ -18,7 +19,9 @@ EVAL_SEED = 20_230_522  # the evaluation's noise, the same in every run and ever
 def evaluation_due(cfg, epoch, rank):
     """Before epoch 0 (the base model), every cfg.eval_every epochs (0: never) and after the last
     (epoch = cfg.epochs: the weights the run ends with), on rank 0 alone."""
-    return bool(cfg.eval_every) and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs) and rank == 0
+    return (
+        bool(cfg.eval_every) and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs) and rank == 0
+    )
 
 
 def evaluate(cfg, pipe, base, prompts, trained, reward_fn, autocast, out, epoch):
@@ -32,16 +35,35 @@ def evaluate(cfg, pipe, base, prompts, trained, reward_fn, autocast, out, epoch)
     start = time.time()
     generator = torch.Generator(pipe.unet.device).manual_seed(EVAL_SEED)
     with autocast:
-        traj = sample_trajectories(pipe, prompts, cfg.eval_num_steps or cfg.num_steps, cfg.guidance_scale, cfg.eta, cfg.batch_size, generator, base=base)
-    values = {"reward_mean": scalar(reward_fn(traj["images"], prompts).float().cpu()), "kl_to_base": traj["kl_to_base"].float().mean(dim=1).cpu()}
+        traj = sample_trajectories(
+            pipe,
+            prompts,
+            cfg.eval_num_steps or cfg.num_steps,
+            cfg.guidance_scale,
+            cfg.eta,
+            cfg.batch_size,
+            generator,
+            base=base,
+        )
+    values = {
+        "reward_mean": scalar(reward_fn(traj["images"], prompts).float().cpu()),
+        "kl_to_base": traj["kl_to_base"].float().mean(dim=1).cpu(),
+    }
     if set(prompts) <= set(toy_world.PROMPTS):
         values["fidelity"] = toy_world.judge(traj["images"], prompts)
     heldout = torch.tensor([prompt not in trained for prompt in prompts])
     groups = {"eval": torch.ones_like(heldout)}
     if 0 < heldout.sum() < len(prompts):
         groups.update(eval_trained=~heldout, eval_heldout=heldout)
-    metrics = {f"{group}_{key}": value[rows].mean().item() for group, rows in groups.items() for key, value in values.items()}
-    captions = [f"{p[:20]}{' (held out)' if h else ''}\n{r:.2f}" for p, h, r in zip(prompts, heldout.tolist(), values["reward_mean"].tolist())]
+    metrics = {
+        f"{group}_{key}": value[rows].mean().item()
+        for group, rows in groups.items()
+        for key, value in values.items()
+    }
+    captions = [
+        f"{p[:20]}{' (held out)' if h else ''}\n{r:.2f}"
+        for p, h, r in zip(prompts, heldout.tolist(), values["reward_mean"].tolist())
+    ]
     save_grid(traj["images"][:16], captions[:16], out / "samples" / f"eval_epoch_{epoch:04d}.png")
     return {**metrics, "eval_after_epochs": epoch, "eval_seconds": time.time() - start}
 

@@ -2,6 +2,7 @@
 Flow-GRPO, arXiv 2505.05470). train.update adds kl_term's penalty to its loss; sampling and the
 evaluation measure the same KL with sampler.policy_kl.
 """
+
 import contextlib
 import copy
 
@@ -40,6 +41,15 @@ def kl_term(cfg, pipe, base, traj, states, eps, first, measured):
     part = slice(None if cfg.kl_coef > 0 else measured)
     latents, timesteps, prompt_embeds = (s[part] for s in states)
     with torch.no_grad(), base() as base_unet:
-        base_eps = guided_eps(base_unet, latents, timesteps, prompt_embeds, traj["negative_embeds"], cfg.guidance_scale)
-    kl = policy_kl(pipe.scheduler, eps[part], base_eps, timesteps, latents, cfg.eta).mean()  # per element, then states
+        base_eps = guided_eps(
+            base_unet,
+            latents,
+            timesteps,
+            prompt_embeds,
+            traj["negative_embeds"],
+            cfg.guidance_scale,
+        )
+    kl = policy_kl(
+        pipe.scheduler, eps[part], base_eps, timesteps, latents, cfg.eta
+    ).mean()  # per element, then states
     return cfg.kl_coef * kl, {"kl_to_base": kl.detach()}

@@ -10,6 +10,7 @@ optimiser step, so the weights stay identical everywhere. Only rank 0 writes the
 Without torchrun (no WORLD_SIZE in the environment) every function here is the identity.
 NCCL on CUDA, gloo on the CPU (the tests run 2 processes that way).
 """
+
 import os
 
 import torch
@@ -26,11 +27,19 @@ def setup(device):
     kind = torch.device(device)
     accelerator = torch.accelerator.current_accelerator()
     if kind.type != "cpu" and (accelerator is None or accelerator.type != kind.type):
-        fail(f"--device {device}: torch cannot use {kind.type} here (a build of torch without it, or no driver or device); "
-             f"use --device {accelerator.type if accelerator else 'cpu'}")
-    if kind.type != "cpu" and kind.index is not None and kind.index >= torch.accelerator.device_count():
-        fail(f"--device {device}: there is no {kind.type} device {kind.index} here ({torch.accelerator.device_count()} found, "
-             f"numbered from 0); use --device {kind.type}:0")
+        fail(
+            f"--device {device}: torch cannot use {kind.type} here (a build of torch without it, or no driver or device); "
+            f"use --device {accelerator.type if accelerator else 'cpu'}"
+        )
+    if (
+        kind.type != "cpu"
+        and kind.index is not None
+        and kind.index >= torch.accelerator.device_count()
+    ):
+        fail(
+            f"--device {device}: there is no {kind.type} device {kind.index} here ({torch.accelerator.device_count()} found, "
+            f"numbered from 0); use --device {kind.type}:0"
+        )
     world = world_size()
     if world == 1:
         return 0, 1, torch.device(device)

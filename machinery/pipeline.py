@@ -1,6 +1,7 @@
 """Stable Diffusion 1.x, 2.x and XL for DDPO: loading a pipeline, the trainable LoRA, compiling, and saving the
 trained weights. The libraries' workarounds live here, so that sampler.py is the policy's maths.
 """
+
 import logging
 from pathlib import Path
 
@@ -9,9 +10,16 @@ import torch
 # diffusers' pipeline module looks up transformers' CLIP and SigLIP image processors; without
 # torchvision they fall back to their PIL versions (which this project uses) with a notice each.
 # Only those two notices are dropped, where they are logged, before diffusers' pipelines are imported.
-logging.getLogger("transformers.utils.import_utils").addFilter(lambda record: "requires torchvision" not in record.getMessage())
+logging.getLogger("transformers.utils.import_utils").addFilter(
+    lambda record: "requires torchvision" not in record.getMessage()
+)
 
-from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline  # noqa: E402
+from diffusers import (
+    DDIMScheduler,
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)  # noqa: E402
 from diffusers.training_utils import cast_training_params  # noqa: E402
 from diffusers.utils import convert_state_dict_to_diffusers  # noqa: E402
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
@@ -24,13 +32,18 @@ from rewards import hub_reachable  # noqa: E402
 from sampler import PREDICTION_TYPES, ddim_mean_std  # noqa: E402
 
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the UNet's attention projections
-PIPELINES = {"StableDiffusionPipeline": StableDiffusionPipeline, "StableDiffusionXLPipeline": StableDiffusionXLPipeline}  # by model_index.json's name
+PIPELINES = {
+    "StableDiffusionPipeline": StableDiffusionPipeline,
+    "StableDiffusionXLPipeline": StableDiffusionXLPipeline,
+}  # by model_index.json's name
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --mixed-precision
 
 
 def pipeline_class(model, local_files_only=False):
     """The pipeline class a hub id or a local folder names in its model_index.json."""
-    return DiffusionPipeline.load_config(model, local_files_only=local_files_only).get("_class_name")
+    return DiffusionPipeline.load_config(model, local_files_only=local_files_only).get(
+        "_class_name"
+    )
 
 
 def load_pipeline(model, device="cpu", dtype=torch.float32, local_files_only=False):
@@ -44,7 +57,11 @@ def load_pipeline(model, device="cpu", dtype=torch.float32, local_files_only=Fal
     for library in (diffusers_logging, transformers_logging):
         library.disable_progress_bar()  # loading takes seconds; its bars would only clutter the log
     kind = PIPELINES[pipeline_class(model, local_files_only)]
-    off = dict(add_watermarker=False) if kind is StableDiffusionXLPipeline else dict(safety_checker=None, requires_safety_checker=False)
+    off = (
+        dict(add_watermarker=False)
+        if kind is StableDiffusionXLPipeline
+        else dict(safety_checker=None, requires_safety_checker=False)
+    )
     pipe = kind.from_pretrained(model, dtype=dtype, local_files_only=local_files_only, **off)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     for module in (pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None), pipe.unet):
@@ -58,45 +75,88 @@ def load_pipeline(model, device="cpu", dtype=torch.float32, local_files_only=Fal
 
 def load_model(cfg, device, dtype):
     """The pipeline of --model, or one line on why it cannot be loaded or cannot take --num-steps or --lora-rank."""
-    local_files_only = not hub_reachable()  # one probe of the network (up to its timeout without one)
+    local_files_only = (
+        not hub_reachable()
+    )  # one probe of the network (up to its timeout without one)
     try:
         kind = pipeline_class(cfg.model, local_files_only)
         if kind not in PIPELINES:
-            fail(f"--model {cfg.model} is a {kind}; train.py trains {' and '.join(PIPELINES)} models (SD 1.x and 2.x, SDXL), "
-                 f"so pass one of those (e.g. {SD14})")
+            fail(
+                f"--model {cfg.model} is a {kind}; train.py trains {' and '.join(PIPELINES)} models (SD 1.x and 2.x, SDXL), "
+                f"so pass one of those (e.g. {SD14})"
+            )
         pipe = load_pipeline(cfg.model, device, dtype, local_files_only)
     except OSError as error:
         if Path(cfg.model).is_dir():
-            fail(f"--model {cfg.model}: not a readable diffusers pipeline folder ({type(error).__name__}); pass a folder saved by "
-                 f"save_pretrained (model_index.json and its parts), or a hub id")
-        fail(f"--model {cfg.model}: cannot load it ({type(error).__name__}: no network, not in the hub cache, or no such model); "
-             f"download it first with `hf download {cfg.model}`, or pass a local folder")
-    prediction, thresholding = pipe.scheduler.config.prediction_type, pipe.scheduler.config.thresholding
+            fail(
+                f"--model {cfg.model}: not a readable diffusers pipeline folder ({type(error).__name__}); pass a folder saved by "
+                f"save_pretrained (model_index.json and its parts), or a hub id"
+            )
+        fail(
+            f"--model {cfg.model}: cannot load it ({type(error).__name__}: no network, not in the hub cache, or no such model); "
+            f"download it first with `hf download {cfg.model}`, or pass a local folder"
+        )
+    prediction, thresholding = (
+        pipe.scheduler.config.prediction_type,
+        pipe.scheduler.config.thresholding,
+    )
     if prediction not in PREDICTION_TYPES or thresholding:
-        fail(f"--model {cfg.model}: its scheduler predicts {prediction!r}{' with thresholding' if thresholding else ''}; the policy's "
-             f"Gaussian is written for {' and '.join(PREDICTION_TYPES)} without thresholding (sampler.ddim_mean_std)")
-    if prediction == "epsilon" and pipe.scheduler.alphas_cumprod[-1] == 0:  # x0_hat = (x_t - eps) / sqrt(abar_T) = (x_t - eps) / 0
-        fail(f"--model {cfg.model}: its scheduler has zero terminal SNR (rescale_betas_zero_snr) and predicts 'epsilon', from which the "
-             f"clean image at t = T cannot be recovered (it divides by sqrt(alpha-bar_T) = 0); such schedules go with "
-             f"\"prediction_type\": \"v_prediction\" in scheduler/scheduler_config.json")
-    for flag, num_steps in (("--num-steps", cfg.num_steps), ("--eval-num-steps", cfg.eval_num_steps)):
-        pipe.scheduler.set_timesteps(num_steps or cfg.num_steps)  # as sampling will: its steps must fall within the training timesteps
-        trained, offset = pipe.scheduler.config.num_train_timesteps, pipe.scheduler.config.get("steps_offset", 0)
+        fail(
+            f"--model {cfg.model}: its scheduler predicts {prediction!r}{' with thresholding' if thresholding else ''}; the policy's "
+            f"Gaussian is written for {' and '.join(PREDICTION_TYPES)} without thresholding (sampler.ddim_mean_std)"
+        )
+    if (
+        prediction == "epsilon" and pipe.scheduler.alphas_cumprod[-1] == 0
+    ):  # x0_hat = (x_t - eps) / sqrt(abar_T) = (x_t - eps) / 0
+        fail(
+            f"--model {cfg.model}: its scheduler has zero terminal SNR (rescale_betas_zero_snr) and predicts 'epsilon', from which the "
+            f"clean image at t = T cannot be recovered (it divides by sqrt(alpha-bar_T) = 0); such schedules go with "
+            f'"prediction_type": "v_prediction" in scheduler/scheduler_config.json'
+        )
+    for flag, num_steps in (
+        ("--num-steps", cfg.num_steps),
+        ("--eval-num-steps", cfg.eval_num_steps),
+    ):
+        pipe.scheduler.set_timesteps(
+            num_steps or cfg.num_steps
+        )  # as sampling will: its steps must fall within the training timesteps
+        trained, offset = (
+            pipe.scheduler.config.num_train_timesteps,
+            pipe.scheduler.config.get("steps_offset", 0),
+        )
         if pipe.scheduler.timesteps.max() >= trained:
-            fail(f"{flag} {num_steps}: {cfg.model}'s scheduler reaches past its {trained} training timesteps (offset {offset}); "
-                 f"use at most {trained - offset}")
+            fail(
+                f"{flag} {num_steps}: {cfg.model}'s scheduler reaches past its {trained} training timesteps (offset {offset}); "
+                f"use at most {trained - offset}"
+            )
         zero = torch.zeros(1, 1)
-        _, std = ddim_mean_std(pipe.scheduler, zero, pipe.scheduler.timesteps, zero.expand(len(pipe.scheduler.timesteps), 1), cfg.eta)
-        if not (std > 0).all():  # e.g. timestep_spacing "linspace" ends on t = 0, whose step to the final alpha-bar adds no noise
-            fail(f"{flag} {num_steps}: with {cfg.model}'s scheduler ({pipe.scheduler.config.timestep_spacing} spacing) a step adds no noise "
-                 f"(sigma_t = 0 at t = {int(pipe.scheduler.timesteps[(std.flatten() <= 0).nonzero()[0]])}), so it has no log-prob; "
-                 f"set timestep_spacing to \"leading\" or \"trailing\" in its scheduler/scheduler_config.json")
-    projections = [m for name, m in pipe.unet.named_modules() if isinstance(m, torch.nn.Linear) and name.endswith(tuple(LORA_TARGETS))]
+        _, std = ddim_mean_std(
+            pipe.scheduler,
+            zero,
+            pipe.scheduler.timesteps,
+            zero.expand(len(pipe.scheduler.timesteps), 1),
+            cfg.eta,
+        )
+        if not (
+            std > 0
+        ).all():  # e.g. timestep_spacing "linspace" ends on t = 0, whose step to the final alpha-bar adds no noise
+            fail(
+                f"{flag} {num_steps}: with {cfg.model}'s scheduler ({pipe.scheduler.config.timestep_spacing} spacing) a step adds no noise "
+                f"(sigma_t = 0 at t = {int(pipe.scheduler.timesteps[(std.flatten() <= 0).nonzero()[0]])}), so it has no log-prob; "
+                f'set timestep_spacing to "leading" or "trailing" in its scheduler/scheduler_config.json'
+            )
+    projections = [
+        m
+        for name, m in pipe.unet.named_modules()
+        if isinstance(m, torch.nn.Linear) and name.endswith(tuple(LORA_TARGETS))
+    ]
     full_rank = max(min(m.in_features, m.out_features) for m in projections)
     if cfg.lora_rank > full_rank:
         size = sum(cfg.lora_rank * (m.in_features + m.out_features) * 4 for m in projections)
-        fail(f"--lora-rank {cfg.lora_rank}: above the full rank of every projection the LoRA adapts on {cfg.model} (at most {full_rank}), "
-             f"so it adds only size ({size / 2**20:.0f} MB of LoRA weights, saved every epoch); use at most {full_rank}, or 0 for the whole UNet")
+        fail(
+            f"--lora-rank {cfg.lora_rank}: above the full rank of every projection the LoRA adapts on {cfg.model} (at most {full_rank}), "
+            f"so it adds only size ({size / 2**20:.0f} MB of LoRA weights, saved every epoch); use at most {full_rank}, or 0 for the whole UNet"
+        )
     return pipe
 
 
@@ -105,7 +165,14 @@ def add_trainable(unet, lora_rank):
     if lora_rank == 0:
         unet.to(torch.float32).requires_grad_(True)
     else:
-        unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+        unet.add_adapter(
+            LoraConfig(
+                r=lora_rank,
+                lora_alpha=lora_rank,
+                init_lora_weights="gaussian",
+                target_modules=LORA_TARGETS,
+            )
+        )
         cast_training_params(unet, dtype=torch.float32)
     return [p for p in unet.parameters() if p.requires_grad]
 
@@ -138,14 +205,23 @@ def prompt_losses(tokenizer, prompt_sets):
     notices = []
     for flag, prompts in prompt_sets.items():
         distinct = sorted(set(prompts))
-        ids = [tokenizer(prompt, add_special_tokens=False, verbose=False).input_ids for prompt in distinct]
+        ids = [
+            tokenizer(prompt, add_special_tokens=False, verbose=False).input_ids
+            for prompt in distinct
+        ]
         room = tokenizer.model_max_length - 2  # the start and end tokens take two places
         cut = [len(tokens) - room for tokens in ids if len(tokens) > room]
-        unknown = [prompt for prompt, tokens in zip(distinct, ids) if tokenizer.unk_token_id in tokens]
+        unknown = [
+            prompt for prompt, tokens in zip(distinct, ids) if tokenizer.unk_token_id in tokens
+        ]
         if cut:
-            notices.append(f"{flag}: {len(cut)} of {len(distinct)} prompts are longer than the text encoder's {room} tokens and are cut "
-                           f"({sum(cut)} tokens dropped, up to {max(cut)} of one prompt)")
+            notices.append(
+                f"{flag}: {len(cut)} of {len(distinct)} prompts are longer than the text encoder's {room} tokens and are cut "
+                f"({sum(cut)} tokens dropped, up to {max(cut)} of one prompt)"
+            )
         if unknown:
-            notices.append(f"{flag}: {len(unknown)} of {len(distinct)} prompts have characters the tokenizer does not know, which it "
-                           f"reads as its unknown token (e.g. {unknown[0]!r})")
+            notices.append(
+                f"{flag}: {len(unknown)} of {len(distinct)} prompts have characters the tokenizer does not know, which it "
+                f"reads as its unknown token (e.g. {unknown[0]!r})"
+            )
     return notices

@@ -3,6 +3,7 @@ train.main, a file or module of yours, the learned rewards' models, the pixel re
 own function is checked at every call: a wrong return ends the run in one line. Not the paper: its
 rewards are in rewards.py.
 """
+
 import dataclasses
 import functools
 import importlib.util
@@ -19,11 +20,15 @@ def python_reward(cfg, reward_fn):
     """The Config with reward_fn, a function given to main, named in it as python:module.qualname."""
     name = None if reward_fn is None else f"{PYTHON}{reward_fn.__module__}.{reward_fn.__qualname__}"
     if cfg.resume and cfg.reward.startswith(PYTHON) and name != cfg.reward:
-        fail(f"--resume {cfg.out}: the run's reward is the function {cfg.reward[len(PYTHON):]} given to train.main; resume it from "
-             f"Python with train.main(['--resume', {cfg.out!r}], reward_fn={cfg.reward.rpartition('.')[2]})"
-             + (f", not {name[len(PYTHON):]}" if name else ""))
+        fail(
+            f"--resume {cfg.out}: the run's reward is the function {cfg.reward[len(PYTHON) :]} given to train.main; resume it from "
+            f"Python with train.main(['--resume', {cfg.out!r}], reward_fn={cfg.reward.rpartition('.')[2]})"
+            + (f", not {name[len(PYTHON) :]}" if name else "")
+        )
     if name is not None and cfg.resume and not cfg.reward.startswith(PYTHON):
-        fail(f"--resume {cfg.out}: the run's reward is {cfg.reward}, not a function given to train.main; resume it without reward_fn")
+        fail(
+            f"--resume {cfg.out}: the run's reward is {cfg.reward}, not a function given to train.main; resume it without reward_fn"
+        )
     return cfg if name is None else dataclasses.replace(cfg, reward=name)
 
 
@@ -32,18 +37,24 @@ def load_reward(cfg, reward_fn=None):
     for this run (and go with it); one that cannot load stops the run before it writes anything.
     Your own (reward_fn, or FILE.py:NAME or module:NAME) is checked at every call (checked)."""
     if cfg.reward.startswith(PYTHON) and reward_fn is None:
-        fail(f"--reward {cfg.reward}: names a function given to train.main(reward_fn=...); on the command line give FILE.py:NAME or module:NAME")
+        fail(
+            f"--reward {cfg.reward}: names a function given to train.main(reward_fn=...); on the command line give FILE.py:NAME or module:NAME"
+        )
     if cfg.reward not in REWARD_NAMES:
         return checked(reward_fn or own_reward(cfg.reward), cfg.reward, cfg.out)
     try:
         if cfg.reward == "aesthetic":
             return aesthetic(cfg.aesthetic_model, cfg.device)
         if cfg.reward == "alignment":
-            return alignment(cfg.alignment_model, cfg.bertscore_model, cfg.bertscore_layer, cfg.device)
+            return alignment(
+                cfg.alignment_model, cfg.bertscore_model, cfg.bertscore_layer, cfg.device
+            )
     except OSError as error:
         fail(str(error))
     if cfg.reward in ("pixel_color", "pixel_background"):
-        return functools.partial(REWARDS[cfg.reward], target=[float(v) for v in cfg.target_color.split(",")])
+        return functools.partial(
+            REWARDS[cfg.reward], target=[float(v) for v in cfg.target_color.split(",")]
+        )
     return REWARDS[cfg.reward]
 
 
@@ -69,28 +80,43 @@ def checked(fn, spec, out):
     """fn as train.py calls a reward, its output made a float tensor on the images' device, once a
     call. A return that is not B scores (or a (B, H, W) map), or that carries a gradient, ends the run
     in one line naming the function; so does a non-finite one, on the batch it is checked on (check)."""
+
     def reward(images, prompts, check=False):
         values = fn(images, prompts)
         if values is None:
             bad("returned None (no return statement?), not the batch's scores")
         try:
-            values = values if isinstance(values, torch.Tensor) else torch.as_tensor(np.asarray(values, dtype=np.float32))
+            values = (
+                values
+                if isinstance(values, torch.Tensor)
+                else torch.as_tensor(np.asarray(values, dtype=np.float32))
+            )
         except (TypeError, ValueError) as error:
             bad(f"returned {type(values).__name__}, not numbers ({error})")
         batch, (height, width) = len(prompts), images.shape[-2:]
         if values.requires_grad:
-            bad("returned a tensor that requires grad; return it detached (scores.detach()): a reward is data to the policy, not part of its graph")
+            bad(
+                "returned a tensor that requires grad; return it detached (scores.detach()): a reward is data to the policy, not part of its graph"
+            )
         if tuple(values.shape) not in ((batch,), (batch, height, width)):
-            bad(f"returned shape {tuple(values.shape)} for {batch} images; return {batch} scores, or a ({batch}, {height}, {width}) map for a pixel-wise reward")
+            bad(
+                f"returned shape {tuple(values.shape)} for {batch} images; return {batch} scores, or a ({batch}, {height}, {width}) map for a pixel-wise reward"
+            )
         if check and not torch.isfinite(values).all():
-            bad(f"returned non-finite values on the first batch ({values.flatten()[:4].tolist()} ...)")
+            bad(
+                f"returned non-finite values on the first batch ({values.flatten()[:4].tolist()} ...)"
+            )
         return values.float().to(images.device)
 
     def bad(problem):
-        trained = any((Path(out) / "checkpoints").glob("epoch_*.pt"))  # then the fixed file is a changed one, said so knowingly
+        trained = any(
+            (Path(out) / "checkpoints").glob("epoch_*.pt")
+        )  # then the fixed file is a changed one, said so knowingly
         resume = f"python train.py --resume {out}{' --accept-changed-reward' if trained else ''}"
         if spec.startswith(PYTHON):
             resume = f"train.main(['--resume', {str(out)!r}], reward_fn={spec.rpartition('.')[2]})"
-        stop(f"--reward {spec}: {problem}; nothing of this epoch was trained on or saved: fix the function, then continue with: {resume}")
+        stop(
+            f"--reward {spec}: {problem}; nothing of this epoch was trained on or saved: fix the function, then continue with: {resume}"
+        )
 
     return reward

@@ -5,6 +5,7 @@ checkpoints, the console, and the extensions' places: the evaluation before samp
 last epoch, the successors' sampling options and group advantages, the KL leash's loss term,
 several trained steps in one forward. train.main calls it at its fixed places, in the paper's order.
 """
+
 import contextlib
 import dataclasses
 import functools
@@ -33,7 +34,13 @@ class Learner:
     among every process's samples. Run is one; the notebook and the tests make a bare one."""
 
     def __init__(self, cfg, pipe, params, optimizer, rng, autocast=None, base=None, progress=False):
-        self.cfg, self.pipe, self.params, self.optimizer, self.rng = cfg, pipe, params, optimizer, rng
+        self.cfg, self.pipe, self.params, self.optimizer, self.rng = (
+            cfg,
+            pipe,
+            params,
+            optimizer,
+            rng,
+        )
         self.autocast = autocast or contextlib.nullcontext()
         self.base, self.progress, self.mine = base, progress, slice(None)
 
@@ -42,7 +49,9 @@ class Learner:
         sample's through the UNet together. Yields the rows and steps of each forward's states (each
         sample's row repeated once a step), step-major, and how many steps of each sample they are.
         With K = 1 (the default) each forward is one step of every sample."""
-        for chunk in torch.arange(train_steps, device=samples.device).split(self.cfg.steps_per_forward):
+        for chunk in torch.arange(train_steps, device=samples.device).split(
+            self.cfg.steps_per_forward
+        ):
             yield samples.repeat(len(chunk)), step_order[samples][:, chunk].T.flatten(), len(chunk)
 
     def extra_loss(self, traj, states, eps, first, measured):
@@ -62,7 +71,6 @@ class Learner:
         return finite
 
 
-
 class Run(Learner, contextlib.ExitStack):
     """A training run of cfg's settings, set up in the order that keeps every random stream where a
     straight run has it; entered, it holds its folder (lock, stop signals, trackers) and resumes."""
@@ -70,36 +78,63 @@ class Run(Learner, contextlib.ExitStack):
     def __init__(self, cfg, reward_fn=None):
         contextlib.ExitStack.__init__(self)
         cfg = self.cfg = python_reward(cfg, reward_fn)
-        self.rank, self.world, self.device = parallel.setup(cfg.device)  # (0, 1, cfg.device) without torchrun
+        self.rank, self.world, self.device = parallel.setup(
+            cfg.device
+        )  # (0, 1, cfg.device) without torchrun
         self.resumed = checkpoints.read(cfg, self.world) if cfg.resume else None
-        self.say = tqdm.write if self.rank == 0 else lambda *args, **kwargs: None  # above the progress bars
-        seed = cfg.seed + self.rank * parallel.SEED_STRIDE  # this process's own seed; rank 0's is --seed
+        self.say = (
+            tqdm.write if self.rank == 0 else lambda *args, **kwargs: None
+        )  # above the progress bars
+        seed = (
+            cfg.seed + self.rank * parallel.SEED_STRIDE
+        )  # this process's own seed; rank 0's is --seed
         torch.manual_seed(cfg.seed)  # the same LoRA initialisation in every process
         self.rng = np.random.default_rng(seed)  # prompts, shuffles, timestep orders
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
         dtype = DTYPES[cfg.mixed_precision]
-        self.autocast = torch.autocast(self.device.type, dtype=dtype, enabled=cfg.mixed_precision != "no")
+        self.autocast = torch.autocast(
+            self.device.type, dtype=dtype, enabled=cfg.mixed_precision != "no"
+        )
         self.reward_fn = load_reward(cfg, reward_fn)
-        self.pipe = load_model(cfg, self.device, dtype)  # the model of --model, checked for what the run asks of it
+        self.pipe = load_model(
+            cfg, self.device, dtype
+        )  # the model of --model, checked for what the run asks of it
         self.params = add_trainable(self.pipe.unet, cfg.lora_rank)
-        self.base = base_policy(self.pipe.unet, cfg.lora_rank) if config.base_needed(cfg) else None  # before any update
+        self.base = (
+            base_policy(self.pipe.unet, cfg.lora_rank) if config.base_needed(cfg) else None
+        )  # before any update
         if cfg.gradient_checkpointing:
             self.pipe.unet.enable_gradient_checkpointing()
         if cfg.compile:
             compile_policy(self.pipe, self.base)
         if self.rank:
-            torch.manual_seed(seed)  # after the shared initialisation, this process's own (RWR's noise)
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)
+            torch.manual_seed(
+                seed
+            )  # after the shared initialisation, this process's own (RWR's noise)
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8
+        )
         self.generator = torch.Generator(self.device).manual_seed(seed)  # the sampling noise
         self.prompt_set = load_prompts(cfg.prompts)
         self.eval_set = load_prompts(cfg.eval_prompts or cfg.prompts, "--eval-prompts")
-        sets = {"--prompts": self.prompt_set, "--eval-prompts": self.eval_set if cfg.eval_prompts else []}
+        sets = {
+            "--prompts": self.prompt_set,
+            "--eval-prompts": self.eval_set if cfg.eval_prompts else [],
+        }
         for notice in prompt_losses(self.pipe.tokenizer, sets):
-            self.say(f"train.py: warning: {notice}", file=sys.stderr)  # what the text encoder will not see of them
+            self.say(
+                f"train.py: warning: {notice}", file=sys.stderr
+            )  # what the text encoder will not see of them
         self.eval_prompts = [self.eval_set[k % len(self.eval_set)] for k in range(cfg.eval_samples)]
         self.per_position = cfg.pxpo_normalise == "position"
-        self.tracker = ddpo.PerPromptStatTracker(cfg.buffer_size, cfg.min_count, self.per_position) if cfg.per_prompt_stat_tracking else None
-        self.toy_prompts = set(self.prompt_set) <= set(toy_world.PROMPTS)  # then the toy world's judge reports fidelity
+        self.tracker = (
+            ddpo.PerPromptStatTracker(cfg.buffer_size, cfg.min_count, self.per_position)
+            if cfg.per_prompt_stat_tracking
+            else None
+        )
+        self.toy_prompts = set(self.prompt_set) <= set(
+            toy_world.PROMPTS
+        )  # then the toy world's judge reports fidelity
         self.out, self.history, self.progress = Path(cfg.out), [], self.rank == 0
         parallel.barrier()  # every process has checked --out before rank 0 writes into it
         self.first_epoch = self.resumed["epoch"] + 1 if self.resumed else 0
@@ -107,39 +142,82 @@ class Run(Learner, contextlib.ExitStack):
     def __enter__(self):
         contextlib.ExitStack.__enter__(self)
         cfg, out = self.cfg, self.out
-        self.enter_context(run_folder.claim(out, cfg.resume, self.rank, run_folder.epoch_bytes(self.params)))  # one train.py a folder
+        self.enter_context(
+            run_folder.claim(out, cfg.resume, self.rank, run_folder.epoch_bytes(self.params))
+        )  # one train.py a folder
         self.stop_requested = self.enter_context(run_folder.stop_signals(out))
         self.track = self.enter_context(trackers.tracking(cfg, out, self.first_epoch, self.rank))
         if cfg.resume:
-            state = (self.resumed, cfg, self.pipe, self.optimizer, self.tracker, self.rng, self.generator, self.rank, self.device)
+            state = (
+                self.resumed,
+                cfg,
+                self.pipe,
+                self.optimizer,
+                self.tracker,
+                self.rng,
+                self.generator,
+                self.rank,
+                self.device,
+            )
             self.history = checkpoints.restore(*state)
             if self.rank == 0:
-                run_folder.update_config(out, reward_sha256=cfg.reward_sha256)  # your reward's file as the run goes on with it
-            self.say(f"resuming {out} after epoch {self.resumed['epoch']}" if self.resumed
-                     else f"{out} has no checkpoint yet: its run starts again from epoch 0")
+                run_folder.update_config(
+                    out, reward_sha256=cfg.reward_sha256
+                )  # your reward's file as the run goes on with it
+            self.say(
+                f"resuming {out} after epoch {self.resumed['epoch']}"
+                if self.resumed
+                else f"{out} has no checkpoint yet: its run starts again from epoch 0"
+            )
         elif self.rank == 0:
-            run_folder.write_config(out, dataclasses.asdict(cfg), self.prompt_set, self.eval_set if cfg.eval_prompts else None)
+            run_folder.write_config(
+                out,
+                dataclasses.asdict(cfg),
+                self.prompt_set,
+                self.eval_set if cfg.eval_prompts else None,
+            )
         processes = f" x {self.world} processes" if self.world > 1 else ""
-        self.say(f"{cfg.algo} on {cfg.model} ({self.device}{processes}), reward {cfg.reward}, {len(self.prompt_set)} prompts -> {out}")
+        self.say(
+            f"{cfg.algo} on {cfg.model} ({self.device}{processes}), reward {cfg.reward}, {len(self.prompt_set)} prompts -> {out}"
+        )
         self.session_start = time.time()
         return self
 
     def epochs(self):
         """The epochs this session runs, with their progress bar; then the final weights' evaluation."""
         cfg = self.cfg
-        yield from tqdm(range(self.first_epoch, cfg.epochs), desc="epochs", total=cfg.epochs, initial=self.first_epoch,
-                        disable=None if self.rank == 0 else True)
-        if evaluation_due(cfg, cfg.epochs, self.rank):  # beyond the paper: the weights the run ends with, evaluated
+        yield from tqdm(
+            range(self.first_epoch, cfg.epochs),
+            desc="epochs",
+            total=cfg.epochs,
+            initial=self.first_epoch,
+            disable=None if self.rank == 0 else True,
+        )
+        if evaluation_due(
+            cfg, cfg.epochs, self.rank
+        ):  # beyond the paper: the weights the run ends with, evaluated
             self.history.append(final_row(cfg, self.evaluate(cfg.epochs)))
             self.say(run_folder.log_final_evaluation(self.out, cfg, self.history))
 
     def evaluate(self, epoch):
         trained = set(self.prompt_set)
-        return evaluate(self.cfg, self.pipe, self.base, self.eval_prompts, trained, self.reward_fn, self.autocast, self.out, epoch)
+        return evaluate(
+            self.cfg,
+            self.pipe,
+            self.base,
+            self.eval_prompts,
+            trained,
+            self.reward_fn,
+            self.autocast,
+            self.out,
+            epoch,
+        )
 
     def before_sampling(self, epoch):
         """Beyond the paper: the fixed-noise evaluation, before epoch 0 and every --eval-every epochs."""
-        self.eval_metrics = self.evaluate(epoch) if evaluation_due(self.cfg, epoch, self.rank) else {}
+        self.eval_metrics = (
+            self.evaluate(epoch) if evaluation_due(self.cfg, epoch, self.rank) else {}
+        )
 
     def draw_prompts(self):
         """c ~ p(c): one prompt a trajectory, this process's share of the epoch (beyond the paper:
@@ -150,15 +228,21 @@ class Run(Learner, contextlib.ExitStack):
             prompts = [self.prompt_set[i] for i in self.rng.integers(len(self.prompt_set), size=n)]
         else:
             prompts = successors.draw_groups(self.prompt_set, self.rng, n, cfg.samples_per_prompt)
-        self.mine = slice(self.rank * len(prompts), (self.rank + 1) * len(prompts))  # among every process's samples
+        self.mine = slice(
+            self.rank * len(prompts), (self.rank + 1) * len(prompts)
+        )  # among every process's samples
         return prompts
 
     def sampling_options(self, epoch, prompts):
         """sample_trajectories' options beyond the paper's: the progress bar, a check of your own
         reward on the first batch and a long epoch's estimate, the successors' window and shared x_T."""
         cfg = self.cfg
-        check = functools.partial(after_first_batch, cfg, epoch, self.start, self.say, self.reward_fn)
-        extra = successors.sampling_options(cfg, self.pipe, self.rng, self.generator, len(prompts), cfg.num_steps)
+        check = functools.partial(
+            after_first_batch, cfg, epoch, self.start, self.say, self.reward_fn
+        )
+        extra = successors.sampling_options(
+            cfg, self.pipe, self.rng, self.generator, len(prompts), cfg.num_steps
+        )
         return {"progress": self.progress, "after_first_batch": check, **extra}
 
     def reward(self, epoch, images, prompts):
@@ -169,8 +253,10 @@ class Run(Learner, contextlib.ExitStack):
         self.sample_seconds = time.time() - self.start
         rewards = parallel.gather(self.reward_fn(images, prompts).float().to(self.device))
         if not torch.isfinite(rewards).all():
-            stop(f"epoch {epoch}: the reward {self.cfg.reward} returned non-finite values, so nothing of this epoch was trained "
-                 f"on or saved; fix the reward, then continue with --resume {self.out}")
+            stop(
+                f"epoch {epoch}: the reward {self.cfg.reward} returned non-finite values, so nothing of this epoch was trained "
+                f"on or saved; fix the reward, then continue with --resume {self.out}"
+            )
         self.start = time.time()
         return parallel.gather_objects(prompts), rewards
 
@@ -179,9 +265,13 @@ class Run(Learner, contextlib.ExitStack):
         (ddpo.advantages), or beyond the paper, within each group of one prompt (successors.py)."""
         cfg = self.cfg
         if cfg.advantages == "tracker":
-            advantages = ddpo.advantages(cfg.algo, prompts, rewards, latent_size, self.tracker, self.per_position)
+            advantages = ddpo.advantages(
+                cfg.algo, prompts, rewards, latent_size, self.tracker, self.per_position
+            )
         else:
-            advantages = successors.group_advantages(cfg.algo, rewards, cfg.samples_per_prompt, latent_size, self.per_position)
+            advantages = successors.group_advantages(
+                cfg.algo, rewards, cfg.samples_per_prompt, latent_size, self.per_position
+            )
         return advantages[self.mine]
 
     def log(self, epoch, traj, prompts, rewards, stats):
@@ -191,18 +281,34 @@ class Run(Learner, contextlib.ExitStack):
         stats = parallel.mean_over_processes(stats)
         train_seconds = time.time() - self.start
         if not all(torch.isfinite(p).all() for p in self.params):
-            stop(f"epoch {epoch}: the weights became non-finite, so nothing of this epoch was saved; resuming would repeat it: "
-                 f"start a new run with a lower --lr than {cfg.lr} (the others as in {out / 'config.json'})")
-        judged = parallel.gather(toy_world.judge(traj["images"], prompts).to(self.device)) if self.toy_prompts else None
-        self.history.append({
-            "epoch": epoch, "reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(),
-            "reward_queries": (epoch + 1) * cfg.samples_per_epoch, **stats, **successors.group_stats(cfg, rewards),
-            **({"fidelity": judged.mean().item()} if self.toy_prompts else {}),
-            **self.eval_metrics, "sample_seconds": self.sample_seconds, "train_seconds": train_seconds,
-        })
+            stop(
+                f"epoch {epoch}: the weights became non-finite, so nothing of this epoch was saved; resuming would repeat it: "
+                f"start a new run with a lower --lr than {cfg.lr} (the others as in {out / 'config.json'})"
+            )
+        judged = (
+            parallel.gather(toy_world.judge(traj["images"], prompts).to(self.device))
+            if self.toy_prompts
+            else None
+        )
+        self.history.append(
+            {
+                "epoch": epoch,
+                "reward_mean": rewards.mean().item(),
+                "reward_std": rewards.std(unbiased=False).item(),
+                "reward_queries": (epoch + 1) * cfg.samples_per_epoch,
+                **stats,
+                **successors.group_stats(cfg, rewards),
+                **({"fidelity": judged.mean().item()} if self.toy_prompts else {}),
+                **self.eval_metrics,
+                "sample_seconds": self.sample_seconds,
+                "train_seconds": train_seconds,
+            }
+        )
         stopping = parallel.any_process(bool(self.stop_requested))
         if self.rank == 0:
-            grid = run_folder.log_epoch(out, cfg, self.history, self.pipe, traj["images"], prompts, rewards)
+            grid = run_folder.log_epoch(
+                out, cfg, self.history, self.pipe, traj["images"], prompts, rewards
+            )
             self.track(self.history[-1], grid)  # beyond the paper: --log-with
         if checkpoints.due(cfg, epoch, stopping):
             state = (self.optimizer, self.tracker, self.rng, self.generator, self.device, self.rank)
@@ -217,7 +323,10 @@ class Run(Learner, contextlib.ExitStack):
 
 def epoch_means(stats):
     """The epoch's mean of each logged value, each weighted by the steps it covers (read from the device once)."""
-    return {key: sum(value.double() * n for value, n in pairs).item() / sum(n for _, n in pairs) for key, pairs in stats.items()}
+    return {
+        key: sum(value.double() * n for value, n in pairs).item() / sum(n for _, n in pairs)
+        for key, pairs in stats.items()
+    }
 
 
 def after_first_batch(cfg, epoch, start, say, reward_fn, images, prompts, total):

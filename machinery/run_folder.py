@@ -13,6 +13,7 @@ Every file is written aside under a name of this process's own and renamed into 
 atomic, so a kill at any moment leaves either the old file or the new one, and a write that fails
 (a full disk) removes what it wrote aside. One process at a time writes a folder (claim).
 """
+
 import contextlib
 import errno
 import json
@@ -58,24 +59,36 @@ def claim(out, resuming, rank, needed):
         out.mkdir(parents=True, exist_ok=True)
         handle = open(out / LOCK, "a")
     except OSError as error:
-        fail(f"--out {out}: the run folder cannot be made there ({error.strerror}); choose a folder you can write to")
+        fail(
+            f"--out {out}: the run folder cannot be made there ({error.strerror}); choose a folder you can write to"
+        )
     with handle:
         try:
             if fcntl is not None:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             if resuming:
-                fail(f"--resume {out}: that run is still going (another process holds {out / LOCK}); stop it first "
-                     f"(Ctrl-C, or kill its process), then resume it")
-            fail(f"--out {out}: another train.py is running in this folder (it holds {out / LOCK}); choose another --out")
+                fail(
+                    f"--resume {out}: that run is still going (another process holds {out / LOCK}); stop it first "
+                    f"(Ctrl-C, or kill its process), then resume it"
+                )
+            fail(
+                f"--out {out}: another train.py is running in this folder (it holds {out / LOCK}); choose another --out"
+            )
         if not resuming:
-            check_out(out)  # again, now that it is ours: a run may have begun and ended since the flags were checked
+            check_out(
+                out
+            )  # again, now that it is ours: a run may have begun and ended since the flags were checked
         remove_leftovers(out)
         with stopping_on_full_disk(out, needed):
             yield
 
 
-FULL_DISK = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # no space left, over a quota, over the file-size limit
+FULL_DISK = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EFBIG,
+}  # no space left, over a quota, over the file-size limit
 
 
 class FullDisk(Exception):
@@ -93,14 +106,18 @@ def stopping_on_full_disk(out, needed):
         yield
     except FullDisk as error:
         last = sorted((out / "checkpoints").glob("epoch_*.pt"))
-        if not (out / "config.json").is_file():  # it failed first: the folder holds nothing of the run
+        if not (
+            out / "config.json"
+        ).is_file():  # it failed first: the folder holds nothing of the run
             then = "free space, then run the same command again"
         elif last:
             then = f"the last checkpoint ({last[-1].name}) is whole: free space, then continue with: python train.py --resume {out}"
         else:
             then = f"the run has no checkpoint yet: free space, then start it again from epoch 0 with: python train.py --resume {out}"
-        stop(f"writing {error.path} failed: {os.strerror(error.code)} ({megabytes(shutil.disk_usage(out).free)} free; "
-             f"an epoch writes about {megabytes(needed)}); nothing half-written is left, {then}")
+        stop(
+            f"writing {error.path} failed: {os.strerror(error.code)} ({megabytes(shutil.disk_usage(out).free)} free; "
+            f"an epoch writes about {megabytes(needed)}); nothing half-written is left, {then}"
+        )
 
 
 def megabytes(size):
@@ -117,7 +134,11 @@ def full_disk_errno(error):
     """The errno of a write that failed for want of space, from error or the errors behind it (torch.save
     and safetensors wrap Python's OSError, or give only its number in their message); else None."""
     while error is not None:
-        codes = [error.errno] if isinstance(error, OSError) else [int(n) for n in re.findall(r"os error (\d+)", str(error))]
+        codes = (
+            [error.errno]
+            if isinstance(error, OSError)
+            else [int(n) for n in re.findall(r"os error (\d+)", str(error))]
+        )
         if FULL_DISK.intersection(codes):
             return FULL_DISK.intersection(codes).pop()
         error = error.__cause__ or error.__context__
@@ -151,7 +172,9 @@ def aside(path, kind="tmp"):
     return path.with_name(f".{path.stem}.{os.getpid()}.{kind}{path.suffix}")
 
 
-LEFTOVER = re.compile(r"\.(.+?)\.(\d+\.)?(tmp|new|old)(\.\w+)?")  # aside()'s names, and those of earlier versions
+LEFTOVER = re.compile(
+    r"\.(.+?)\.(\d+\.)?(tmp|new|old)(\.\w+)?"
+)  # aside()'s names, and those of earlier versions
 
 
 def remove_leftovers(out):
@@ -171,7 +194,12 @@ def write_config(out, config, prompts, eval_prompts):
     write_atomic(out / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
     for name, lines in ((PROMPTS_COPY, prompts), (EVAL_PROMPTS_COPY, eval_prompts)):
         if lines is not None:
-            write_atomic(out / name, lambda tmp: tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8"))
+            write_atomic(
+                out / name,
+                lambda tmp: tmp.write_text(
+                    "".join(line + "\n" for line in lines), encoding="utf-8"
+                ),
+            )
     with writing(out / "samples"):
         (out / "samples").mkdir(exist_ok=True)
 
@@ -180,7 +208,10 @@ def update_config(out, **changes):
     """config.json with these settings changed (a resumed run's reward file, accepted as it is now)."""
     saved = json.loads((out / "config.json").read_text())
     if any(saved.get(key) != value for key, value in changes.items()):
-        write_atomic(out / "config.json", lambda tmp: tmp.write_text(json.dumps({**saved, **changes}, indent=2)))
+        write_atomic(
+            out / "config.json",
+            lambda tmp: tmp.write_text(json.dumps({**saved, **changes}, indent=2)),
+        )
 
 
 def log_epoch(out, cfg, history, pipe, images, prompts, rewards):
@@ -202,14 +233,24 @@ def log_final_evaluation(out, cfg, history):
     write_metrics(out, history)
     plot_rewards(history, cfg, out / "reward_curve.png")
     m = history[-1]
-    return f"the final weights (after {m['eval_after_epochs']} epochs), evaluated: reward {m['eval_reward_mean']:.3f}" + (
-        f" fidelity {m['eval_fidelity']:.3f}" if "eval_fidelity" in m else "")
+    return (
+        f"the final weights (after {m['eval_after_epochs']} epochs), evaluated: reward {m['eval_reward_mean']:.3f}"
+        + (f" fidelity {m['eval_fidelity']:.3f}" if "eval_fidelity" in m else "")
+    )
 
 
 def final_evaluated(out, epochs):
     """Whether metrics.jsonl ends with the evaluation of a run's final weights after `epochs` epochs."""
-    lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").is_file() else []
-    return bool(lines) and json.loads(lines[-1]).get("eval_after_epochs") == epochs and json.loads(lines[-1])["epoch"] == epochs
+    lines = (
+        (out / "metrics.jsonl").read_text().splitlines()
+        if (out / "metrics.jsonl").is_file()
+        else []
+    )
+    return (
+        bool(lines)
+        and json.loads(lines[-1]).get("eval_after_epochs") == epochs
+        and json.loads(lines[-1])["epoch"] == epochs
+    )
 
 
 def export_weights(pipe, out, lora_rank):
@@ -229,22 +270,38 @@ def console_line(m, elapsed, left):
     """One epoch's metrics as the line train.py prints, with the time this session has run and an
     estimate of the time left (elapsed and left in seconds)."""
     line = f"epoch {m['epoch']}: reward {m['reward_mean']:.3f} ± {m['reward_std']:.3f}"
-    line += " (no spread: every advantage is 0, nothing to learn from)" if m["reward_std"] == 0 else ""
+    line += (
+        " (no spread: every advantage is 0, nothing to learn from)" if m["reward_std"] == 0 else ""
+    )
     line += f" fidelity {m['fidelity']:.3f}" if "fidelity" in m else ""
     line += f" | loss {m['loss']:.4g}"
     line += f" kl {m['approx_kl']:.2e} clipfrac {m['clipfrac']:.3f}" if "approx_kl" in m else ""
     line += f" kl_to_base {m['kl_to_base']:.2e}" if "kl_to_base" in m else ""
-    line += f" | 90 % of the weight on {m['weight_share']:.0%} of samples" if "weight_share" in m else ""
+    line += (
+        f" | 90 % of the weight on {m['weight_share']:.0%} of samples"
+        if "weight_share" in m
+        else ""
+    )
     line += f" | eval {m['eval_reward_mean']:.3f}" if "eval_reward_mean" in m else ""
-    line += f" | skipped {m['skipped_updates']:g} updates: non-finite loss or gradient, weights unchanged" if m.get("skipped_updates") else ""
+    line += (
+        f" | skipped {m['skipped_updates']:g} updates: non-finite loss or gradient, weights unchanged"
+        if m.get("skipped_updates")
+        else ""
+    )
     line += f" | sample {m['sample_seconds']:.1f}s train {m['train_seconds']:.1f}s"
-    return line + f" | {clock(elapsed)} elapsed" + (f", about {clock(left)} left" if left > 0 else "")
+    return (
+        line + f" | {clock(elapsed)} elapsed" + (f", about {clock(left)} left" if left > 0 else "")
+    )
 
 
 def clock(seconds):
     """h:mm:ss, or m:ss under an hour."""
     minutes, seconds = divmod(round(seconds), 60)
-    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 else f"{minutes}:{seconds:02d}"
+    return (
+        f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
+        if minutes >= 60
+        else f"{minutes}:{seconds:02d}"
+    )
 
 
 LONG_EPOCH = 600  # seconds of sampling past which an epoch says, after its first batch, how long it will take
@@ -255,8 +312,10 @@ def long_epoch_notice(epoch, start, say, done, total):
     start), how long its sampling will take, when that is long: a stop request waits for the epoch."""
     estimate = (time.time() - start) * total / done
     if estimate > LONG_EPOCH:
-        say(f"epoch {epoch}: sampling its {total} trajectories will take about {estimate / 60:.0f} minutes ({(time.time() - start) / done:.2f} s "
-            f"each on its first batch), then its training; a stop request (Ctrl-C, SIGTERM, SIGHUP) takes effect after the epoch")
+        say(
+            f"epoch {epoch}: sampling its {total} trajectories will take about {estimate / 60:.0f} minutes ({(time.time() - start) / done:.2f} s "
+            f"each on its first batch), then its training; a stop request (Ctrl-C, SIGTERM, SIGHUP) takes effect after the epoch"
+        )
 
 
 def write_atomic(path, write):
@@ -270,7 +329,11 @@ def write_atomic(path, write):
 
 
 STOPPED = 75  # exit status of a run stopped cleanly by a signal at a checkpoint: resume it (EX_TEMPFAIL, "try again")
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else []))  # no SIGHUP on Windows
+STOP_SIGNALS = (
+    signal.SIGINT,
+    signal.SIGTERM,
+    *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else []),
+)  # no SIGHUP on Windows
 
 
 @contextlib.contextmanager
@@ -284,13 +347,19 @@ def stop_signals(out):
     def on_signal(signum, frame):
         requested.append(signum)
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
-        print(f"\n{signal.Signals(signum).name}: stopping after this epoch's checkpoint (Ctrl-C again to stop at once)", file=sys.stderr)
+        print(
+            f"\n{signal.Signals(signum).name}: stopping after this epoch's checkpoint (Ctrl-C again to stop at once)",
+            file=sys.stderr,
+        )
 
     previous_handlers = {signum: signal.signal(signum, on_signal) for signum in STOP_SIGNALS}
     try:
         yield requested
     except KeyboardInterrupt:
-        print(f"\nstopped during an epoch; its work is lost, the checkpoints before it are not: python train.py --resume {out}", file=sys.stderr)
+        print(
+            f"\nstopped during an epoch; its work is lost, the checkpoints before it are not: python train.py --resume {out}",
+            file=sys.stderr,
+        )
         sys.exit(130)
     finally:
         for signum, handler in previous_handlers.items():
@@ -312,7 +381,10 @@ def save_grid(images, captions, path, size=128, cols=4):
     draw = ImageDraw.Draw(canvas)
     for k, (picture, caption) in enumerate(zip(pictures, captions)):
         x, y = (k % cols) * size, (k // cols) * (size + 28)
-        canvas.paste(picture.resize((size, size), Image.NEAREST if picture.width < size else Image.BILINEAR), (x, y))
+        canvas.paste(
+            picture.resize((size, size), Image.NEAREST if picture.width < size else Image.BILINEAR),
+            (x, y),
+        )
         draw.text((x + 3, y + size + 2), caption, fill="black")
     write_atomic(path, canvas.save)
 
@@ -320,21 +392,41 @@ def save_grid(images, captions, path, size=128, cols=4):
 def plot_rewards(history, cfg, path):
     """The epochs' mean reward and spread against reward queries, and each evaluation's at the
     queries spent before it (an evaluation before epoch N: N epochs' worth; the final one: all)."""
-    epochs = [m for m in history if "reward_mean" in m]  # not the final evaluation's row (evaluation.final_row)
+    epochs = [
+        m for m in history if "reward_mean" in m
+    ]  # not the final evaluation's row (evaluation.final_row)
     queries = [m["reward_queries"] for m in epochs]
-    mean, std = np.array([m["reward_mean"] for m in epochs]), np.array([m["reward_std"] for m in epochs])
+    mean, std = (
+        np.array([m["reward_mean"] for m in epochs]),
+        np.array([m["reward_std"] for m in epochs]),
+    )
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    fig.subplots_adjust(left=0.15, bottom=0.14, right=0.97, top=0.91)  # fixed margins: a third faster than bbox_inches="tight"
+    fig.subplots_adjust(
+        left=0.15, bottom=0.14, right=0.97, top=0.91
+    )  # fixed margins: a third faster than bbox_inches="tight"
     ax.plot(queries, mean, marker="o")
-    ax.fill_between(queries, mean - std, mean + std, alpha=0.25, label="mean ± std over the epoch's samples")
-    evaluations = {"eval_trained_reward_mean": "evaluation, trained prompts", "eval_heldout_reward_mean": "evaluation, held-out prompts"}
+    ax.fill_between(
+        queries, mean - std, mean + std, alpha=0.25, label="mean ± std over the epoch's samples"
+    )
+    evaluations = {
+        "eval_trained_reward_mean": "evaluation, trained prompts",
+        "eval_heldout_reward_mean": "evaluation, held-out prompts",
+    }
     if not any("eval_heldout_reward_mean" in m for m in history):
         evaluations = {"eval_reward_mean": "evaluation (fixed noise)"}
     for key, label in evaluations.items():
-        points = [(m.get("eval_after_epochs", m["epoch"]) * cfg.samples_per_epoch, m[key]) for m in history if key in m]
+        points = [
+            (m.get("eval_after_epochs", m["epoch"]) * cfg.samples_per_epoch, m[key])
+            for m in history
+            if key in m
+        ]
         if points:
             ax.plot(*zip(*points), marker="s", linestyle="--", label=label)
-    ax.set(xlabel="reward queries", ylabel=f"reward ({cfg.reward.rpartition(':')[2]})", title="training")  # your own reward: its name
+    ax.set(
+        xlabel="reward queries",
+        ylabel=f"reward ({cfg.reward.rpartition(':')[2]})",
+        title="training",
+    )  # your own reward: its name
     ax.legend(loc="best", fontsize=8)
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100))
     plt.close(fig)

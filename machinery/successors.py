@@ -14,6 +14,7 @@
 - Fewer steps for training than for the evaluation (--eval-num-steps; Flow-GRPO samples 10 steps
   to train and 40 to evaluate): evaluation.py reads it.
 """
+
 import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
@@ -40,7 +41,11 @@ def train_window(cfg, rng, num_steps):
 def group_noise(pipe, num_samples, k, generator):
     """--shared-noise: one x_T ~ N(0, I) for each group of k samples, repeated k times."""
     unet = pipe.unet.config
-    noise = randn_tensor((num_samples // k, unet.in_channels, unet.sample_size, unet.sample_size), generator=generator, device=pipe.unet.device)
+    noise = randn_tensor(
+        (num_samples // k, unet.in_channels, unet.sample_size, unet.sample_size),
+        generator=generator,
+        device=pipe.unet.device,
+    )
     return noise.repeat_interleave(k, dim=0) * pipe.scheduler.init_noise_sigma
 
 
@@ -48,7 +53,9 @@ def sampling_options(cfg, pipe, rng, generator, num_samples, num_steps):
     """What sample_trajectories takes beyond the paper's sampling: the window's steps and the shared x_T."""
     options = {"stochastic": train_window(cfg, rng, num_steps)}
     if cfg.shared_noise:
-        options["initial_latents"] = group_noise(pipe, num_samples, cfg.samples_per_prompt, generator)
+        options["initial_latents"] = group_noise(
+            pipe, num_samples, cfg.samples_per_prompt, generator
+        )
     return options
 
 
@@ -65,7 +72,9 @@ def group_advantages(algo, rewards, k, latent_size, per_position=False):
     values = np.zeros_like(scores if maps is None else maps)
     for g, flat in zip(range(0, len(scores), k), flat_groups(scores, k)):
         if not flat:
-            values[g : g + k] = ddpo.batch_advantages(scores[g : g + k], None if maps is None else maps[g : g + k], per_position)
+            values[g : g + k] = ddpo.batch_advantages(
+                scores[g : g + k], None if maps is None else maps[g : g + k], per_position
+            )
     return torch.as_tensor(values, dtype=torch.float32, device=rewards.device)
 
 

@@ -5,6 +5,7 @@ PyTorch port logs to wandb, TRL to either through accelerate). A resumed run con
 tracker run. Only rank 0 logs. Neither package is needed otherwise: each is imported only when asked
 for (config.py refuses a --log-with whose package is not installed, before anything is written).
 """
+
 import contextlib
 import dataclasses
 import json
@@ -30,7 +31,12 @@ def tracking(cfg, out, first_epoch, rank):
         def log(metrics, grid):
             for key, value in numbers(metrics).items():
                 writer.add_scalar(key, value, metrics["epoch"])
-            writer.add_image("samples", np.asarray(Image.open(grid).convert("RGB")), metrics["epoch"], dataformats="HWC")
+            writer.add_image(
+                "samples",
+                np.asarray(Image.open(grid).convert("RGB")),
+                metrics["epoch"],
+                dataformats="HWC",
+            )
             writer.flush()  # a run you watch: each epoch on disk as it ends
 
         try:
@@ -40,12 +46,25 @@ def tracking(cfg, out, first_epoch, rank):
     else:
         import wandb
 
-        run = wandb.init(project="ddpo", name=out.name, id=cfg.run_id, resume="allow", dir=out, config=dataclasses.asdict(cfg))
+        run = wandb.init(
+            project="ddpo",
+            name=out.name,
+            id=cfg.run_id,
+            resume="allow",
+            dir=out,
+            config=dataclasses.asdict(cfg),
+        )
         try:
-            yield lambda metrics, grid: run.log({**numbers(metrics), "samples": wandb.Image(str(grid))}, step=metrics["epoch"])
+            yield lambda metrics, grid: run.log(
+                {**numbers(metrics), "samples": wandb.Image(str(grid))}, step=metrics["epoch"]
+            )
         finally:
             run.finish()
 
 
 def numbers(metrics):
-    return {key: value for key, value in metrics.items() if key != "epoch" and isinstance(value, (int, float))}
+    return {
+        key: value
+        for key, value in metrics.items()
+        if key != "epoch" and isinstance(value, (int, float))
+    }

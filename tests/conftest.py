@@ -6,6 +6,7 @@ would double every training test's time and check nothing more.
 
 pytest.ini runs the suite in one worker process per core (pytest-xdist): each worker computes on
 one thread, and so do the processes its tests start."""
+
 import os
 import sys
 from pathlib import Path
@@ -21,10 +22,15 @@ from sampler import ddim_step_with_logprob, guided_eps  # noqa: E402
 
 
 def pytest_configure(config):
-    if os.environ.get("PYTEST_XDIST_WORKER"):  # the cores are the workers': one thread each, no oversubscription
+    if os.environ.get(
+        "PYTEST_XDIST_WORKER"
+    ):  # the cores are the workers': one thread each, no oversubscription
         os.environ["OMP_NUM_THREADS"] = "1"
         torch.set_num_threads(1)
-    config.addinivalue_line("markers", "math: the log-prob maths, the losses, advantages and RWR's weights; fast (pytest -m math)")
+    config.addinivalue_line(
+        "markers",
+        "math: the log-prob maths, the losses, advantages and RWR's weights; fast (pytest -m math)",
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -40,11 +46,15 @@ def sd14_scheduler(num_steps, **changes):
     return scheduler
 
 
-def recomputed_log_prob(pipe, latents, next_latents, timesteps, prompt_embeds, negative_embeds, guidance_scale, eta):
+def recomputed_log_prob(
+    pipe, latents, next_latents, timesteps, prompt_embeds, negative_embeds, guidance_scale, eta
+):
     """log p_theta(a_t | s_t) of stored actions under the current weights, with gradient, as the
     update computes it: the guided prediction at the state, then the step's log-density of the action."""
     eps = guided_eps(pipe.unet, latents, timesteps, prompt_embeds, negative_embeds, guidance_scale)
-    return ddim_step_with_logprob(pipe.scheduler, eps, timesteps, latents, eta, prev_sample=next_latents)[1]
+    return ddim_step_with_logprob(
+        pipe.scheduler, eps, timesteps, latents, eta, prev_sample=next_latents
+    )[1]
 
 
 def perturb_lora(unet):
@@ -56,7 +66,15 @@ def perturb_lora(unet):
 
 
 def tiny_pipeline(seed=0, family="sd1"):
-    return build_pipeline(image_size=16, vae_channels=(16, 32), unet_channels=(32,), text_dim=32, max_length=16, seed=seed, family=family)
+    return build_pipeline(
+        image_size=16,
+        vae_channels=(16, 32),
+        unet_channels=(32,),
+        text_dim=32,
+        max_length=16,
+        seed=seed,
+        family=family,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
 """The benchmark scripts run end to end in a reduced mode (a smoke test: no timing is asserted)."""
+
 import importlib.util
 import json
 import shutil
@@ -24,23 +25,66 @@ import train  # noqa: E402
 import vs_trl  # noqa: E402
 
 
-def test_compare_tunes_each_algorithm_then_runs_its_choice_on_other_seeds(tiny_pipeline_dir, tmp_path):
+def test_compare_tunes_each_algorithm_then_runs_its_choice_on_other_seeds(
+    tiny_pipeline_dir, tmp_path
+):
     small = f"--model {tiny_pipeline_dir} --samples-per-epoch 8 --batch-size 2 --num-steps 2 --prompts shapes"
-    common = ["--epochs", "1", "--out", str(tmp_path), "--train-args", small, "--lrs", "1e-3", "1e-2", "--betas", "3"]
+    common = [
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path),
+        "--train-args",
+        small,
+        "--lrs",
+        "1e-3",
+        "1e-2",
+        "--betas",
+        "3",
+    ]
     compare.main(["--stage", "tune", *common])
     tuned = json.loads((tmp_path / "tune" / "tune.json").read_text())
-    assert {reward: sorted(algos) for reward, algos in tuned.items()} == {r: sorted(a) for r, a in compare.COMPARISONS.items()}
-    assert tuned["jpeg"]["rwr"]["chosen"]["beta"] == 3 and tuned["jpeg"]["ddpo-is"]["chosen"]["lr"] in (1e-3, 1e-2)
+    assert {reward: sorted(algos) for reward, algos in tuned.items()} == {
+        r: sorted(a) for r, a in compare.COMPARISONS.items()
+    }
+    assert tuned["jpeg"]["rwr"]["chosen"]["beta"] == 3 and tuned["jpeg"]["ddpo-is"]["chosen"][
+        "lr"
+    ] in (1e-3, 1e-2)
     tuning = (tmp_path / "tune" / "tune.md").read_text()
-    assert tuning.count("**yes**") == 8 and "lr0.01-beta3" in tuning  # one choice per algorithm and variant, every setting listed
+    assert (
+        tuning.count("**yes**") == 8 and "lr0.01-beta3" in tuning
+    )  # one choice per algorithm and variant, every setting listed
     runs = compare.main(["--stage", "final", "--seeds", "0", *common])
-    assert sorted(runs) == sorted((reward, algo) for reward, algos in compare.COMPARISONS.items() for algo in algos)
+    assert sorted(runs) == sorted(
+        (reward, algo) for reward, algos in compare.COMPARISONS.items() for algo in algos
+    )
     table = (tmp_path / "compare.md").read_text()
-    assert "## The tuning (seed 100)" in table and table.count("**yes**") == 8 and (tmp_path / "compare.png").is_file()
+    assert (
+        "## The tuning (seed 100)" in table
+        and table.count("**yes**") == 8
+        and (tmp_path / "compare.png").is_file()
+    )
     # widening one algorithm's grid runs only the new setting and keeps every other result
-    compare.main(["--stage", "tune", "--algos", "ddpo-sf", *common[:-5], "--lrs", "1e-3", "1e-2", "3e-2", "--betas", "3"])
+    compare.main(
+        [
+            "--stage",
+            "tune",
+            "--algos",
+            "ddpo-sf",
+            *common[:-5],
+            "--lrs",
+            "1e-3",
+            "1e-2",
+            "3e-2",
+            "--betas",
+            "3",
+        ]
+    )
     widened = json.loads((tmp_path / "tune" / "tune.json").read_text())
-    assert len(widened["jpeg"]["ddpo-sf"]["settings"]) == 3 and widened["jpeg"]["rwr"] == tuned["jpeg"]["rwr"]
+    assert (
+        len(widened["jpeg"]["ddpo-sf"]["settings"]) == 3
+        and widened["jpeg"]["rwr"] == tuned["jpeg"]["rwr"]
+    )
     # a finished run is reused, not run again
     (rwr_run,) = tmp_path.glob("jpeg-rwr-lr*-seed0")
     before = (rwr_run / "metrics.jsonl").stat().st_mtime
@@ -50,9 +94,15 @@ def test_compare_tunes_each_algorithm_then_runs_its_choice_on_other_seeds(tiny_p
 
 def test_compare_picks_the_best_reward_among_settings_that_keep_fidelity():
     def run(first, last, kept):
-        return [{"reward_mean": first, "fidelity": 1.0}, {"reward_mean": last, "fidelity": kept}], 0.0
+        return [
+            {"reward_mean": first, "fidelity": 1.0},
+            {"reward_mean": last, "fidelity": kept},
+        ], 0.0
+
     assert compare.choose({"a": run(0, 5, 0.5), "b": run(0, 3, 0.9), "c": run(0, 2, 1.0)}) == "b"
-    assert compare.choose({"a": run(0, 5, 0.5), "b": run(0, 3, 0.7)}) == "b"  # none keeps 0.8: the one that keeps most
+    assert (
+        compare.choose({"a": run(0, 5, 0.5), "b": run(0, 3, 0.7)}) == "b"
+    )  # none keeps 0.8: the one that keeps most
 
 
 def test_compare_refuses_a_final_stage_without_its_tuning(tmp_path):
@@ -61,134 +111,389 @@ def test_compare_refuses_a_final_stage_without_its_tuning(tmp_path):
 
 
 def test_overhead_replays_exactly_the_counted_unet_calls(tiny_pipeline_dir):
-    small = ["--model", str(tiny_pipeline_dir), "--samples-per-epoch", "8", "--batch-size", "2", "--updates-per-epoch", "2",
-             "--num-steps", "2", "--prompts", "simple_animals"]
+    small = [
+        "--model",
+        str(tiny_pipeline_dir),
+        "--samples-per-epoch",
+        "8",
+        "--batch-size",
+        "2",
+        "--updates-per-epoch",
+        "2",
+        "--num-steps",
+        "2",
+        "--prompts",
+        "simple_animals",
+    ]
     loader = machinery.run.load_model
     result = overhead.main(["--epochs", "2", "--", *small])
     # one counted epoch: 4 batches x 2 steps, sampling and training (every step trained), and kl_to_base measured
     # at kl-coef 0 on each sample's first trained step: one base forward per batch
-    assert result["sampling_calls"] == 8 and result["training_calls"] == 8 + 4 and result["base_calls"] == 4
+    assert (
+        result["sampling_calls"] == 8
+        and result["training_calls"] == 8 + 4
+        and result["base_calls"] == 4
+    )
     leashed = overhead.main(["--epochs", "2", "--", *small, "--kl-coef", "0.1"])
-    assert leashed["training_calls"] == 8 + 8 and leashed["base_calls"] == 8  # with the penalty: one for every trained step
+    assert (
+        leashed["training_calls"] == 8 + 8 and leashed["base_calls"] == 8
+    )  # with the penalty: one for every trained step
     assert 0 < result["overhead_ratio"] < float("inf")
     assert machinery.run.load_model is loader  # the instrumentation is undone
 
 
 def test_gpu_memory_runs_in_reduced_mode_on_the_cpu():
-    rows = gpu_memory.main(["--arch", "tiny", "--device", "cpu", "--batch-sizes", "1", "2", "--num-steps", "2"])
+    rows = gpu_memory.main(
+        ["--arch", "tiny", "--device", "cpu", "--batch-sizes", "1", "2", "--num-steps", "2"]
+    )
     assert [row[0] for row in rows] == [1, 2]
-    assert all(peak is None and sampling > 0 and training > 0 for _, peak, sampling, training, _ in rows)
+    assert all(
+        peak is None and sampling > 0 and training > 0 for _, peak, sampling, training, _ in rows
+    )
 
 
-def test_gpu_check_records_each_check_as_it_is_measured_and_a_spent_budget_skips_the_rest(tiny_pipeline_dir, tmp_path, monkeypatch):
+def test_gpu_check_records_each_check_as_it_is_measured_and_a_spent_budget_skips_the_rest(
+    tiny_pipeline_dir, tmp_path, monkeypatch
+):
     """The GPU script's dry run, reduced: one check in its own process, two in this one (the memory table cut to two rows)."""
     out, model = tmp_path / "out", str(tiny_pipeline_dir)
-    gpu_check.main(["--out", str(out), "--model", model, "--device", "cpu", "--num-steps", "2", "--budget", "600", "--checks", "exactness"])
+    gpu_check.main(
+        [
+            "--out",
+            str(out),
+            "--model",
+            model,
+            "--device",
+            "cpu",
+            "--num-steps",
+            "2",
+            "--budget",
+            "600",
+            "--checks",
+            "exactness",
+        ]
+    )
     monkeypatch.setattr(gpu_check, "MEMORY", [("bf16", 1, False, 5), ("no", 2, True, 1)])
     for check in ("default", "memory"):
-        gpu_check.main(["--out", str(out), "--check", check, "--model", model, "--device", "cpu", "--num-steps", "2"])
+        gpu_check.main(
+            [
+                "--out",
+                str(out),
+                "--check",
+                check,
+                "--model",
+                model,
+                "--device",
+                "cpu",
+                "--num-steps",
+                "2",
+            ]
+        )
     results = [json.loads(line) for line in (out / "gpu_check.jsonl").read_text().splitlines()]
     exact = [r for r in results if r["check"] == "exactness"]
     assert [r["mixed_precision"] for r in exact] == ["no", "bf16"]
-    assert all(r["minibatch_steps"] == 4 and 0 <= r["max_abs_ratio_minus_1"] < 1e-4 for r in exact), exact  # 2 minibatches x 2 steps
+    assert all(
+        r["minibatch_steps"] == 4 and 0 <= r["max_abs_ratio_minus_1"] < 1e-4 for r in exact
+    ), exact  # 2 minibatches x 2 steps
     (default,) = [r for r in results if r["check"] == "default"]
-    assert default["fits"] and default["batch_size"] == 8 and default["mixed_precision"] == "no" and default["samples"] == 32
+    assert (
+        default["fits"]
+        and default["batch_size"] == 8
+        and default["mixed_precision"] == "no"
+        and default["samples"] == 32
+    )
     memory = [r for r in results if r["check"] == "memory"]
-    assert [(r["mixed_precision"], r["train_batch"], r["gradient_checkpointing"], r["steps_per_forward"]) for r in memory] == gpu_check.MEMORY
-    assert all(r["peak_gib"] is None and r["epoch_per_s"] > 0 for r in memory)  # no CUDA: no peak to read
-    gpu_check.main(["--out", str(out), "--model", model, "--device", "cpu", "--budget", "0", "--checks", "torchrun"])
-    assert json.loads((out / "gpu_check.jsonl").read_text().splitlines()[-1]) == {"check": "torchrun", "skipped": "the budget of 0 s was spent"}
+    assert [
+        (
+            r["mixed_precision"],
+            r["train_batch"],
+            r["gradient_checkpointing"],
+            r["steps_per_forward"],
+        )
+        for r in memory
+    ] == gpu_check.MEMORY
+    assert all(
+        r["peak_gib"] is None and r["epoch_per_s"] > 0 for r in memory
+    )  # no CUDA: no peak to read
+    gpu_check.main(
+        [
+            "--out",
+            str(out),
+            "--model",
+            model,
+            "--device",
+            "cpu",
+            "--budget",
+            "0",
+            "--checks",
+            "torchrun",
+        ]
+    )
+    assert json.loads((out / "gpu_check.jsonl").read_text().splitlines()[-1]) == {
+        "check": "torchrun",
+        "skipped": "the budget of 0 s was spent",
+    }
 
 
 def test_kl_overhead_runs_its_three_arms_interleaved(tiny_pipeline_dir):
-    small = ["--model", str(tiny_pipeline_dir), "--samples-per-epoch", "4", "--batch-size", "2", "--updates-per-epoch", "1",
-             "--num-steps", "2", "--prompts", "simple_animals"]
+    small = [
+        "--model",
+        str(tiny_pipeline_dir),
+        "--samples-per-epoch",
+        "4",
+        "--batch-size",
+        "2",
+        "--updates-per-epoch",
+        "1",
+        "--num-steps",
+        "2",
+        "--prompts",
+        "simple_animals",
+    ]
     update = train.update
     seconds = kl_overhead.main(["--repeats", "1", "--epochs", "2", "--", *small])
-    assert list(seconds) == ["no kl_to_base", "kl-coef 0", "kl-coef 1"] and all(len(v) == 1 and v[0] > 0 for v in seconds.values())
+    assert list(seconds) == ["no kl_to_base", "kl-coef 0", "kl-coef 1"] and all(
+        len(v) == 1 and v[0] > 0 for v in seconds.values()
+    )
     assert train.update is update  # the arm without the measurement is undone
 
 
 def test_kl_tradeoff_runs_each_coefficient_and_reports_the_heldout_prompts(tmp_path):
     small = "--samples-per-epoch 16 --batch-size 4 --num-steps 2"
-    rows = kl_tradeoff.main(["--out", str(tmp_path), "--epochs", "2", "--coefs", "0", "1", "--seeds", "0", "--eval-every", "1",
-                             "--eval-samples", "15", "--train-args", small])
+    rows = kl_tradeoff.main(
+        [
+            "--out",
+            str(tmp_path),
+            "--epochs",
+            "2",
+            "--coefs",
+            "0",
+            "1",
+            "--seeds",
+            "0",
+            "--eval-every",
+            "1",
+            "--eval-samples",
+            "15",
+            "--train-args",
+            small,
+        ]
+    )
     assert sorted(rows) == [(0.0, 0), (1.0, 0)]
     for row, _ in rows.values():
-        assert 0 <= row["kept"] and row["kl_to_base"] > 0 and {"eval_trained_cut", "eval_heldout_cut", "carried"} <= set(row)
-    assert "| 1 | 0 |" in (tmp_path / "kl_tradeoff.md").read_text() and (tmp_path / "kl_tradeoff.png").is_file()
+        assert (
+            0 <= row["kept"]
+            and row["kl_to_base"] > 0
+            and {"eval_trained_cut", "eval_heldout_cut", "carried"} <= set(row)
+        )
+    assert (
+        "| 1 | 0 |" in (tmp_path / "kl_tradeoff.md").read_text()
+        and (tmp_path / "kl_tradeoff.png").is_file()
+    )
 
 
 def test_vs_trl_times_each_side_in_turn_and_skips_trl_where_it_is_not_installed(tiny_pipeline_dir):
     sides = ["ours", "trl"] if importlib.util.find_spec("trl") else ["ours"]
-    runs = vs_trl.main(["--pairs", "1", "--epochs", "2", "--sides", *sides, "--model", str(tiny_pipeline_dir), "--reduced"])
+    runs = vs_trl.main(
+        [
+            "--pairs",
+            "1",
+            "--epochs",
+            "2",
+            "--sides",
+            *sides,
+            "--model",
+            str(tiny_pipeline_dir),
+            "--reduced",
+        ]
+    )
     assert list(runs) == sides
-    for (run,) in runs.values():  # one run a side, two epochs, each holding its sampling and its update
-        assert len(run["epoch"]) == 2 and all(0 < run["sampling"][k] + run["update"][k] < run["epoch"][k] for k in range(2))
+    for (
+        run,
+    ) in runs.values():  # one run a side, two epochs, each holding its sampling and its update
+        assert len(run["epoch"]) == 2 and all(
+            0 < run["sampling"][k] + run["update"][k] < run["epoch"][k] for k in range(2)
+        )
 
 
 def test_compile_payback_times_whole_demo_runs_with_their_epochs(tiny_pipeline_dir, capsys):
     """The eager arm only: the compiled arms add --compile (tests/test_compile.py), and compiling even the tiny UNet takes over a minute."""
-    small = ["--model", str(tiny_pipeline_dir), "--samples-per-epoch", "4", "--batch-size", "2", "--updates-per-epoch", "1",
-             "--num-steps", "2", "--prompts", "simple_animals", "--epochs", "2"]
+    small = [
+        "--model",
+        str(tiny_pipeline_dir),
+        "--samples-per-epoch",
+        "4",
+        "--batch-size",
+        "2",
+        "--updates-per-epoch",
+        "1",
+        "--num-steps",
+        "2",
+        "--prompts",
+        "simple_animals",
+        "--epochs",
+        "2",
+    ]
     runs = compile_payback.main(["--rounds", "2", "--arms", "eager", "--", *small])
     assert list(runs) == ["eager"] and len(runs["eager"]) == 2
-    for result in runs["eager"]:  # the wall clock holds the epochs, and the process start and model loading besides
+    for result in runs[
+        "eager"
+    ]:  # the wall clock holds the epochs, and the process start and model loading besides
         assert len(result["epochs"]) == 2 and result["wall"] > sum(result["epochs"]) > 0
     assert "| eager |" in capsys.readouterr().out
 
 
-def test_same_outputs_finds_two_checkouts_of_one_revision_identical_and_a_changed_value_not(tiny_pipeline_dir, tmp_path):
-    if subprocess.run(["git", "-C", str(same_outputs.ROOT), "rev-parse", "HEAD"], capture_output=True).returncode:
-        pytest.skip("same_outputs checks revisions out of git: this copy of the project is not a git checkout")
+def test_same_outputs_finds_two_checkouts_of_one_revision_identical_and_a_changed_value_not(
+    tiny_pipeline_dir, tmp_path
+):
+    if subprocess.run(
+        ["git", "-C", str(same_outputs.ROOT), "rev-parse", "HEAD"], capture_output=True
+    ).returncode:
+        pytest.skip(
+            "same_outputs checks revisions out of git: this copy of the project is not a git checkout"
+        )
     small = f"--model {tiny_pipeline_dir} --samples-per-epoch 8 --batch-size 2 --num-steps 2 --prompts simple_animals"
-    assert same_outputs.main(["HEAD", "HEAD", "--runs", "ddpo-is", "--epochs", "1", "--train-args", small, "--work", str(tmp_path)]) == 0
+    assert (
+        same_outputs.main(
+            [
+                "HEAD",
+                "HEAD",
+                "--runs",
+                "ddpo-is",
+                "--epochs",
+                "1",
+                "--train-args",
+                small,
+                "--work",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     assert not (tmp_path / "before").exists()  # the worktrees are removed
-    before, after = (same_outputs.written(tmp_path / "runs" / side / "ddpo-is") for side in ("before", "after"))
+    before, after = (
+        same_outputs.written(tmp_path / "runs" / side / "ddpo-is") for side in ("before", "after")
+    )
     assert all(same_outputs.same(before[part], after[part]) for part in before)
-    after["checkpoint"]["trainable"] = {k: v + 1e-7 for k, v in after["checkpoint"]["trainable"].items()}
-    after["metrics"][0] = [(key, value + 1e-12 if key == "loss" else value) for key, value in after["metrics"][0]]
-    assert not same_outputs.same(before["checkpoint"], after["checkpoint"]) and not same_outputs.same(before["metrics"], after["metrics"])
+    after["checkpoint"]["trainable"] = {
+        k: v + 1e-7 for k, v in after["checkpoint"]["trainable"].items()
+    }
+    after["metrics"][0] = [
+        (key, value + 1e-12 if key == "loss" else value) for key, value in after["metrics"][0]
+    ]
+    assert not same_outputs.same(
+        before["checkpoint"], after["checkpoint"]
+    ) and not same_outputs.same(before["metrics"], after["metrics"])
 
 
-def test_time_to_target_finds_the_first_evaluation_of_a_held_target_and_counts_the_training_before_it(monkeypatch):
+def test_time_to_target_finds_the_first_evaluation_of_a_held_target_and_counts_the_training_before_it(
+    monkeypatch,
+):
     monkeypatch.setattr(time_to_target, "CUT", 0.30)
     monkeypatch.setattr(time_to_target, "FIDELITY", 0.95)
+
     def epoch(e, cut, kept, evaluated=True):
-        m = {"epoch": e, "sample_seconds": 1.0, "train_seconds": 2.0, "reward_queries": 64 * (e + 1)}
+        m = {
+            "epoch": e,
+            "sample_seconds": 1.0,
+            "train_seconds": 2.0,
+            "reward_queries": 64 * (e + 1),
+        }
         if evaluated:
-            m.update(eval_trained_reward_mean=-2.0 * (1 - cut), eval_trained_fidelity=kept, eval_heldout_reward_mean=-3.0 * (1 - cut / 2))
+            m.update(
+                eval_trained_reward_mean=-2.0 * (1 - cut),
+                eval_trained_fidelity=kept,
+                eval_heldout_reward_mean=-3.0 * (1 - cut / 2),
+            )
         return m
-    metrics = [epoch(0, 0, 1), epoch(1, 0.35, 0.9, False), epoch(2, 0.35, 0.9), epoch(3, 0, 1, False), epoch(4, 0.31, 0.96),
-               epoch(5, 0, 1, False), epoch(6, 0.32, 0.97), epoch(7, 0, 1, False)]
-    at = time_to_target.reached(metrics)  # epoch 2 keeps too little fidelity; 4 and 6 hold it twice in a row
-    assert at["epoch"] == 6 and at["seconds"] == 6 * 3.0 and at["queries"] == 6 * 64  # epoch 6's evaluation comes before its sampling
-    assert abs(at["cut"] - 0.32) < 1e-12 and abs(at["kept"] - 0.97) < 1e-12 and abs(at["heldout_cut"] - 0.16) < 1e-12
+
+    metrics = [
+        epoch(0, 0, 1),
+        epoch(1, 0.35, 0.9, False),
+        epoch(2, 0.35, 0.9),
+        epoch(3, 0, 1, False),
+        epoch(4, 0.31, 0.96),
+        epoch(5, 0, 1, False),
+        epoch(6, 0.32, 0.97),
+        epoch(7, 0, 1, False),
+    ]
+    at = time_to_target.reached(
+        metrics
+    )  # epoch 2 keeps too little fidelity; 4 and 6 hold it twice in a row
+    assert (
+        at["epoch"] == 6 and at["seconds"] == 6 * 3.0 and at["queries"] == 6 * 64
+    )  # epoch 6's evaluation comes before its sampling
+    assert (
+        abs(at["cut"] - 0.32) < 1e-12
+        and abs(at["kept"] - 0.97) < 1e-12
+        and abs(at["heldout_cut"] - 0.16) < 1e-12
+    )
     assert time_to_target.reached(metrics[:6]) is None
     # the final weights' evaluation, a row of its own after the last epoch: all the training before it
-    final = {"epoch": 8, "reward_queries": 8 * 64, **{k: v for k, v in epoch(8, 0.33, 0.98).items() if k.startswith("eval")}}
+    final = {
+        "epoch": 8,
+        "reward_queries": 8 * 64,
+        **{k: v for k, v in epoch(8, 0.33, 0.98).items() if k.startswith("eval")},
+    }
     assert time_to_target.evaluations([*metrics, final])[-1]["seconds"] == 8 * 3.0
-    assert time_to_target.reached([*metrics[:5], final])["epoch"] == 8  # 4 then the final one, in a row
-    fast, slow, none = {"reached": True, "seconds": 10}, {"reached": True, "seconds": 20}, {"reached": False, "cut": 0.5, "kept": 0.99}
-    assert time_to_target.choose({1e-3: slow, 2e-3: fast, 4e-3: none}) == 2e-3 and time_to_target.choose({1e-3: none}) == 1e-3
+    assert (
+        time_to_target.reached([*metrics[:5], final])["epoch"] == 8
+    )  # 4 then the final one, in a row
+    fast, slow, none = (
+        {"reached": True, "seconds": 10},
+        {"reached": True, "seconds": 20},
+        {"reached": False, "cut": 0.5, "kept": 0.99},
+    )
+    assert (
+        time_to_target.choose({1e-3: slow, 2e-3: fast, 4e-3: none}) == 2e-3
+        and time_to_target.choose({1e-3: none}) == 1e-3
+    )
 
 
-def test_time_to_target_stops_a_run_once_its_target_is_held_and_reuses_it(tiny_pipeline_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(time_to_target, "CUT", -1.0)  # any cut: held at the second evaluation, epoch 1
+def test_time_to_target_stops_a_run_once_its_target_is_held_and_reuses_it(
+    tiny_pipeline_dir, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(
+        time_to_target, "CUT", -1.0
+    )  # any cut: held at the second evaluation, epoch 1
     prompts, eval_prompts = tmp_path / "train.txt", tmp_path / "eval.txt"
     prompts.write_text("a cat\na dog\n")
     eval_prompts.write_text("a cat\na dog\nan owl\n")
-    small = (f"--model {tiny_pipeline_dir} --prompts {prompts} --eval-prompts {eval_prompts} --eval-samples 3 --samples-per-epoch 8 "
-             f"--batch-size 2 --num-steps 2")
-    common = ["--recipes", "group4", "--lrs", "5e-3", "--epochs", "30", "--eval-every", "1", "--out", str(tmp_path / "out"), "--train-args", small]
+    small = (
+        f"--model {tiny_pipeline_dir} --prompts {prompts} --eval-prompts {eval_prompts} --eval-samples 3 --samples-per-epoch 8 "
+        f"--batch-size 2 --num-steps 2"
+    )
+    common = [
+        "--recipes",
+        "group4",
+        "--lrs",
+        "5e-3",
+        "--epochs",
+        "30",
+        "--eval-every",
+        "1",
+        "--out",
+        str(tmp_path / "out"),
+        "--train-args",
+        small,
+    ]
     time_to_target.main([*common, "--stage", "tune"])
     tuned = json.loads((tmp_path / "out" / "tune" / "tune.json").read_text())
-    assert tuned["group4"]["lr"] == 5e-3 and tuned["group4"]["settings"]["0.005"]["reached"] and tuned["group4"]["settings"]["0.005"]["epoch"] == 1
+    assert (
+        tuned["group4"]["lr"] == 5e-3
+        and tuned["group4"]["settings"]["0.005"]["reached"]
+        and tuned["group4"]["settings"]["0.005"]["epoch"] == 1
+    )
     run = tmp_path / "out" / "tune" / "group4-lr0.005"
-    assert len((run / "metrics.jsonl").read_text().splitlines()) < 30  # stopped, not run to its budget
+    assert (
+        len((run / "metrics.jsonl").read_text().splitlines()) < 30
+    )  # stopped, not run to its budget
     # a run with its result.json is reused: the tuning's run stands in for seed 0's, and the final stage only reports
     shutil.copytree(run, tmp_path / "out" / "group4-seed0")
     before = (tmp_path / "out" / "group4-seed0" / "result.json").stat().st_mtime
     time_to_target.main([*common, "--stage", "final", "--seeds", "0"])
     assert (tmp_path / "out" / "group4-seed0" / "result.json").stat().st_mtime == before
-    assert "| group4 | 0.005 | 1 of 1 |" in (tmp_path / "out" / "time_to_target.md").read_text() and (tmp_path / "out" / "time_to_target.png").is_file()
+    assert (
+        "| group4 | 0.005 | 1 of 1 |" in (tmp_path / "out" / "time_to_target.md").read_text()
+        and (tmp_path / "out" / "time_to_target.png").is_file()
+    )

@@ -1,5 +1,6 @@
 """The bundled model: loads offline from the repository, samples a batch, and is what --model auto
 picks on a machine without CUDA."""
+
 import os
 
 import torch
@@ -15,12 +16,20 @@ def test_bundled_model_loads_offline_and_samples_a_batch(monkeypatch):
     pipe = load_pipeline(config.BUNDLED_MODEL)
     size_mb = sum(f.stat().st_size for f in config.BUNDLED_MODEL.rglob("*") if f.is_file()) / 1e6
     assert size_mb <= 15
-    traj = sample_trajectories(pipe, toy_world.PROMPTS[:4], num_steps=5, guidance_scale=3.0, generator=torch.Generator().manual_seed(0))
+    traj = sample_trajectories(
+        pipe,
+        toy_world.PROMPTS[:4],
+        num_steps=5,
+        guidance_scale=3.0,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert traj["images"].shape == (4, 3, 64, 64) and traj["latents"].shape == (4, 6, 4, 8, 8)
     assert torch.isfinite(traj["log_probs"]).all()
 
 
-def test_model_auto_without_cuda_picks_the_bundled_model_and_the_tiny_preset(monkeypatch, capsys, tmp_path):
+def test_model_auto_without_cuda_picks_the_bundled_model_and_the_tiny_preset(
+    monkeypatch, capsys, tmp_path
+):
     monkeypatch.setattr(config, "cuda_available", lambda: False)
     cfg = cli.parse_args(["--out", str(tmp_path / "run"), "--epochs", "3"])
     assert os.path.samefile(cfg.model, config.BUNDLED_MODEL) and cfg.preset == "tiny"
@@ -31,10 +40,20 @@ def test_model_auto_without_cuda_picks_the_bundled_model_and_the_tiny_preset(mon
 
 def test_other_models_keep_the_papers_settings(tmp_path):
     cfg = cli.parse_args(["--model", "some/hub-id", "--out", str(tmp_path / "run")])
-    assert cfg.preset == "paper" and cfg.samples_per_epoch == 256 and cfg.num_steps == 50 and cfg.lr == 3e-4
+    assert (
+        cfg.preset == "paper"
+        and cfg.samples_per_epoch == 256
+        and cfg.num_steps == 50
+        and cfg.lr == 3e-4
+    )
 
 
 def test_model_auto_with_cuda_picks_sd14_and_the_papers_settings(monkeypatch, tmp_path):
     monkeypatch.setattr(config, "cuda_available", lambda: True)
     cfg = cli.parse_args(["--out", str(tmp_path / "run"), "--mixed-precision", "fp16"])
-    assert cfg.model == config.SD14 and cfg.preset == "paper" and cfg.device == "cuda" and cfg.num_steps == 50
+    assert (
+        cfg.model == config.SD14
+        and cfg.preset == "paper"
+        and cfg.device == "cuda"
+        and cfg.num_steps == 50
+    )

@@ -1,5 +1,6 @@
 """train.py answers --help, --show-config and a bad flag before it imports torch or diffusers
 (seconds of loading); config.py stands in for them with their names and torch's CUDA check."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -23,17 +24,28 @@ finally:
 """
 
 
-@pytest.mark.parametrize("flags, status", [
-    (["--help"], 0),
-    (["--show-config", "--algo", "rwr"], 0),
-    (["--lr", "-1"], 2),
-    (["--algo", "ppo"], 2),
-    (["--min-count", "40"], 2),
-    (["--prompts", "no_such_file.txt"], 2),
-    (["--device", "gpu0"], 2),
-])
-def test_help_show_config_and_flag_errors_answer_before_torch_and_diffusers_load(flags, status, tmp_path):
-    result = subprocess.run([sys.executable, "-c", PROBE, *flags, "--out", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+@pytest.mark.parametrize(
+    "flags, status",
+    [
+        (["--help"], 0),
+        (["--show-config", "--algo", "rwr"], 0),
+        (["--lr", "-1"], 2),
+        (["--algo", "ppo"], 2),
+        (["--min-count", "40"], 2),
+        (["--prompts", "no_such_file.txt"], 2),
+        (["--device", "gpu0"], 2),
+    ],
+)
+def test_help_show_config_and_flag_errors_answer_before_torch_and_diffusers_load(
+    flags, status, tmp_path
+):
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE, *flags, "--out", str(tmp_path / "run")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == status, result.stderr
     assert "imported: []" in result.stdout, result.stdout[-300:]
     assert not (tmp_path / "run").exists()

@@ -1,4 +1,5 @@
 """The objectives (paper, section 4.3 and appendix D.3): gradients of the losses and the advantage statistics."""
+
 import numpy as np
 import pytest
 import torch
@@ -31,17 +32,30 @@ def test_clipped_loss_gradient_is_zero_past_the_clip_in_the_favoured_direction(s
     """A > 0 and ratio > 1 + eps, or A < 0 and ratio < 1 - eps: no more push that way."""
     old_log_prob, advantages = torch.zeros(4), sign * torch.rand(4).add(0.1)
     log_prob = old_log_prob + sign * 10 * CLIP  # ratio ~ 1 +- 1e-3, well past the clip
-    assert grad_of(lambda lp: ddpo_is_loss(lp, old_log_prob, advantages, CLIP, 5.0), log_prob).abs().max() == 0
+    assert (
+        grad_of(lambda lp: ddpo_is_loss(lp, old_log_prob, advantages, CLIP, 5.0), log_prob)
+        .abs()
+        .max()
+        == 0
+    )
     # pushed past the clip the other way, the gradient still pulls back
-    against = grad_of(lambda lp: ddpo_is_loss(lp, old_log_prob, advantages, CLIP, 5.0), old_log_prob - sign * 10 * CLIP)
+    against = grad_of(
+        lambda lp: ddpo_is_loss(lp, old_log_prob, advantages, CLIP, 5.0),
+        old_log_prob - sign * 10 * CLIP,
+    )
     assert (against.abs() > 0).all()
 
 
 @pytest.mark.math
 def test_advantages_are_clipped_in_both_losses():
     log_prob, advantages = torch.zeros(2), torch.tensor([50.0, -50.0])
-    torch.testing.assert_close(grad_of(lambda lp: ddpo_sf_loss(lp, advantages, 5.0), log_prob), torch.tensor([-2.5, 2.5]))
-    torch.testing.assert_close(grad_of(lambda lp: ddpo_is_loss(lp, log_prob, advantages, CLIP, 5.0), log_prob), torch.tensor([-2.5, 2.5]))
+    torch.testing.assert_close(
+        grad_of(lambda lp: ddpo_sf_loss(lp, advantages, 5.0), log_prob), torch.tensor([-2.5, 2.5])
+    )
+    torch.testing.assert_close(
+        grad_of(lambda lp: ddpo_is_loss(lp, log_prob, advantages, CLIP, 5.0), log_prob),
+        torch.tensor([-2.5, 2.5]),
+    )
 
 
 @pytest.mark.math
@@ -65,14 +79,18 @@ def test_score_function_estimator_is_unbiased():
     sample, target = torch.randn(1, 2, 2, 2), torch.randn(1, 2, 2, 2)
     eps = torch.randn(1, 2, 2, 2, requires_grad=True)
 
-    mean = scheduler.step(eps, t, sample, eta=1.0, variance_noise=torch.zeros_like(sample)).prev_sample
+    mean = scheduler.step(
+        eps, t, sample, eta=1.0, variance_noise=torch.zeros_like(sample)
+    ).prev_sample
     (true_grad,) = torch.autograd.grad(-((mean - target) ** 2).sum(), eps)
 
     estimates = []
     for _ in range(40):
         n = 5000
         expanded = eps.expand(n, -1, -1, -1)
-        action, log_prob = ddim_step_with_logprob(scheduler, expanded, t, sample.expand(n, -1, -1, -1), reduce="sum")
+        action, log_prob = ddim_step_with_logprob(
+            scheduler, expanded, t, sample.expand(n, -1, -1, -1), reduce="sum"
+        )
         reward = -((action - target) ** 2).sum(dim=(1, 2, 3))
         (grad,) = torch.autograd.grad(ddpo_sf_loss(log_prob, reward, float("inf")), eps)
         estimates.append(-grad)  # the loss is minus the surrogate
@@ -80,7 +98,9 @@ def test_score_function_estimator_is_unbiased():
     standard_error = estimates.std(dim=0) / len(estimates) ** 0.5
     z = (estimates.mean(dim=0) - true_grad) / standard_error
     assert z.abs().max() < 4, z
-    assert 4 * standard_error.max() < 0.1 * true_grad.norm()  # sharp enough to see a bias of 10 % of the gradient
+    assert (
+        4 * standard_error.max() < 0.1 * true_grad.norm()
+    )  # sharp enough to see a bias of 10 % of the gradient
 
 
 @pytest.mark.math
@@ -89,7 +109,12 @@ def test_stat_tracker_normalises_per_prompt_once_buffer_is_full():
     prompts = ["cat"] * 3 + ["dog"] * 3
     rewards = np.array([1.0, 2.0, 3.0, 10.0, 20.0, 30.0])
     advantages = tracker.update(prompts, rewards)
-    expected = np.concatenate([(rewards[:3] - 2) / (np.std(rewards[:3]) + 1e-6), (rewards[3:] - 20) / (np.std(rewards[3:]) + 1e-6)])
+    expected = np.concatenate(
+        [
+            (rewards[:3] - 2) / (np.std(rewards[:3]) + 1e-6),
+            (rewards[3:] - 20) / (np.std(rewards[3:]) + 1e-6),
+        ]
+    )
     np.testing.assert_allclose(advantages, expected)
     # the next batch is normalised by each prompt's buffer (old and new rewards together)
     advantages = tracker.update(["cat"], [4.0])

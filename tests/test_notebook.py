@@ -1,6 +1,7 @@
 """tutorial.ipynb runs top to bottom (on the CPU: the bundled model), as CI executes it, with a shorter
 training than its saved run; its hand-written DDPO_IS epoch ends with the same LoRA weights as
 train.update's, bit for bit."""
+
 import os
 import shutil
 import subprocess
@@ -11,7 +12,10 @@ import nbformat
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHORTER = {"EPOCHS = 15": "EPOCHS = 1", "SAMPLES = 64": "SAMPLES = 8"}  # the parameters cell; the saved outputs: 15 and 64
+SHORTER = {
+    "EPOCHS = 15": "EPOCHS = 1",
+    "SAMPLES = 64": "SAMPLES = 8",
+}  # the parameters cell; the saved outputs: 15 and 64
 KERNEL_FAILED = 3
 # Executed in a process of its own, so that the kernel's sockets meet nothing the other tests did to
 # this one, and on one thread, so that a busy machine slows it the least. Each cell has 600 s (the
@@ -45,12 +49,20 @@ def execute(notebook, work):
     path, env = work / "tutorial.ipynb", {**os.environ, "OMP_NUM_THREADS": "1"}
     for _ in range(2):
         nbformat.write(notebook, path)
-        result = subprocess.run([sys.executable, "-c", RUN, str(path), str(ROOT)], capture_output=True, text=True, timeout=1800, env=env)
+        result = subprocess.run(
+            [sys.executable, "-c", RUN, str(path), str(ROOT)],
+            capture_output=True,
+            text=True,
+            timeout=1800,
+            env=env,
+        )
         if result.returncode != KERNEL_FAILED:
             break
     else:
-        pytest.fail(f"the notebook's kernel died or did not start, twice; no cell failed; run this test again, alone if the machine is busy\n"
-                    f"{result.stderr[-2000:]}")
+        pytest.fail(
+            f"the notebook's kernel died or did not start, twice; no cell failed; run this test again, alone if the machine is busy\n"
+            f"{result.stderr[-2000:]}"
+        )
     assert result.returncode == 0, f"a cell failed or timed out:\n{result.stderr[-4000:]}"
     return nbformat.read(path, as_version=4)
 
@@ -67,7 +79,9 @@ def test_tutorial_runs_top_to_bottom_and_its_hand_written_epoch_equals_train_upd
     finally:  # section 8's run writes into the repository's runs/, as a reader's would: remove it
         for run in set((ROOT / "runs").glob("tutorial-*")) - runs:
             shutil.rmtree(run)
-    outputs = "".join(output.get("text", "") for cell in notebook.cells for output in cell.get("outputs", []))
+    outputs = "".join(
+        output.get("text", "") for cell in notebook.cells for output in cell.get("outputs", [])
+    )
     assert "8 samples, 4 minibatches of 2" in outputs
     assert "by hand and train.update differ by 0.0e+00" in outputs  # the cell also asserts it
     assert "1 epochs in" in outputs

@@ -1,6 +1,7 @@
 """Your own reward: a function in a file (--reward FILE.py:NAME), in a module (module:NAME) or given
 to train.main(reward_fn=...) trains and resumes; config.json names it (and hashes its file), so a
 resume uses the same one; a wrong return ends the run on the first batch, in one line naming it."""
+
 import json
 
 import numpy as np
@@ -12,12 +13,32 @@ from pathlib import Path
 import train
 
 ROOT_EXAMPLE = "examples/brightness.py:brightness"
-TINY = ["--samples-per-epoch", "4", "--batch-size", "2", "--updates-per-epoch", "1", "--num-steps", "2", "--prompts", "simple_animals"]
+TINY = [
+    "--samples-per-epoch",
+    "4",
+    "--batch-size",
+    "2",
+    "--updates-per-epoch",
+    "1",
+    "--num-steps",
+    "2",
+    "--prompts",
+    "simple_animals",
+]
 
 
 @pytest.fixture
 def args(tiny_pipeline_dir):
-    return lambda out, epochs, *extra: ["--model", str(tiny_pipeline_dir), *TINY, "--out", str(out), "--epochs", str(epochs), *extra]
+    return lambda out, epochs, *extra: [
+        "--model",
+        str(tiny_pipeline_dir),
+        *TINY,
+        "--out",
+        str(out),
+        "--epochs",
+        str(epochs),
+        *extra,
+    ]
 
 
 def metric(out, key):
@@ -28,12 +49,18 @@ def brightness(images, prompts):
     return images.mean(dim=(1, 2, 3))
 
 
-def test_a_reward_in_a_file_trains_resumes_and_is_recorded_with_its_files_hash(args, tmp_path, monkeypatch):
+def test_a_reward_in_a_file_trains_resumes_and_is_recorded_with_its_files_hash(
+    args, tmp_path, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "mine.py").write_text("def redness(images, prompts):\n    return images[:, 0].mean(dim=(1, 2)).tolist()  # a list will do\n")
+    (tmp_path / "mine.py").write_text(
+        "def redness(images, prompts):\n    return images[:, 0].mean(dim=(1, 2)).tolist()  # a list will do\n"
+    )
     train.main(args(tmp_path / "run", 1, "--reward", "mine.py:redness"))
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert saved["reward"] == f"{tmp_path / 'mine.py'}:redness" and len(saved["reward_sha256"]) == 64  # the file made absolute
+    assert (
+        saved["reward"] == f"{tmp_path / 'mine.py'}:redness" and len(saved["reward_sha256"]) == 64
+    )  # the file made absolute
     monkeypatch.chdir(tmp_path.parent)  # resumed from elsewhere: the absolute path still finds it
     train.main(["--resume", str(tmp_path / "run"), "--epochs", "2"])
     assert len(metric(tmp_path / "run", "reward_mean")) == 2
@@ -42,28 +69,40 @@ def test_a_reward_in_a_file_trains_resumes_and_is_recorded_with_its_files_hash(a
 def test_a_reward_in_a_module_trains_and_resumes(args, tmp_path, monkeypatch):
     (tmp_path / "my_rewards").mkdir()
     (tmp_path / "my_rewards" / "__init__.py").write_text("")
-    (tmp_path / "my_rewards" / "light.py").write_text("import numpy as np\n\ndef score(images, prompts):\n"
-                                                      "    return np.asarray(images.mean(dim=(1, 2, 3)))  # an array will do\n")
+    (tmp_path / "my_rewards" / "light.py").write_text(
+        "import numpy as np\n\ndef score(images, prompts):\n"
+        "    return np.asarray(images.mean(dim=(1, 2, 3)))  # an array will do\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     train.main(args(tmp_path / "run", 1, "--reward", "my_rewards.light:score"))
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["reward"] == "my_rewards.light:score"
+    assert (
+        json.loads((tmp_path / "run" / "config.json").read_text())["reward"]
+        == "my_rewards.light:score"
+    )
     train.main(["--resume", str(tmp_path / "run"), "--epochs", "2"])
     assert len(metric(tmp_path / "run", "reward_mean")) == 2
 
 
 def test_a_function_given_to_main_trains_and_resumes_only_when_given_again(args, tmp_path, capsys):
     history = train.main(args(tmp_path / "run", 1), reward_fn=brightness)
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["reward"] == f"python:{__name__}.brightness"
+    assert (
+        json.loads((tmp_path / "run" / "config.json").read_text())["reward"]
+        == f"python:{__name__}.brightness"
+    )
     assert 0 < history[0]["reward_mean"] < 1  # a brightness, not a JPEG size
     with pytest.raises(SystemExit) as exit:
         train.main(["--resume", str(tmp_path / "run"), "--epochs", "2"])
     error = capsys.readouterr().err.strip()
-    assert exit.value.code == 2 and len(error.splitlines()) == 1 and "reward_fn=brightness" in error, error
+    assert (
+        exit.value.code == 2 and len(error.splitlines()) == 1 and "reward_fn=brightness" in error
+    ), error
     train.main(["--resume", str(tmp_path / "run"), "--epochs", "2"], reward_fn=brightness)
     assert len(metric(tmp_path / "run", "reward_mean")) == 2
 
 
-def test_a_changed_or_missing_reward_file_is_refused_on_resume_unless_accepted(args, tmp_path, capsys):
+def test_a_changed_or_missing_reward_file_is_refused_on_resume_unless_accepted(
+    args, tmp_path, capsys
+):
     reward = tmp_path / "mine.py"
     reward.write_text("def score(images, prompts):\n    return images.mean(dim=(1, 2, 3))\n")
     train.main(args(tmp_path / "run", 1, "--reward", f"{reward}:score"))
@@ -72,9 +111,15 @@ def test_a_changed_or_missing_reward_file_is_refused_on_resume_unless_accepted(a
     with pytest.raises(SystemExit) as exit:
         train.main(["--resume", str(tmp_path / "run"), "--epochs", "2"])
     error = capsys.readouterr().err.strip()
-    assert exit.value.code == 2 and "has changed since the run began" in error and "--accept-changed-reward" in error, error
+    assert (
+        exit.value.code == 2
+        and "has changed since the run began" in error
+        and "--accept-changed-reward" in error
+    ), error
     train.main(["--resume", str(tmp_path / "run"), "--epochs", "2", "--accept-changed-reward"])
-    assert metric(tmp_path / "run", "reward_mean")[1] < 0  # trained on with the changed reward, which config.json now records
+    assert (
+        metric(tmp_path / "run", "reward_mean")[1] < 0
+    )  # trained on with the changed reward, which config.json now records
     train.main(["--resume", str(tmp_path / "run"), "--epochs", "3"])  # no second acceptance needed
     reward.unlink()
     with pytest.raises(SystemExit) as exit:
@@ -84,16 +129,27 @@ def test_a_changed_or_missing_reward_file_is_refused_on_resume_unless_accepted(a
 
 WRONG = {
     "too few": (lambda images, prompts: images.mean(dim=(1, 2, 3))[:-1], "shape (1,) for 2 images"),
-    "a map of the wrong size": (lambda images, prompts: images.mean(dim=1)[:, :2], "shape (2, 2, 16)"),
-    "with grad": (lambda images, prompts: images.mean(dim=(1, 2, 3)).requires_grad_(), "requires grad"),
+    "a map of the wrong size": (
+        lambda images, prompts: images.mean(dim=1)[:, :2],
+        "shape (2, 2, 16)",
+    ),
+    "with grad": (
+        lambda images, prompts: images.mean(dim=(1, 2, 3)).requires_grad_(),
+        "requires grad",
+    ),
     "not numbers": (lambda images, prompts: ["bright"] * len(prompts), "not numbers"),
     "nothing": (lambda images, prompts: None, "returned None"),
-    "non-finite": (lambda images, prompts: torch.full((len(prompts),), float("nan")), "non-finite values on the first batch"),
+    "non-finite": (
+        lambda images, prompts: torch.full((len(prompts),), float("nan")),
+        "non-finite values on the first batch",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", WRONG)
-def test_a_wrong_return_ends_the_run_on_the_first_batch_in_one_line_naming_the_function(case, args, tmp_path, capsys):
+def test_a_wrong_return_ends_the_run_on_the_first_batch_in_one_line_naming_the_function(
+    case, args, tmp_path, capsys
+):
     fn, problem = WRONG[case]
     calls = []
 
@@ -105,7 +161,12 @@ def test_a_wrong_return_ends_the_run_on_the_first_batch_in_one_line_naming_the_f
         train.main(args(tmp_path / "run", 1), reward_fn=wrong)
     error = capsys.readouterr().err.strip()
     assert exit.value.code == 1 and len(error.splitlines()) == 1, error
-    assert f"python:{__name__}" in error and "wrong" in error and problem in error and f"train.main(['--resume', '{tmp_path / 'run'}'], reward_fn=wrong)" in error, error
+    assert (
+        f"python:{__name__}" in error
+        and "wrong" in error
+        and problem in error
+        and f"train.main(['--resume', '{tmp_path / 'run'}'], reward_fn=wrong)" in error
+    ), error
     assert calls == [2]  # the first batch's: the epoch's other batch was never sampled for it
     assert not (tmp_path / "run" / "checkpoints").exists()
 

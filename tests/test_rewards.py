@@ -1,4 +1,5 @@
 """Rewards (paper, section 5.1): JPEG size at quality 95, in kB; the pixel-wise colour rewards."""
+
 import io
 
 import pytest
@@ -21,7 +22,9 @@ def test_flat_image_is_more_compressible_than_noise():
     flat, noise = torch.full((1, 3, 64, 64), 0.5), torch.rand(1, 3, 64, 64)
     rewards = REWARDS["jpeg"](torch.cat([flat, noise]), ["a", "b"])
     assert rewards.shape == (2,) and rewards[0] > rewards[1]
-    torch.testing.assert_close(REWARDS["jpeg_incompressibility"](torch.cat([flat, noise]), ["a", "b"]), -rewards)
+    torch.testing.assert_close(
+        REWARDS["jpeg_incompressibility"](torch.cat([flat, noise]), ["a", "b"]), -rewards
+    )
 
 
 def test_to_pil_rounds_to_8_bit():
@@ -46,11 +49,17 @@ def test_pixel_background_scores_the_shape_by_its_prompts_colour_and_the_rest_by
     image[0, :, 2:5, 2:5] = torch.tensor(toy_world.COLOURS["red"])[:, None, None]  # the red shape
     reward_map = REWARDS["pixel_background"](image, ["a red square"], target=(1.0, 1.0, 1.0))
     assert reward_map.shape == (1, 8, 8)
-    torch.testing.assert_close(reward_map[0, 2:5, 2:5], torch.ones(3, 3))  # the shape in its colour: full marks
+    torch.testing.assert_close(
+        reward_map[0, 2:5, 2:5], torch.ones(3, 3)
+    )  # the shape in its colour: full marks
     grey = 1 - (torch.tensor([0.5, 0.5, 0.5]) - 1).norm() / 3**0.5
-    torch.testing.assert_close(reward_map[0, 0], torch.full((8,), grey.item()))  # the background: closeness to white
+    torch.testing.assert_close(
+        reward_map[0, 0], torch.full((8,), grey.item())
+    )  # the background: closeness to white
     image[0, :, :2] = 1.0  # whiten two rows of background
     whitened = REWARDS["pixel_background"](image, ["a red square"], target=(1.0, 1.0, 1.0))
-    assert (whitened[0, :2] == 1).all() and torch.equal(whitened[0, 2:], reward_map[0, 2:])  # credit stays where it was earned
+    assert (whitened[0, :2] == 1).all() and torch.equal(
+        whitened[0, 2:], reward_map[0, 2:]
+    )  # credit stays where it was earned
     image[0, :, 2:5, 2:5] = 1.0  # a white shape is no longer the red one: it counts as background
     assert toy_world.colour_distance(image, ["a red square"])[0, 3, 3] > toy_world.MATCH_DISTANCE

@@ -1,5 +1,6 @@
 """sample.py: a run's weights, loaded by diffusers' own load_lora_weights (or the saved UNet), beside
 the base model's, from the same noise, with the run's sampler settings."""
+
 import pytest
 import torch
 
@@ -7,23 +8,77 @@ import sample
 import train
 from machinery.pipeline import load_pipeline
 
-TINY = ["--samples-per-epoch", "8", "--batch-size", "2", "--num-steps", "3", "--lr", "3e-2", "--min-count", "4", "--buffer-size", "6", "--epochs", "1"]
+TINY = [
+    "--samples-per-epoch",
+    "8",
+    "--batch-size",
+    "2",
+    "--num-steps",
+    "3",
+    "--lr",
+    "3e-2",
+    "--min-count",
+    "4",
+    "--buffer-size",
+    "6",
+    "--epochs",
+    "1",
+]
 
 
-@pytest.mark.parametrize("lora_rank, reward", [(4, "jpeg"), (0, "jpeg"), (4, "pixel_color")], ids=["lora", "whole-unet", "pixel-reward"])
-def test_sample_writes_both_sides_from_the_same_noise_with_the_runs_settings(lora_rank, reward, tiny_pipeline_dir, tmp_path):
+@pytest.mark.parametrize(
+    "lora_rank, reward",
+    [(4, "jpeg"), (0, "jpeg"), (4, "pixel_color")],
+    ids=["lora", "whole-unet", "pixel-reward"],
+)
+def test_sample_writes_both_sides_from_the_same_noise_with_the_runs_settings(
+    lora_rank, reward, tiny_pipeline_dir, tmp_path
+):
     run, out, prompts = tmp_path / "run", tmp_path / "images", tmp_path / "prompts.txt"
     prompts.write_text("a cat\na dog\n")
-    train.main(["--model", str(tiny_pipeline_dir), *TINY, "--prompts", str(prompts), "--lora-rank", str(lora_rank), "--reward", reward, "--guidance-scale", "4",
-                "--out", str(run)])
+    train.main(
+        [
+            "--model",
+            str(tiny_pipeline_dir),
+            *TINY,
+            "--prompts",
+            str(prompts),
+            "--lora-rank",
+            str(lora_rank),
+            "--reward",
+            reward,
+            "--guidance-scale",
+            "4",
+            "--out",
+            str(run),
+        ]
+    )
     base, tuned = sample.main([str(run), "--num-images", "3", "--seed", "1", "--out", str(out)])
-    assert sorted(p.name for p in out.iterdir()) == ["base_0.png", "base_1.png", "base_2.png", "grid.png", "tuned_0.png", "tuned_1.png", "tuned_2.png"]
-    stock = load_pipeline(tiny_pipeline_dir)  # the base side is a plain pipeline's sample with the run's steps, guidance and eta, seed 1
-    expected = stock(["a cat", "a dog", "a cat"], num_inference_steps=3, guidance_scale=4.0, eta=1.0,
-                     generator=torch.Generator().manual_seed(1), output_type="pt").images
+    assert sorted(p.name for p in out.iterdir()) == [
+        "base_0.png",
+        "base_1.png",
+        "base_2.png",
+        "grid.png",
+        "tuned_0.png",
+        "tuned_1.png",
+        "tuned_2.png",
+    ]
+    stock = load_pipeline(
+        tiny_pipeline_dir
+    )  # the base side is a plain pipeline's sample with the run's steps, guidance and eta, seed 1
+    expected = stock(
+        ["a cat", "a dog", "a cat"],
+        num_inference_steps=3,
+        guidance_scale=4.0,
+        eta=1.0,
+        generator=torch.Generator().manual_seed(1),
+        output_type="pt",
+    ).images
     assert torch.equal(base, expected)
     assert (tuned - base).abs().max() > 1e-3  # the trained weights were loaded
-    again, tuned_again = sample.main([str(run), "--num-images", "3", "--seed", "1", "--out", str(tmp_path / "again")])
+    again, tuned_again = sample.main(
+        [str(run), "--num-images", "3", "--seed", "1", "--out", str(tmp_path / "again")]
+    )
     assert torch.equal(again, base) and torch.equal(tuned_again, tuned)
 
 

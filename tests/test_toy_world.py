@@ -1,4 +1,5 @@
 """The toy world behind the bundled model, and its judge of prompt fidelity."""
+
 import numpy as np
 import pytest
 import torch
@@ -28,7 +29,10 @@ def test_judge_scores_world_images_one_for_their_own_prompt(world):
 def test_judge_scores_zero_for_the_wrong_colour(world):
     images, prompts = world
     colours = list(toy_world.COLOURS)
-    wrong = [other(p, colour=colours[(colours.index(toy_world.parse(p)[0]) + 1) % len(colours)]) for p in prompts]
+    wrong = [
+        other(p, colour=colours[(colours.index(toy_world.parse(p)[0]) + 1) % len(colours)])
+        for p in prompts
+    ]
     assert toy_world.judge(images, wrong).max().item() == 0.0
 
 
@@ -42,7 +46,9 @@ def test_judge_scores_half_for_the_right_colour_in_the_wrong_shape(world):
 def test_judge_scores_zero_for_noise_and_for_empty_backgrounds():
     rng = np.random.default_rng(1)
     noise = torch.rand(30, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    empty = torch.from_numpy(np.stack([toy_world.background(rng) for _ in range(30)]).transpose(0, 3, 1, 2)).float()
+    empty = torch.from_numpy(
+        np.stack([toy_world.background(rng) for _ in range(30)]).transpose(0, 3, 1, 2)
+    ).float()
     prompts = [toy_world.PROMPTS[i % 15] for i in range(30)]
     assert toy_world.judge(noise, prompts).max().item() == 0.0
     assert toy_world.judge(empty, prompts).max().item() == 0.0
@@ -57,7 +63,9 @@ def test_plain_backgrounds_leave_the_jpeg_reward_room_to_move():
     """Same shapes, plain instead of textured backgrounds: clearly smaller JPEGs."""
     rng = np.random.default_rng(2)
     images = torch.from_numpy(toy_world.sample_batch(200, rng)[0])
-    border = torch.cat([images[:, :, :4, :].flatten(2), images[:, :, :, :4].flatten(2)], dim=2)  # never under the shape
+    border = torch.cat(
+        [images[:, :, :4, :].flatten(2), images[:, :, :, :4].flatten(2)], dim=2
+    )  # never under the shape
     textured = border.std(dim=2).amax(dim=1) > 0.01
     sizes = jpeg_kilobytes(images)
     assert sizes[~textured].mean() < 0.7 * sizes[textured].mean()

@@ -9,6 +9,7 @@ background compresses to well under half the bytes of a textured one) without ch
 prompt asks for, which the judge checks. The judge is this world's stand-in for the paper's
 vision-language alignment reward (section 5.3).
 """
+
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -45,7 +46,9 @@ def background(rng):
     # 8-pixel bands on a fixed 16-pixel grid: coarse for the VAE's 8 x 8 cells, yet their edges cut
     # through JPEG's 8 x 8 blocks (offset 4), so they cost 2.5 to 5 times a plain background's bytes
     y, x = np.mgrid[:SIZE, :SIZE] + 4
-    on = (y % 16 < 8, x % 16 < 8, (x + y) % 16 < 8, (x - y) % 16 < 8, (x // 8 + y // 8) % 2 == 0)[rng.integers(5)]
+    on = (y % 16 < 8, x % 16 < 8, (x + y) % 16 < 8, (x - y) % 16 < 8, (x // 8 + y // 8) % 2 == 0)[
+        rng.integers(5)
+    ]
     return np.where(on[..., None], light, dark)
 
 
@@ -79,7 +82,9 @@ def parse(prompt):
     colours = [w for w in words if w in COLOURS]
     shapes = [w for w in words if w in SHAPES]
     if len(colours) != 1 or len(shapes) != 1:
-        raise ValueError(f"{prompt!r} is not a prompt of the toy world: use 'a <colour> <shape>' with {list(COLOURS)} and {list(SHAPES)}")
+        raise ValueError(
+            f"{prompt!r} is not a prompt of the toy world: use 'a <colour> <shape>' with {list(COLOURS)} and {list(SHAPES)}"
+        )
     return colours[0], shapes[0]
 
 
@@ -89,7 +94,10 @@ def classify(mask):
     ys, xs = np.nonzero(mask)
     if len(ys) < 60:
         return None
-    (y0, y1), (x0, x1) = np.quantile(ys, [0.01, 0.99]), np.quantile(xs, [0.01, 0.99])  # robust to stray pixels
+    (y0, y1), (x0, x1) = (
+        np.quantile(ys, [0.01, 0.99]),
+        np.quantile(xs, [0.01, 0.99]),
+    )  # robust to stray pixels
     height, width = y1 - y0 + 1, x1 - x0 + 1
     inside = mask[int(y0) : int(y1) + 1, int(x0) : int(x1) + 1].sum()
     filled = inside / (height * width)
@@ -109,7 +117,9 @@ def judge(images, prompts):
     """Prompt fidelity of each image (B, 3, H, W) in [0, 1]: 1 if it shows the prompt's shape in
     the prompt's colour, 0.5 if a blob of the right colour has the wrong shape, 0 otherwise."""
     scores = []
-    for mask, prompt in zip((colour_distance(images, prompts) < MATCH_DISTANCE).cpu().numpy(), prompts):
+    for mask, prompt in zip(
+        (colour_distance(images, prompts) < MATCH_DISTANCE).cpu().numpy(), prompts
+    ):
         seen = classify(mask)
         scores.append(0.0 if seen is None else 1.0 if seen == parse(prompt)[1] else 0.5)
     return images.new_tensor(scores).float().cpu()

@@ -8,6 +8,7 @@ a factor 8 as in SD), a cross-attention UNet, and DDIM on SD v1.4's noise schedu
 the VAE; phase 2 trains the UNet and text encoder on the VAE's latents with the usual noise-
 prediction loss, dropping 10 % of the captions so that classifier-free guidance works.
 """
+
 import argparse
 import dataclasses
 import os
@@ -20,7 +21,13 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -29,8 +36,14 @@ import toy_world
 
 # SD v1.4's noise schedule, as its scheduler config ships it
 SD14_SCHEDULER = dict(
-    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-    set_alpha_to_one=False, steps_offset=1, clip_sample=False, prediction_type="epsilon",
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    clip_sample=False,
+    prediction_type="epsilon",
 )
 
 
@@ -66,11 +79,22 @@ def make_tokenizer(words, max_length=8):
             pieces = [pieces[0] + pieces[1]] + pieces[2:]
             if pieces[0] not in vocab:
                 vocab.append(pieces[0])
-    return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=max_length)
+    return CLIPTokenizer(
+        vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=max_length
+    )
 
 
-def build_pipeline(image_size=64, vae_channels=(16, 32, 64, 64), unet_channels=(32, 64, 64), text_dim=64,
-                   text_layers=2, words=(), max_length=8, seed=0, family="sd1"):
+def build_pipeline(
+    image_size=64,
+    vae_channels=(16, 32, 64, 64),
+    unet_channels=(32, 64, 64),
+    text_dim=64,
+    text_layers=2,
+    words=(),
+    max_length=8,
+    seed=0,
+    family="sd1",
+):
     """A random-weight SD-1.x-shaped pipeline; the VAE downsamples by 2 ** (len(vae_channels) - 1).
     family "sd2": SD 2.x's differences, v-prediction and linear projections in the UNet's attention.
     family "sdxl": SDXL's, a second text encoder (with a projection: the pooled embedding) whose
@@ -78,33 +102,81 @@ def build_pipeline(image_size=64, vae_channels=(16, 32, 64, 64), unet_channels=(
     torch.manual_seed(seed)
     tokenizer = make_tokenizer(words, max_length)
     text_config = dict(
-        vocab_size=len(tokenizer.get_vocab()), hidden_size=text_dim, intermediate_size=2 * text_dim,
-        num_hidden_layers=text_layers, num_attention_heads=4, max_position_embeddings=max_length,
-        bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        vocab_size=len(tokenizer.get_vocab()),
+        hidden_size=text_dim,
+        intermediate_size=2 * text_dim,
+        num_hidden_layers=text_layers,
+        num_attention_heads=4,
+        max_position_embeddings=max_length,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
     )
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=vae_channels, layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * len(vae_channels), up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
-        norm_num_groups=8, sample_size=image_size,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=vae_channels,
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
+        norm_num_groups=8,
+        sample_size=image_size,
     )
     attention = ("CrossAttnDownBlock2D",) * (len(unet_channels) - 1)
-    xl = dict(addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + text_dim,
-              cross_attention_dim=2 * text_dim) if family == "sdxl" else {}
-    unet = UNet2DConditionModel(**{
-        "sample_size": image_size // 2 ** (len(vae_channels) - 1), "in_channels": 4, "out_channels": 4,
-        "block_out_channels": unet_channels, "layers_per_block": 1, "down_block_types": attention + ("DownBlock2D",),
-        "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(unet_channels) - 1),
-        "cross_attention_dim": text_dim, "attention_head_dim": 8, "norm_num_groups": 8, "use_linear_projection": family != "sd1", **xl,
-    })
-    scheduler = DDIMScheduler(**{**SD14_SCHEDULER, **({"prediction_type": "v_prediction"} if family == "sd2" else {})})
+    xl = (
+        dict(
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + text_dim,
+            cross_attention_dim=2 * text_dim,
+        )
+        if family == "sdxl"
+        else {}
+    )
+    unet = UNet2DConditionModel(
+        **{
+            "sample_size": image_size // 2 ** (len(vae_channels) - 1),
+            "in_channels": 4,
+            "out_channels": 4,
+            "block_out_channels": unet_channels,
+            "layers_per_block": 1,
+            "down_block_types": attention + ("DownBlock2D",),
+            "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(unet_channels) - 1),
+            "cross_attention_dim": text_dim,
+            "attention_head_dim": 8,
+            "norm_num_groups": 8,
+            "use_linear_projection": family != "sd1",
+            **xl,
+        }
+    )
+    scheduler = DDIMScheduler(
+        **{**SD14_SCHEDULER, **({"prediction_type": "v_prediction"} if family == "sd2" else {})}
+    )
     if family == "sdxl":
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config, projection_dim=text_dim))
-        return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-                                         tokenizer_2=tokenizer, unet=unet, scheduler=scheduler, add_watermarker=False)
+        text_encoder_2 = CLIPTextModelWithProjection(
+            CLIPTextConfig(**text_config, projection_dim=text_dim)
+        )
+        return StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            add_watermarker=False,
+        )
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
 
 
@@ -125,7 +197,9 @@ def train_vae(vae, cfg, rng):
         images = torch.from_numpy(toy_world.sample_batch(cfg.vae_batch, rng)[0]) * 2 - 1
         posterior = vae.encode(images).latent_dist
         reconstruction = vae.decode(posterior.mode()).sample
-        saturation = images.amax(dim=1, keepdim=True) - images.amin(dim=1, keepdim=True)  # in [-1, 1] units
+        saturation = images.amax(dim=1, keepdim=True) - images.amin(
+            dim=1, keepdim=True
+        )  # in [-1, 1] units
         weight = 1 + 4 * (saturation > 0.6).float()
         error = reconstruction - images
         edge_weight = cfg.edge_weight if step >= cfg.vae_steps - cfg.edge_steps else 0.0
@@ -134,7 +208,10 @@ def train_vae(vae, cfg, rng):
         loss.backward()
         optimizer.step(), schedule.step(), optimizer.zero_grad()
         if step % 100 == 0 or step == cfg.vae_steps - 1:
-            print(f"vae step {step}: mse {F.mse_loss(reconstruction, images).item():.4f} ({time.time() - start:.0f}s)", flush=True)
+            print(
+                f"vae step {step}: mse {F.mse_loss(reconstruction, images).item():.4f} ({time.time() - start:.0f}s)",
+                flush=True,
+            )
 
 
 @torch.no_grad()
@@ -163,7 +240,13 @@ def train_unet(pipe, dataset, prompts, cfg, rng):
         rows = rng.integers(len(prompts), size=cfg.unet_batch)
         latents = dataset[rows] * scaling
         captions = ["" if rng.random() < cfg.caption_dropout else prompts[i] for i in rows]
-        ids = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        ids = pipe.tokenizer(
+            captions,
+            padding="max_length",
+            max_length=pipe.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (len(rows),))
         noisy = pipe.scheduler.add_noise(latents, noise, timesteps)
@@ -173,7 +256,9 @@ def train_unet(pipe, dataset, prompts, cfg, rng):
         optimizer.step(), schedule.step(), optimizer.zero_grad()
         ema.step(params)
         if step % 100 == 0 or step == cfg.unet_steps - 1:
-            print(f"unet step {step}: loss {loss.item():.4f} ({time.time() - start:.0f}s)", flush=True)
+            print(
+                f"unet step {step}: loss {loss.item():.4f} ({time.time() - start:.0f}s)", flush=True
+            )
         if (step + 1) % cfg.save_every == 0 or step == cfg.unet_steps - 1:
             ema.store(params), ema.copy_to(params)
             pipe.save_pretrained(cfg.out)
@@ -182,20 +267,27 @@ def train_unet(pipe, dataset, prompts, cfg, rng):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     for f in dataclasses.fields(Config):
         parser.add_argument("--" + f.name.replace("_", "-"), type=f.type, default=f.default)
     cfg = Config(**vars(parser.parse_args(argv)))
     rng = np.random.default_rng(cfg.seed)
     words = ["a", *toy_world.COLOURS, *toy_world.SHAPES]
     pipe = build_pipeline(image_size=toy_world.SIZE, words=words, seed=cfg.seed)
-    print(f"parameters: unet {sum(p.numel() for p in pipe.unet.parameters()) / 1e6:.2f}M, "
-          f"vae {sum(p.numel() for p in pipe.vae.parameters()) / 1e6:.2f}M, "
-          f"text encoder {sum(p.numel() for p in pipe.text_encoder.parameters()) / 1e6:.2f}M", flush=True)
+    print(
+        f"parameters: unet {sum(p.numel() for p in pipe.unet.parameters()) / 1e6:.2f}M, "
+        f"vae {sum(p.numel() for p in pipe.vae.parameters()) / 1e6:.2f}M, "
+        f"text encoder {sum(p.numel() for p in pipe.text_encoder.parameters()) / 1e6:.2f}M",
+        flush=True,
+    )
     train_vae(pipe.vae, cfg, rng)
     pipe.vae.save_pretrained(f"{cfg.out}/vae")  # inspectable before phase 2 ends
     dataset, prompts = encode_dataset(pipe.vae, cfg, rng)
-    pipe.vae.register_to_config(scaling_factor=1 / dataset.std().item())  # unit-variance latents, as SD's 0.18215
+    pipe.vae.register_to_config(
+        scaling_factor=1 / dataset.std().item()
+    )  # unit-variance latents, as SD's 0.18215
     pipe.vae.requires_grad_(False)
     train_unet(pipe, dataset, prompts, cfg, rng)
     return pipe
