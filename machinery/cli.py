@@ -28,6 +28,23 @@ from machinery.config import (
 )
 
 
+# --help's groups, in this order: the paper's settings, the extensions, the run's machinery
+PAPER = "the paper's settings: model, reward, prompts, sampling, the algorithm and its update"
+BEYOND = "beyond the paper: the KL leash, the evaluation, DDPO's successors, speed"
+RUN = "the run: its folder, resume, processes, precision, trackers"
+GROUPS = {
+    PAPER: "model preset lora_rank reward prompts target_color aesthetic_model alignment_model "
+    "bertscore_model bertscore_layer num_steps guidance_scale eta algo epochs samples_per_epoch "
+    "batch_size updates_per_epoch inner_epochs timestep_fraction clip_range adv_clip_max "
+    "per_prompt_stat_tracking buffer_size min_count beta pxpo_normalise lr weight_decay "
+    "max_grad_norm seed",
+    BEYOND: "kl_coef eval_every eval_prompts eval_samples eval_num_steps samples_per_prompt "
+    "advantages shared_noise train_window steps_per_forward compile",
+    RUN: "out resume device mixed_precision gradient_checkpointing allow_tf32 log_with "
+    "checkpoint_every keep_checkpoints",
+}
+
+
 def parse_args(argv=None, description=None):
     parser = argparse.ArgumentParser(
         prog="train.py",
@@ -35,6 +52,8 @@ def parse_args(argv=None, description=None):
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.error = fail  # one line, exit status 2
+    groups = {title: parser.add_argument_group(title) for title in GROUPS}
+    group_of = {name: groups[title] for title, names in GROUPS.items() for name in names.split()}
     for f in dataclasses.fields(Config):
         meta = dict(f.metadata)
         if not meta.pop("flag", True):
@@ -44,14 +63,16 @@ def parse_args(argv=None, description=None):
             meta["action"] = argparse.BooleanOptionalAction
         else:
             meta.setdefault("type", f.type)
-        parser.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, **meta)
-    parser.add_argument(
+        flag = "--" + f.name.replace("_", "-")
+        group_of[f.name].add_argument(flag, default=argparse.SUPPRESS, **meta)
+    own = groups[RUN]  # the two flags of train.py's own go with the run's
+    own.add_argument(
         "--show-config",
         action="store_true",
         default=argparse.SUPPRESS,
         help="print every setting the run would use and where it comes from, then exit without loading a model",
     )
-    parser.add_argument(
+    own.add_argument(
         "--accept-changed-reward",
         action="store_true",
         default=argparse.SUPPRESS,

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from machinery import config
+import dataclasses
+
+from machinery import cli, config
 from machinery import parallel
 import rewards
 import toy_world
@@ -71,3 +73,21 @@ def test_a_prompt_file_an_editor_saved_with_a_byte_order_mark_reads_as_its_promp
     path = tmp_path / "prompts.txt"
     path.write_bytes(("\ufeff" + "\r\n".join(toy_world.PROMPTS[:3]) + "\r\n").encode("utf-8"))
     assert config.load_prompts(str(path)) == toy_world.PROMPTS[:3]
+
+
+def test_help_lists_the_papers_settings_then_the_extensions_then_the_runs_machinery(capsys):
+    flags = {f.name for f in dataclasses.fields(config.Config) if f.metadata.get("flag", True)}
+    grouped = [name for names in cli.GROUPS.values() for name in names.split()]
+    assert sorted(grouped) == sorted(flags)  # every flag in one group, once
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--help"])
+    text = capsys.readouterr().out
+    positions = [text.index(f"{title}:") for title in (cli.PAPER, cli.BEYOND, cli.RUN)]
+    assert positions == sorted(positions)
+    sections = text[positions[0] :].split(
+        "\n\n"
+    )  # the groups, in order: each flag's line in its own
+    for section, names in zip(sections, cli.GROUPS.values()):
+        assert all(f"  --{name.replace('_', '-')}" in section for name in names.split()), section[
+            :80
+        ]
