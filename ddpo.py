@@ -192,7 +192,7 @@ def rwr_weights(rewards, prompts=None, beta=0.2):
     1 - Phi(beta * sigma - 1.28): 90 % at beta = 0 (plain self-training), 30 % at beta * sigma =
     1.81, 10 % at 2.56 (sparse RWR's share), 1 % at 3.61. The original's beta = 0.2 per kB suits
     512 px JPEGs that spread over tens of kB; the bundled model's 64 px images spread over a
-    fraction of a kB, so its preset scales beta up to keep the selectivity (config.py)."""
+    fraction of a kB, so its preset scales beta up to keep the selectivity (machinery/config.py)."""
     rewards = np.asarray(rewards, dtype=np.float64)
     weights = np.empty_like(rewards)
     for rows in groups(prompts, len(rewards)):

@@ -200,7 +200,7 @@ def sample_trajectories(
     (reduce_elements); progress, a bar; base, the base policy: then also kl_to_base (B, T),
     policy_kl at every state, one more guided forward a step; after_first_batch(images, prompts,
     total), called once; stochastic, a bool per step: only those steps draw with eta, the others
-    are deterministic DDIM steps whose log_probs are NaN, never trained (successors.py);
+    are deterministic DDIM steps whose log_probs are NaN, never trained (machinery/successors.py);
     initial_latents (B, C, h, w), each x_T instead of a draw.
     """
     device, reduce, base = pipe.unet.device, beyond.get("reduce", "mean"), beyond.get("base")

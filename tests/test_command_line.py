@@ -91,3 +91,12 @@ def test_help_lists_the_papers_settings_then_the_extensions_then_the_runs_machin
         assert all(f"  --{name.replace('_', '-')}" in section for name in names.split()), section[
             :80
         ]
+
+
+def test_the_maths_module_loads_no_model_library():
+    """ddpo.py is torch and numpy: reading the losses loads no transformers, diffusers or hub client."""
+    probe = "import sys, ddpo; print(sorted(m for m in ('transformers', 'diffusers', 'huggingface_hub') if m in sys.modules))"
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
