@@ -5,8 +5,7 @@ can use it and PXPO can use the map itself.
 
 `REWARDS` maps the names that `train.py --reward` accepts to these functions. The paper's two
 learned rewards (sections 5.2 and 5.3) need models: `aesthetic` and `alignment` build a reward
-function
-around them, loaded once, when a run asks for that reward.
+function around them, given the models (machinery/reward_loading.py loads them, once a run).
 
 Your own reward (`--reward FILE.py:NAME` or `module:NAME`, or `train.main(argv, reward_fn=fn)`) is
 a function NAME(images, prompts): images a float tensor (B, 3, H, W) in [0, 1] on the training
@@ -15,25 +14,12 @@ or a list), or a (B, H, W) map for a pixel-wise reward. examples/brightness.py i
 """
 
 import io
-import os
-import re
-import socket
-import urllib.parse
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from huggingface_hub import constants as hf_constants
 from PIL import Image
-from transformers import (
-    AutoImageProcessor,
-    AutoModel,
-    AutoModelForImageTextToText,
-    AutoProcessor,
-    AutoTokenizer,
-    CLIPVisionModelWithProjection,
-)
 
 import toy_world
 
@@ -96,47 +82,6 @@ REWARDS = {
 }
 
 
-def hub_reachable(timeout=3.0):
-    """Whether the Hugging Face hub can be reached (HF_HUB_OFFLINE=1: no), asked once with a short
-    timeout: without a network the hub client would spend a minute and a half in retries. Behind a
-    proxy the answer is yes, and the client's own retries decide."""
-    if hf_constants.HF_HUB_OFFLINE:
-        return False
-    if any(
-        os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
-    ):
-        return True
-    url = urllib.parse.urlparse(hf_constants.ENDPOINT)
-    try:
-        socket.create_connection(
-            (url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout
-        ).close()
-        return True
-    except OSError:
-        return False
-
-
-def pretrained(cls, model_id, flag, **kwargs):
-    """cls.from_pretrained(model_id) from a folder, the hub cache, or the hub when it is reachable;
-    else an OSError whose one line names the model, the flag that chose it, and the fix."""
-    try:
-        return cls.from_pretrained(model_id, local_files_only=not hub_reachable(), **kwargs)
-    except (OSError, ValueError) as error:
-        if Path(model_id).exists() or not re.fullmatch(
-            r"[\w.-]+/[\w.-]+", model_id
-        ):  # a folder, not a hub id
-            raise OSError(
-                f"{flag} {model_id}: not a readable model folder ({type(error).__name__}); "
-                f"pass a folder saved by "
-                f"save_pretrained, or a hub id"
-            ) from error
-        raise OSError(
-            f"{flag} {model_id}: cannot load it ({type(error).__name__}: no network, not in the "
-            f"hub cache, or no such model); "
-            f"download it first with `hf download {model_id}`, or pass a local folder with {flag}"
-        ) from error
-
-
 def clip_preprocess(images, processor):
     """CLIP's own preprocessing, on tensors on their device: the shortest side resized (bicubic,
     antialiased) to the processor's size, a centre crop, then its mean and std."""
@@ -176,13 +121,10 @@ def aesthetic_head(path=AESTHETIC_HEAD):
     return head.eval()
 
 
-def aesthetic(clip_model, device="cpu", batch_size=32, head=None):
+def aesthetic(clip, processor, head=None, device="cpu", batch_size=32):
     """The LAION aesthetic score (paper, section 5.2): CLIP's image embedding, L2-normalised, into
-    the aesthetic head; roughly 1 to 10."""
-    processor = pretrained(AutoImageProcessor, clip_model, "--aesthetic-model")
-    clip = (
-        pretrained(CLIPVisionModelWithProjection, clip_model, "--aesthetic-model").to(device).eval()
-    )
+    the aesthetic head; roughly 1 to 10. clip: a CLIPVisionModelWithProjection, processor: its
+    image processor."""
     head = (head or aesthetic_head()).to(device)
 
     @torch.no_grad()
@@ -219,24 +161,13 @@ def bert_embeddings(texts, tokenizer, model, layer, device):
     return hidden, mask, mask * (1 - special.float())
 
 
-def alignment(vlm_model, scorer_model, scorer_layer, device="cpu", batch_size=8, max_new_tokens=64):
-    """Prompt alignment (paper, section 5.3): a vision-language model answers QUESTION about each
-    image; the reward is the BERTScore recall of its answer against "The image contains
-    <prompt>"."""
-    dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
-    processor = pretrained(AutoProcessor, vlm_model, "--alignment-model", padding_side="left")
-    vlm = (
-        pretrained(AutoModelForImageTextToText, vlm_model, "--alignment-model", dtype=dtype)
-        .to(device)
-        .eval()
-    )
-    tokenizer = pretrained(AutoTokenizer, scorer_model, "--bertscore-model")
-    scorer = pretrained(AutoModel, scorer_model, "--bertscore-model").to(device).eval()
-    if not 0 <= scorer_layer <= scorer.config.num_hidden_layers:
-        raise OSError(
-            f"--bertscore-layer {scorer_layer}: {scorer_model} has layers 0 to "
-            f"{scorer.config.num_hidden_layers}; choose one of them"
-        )
+def alignment(
+    vlm, processor, tokenizer, scorer, scorer_layer, device="cpu", batch_size=8, max_new_tokens=64
+):
+    """Prompt alignment (paper, section 5.3): a vision-language model (vlm, its processor) answers
+    QUESTION about each image; the reward is the BERTScore recall of its answer against "The image
+    contains <prompt>", from the scorer's (a BERT and its tokenizer) hidden layer scorer_layer."""
+    dtype = vlm.dtype
     chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
     question = processor.apply_chat_template(chat, add_generation_prompt=True)
 
@@ -254,9 +185,7 @@ def alignment(vlm_model, scorer_model, scorer_layer, device="cpu", batch_size=8,
             answers += processor.batch_decode(
                 output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
             )
-        score.answers = [
-            answer.strip() for answer in answers
-        ]  # kept for a look at what the VLM said
+        score.answers = [answer.strip() for answer in answers]  # what the VLM said, for a look
         references = [f"The image contains {prompt}" for prompt in prompts]
         recalls = []
         for start in range(0, len(answers), batch_size):

@@ -28,7 +28,7 @@ from peft.utils import get_peft_model_state_dict  # noqa: E402
 from transformers.utils import logging as transformers_logging  # noqa: E402
 
 from machinery.config import SD14, fail  # noqa: E402
-from rewards import hub_reachable  # noqa: E402
+from machinery.hub import hub_reachable  # noqa: E402
 from sampler import PREDICTION_TYPES, ddim_mean_std  # noqa: E402
 
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the UNet's attention projections

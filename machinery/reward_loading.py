@@ -11,8 +11,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import (
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    CLIPVisionModelWithProjection,
+)
 
 from machinery.config import PYTHON, REWARD_NAMES, fail, stop
+from machinery.hub import pretrained
 from rewards import REWARDS, aesthetic, alignment
 
 
@@ -44,9 +53,9 @@ def load_reward(cfg, reward_fn=None):
         return checked(reward_fn or own_reward(cfg.reward), cfg.reward, cfg.out)
     try:
         if cfg.reward == "aesthetic":
-            return aesthetic(cfg.aesthetic_model, cfg.device)
+            return aesthetic_reward(cfg.aesthetic_model, cfg.device)
         if cfg.reward == "alignment":
-            return alignment(
+            return alignment_reward(
                 cfg.alignment_model, cfg.bertscore_model, cfg.bertscore_layer, cfg.device
             )
     except OSError as error:
@@ -56,6 +65,30 @@ def load_reward(cfg, reward_fn=None):
             REWARDS[cfg.reward], target=[float(v) for v in cfg.target_color.split(",")]
         )
     return REWARDS[cfg.reward]
+
+
+def aesthetic_reward(clip_model, device="cpu", batch_size=32):
+    """rewards.aesthetic on the CLIP model of --aesthetic-model (a folder or a hub id)."""
+    processor = pretrained(AutoImageProcessor, clip_model, "--aesthetic-model")
+    clip = pretrained(CLIPVisionModelWithProjection, clip_model, "--aesthetic-model")
+    return aesthetic(clip.to(device).eval(), processor, device=device, batch_size=batch_size)
+
+
+def alignment_reward(vlm_model, scorer_model, scorer_layer, device="cpu", **sizes):
+    """rewards.alignment on the VLM of --alignment-model (in fp16 on CUDA) and the BERT of
+    --bertscore-model, whose layer --bertscore-layer must exist. sizes: alignment's batch sizes."""
+    dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
+    processor = pretrained(AutoProcessor, vlm_model, "--alignment-model", padding_side="left")
+    vlm = pretrained(AutoModelForImageTextToText, vlm_model, "--alignment-model", dtype=dtype)
+    tokenizer = pretrained(AutoTokenizer, scorer_model, "--bertscore-model")
+    scorer = pretrained(AutoModel, scorer_model, "--bertscore-model")
+    if not 0 <= scorer_layer <= scorer.config.num_hidden_layers:
+        raise OSError(
+            f"--bertscore-layer {scorer_layer}: {scorer_model} has layers 0 to "
+            f"{scorer.config.num_hidden_layers}; choose one of them"
+        )
+    vlm, scorer = vlm.to(device).eval(), scorer.to(device).eval()
+    return alignment(vlm, processor, tokenizer, scorer, scorer_layer, device, **sizes)
 
 
 def own_reward(spec):

@@ -20,15 +20,9 @@ from transformers import (
 )
 
 import train
-from rewards import (
-    AESTHETIC_HEAD,
-    aesthetic,
-    aesthetic_head,
-    alignment,
-    bertscore_recall,
-    clip_preprocess,
-    to_pil,
-)
+from machinery.reward_loading import aesthetic_reward as aesthetic
+from machinery.reward_loading import alignment_reward as alignment
+from rewards import AESTHETIC_HEAD, aesthetic_head, bertscore_recall, clip_preprocess, to_pil
 
 WORDS = "the image contains a an cat dog riding bike what is going on in this ? user assistant : . , red blue".split()
 CHAT = (
