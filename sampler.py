@@ -14,10 +14,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm import tqdm
 
 REDUCTIONS = ("mean", "sum", "none")
-PREDICTION_TYPES = (
-    "epsilon",
-    "v_prediction",
-)  # SD 1.x and SDXL predict the noise; SD 2.x at 768 px v
+# what the UNet predicts: SD 1.x and SDXL the noise, SD 2.x at 768 px the velocity v
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 def ddim_mean_std(scheduler, model_output, timestep, sample, eta=1.0):

@@ -23,10 +23,8 @@ from collections import defaultdict
 import torch
 from tqdm import tqdm
 
-for library in (
-    "TRANSFORMERS",
-    "DIFFUSERS",
-):  # before they are imported: keep the console for results
+# before they are imported: keep the console for results
+for library in ("TRANSFORMERS", "DIFFUSERS"):
     os.environ.setdefault(f"{library}_VERBOSITY", "error")
 
 import ddpo
@@ -41,13 +39,11 @@ def main(argv=None, reward_fn=None):
     reward_fn, your own reward function (README, "Your own reward"), is recorded in config.json by
     its qualified name, and must be given again to resume the run."""
     cfg = argv if isinstance(argv, Config) else cli.parse_args(argv, description=__doc__)
-    with Run(
-        cfg, reward_fn
-    ) as run:  # machinery/run.py: the processes, the model, the folder, resume
+    # machinery/run.py: the processes, the model, the folder, resume; after the last epoch, the
+    # final weights' evaluation (beyond the paper)
+    with Run(cfg, reward_fn) as run:
         cfg = run.cfg
-        for (
-            epoch
-        ) in run.epochs():  # after the last: the final weights' evaluation (beyond the paper)
+        for epoch in run.epochs():
             run.before_sampling(epoch)  # beyond the paper: the fixed-noise evaluation, when due
             # 1. sample: roll out the current policy, one trajectory per drawn prompt
             prompts = run.draw_prompts()
@@ -124,9 +120,8 @@ def update(cfg, run, traj, advantages):
                 penalty, measured = run.extra_loss(traj, (x_t, t, c), eps, chunk == 0, len(samples))
                 loss = loss + penalty  # beyond the paper: the KL leash (0 without --kl-coef)
                 diagnostics.update(measured)
-            (
-                loss * each / (train_steps * microbatches)
-            ).backward()  # loss: a mean over these states
+            # loss is a mean over these states: weighted by their share of the optimiser step
+            (loss * each / (train_steps * microbatches)).backward()
             for key, value in {"loss": loss.detach(), **diagnostics}.items():
                 stats[key].append((value, each))
         if (i + 1) % microbatches == 0:
