@@ -3,13 +3,15 @@
     python benchmarks/cpu_demo.py --seeds 0 1 2 --out runs/cpu-demo
 
 For each seed it runs the plain command (only --seed and --out added) in its own process, timing
-the whole wall clock, and reads the run's metrics.jsonl (a finished run in --out is read again, not
-run again). It prints and writes (results.md) the mean JPEG size of the first epoch and of the
-last LAST epochs together (the last epoch's 64 samples alone move by a few points of cut from one
-machine's rounding to another's), the cut between them and the last epoch's own cut, the fidelity
-of the first epoch and of the last LAST and the share kept, and the wall time; then the median and
-spread over seeds. It also draws before_after.png: the base model and the first seed's
-fine-tuned model, sampling the same prompts from the same noise.
+the whole wall clock, and records it with the commit and the machine (run.json). It reads the run's
+metrics.jsonl (a finished run in --out is read again, not run again): the mean JPEG size of the
+first epoch and of the last LAST epochs together (the last epoch's 64 samples alone move by a few
+points of cut from one machine's rounding to another's), the cut between them and the last epoch's
+own cut, the fidelity of the first epoch and of the last LAST and the share kept, and the wall
+time; then the median over seeds. It draws before_after.png: the base model and the first seed's
+fine-tuned model, sampling the same prompts from the same noise. It keeps each run's result files
+and the figures in --keep (docs/cpu-demo) and writes the table into --page (docs/cpu-demo.md);
+`--out docs/cpu-demo` writes the page again from the kept files, measuring nothing.
 """
 
 import argparse
@@ -27,21 +29,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import toy_world  # noqa: E402
-from rewards import jpeg_kilobytes  # noqa: E402
-from machinery.pipeline import load_pipeline  # noqa: E402
-from sampler import sample_trajectories  # noqa: E402
-from machinery.run_folder import save_grid  # noqa: E402
 from machinery.config import BUNDLED_MODEL, PRESETS  # noqa: E402
+from machinery.pipeline import load_pipeline  # noqa: E402
+from machinery.run_folder import save_grid  # noqa: E402
+from page import made_by, provenance, write_block  # noqa: E402
+from rewards import jpeg_kilobytes  # noqa: E402
+from sampler import sample_trajectories  # noqa: E402
 
 LAST = 5  # the epochs at the end whose mean is the result
 
 
 def run_seed(seed, out):
-    if not (out / "wall_seconds.txt").is_file():  # else a finished run: read it again
-        shutil.rmtree(
-            out, ignore_errors=True
-        )  # an unfinished one starts again (train.py writes only into an empty folder)
-        start = time.time()
+    if not (out / "run.json").is_file():  # else a finished run: read it again
+        shutil.rmtree(out, ignore_errors=True)  # train.py writes only into an empty folder
+        record, start = provenance(), time.time()  # the commit the run starts from
         subprocess.run(
             [
                 sys.executable,
@@ -55,7 +56,8 @@ def run_seed(seed, out):
             ],
             check=True,
         )
-        (out / "wall_seconds.txt").write_text(f"{time.time() - start:.1f}\n")
+        record["wall_seconds"] = round(time.time() - start, 1)
+        (out / "run.json").write_text(json.dumps(record) + "\n")
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     epochs = [m for m in metrics if "reward_mean" in m]  # not an evaluation's row of its own
     first, last, tail = epochs[0], epochs[-1], epochs[-LAST:]
@@ -70,7 +72,7 @@ def run_seed(seed, out):
         "first_fidelity": first["fidelity"],
         "last5_fidelity": tail_fidelity,
         "kept_last5": tail_fidelity / first["fidelity"],
-        "wall_seconds": float((out / "wall_seconds.txt").read_text()),
+        **json.loads((out / "run.json").read_text()),
     }
 
 
@@ -101,37 +103,73 @@ def before_after(lora_dir, path, n=8):
     save_grid(images, captions, path, cols=n)
 
 
+def table(results):
+    """The page's table: one row a seed, then the median."""
+    rows = [(str(r["seed"]), r) for r in results]
+    rows.append(("median", {k: statistics.median(r[k] for r in results) for k in COLUMNS}))
+    lines = ["| seed | " + " | ".join(COLUMNS.values()) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for name, r in rows:
+        cells = [FORMATS.get(k, "{:.3f}").format(r[k]) for k in COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+COLUMNS = {
+    "first_kb": "first epoch kB",
+    "last5_kb": f"last {LAST} epochs kB",
+    "cut_last5": f"cut, last {LAST}",
+    "cut_last": "cut, last epoch",
+    "first_fidelity": "first fidelity",
+    "last5_fidelity": f"last {LAST} fidelity",
+    "kept_last5": "kept",
+    "wall_seconds": "wall s",
+}
+FORMATS = {
+    "cut_last5": "{:.1%}",
+    "cut_last": "{:.1%}",
+    "kept_last5": "{:.2f}",
+    "wall_seconds": "{:.0f}",
+}
+
+
+def keep(args, results):
+    """Each run's result files and the figures into args.keep (small: no weights, no samples)."""
+    first = args.out / f"seed{args.seeds[0]}"
+    last = sorted((first / "samples").glob("epoch_*.png"))
+    figures = {
+        "reward_curve.png": first / "reward_curve.png",
+        "first_epoch.png": last[0] if last else None,
+        "last_epoch.png": last[-1] if last else None,
+        "before_after.png": args.out / "before_after.png",
+    }
+    for seed in args.seeds:
+        (args.keep / f"seed{seed}").mkdir(parents=True, exist_ok=True)
+        for name in ("metrics.jsonl", "config.json", "run.json"):
+            shutil.copyfile(args.out / f"seed{seed}" / name, args.keep / f"seed{seed}" / name)
+    for name, path in figures.items():
+        if path is not None and path.is_file():
+            shutil.copyfile(path, args.keep / name)
+
+
 def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path("runs/cpu-demo"))
+    parser.add_argument("--keep", type=Path, default=ROOT / "docs" / "cpu-demo")
+    parser.add_argument("--page", type=Path, default=ROOT / "docs" / "cpu-demo.md")
     args = parser.parse_args()
     results = [run_seed(seed, args.out / f"seed{seed}") for seed in args.seeds]
-    keys = [
-        "first_kb",
-        "last5_kb",
-        "cut_last5",
-        "cut_last",
-        "first_fidelity",
-        "last5_fidelity",
-        "kept_last5",
-        "wall_seconds",
-    ]
-    lines = ["| seed | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    lines += [f"| {r['seed']} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " |" for r in results]
-    summary = {k: [r[k] for r in results] for k in keys}
-    lines.append(
-        "| median | " + " | ".join(f"{statistics.median(v):.3f}" for v in summary.values()) + " |"
-    )
-    lines.append(
-        "| min-max | " + " | ".join(f"{min(v):.3f}-{max(v):.3f}" for v in summary.values()) + " |"
-    )
-    table = "\n".join(lines)
-    print(table)
-    (args.out / "results.md").write_text(table + "\n")
-    before_after(args.out / f"seed{args.seeds[0]}" / "lora", args.out / "before_after.png")
+    print(table(results))
+    lora = args.out / f"seed{args.seeds[0]}" / "lora"
+    if lora.is_dir():  # kept results have no weights: the kept figure stays
+        before_after(lora, args.out / "before_after.png")
+    if args.out.resolve() != args.keep.resolve():
+        keep(args, results)
+    seeds = " ".join(str(seed) for seed in args.seeds)
+    command = f"python benchmarks/cpu_demo.py --seeds {seeds}"
+    write_block(args.page, "cpu_demo", table(results) + "\n\n" + made_by(command, results))
 
 
 if __name__ == "__main__":

@@ -23,11 +23,13 @@ samples with) runs every --eval-every epochs, and it decides:
    to the target, or (none reaching it in --epochs) the best last trained-prompt cut among those
    that keep the fidelity, else the one that keeps the most.
 2. final: each recipe at its choice on --seeds. Writes time_to_target.md (the tuning, every run,
-   and per recipe the median and range) and time_to_target.png (cut against training seconds).
+   and per recipe the median and range) and time_to_target.png (cut against training seconds),
+   and the table into --page (docs/time-to-target.md).
 
-A run with its result.json is reused, so an interrupted sweep picks up where it stopped; README's
-numbers are docs/time-to-target (the tuning's choices and each held-out run's result.json), and
-`--stage final --out docs/time-to-target` writes their report again without training anything. With
+A run with its result.json (with the commit, machine and date it ran on) is reused, so an
+interrupted sweep picks up where it stopped; the page's numbers are docs/time-to-target (the
+tuning's choices and each held-out run's result.json), and `--stage final --out
+docs/time-to-target` writes their report again without training anything. With
 --jobs N, N runs go at once, each its own single-threaded process; they are started in turn,
 recipe by recipe (A, B, C, A, B, C, ...), so a busy spell of the machine falls on all alike.
 """
@@ -51,6 +53,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from page import made_by, provenance, write_block  # noqa: E402
+
 # beyond the preset (the paper's DDPO_IS scaled to the bundled model); successors.py says where each comes from
 RECIPES = {
     "paper": [],
@@ -168,6 +174,7 @@ def run(argv, out, args):
         "--out",
         str(out),
     ]
+    started = provenance()  # the commit the run starts from
     process, metrics, stopped = (
         subprocess.Popen(
             command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
@@ -205,6 +212,7 @@ def run(argv, out, args):
         "kept": last["kept"],
         "heldout_cut": last["heldout_cut"],
         "curve": [(row["seconds"], row["cut"], row["kept"]) for row in evaluations(metrics)],
+        **started,
     }
     result_file.write_text(json.dumps(result) + "\n")
     return result
@@ -287,7 +295,34 @@ def final(args):
     print(text)
     (args.out / "time_to_target.md").write_text(text + "\n")
     plot(args, results, args.out / "time_to_target.png")
+    command = "python benchmarks/time_to_target.py --jobs 2"
+    table = page_table(args, tuned, results)
+    write_block(args.page, "time_to_target", table + "\n\n" + made_by(command, results.values()))
     return results
+
+
+def page_table(args, tuned, results):
+    """The page's table: each recipe's flags, learning rate, and each seed's seconds to target."""
+    seeds = " / ".join(str(seed) for seed in args.seeds)
+    lines = [
+        f"| recipe | flags beyond the demo's | lr | seeds at target | training s to target, seeds "
+        f"{seeds} (- : missed) | reward queries, median at target | held-out cut there, median | "
+        "misses: cut / fidelity kept at the end |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for recipe in args.recipes:
+        runs = [results[(recipe, seed)] for seed in args.seeds]
+        hit = [r for r in runs if r["reached"]]
+        each = " / ".join(f"{r['seconds']:.0f}" if r["reached"] else "-" for r in runs)
+        queries = f"{statistics.median(r['queries'] for r in hit):,.0f}" if hit else "-"
+        heldout = f"{statistics.median(r['heldout_cut'] for r in hit):.1%}" if hit else "-"
+        missed = ", ".join(f"{r['cut']:.1%} / {r['kept']:.2f}" for r in runs if not r["reached"])
+        flags = f"`{' '.join(RECIPES[recipe])}`" if RECIPES[recipe] else "-"
+        lines.append(
+            f"| {recipe} | {flags} | {tuned[recipe]['lr']:g} | {len(hit)} of {len(runs)} | {each} "
+            f"| {queries} | {heldout} | {missed or '-'} |"
+        )
+    return "\n".join(lines)
 
 
 def report(args, tuned, results):
@@ -390,6 +425,7 @@ def main(argv=None):
         help="epochs between evaluations (and before the first epoch and after the last)",
     )
     parser.add_argument("--out", type=Path, default=Path("runs/time-to-target"))
+    parser.add_argument("--page", type=Path, default=ROOT / "docs" / "time-to-target.md")
     parser.add_argument(
         "--train-args",
         default="",

@@ -1,0 +1,71 @@
+"""A results page in docs/: the prose a person wrote, then the block its benchmark writes from its
+result files, which ends with the command that made them, the commit and the machine they ran on.
+
+A benchmark records `provenance()` beside each result when it measures it, and calls
+`write_block(page, name, body)` with a body built from its result files, so that the page can be
+written again from the files kept in docs/ without measuring anything.
+"""
+
+import datetime
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def git(*args):
+    result = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+    return result.stdout.strip() if result.returncode == 0 else ""
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as lines:
+            names = [
+                line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")
+            ]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor() or platform.machine()
+
+
+def provenance():
+    """Today, this checkout's commit ('+changes' if tracked files differ from it), this machine."""
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    changed = git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "date": datetime.date.today().isoformat(),
+        "commit": commit + ("+changes" if changed else ""),
+        "machine": f"{os.cpu_count()} CPU cores ({cpu_name()}), {platform.system()}",
+    }
+
+
+def made_by(command, records):
+    """One line: the command, and the commit, machine and date of each distinct record (results
+    measured before the benchmarks recorded them are said to be so)."""
+    records = list(records)
+    seen = sorted({(r["commit"], r["machine"], r["date"]) for r in records if "commit" in r})
+    where = [f"commit `{c}` on {m}, {d}" for c, m, d in seen]
+    if len(seen) < len(records) and any("commit" not in r for r in records):
+        missing = sum("commit" not in r for r in records)
+        where.append(f"{missing} results from before the benchmark recorded commit and machine")
+    return f"Made by `{command}`: {'; '.join(where)}."
+
+
+def write_block(page, name, body):
+    """Put body into page between the markers of name (appended at the end the first time), the
+    rest of the page as it was; written aside and renamed, so a page is never half written."""
+    page = Path(page)
+    begin, end = f"<!-- begin {name}: written by its benchmark -->", f"<!-- end {name} -->"
+    text = page.read_text() if page.exists() else ""
+    block = f"{begin}\n{body.strip()}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + ("\n\n" if text.strip() else "") + block + "\n"
+    aside = page.with_name(f".{page.name}.{os.getpid()}")
+    aside.write_text(text)
+    aside.replace(page)
