@@ -36,8 +36,8 @@ from sampler import ddim_step_with_logprob, guided_eps, reduce_elements, sample_
 
 def main(argv=None, reward_fn=None):
     """One training run: argv are train.py's flags (or their Config); returns the history.
-    reward_fn, your own reward function (README, "Your own reward"), is recorded in config.json by
-    its qualified name, and must be given again to resume the run."""
+    reward_fn, your own reward function (docs/rewards.md, "Your own reward"), is recorded in
+    config.json by its qualified name, and must be given again to resume the run."""
     cfg = argv if isinstance(argv, Config) else cli.parse_args(argv, description=__doc__)
     # machinery/run.py: the processes, the model, the folder, resume; after the last epoch, the
     # final weights' evaluation (beyond the paper)

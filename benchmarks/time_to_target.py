@@ -95,7 +95,7 @@ LRS = (
     1e-2,
     2e-2,
 )  # around the preset's 5e-3, by factors of 2; 2e-2 added when most recipes did best at 1e-2
-# The target: a little short of what the paper's method reaches in the demo's 35 epochs (README, "Overoptimisation, and the KL leash", kl-coef 0:
+# The target: a little short of what the paper's method reaches in the demo's 35 epochs (docs/kl-leash.md, "The trade, measured", kl-coef 0:
 # a median cut of 29.2 % on the evaluation's trained prompts at its last evaluation, before epoch 34, 0.90 of its samples' fidelity kept)
 CUT, FIDELITY, HELD = 0.25, 0.90, 2
 COMMON = [

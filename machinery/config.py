@@ -53,7 +53,7 @@ PROMPT_SETS = {
     "shapes_train": lambda: toy_world.TRAIN,  # 10 of the 15, for training
     "shapes_heldout": lambda: toy_world.HELDOUT,  # the other 5, never trained on
 }
-# The paper's settings scaled to the bundled model on a 2-core CPU (README, "The CPU demo"). The
+# The paper's settings scaled to the bundled model on a 2-core CPU (docs/cpu-demo.md, "The bundled model and its preset"). The
 # clip range grows by sqrt(16384 / 256) = 8: the mean log-ratio over the 256 latent elements of a
 # 4 x 8 x 8 latent is that much noisier than over SD's 16,384.
 PRESETS = {
@@ -84,9 +84,9 @@ ALGO_SETTINGS = {
 }
 ALGOS = tuple(ALGO_SETTINGS)
 # The bundled model's learning rate (and RWR's beta) for each reward and algorithm, as chosen by
-# `python benchmarks/compare.py --stage tune` on 15-epoch runs (README, "The algorithms compared").
+# `python benchmarks/compare.py --stage tune` on 15-epoch runs (docs/algorithms.md, "Compared on equal budgets").
 # DDPO_IS on jpeg keeps the preset's 5e-3: it is the CPU demo's setting, measured over the demo's 35
-# epochs; the 15-epoch tuning preferred 1.6e-2 (README says both).
+# epochs; the 15-epoch tuning preferred 1.6e-2 (docs/algorithms.md says both).
 TUNED = {
     "tiny": {
         ("jpeg", "ddpo-sf"): dict(lr=5e-3),
@@ -156,8 +156,8 @@ class Config:
     # task
     reward: str = arg(
         "jpeg",
-        f'reward function: one of {", ".join(REWARD_NAMES)} (README, "Rewards and prompts"), or your own as FILE.py:NAME '
-        f'or module:NAME (README, "Your own reward")',
+        f'reward function: one of {", ".join(REWARD_NAMES)} (docs/rewards.md, "The built-in rewards"), or your own as FILE.py:NAME '
+        f'or module:NAME (docs/rewards.md, "Your own reward")',
     )
     prompts: str = arg(
         "imagenet_animals",
@@ -202,7 +202,7 @@ class Config:
     buffer_size: int = arg(32, "rewards kept per prompt for its statistics")
     min_count: int = arg(16, "rewards a prompt needs before its own statistics replace the batch's")
     beta: float = arg(0.2, "rwr: inverse temperature of the weights exp(beta * r)")
-    # beyond the paper: what DDPO's successors changed (successors.py; README, "What DDPO's successors changed")
+    # beyond the paper: what DDPO's successors changed (successors.py; docs/extensions.md, "What DDPO's successors changed")
     samples_per_prompt: int = arg(
         1,
         "trajectories of each drawn prompt in an epoch, a group (1: every sample draws its own prompt, the paper's)",
@@ -278,7 +278,7 @@ class Config:
     )
     compile: bool = arg(
         False,
-        'torch.compile the UNet for sampling and training; the first epoch pays the compiling (README, "Speed: how close an epoch comes to its compute floor")',
+        'torch.compile the UNet for sampling and training; the first epoch pays the compiling (docs/speed.md, "Does compiling pay for itself in the demo?")',
     )
     allow_tf32: bool = arg(True, "TF32 matmuls and convolutions on CUDA (Ampere and newer)")
     device: str = arg(None, "torch device; default cuda when available, else cpu")

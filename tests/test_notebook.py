@@ -13,9 +13,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORTER = {
-    "EPOCHS = 15": "EPOCHS = 1",
+    "EPOCHS = 10": "EPOCHS = 1",
     "SAMPLES = 64": "SAMPLES = 8",
-}  # the parameters cell; the saved outputs: 15 and 64
+}  # the parameters cell; the saved outputs: 10 and 64
 KERNEL_FAILED = 3
 # Executed in a process of its own, so that the kernel's sockets meet nothing the other tests did to
 # this one, and on one thread, so that a busy machine slows it the least. Each cell has 600 s (the
