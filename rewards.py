@@ -24,6 +24,7 @@ from PIL import Image
 import toy_world
 
 AESTHETIC_HEAD = Path(__file__).parent / "data" / "sac+logos+ava1-l14-linearMSE.pth"
+# the public PyTorch port asks "Answer concisely: what is going on in this image?"
 QUESTION = "What is going on in this image?"
 
 
@@ -34,7 +35,8 @@ def to_pil(images):
 
 
 def jpeg_kilobytes(images):
-    """Size of each image saved as JPEG at quality 95, in kB (bytes / 1000) (paper, section 5.1)."""
+    """Size of each image saved as JPEG, in kB (bytes / 1000) (paper, section 5.1; quality 95, as
+    the public code saves it)."""
     sizes = []
     for image in to_pil(images):
         buffer = io.BytesIO()

@@ -235,7 +235,7 @@ def sample_trajectories(
                 with base() as base_unet:
                     base_eps = guided_eps(base_unet, *state)
                 kl = policy_kl(pipe.scheduler, eps, base_eps, t, latents[-1], eta, reduce)
-                kls.append(kl if stochastic[step] else log_prob)
+                kls.append(kl if stochastic[step] else log_prob)  # NaN, like its log-prob
             latents.append(x_prev)
             log_probs.append(log_prob)
         batches.append(

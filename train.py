@@ -88,25 +88,23 @@ def update(cfg, run, traj, advantages):
     progress = tqdm(batches, desc="training", disable=None if run.progress else True, leave=False)
     for i, (samples, step_order) in enumerate(progress):
         # each sample's trained steps, a step t of every sample a forward (beyond the paper: K)
-        for chunk, (rows, steps, each) in enumerate(
-            run.fused_steps(samples, step_order, train_steps)
-        ):
+        for chunk, (rows, k, each) in enumerate(run.fused_steps(samples, step_order, train_steps)):
             with run.autocast:
                 # the stored states s_t = (c, t, x_t), in the UNet's order, and the prediction now
-                x_t, t = traj["latents"][rows, steps], traj["timesteps"][rows, steps]
+                x_t, t = traj["latents"][rows, k], traj["timesteps"][rows, k]
                 c = traj["prompt_embeds"][rows]
                 eps = guided_eps(
                     run.pipe.unet, x_t, t, c, traj["negative_embeds"], cfg.guidance_scale
                 )
                 # the action a_t = x_{t-1}: its log-density now, by the function that sampled it
-                action = traj["latents"][rows, steps + 1]
+                action = traj["latents"][rows, k + 1]
                 _, element_log_prob = ddim_step_with_logprob(
                     run.pipe.scheduler, eps, t, x_t, cfg.eta, action, reduce="none"
                 )
                 # averaged over the latent's elements:
                 # README, "Why is the log-prob averaged, not summed?"
                 log_prob = reduce_elements(element_log_prob, "mean")
-                old_log_prob = traj["log_probs"][rows, steps]  # at sampling time
+                old_log_prob = traj["log_probs"][rows, k]  # at sampling time
                 A = advantages[rows]
                 if cfg.algo == "ddpo-is":  # importance sampling: ratio p_theta / p_old, clipped
                     loss = ddpo.ddpo_is_loss(

@@ -144,8 +144,13 @@ def keep(args, results):
     }
     for seed in args.seeds:
         (args.keep / f"seed{seed}").mkdir(parents=True, exist_ok=True)
-        for name in ("metrics.jsonl", "config.json", "run.json"):
+        for name in ("metrics.jsonl", "run.json"):
             shutil.copyfile(args.out / f"seed{seed}" / name, args.keep / f"seed{seed}" / name)
+        settings = json.loads((args.out / f"seed{seed}" / "config.json").read_text())
+        for key, value in settings.items():  # paths in this checkout, as seen from its root
+            if isinstance(value, str) and value.startswith(f"{ROOT}/"):
+                settings[key] = value.removeprefix(f"{ROOT}/")
+        (args.keep / f"seed{seed}" / "config.json").write_text(json.dumps(settings, indent=1))
     for name, path in figures.items():
         if path is not None and path.is_file():
             shutil.copyfile(path, args.keep / name)

@@ -13,6 +13,11 @@ forwards, or forward + backward for the calls with a gradient. That replay is th
 everything the epochs took beyond it (text encoding, the VAE, the per-step Python, copies,
 rewards, logging, saving) is overhead. The last line is overhead_ratio=<epochs / floor>.
 Arguments after `--` go to train.py.
+
+    python benchmarks/overhead.py --keep docs/speed/overhead.json --page docs/speed.md
+
+adds the result, with the commit and machine, to the kept results and writes their table into the
+page (`--page` alone writes it again from the kept results, measuring nothing).
 """
 
 import argparse
@@ -30,6 +35,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import machinery.run  # noqa: E402
 import train  # noqa: E402
 from machinery.pipeline import DTYPES  # noqa: E402
+from page import made_by, provenance, write_block  # noqa: E402
+
+ROWS = {  # the page's rows: a result's key, what it is
+    "sample_seconds": "sampling, s an epoch",
+    "sample_floor": "its floor: the same UNet calls replayed",
+    "train_seconds": "training, s an epoch",
+    "train_floor": "its floor",
+    "rest_seconds": "the rest (rewards, advantages, logging, saving)",
+    "epoch_seconds": "epoch",
+    "floor_seconds": "its floor",
+    "overhead_ratio": "**overhead_ratio**",
+}
 
 
 @contextlib.contextmanager
@@ -112,11 +129,16 @@ def main(argv=None):
     parser.add_argument(
         "--epochs", type=int, default=4, help="epochs to run; the first is warm-up and not counted"
     )
+    parser.add_argument("--keep", type=Path, help="a JSON file of results to add this one to")
+    parser.add_argument("--page", type=Path, help="write the kept results' table into this page")
+    parser.add_argument("--report", action="store_true", help="with --page: measure nothing")
     parser.add_argument("train_args", nargs="*", help="more train.py arguments, after --")
     args = parser.parse_args(argv)
+    if args.report:
+        return page(args.keep, args.page)
     if args.epochs < 2:
         parser.error("--epochs must be at least 2: the first one only warms up")
-    calls, epoch_starts, pipes = [], [], []
+    calls, epoch_starts, pipes, record = [], [], [], provenance()
     with instrument(calls, epoch_starts, pipes), tempfile.TemporaryDirectory() as tmp:
         history = train.main(
             ["--epochs", str(args.epochs), "--out", f"{tmp}/run", *args.train_args]
@@ -157,13 +179,43 @@ def main(argv=None):
     print(f"epoch      {measured / n:7.2f} s         floor {(floor_sample + floor_train) / n:7.2f}")
     ratio = measured / (floor_sample + floor_train)
     print(f"overhead_ratio={ratio:.3f}")
-    return {
+    result = {
         "sampling_calls": sampling_calls,
         "training_calls": len(counted) - sampling_calls,
         "base_calls": base_calls,
         "overhead_ratio": ratio,
         "epoch_seconds": measured / n,
+        "floor_seconds": (floor_sample + floor_train) / n,
+        "sample_seconds": sample_s / n,
+        "sample_floor": floor_sample / n,
+        "train_seconds": train_s / n,
+        "train_floor": floor_train / n,
+        "rest_seconds": (measured - sample_s - train_s) / n,
+        "command": " ".join(["python benchmarks/overhead.py", *(argv or sys.argv[1:])]),
+        **record,
     }
+    if args.keep:
+        kept = json.loads(args.keep.read_text()) if args.keep.is_file() else []
+        args.keep.parent.mkdir(parents=True, exist_ok=True)
+        args.keep.write_text(json.dumps([*kept, result], indent=1) + "\n")
+        if args.page:
+            page(args.keep, args.page)
+    return result
+
+
+def page(keep, path):
+    """The kept results' table, a column each, into the page."""
+    results = json.loads(keep.read_text())
+    lines = ["| per epoch | " + " | ".join(f"run {i + 1}" for i in range(len(results))) + " |"]
+    lines.append("|---" * (len(results) + 1) + "|")
+    for key, name in ROWS.items():
+        fmt = "**{:.3f}**" if key == "overhead_ratio" else "{:.2f} s"
+        lines.append(f"| {name} | " + " | ".join(fmt.format(r[key]) for r in results) + " |")
+    commands = sorted({r["command"].split(" --keep")[0] for r in results})
+    write_block(
+        path, "overhead", "\n".join(lines) + "\n\n" + made_by(" ; ".join(commands), results)
+    )
+    return results
 
 
 if __name__ == "__main__":
