@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402
+from page import provenance  # noqa: E402
 
 # On pixel_background ddpo-sf is PXPO's control: with a flat reward map PXPO is DDPO_SF, so the two
 # differ only in the per-pixel credit, while ddpo-is also differs in its 4 clipped updates per epoch.
@@ -91,7 +92,7 @@ def run(argv, out, epochs, jobs):
     if not (out / "wall_seconds.txt").is_file():  # written once the run has finished
         if out.exists():  # an unfinished run: start it again (train.py refuses to write over a run)
             shutil.rmtree(out)
-        start = time.time()
+        record, start = provenance(), time.time()  # the commit the run starts from
         argv = [*argv, "--epochs", str(epochs), "--out", str(out)]
         if jobs > 1:
             env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -104,6 +105,7 @@ def run(argv, out, epochs, jobs):
         else:
             with contextlib.redirect_stdout(io.StringIO()):  # keep the console for the results
                 train.main(argv)
+        (out / "run.json").write_text(json.dumps(record) + "\n")
         (out / "wall_seconds.txt").write_text(f"{time.time() - start:.1f}\n")
     metrics = [json.loads(line) for line in metrics_file.read_text().splitlines()]
     return metrics, float((out / "wall_seconds.txt").read_text())

@@ -32,7 +32,7 @@ import toy_world  # noqa: E402
 from machinery.config import BUNDLED_MODEL, PRESETS  # noqa: E402
 from machinery.pipeline import load_pipeline  # noqa: E402
 from machinery.run_folder import save_grid  # noqa: E402
-from page import made_by, provenance, write_block  # noqa: E402
+from page import keep_run, made_by, provenance, write_block  # noqa: E402
 from rewards import jpeg_kilobytes  # noqa: E402
 from sampler import sample_trajectories  # noqa: E402
 
@@ -143,14 +143,7 @@ def keep(args, results):
         "before_after.png": args.out / "before_after.png",
     }
     for seed in args.seeds:
-        (args.keep / f"seed{seed}").mkdir(parents=True, exist_ok=True)
-        for name in ("metrics.jsonl", "run.json"):
-            shutil.copyfile(args.out / f"seed{seed}" / name, args.keep / f"seed{seed}" / name)
-        settings = json.loads((args.out / f"seed{seed}" / "config.json").read_text())
-        for key, value in settings.items():  # paths in this checkout, as seen from its root
-            if isinstance(value, str) and value.startswith(f"{ROOT}/"):
-                settings[key] = value.removeprefix(f"{ROOT}/")
-        (args.keep / f"seed{seed}" / "config.json").write_text(json.dumps(settings, indent=1))
+        keep_run(args.out / f"seed{seed}", args.keep / f"seed{seed}")
     for name, path in figures.items():
         if path is not None and path.is_file():
             shutil.copyfile(path, args.keep / name)

@@ -16,11 +16,15 @@ held-out prompts (the paper's section 6.3, in miniature). Per run it reads metri
   run ends with against the first (the base model), same noise; "carried" = held-out eval cut / trained eval cut
 
 It writes kl_tradeoff.md (every run, then the median and range per coefficient) and
-kl_tradeoff.png (cut against kept, and against kl_to_base, one point a run). A finished run is
-reused. With --jobs N, N runs go at once, each its own single-threaded process.
+kl_tradeoff.png (cut against kept, and against kl_to_base, one point a run). It keeps each run's
+result files in --keep (docs/kl-leash) and writes the medians into --page (docs/kl-leash.md), one
+table for each set of seeds; `--out docs/kl-leash` writes them again from the kept files. A
+finished run is reused. With --jobs N, N runs go at once, each its own single-threaded process.
 """
 
 import argparse
+import json
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -33,6 +37,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from compare import run_all  # noqa: E402
+from page import ROOT, keep_run, made_by, write_block  # noqa: E402
 
 COEFS = (
     0.0,
@@ -115,6 +120,29 @@ def table(rows):
     return "\n".join(lines)
 
 
+def page_table(rows):
+    """The page's table: per coefficient the median (min to max) over the seeds."""
+    columns = {
+        "cut": ("JPEG cut", "{:.1%}"),
+        "kept": ("fidelity kept", "{:.2f}"),
+        "kl_to_base": ("eval kl_to_base", "{:.3f}"),
+        "eval_trained_cut": ("eval cut, trained prompts", "{:.1%}"),
+        "eval_heldout_cut": ("eval cut, held-out prompts", "{:.1%}"),
+        "carried": ("carried", "{:.2f}"),
+    }
+    lines = ["| kl-coef | " + " | ".join(name for name, _ in columns.values()) + " |"]
+    lines.append("|---" * (len(columns) + 1) + "|")
+    for coef in sorted({coef for coef, _ in rows}):
+        seeds = [row for (c, _), (row, _) in rows.items() if c == coef]
+        cells = []
+        for key, (_, fmt) in columns.items():
+            values = [r[key] for r in seeds]
+            low, high = fmt.format(min(values)), fmt.format(max(values))
+            cells.append(f"{fmt.format(statistics.median(values))} ({low} to {high})")
+        lines.append(f"| {coef:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def best(rows):
     """The coefficient with the largest median cut among those whose median run keeps KEPT of its fidelity, or None."""
     medians = {
@@ -180,6 +208,8 @@ def main(argv=None):
         help="evaluation images: 3 of each of the 15 prompts",
     )
     parser.add_argument("--out", type=Path, default=Path("runs/kl-tradeoff"))
+    parser.add_argument("--keep", type=Path, default=ROOT / "docs" / "kl-leash")
+    parser.add_argument("--page", type=Path, default=ROOT / "docs" / "kl-leash.md")
     parser.add_argument(
         "--train-args", default="", help="more train.py flags for every run, quoted"
     )
@@ -216,6 +246,22 @@ def main(argv=None):
     print(text)
     (args.out / "kl_tradeoff.md").write_text(text)
     plot(rows, args.out / "kl_tradeoff.png")
+    runs = [args.out / f"kl{coef:g}-seed{seed}" for coef, seed in tasks]
+    if args.out.resolve() != args.keep.resolve():
+        for run in runs:
+            keep_run(run, args.keep / run.name)
+        seeds_name = "-".join(map(str, args.seeds))
+        shutil.copyfile(
+            args.out / "kl_tradeoff.png", args.keep / f"kl_tradeoff-seeds{seeds_name}.png"
+        )
+    records = [json.loads((run / "run.json").read_text()) for run in runs]
+    seeds = " ".join(map(str, args.seeds))
+    coefs = " ".join(f"{coef:g}" for coef in args.coefs)
+    command = f"python benchmarks/kl_tradeoff.py --jobs 2 --coefs {coefs} --seeds {seeds}"
+    body = (
+        f"Seeds {seeds}, medians (min to max).\n\n{page_table(rows)}\n\n{made_by(command, records)}"
+    )
+    write_block(args.page, f"kl_tradeoff seeds {seeds}", body)
     return rows
 
 

@@ -7,8 +7,10 @@ written again from the files kept in docs/ without measuring anything.
 """
 
 import datetime
+import json
 import os
 import platform
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -69,3 +71,17 @@ def write_block(page, name, body):
     aside = page.with_name(f".{page.name}.{os.getpid()}")
     aside.write_text(text)
     aside.replace(page)
+
+
+def keep_run(run, kept):
+    """A finished run's result files (metrics, run.json, wall time, settings) copied into kept, its
+    settings' paths in this checkout written from its root: no weights, no samples."""
+    kept.mkdir(parents=True, exist_ok=True)
+    for name in ("metrics.jsonl", "run.json", "wall_seconds.txt"):
+        if (run / name).is_file():
+            shutil.copyfile(run / name, kept / name)
+    settings = json.loads((run / "config.json").read_text())
+    for key, value in settings.items():
+        if isinstance(value, str) and value.startswith(f"{ROOT}/"):
+            settings[key] = value.removeprefix(f"{ROOT}/")
+    (kept / "config.json").write_text(json.dumps(settings, indent=1) + "\n")

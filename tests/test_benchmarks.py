@@ -277,6 +277,10 @@ def test_kl_tradeoff_runs_each_coefficient_and_reports_the_heldout_prompts(tmp_p
             "15",
             "--train-args",
             small,
+            "--keep",
+            str(tmp_path / "kept"),
+            "--page",
+            str(tmp_path / "page.md"),
         ]
     )
     assert sorted(rows) == [(0.0, 0), (1.0, 0)]
@@ -290,6 +294,21 @@ def test_kl_tradeoff_runs_each_coefficient_and_reports_the_heldout_prompts(tmp_p
         "| 1 | 0 |" in (tmp_path / "kl_tradeoff.md").read_text()
         and (tmp_path / "kl_tradeoff.png").is_file()
     )
+    # the runs' result files kept (no weights), and the page written from them alone
+    kept = tmp_path / "kept" / "kl1-seed0"
+    assert {p.name for p in kept.iterdir()} == {
+        "metrics.jsonl",
+        "run.json",
+        "wall_seconds.txt",
+        "config.json",
+    }
+    page = (tmp_path / "page.md").read_text()
+    again = kl_tradeoff.main(
+        ["--out", str(tmp_path / "kept"), "--keep", str(tmp_path / "kept")]
+        + ["--coefs", "0", "1", "--seeds", "0", "--page", str(tmp_path / "page.md")]
+    )
+    assert again == rows and (tmp_path / "page.md").read_text() == page
+    assert "<!-- begin kl_tradeoff seeds 0" in page and "| 1 | " in page and "Made by" in page
 
 
 def test_vs_trl_times_each_side_in_turn_and_skips_trl_where_it_is_not_installed(tiny_pipeline_dir):
@@ -474,6 +493,8 @@ def test_time_to_target_stops_a_run_once_its_target_is_held_and_reuses_it(
         "1",
         "--out",
         str(tmp_path / "out"),
+        "--page",
+        str(tmp_path / "page.md"),
         "--train-args",
         small,
     ]
@@ -497,3 +518,6 @@ def test_time_to_target_stops_a_run_once_its_target_is_held_and_reuses_it(
         "| group4 | 0.005 | 1 of 1 |" in (tmp_path / "out" / "time_to_target.md").read_text()
         and (tmp_path / "out" / "time_to_target.png").is_file()
     )
+    page = (tmp_path / "page.md").read_text()  # the table, with the commit and machine it ran on
+    assert "<!-- begin time_to_target" in page and "| group4 | `--samples-per-prompt 4" in page
+    assert "Made by `python benchmarks/time_to_target.py --jobs 2`: commit `" in page
