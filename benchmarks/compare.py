@@ -20,7 +20,10 @@ preset, so all get the same samples per epoch and the same reward queries.
    queries: mean over seeds, shaded from the lowest to the highest seed).
 
 A finished run (its wall_seconds.txt written) is reused, so an interrupted sweep picks up where
-it stopped. With --jobs N, N runs go at once, each its own single-threaded process.
+it stopped. With --jobs N, N runs go at once, each its own single-threaded process. With --keep
+docs/algorithms --page docs/algorithms.md the final stage keeps the tuning's and the runs' result
+files (no weights) and writes both tables into the page; `--out docs/algorithms --stage final`
+writes them again from the kept files.
 """
 
 import argparse
@@ -47,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402
-from page import provenance  # noqa: E402
+from page import keep_run, made_by, provenance, write_block  # noqa: E402
 
 # On pixel_background ddpo-sf is PXPO's control: with a flat reward map PXPO is DDPO_SF, so the two
 # differ only in the per-pixel credit, while ddpo-is also differs in its 4 clipped updates per epoch.
@@ -258,7 +261,26 @@ def final(args, comparisons):
         f"## The tuning (seed {', '.join(map(str, sorted(seeds)))})\n\n{tuning_table(tuned)}\n"
     )
     plot(runs, args.out / "compare.png")
+    if args.page:
+        keep(args, tasks, tuned, table)
     return runs
+
+
+def keep(args, tasks, tuned, table):
+    """The final runs' and the tuning's results into args.keep, the tables into args.page."""
+    if args.out.resolve() != args.keep.resolve():
+        for _, out in tasks.values():
+            keep_run(out, args.keep / out.name)
+        (args.keep / "tune").mkdir(parents=True, exist_ok=True)
+        (args.keep / "tune" / "tune.json").write_text(json.dumps(tuned, indent=1) + "\n")
+        shutil.copyfile(args.out / "compare.png", args.keep / "compare.png")
+    records = [
+        json.loads((args.keep / out.name / "run.json").read_text()) for _, out in tasks.values()
+    ]
+    seeds = " ".join(map(str, args.seeds))
+    command = f"python benchmarks/compare.py --jobs 2 --seeds {seeds}"
+    body = f"{table}\n\nThe tuning:\n\n{tuning_table(tuned)}\n\n{made_by(command, records)}"
+    write_block(args.page, "compare", body)
 
 
 def summarise(runs, chosen):
@@ -324,6 +346,8 @@ def main(argv=None):
         help="epochs per run: the budget is epochs x samples per epoch",
     )
     parser.add_argument("--out", type=Path, default=Path("runs/compare"))
+    parser.add_argument("--keep", type=Path, help="keep the final stage's results here")
+    parser.add_argument("--page", type=Path, help="write the tables into this page (with --keep)")
     parser.add_argument(
         "--train-args",
         default="",
@@ -345,6 +369,8 @@ def main(argv=None):
         help="runs at once, each a single-threaded process (1: one after another, here)",
     )
     args = parser.parse_args(argv)
+    if args.page and not args.keep:
+        parser.error("--page writes from the kept results: give --keep too")
     if args.tune_seed in args.seeds:
         parser.error(
             f"--tune-seed {args.tune_seed} is among --seeds: the final numbers must come from seeds the tuning did not pick from"

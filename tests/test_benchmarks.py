@@ -54,7 +54,9 @@ def test_compare_tunes_each_algorithm_then_runs_its_choice_on_other_seeds(
     assert (
         tuning.count("**yes**") == 8 and "lr0.01-beta3" in tuning
     )  # one choice per algorithm and variant, every setting listed
-    runs = compare.main(["--stage", "final", "--seeds", "0", *common])
+    kept, page = tmp_path / "kept", tmp_path / "page.md"
+    final = ["--stage", "final", "--seeds", "0"]
+    runs = compare.main([*final, *common, "--keep", str(kept), "--page", str(page)])
     assert sorted(runs) == sorted(
         (reward, algo) for reward, algos in compare.COMPARISONS.items() for algo in algos
     )
@@ -64,6 +66,14 @@ def test_compare_tunes_each_algorithm_then_runs_its_choice_on_other_seeds(
         and table.count("**yes**") == 8
         and (tmp_path / "compare.png").is_file()
     )
+    # the page, with the commit and machine, written again from the kept files alone
+    written = page.read_text()
+    assert (
+        "<!-- begin compare" in written and written.count("**yes**") == 8 and "commit `" in written
+    )
+    again = ["--out", str(kept), "--keep", str(kept), "--page", str(page), "--seeds", "0"]
+    compare.main(["--stage", "final", "--epochs", "1", *again])
+    assert page.read_text() == written
     # widening one algorithm's grid runs only the new setting and keeps every other result
     compare.main(
         [
