@@ -34,9 +34,10 @@ def cpu_name():
 
 
 def provenance():
-    """Today, this checkout's commit ('+changes' if tracked files differ from it), this machine."""
+    """Today, this checkout's commit ('+changes' if tracked files other than the pages differ from
+    it), this machine."""
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    changed = git("status", "--porcelain", "--untracked-files=no")
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!docs", ":!*.md")
     return {
         "date": datetime.date.today().isoformat(),
         "commit": commit + ("+changes" if changed else ""),
