@@ -12,7 +12,9 @@ filled before the rounds: every later run on the same machine. The cache is PyTo
 disk, pointed at folders of this benchmark (TORCHINDUCTOR_CACHE_DIR), so the machine's own cache is
 neither read nor written. The table gives each run's wall time (start of the process to its end),
 its first epoch's sampling + update seconds (where the compiling happens) and the median of the
-others, and each arm's median wall time over the eager arm's.
+others, and each arm's median wall time over the eager arm's. With --keep FILE --page PAGE it
+keeps the runs' seconds, with the commit and machine, and writes the table into the page; --report
+writes the page again from the kept file, measuring nothing.
 """
 
 import argparse
@@ -26,6 +28,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from page import made_by, provenance, write_block  # noqa: E402
+
 ARMS = {"eager": [], "cold": ["--compile"], "warm": ["--compile"]}
 
 
@@ -62,9 +68,24 @@ def main(argv=None):
     )
     parser.add_argument("--rounds", type=int, default=2, help="turns of the arms")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--keep", type=Path, help="a JSON file to keep the runs' seconds in")
+    parser.add_argument("--page", type=Path, help="write the table into this page (with --keep)")
+    parser.add_argument(
+        "--report", action="store_true", help="the page from --keep, measuring nothing"
+    )
     parser.add_argument("train_args", nargs="*", help="after --: more flags for train.py")
     args = parser.parse_args(argv)
-    runs = {arm: [] for arm in args.arms}
+    if (args.page or args.report) and not args.keep:
+        parser.error("--page and --report read the kept results: give --keep too")
+    if args.report:
+        kept = json.loads(args.keep.read_text())
+        write_block(
+            args.page,
+            "compile_payback",
+            table(kept["runs"]) + "\n\n" + made_by(kept["command"], [kept]),
+        )
+        return kept["runs"]
+    runs, record = {arm: [] for arm in args.arms}, provenance()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if (
@@ -83,6 +104,24 @@ def main(argv=None):
                     + " ".join(f"{s:.2f}" for s in result["epochs"]),
                     flush=True,
                 )
+    print(table(runs))
+    if args.keep:
+        command = f"python benchmarks/compile_payback.py --rounds {args.rounds} --arms " + " ".join(
+            args.arms
+        )
+        kept = {"runs": runs, "command": command, **record}
+        args.keep.parent.mkdir(parents=True, exist_ok=True)
+        args.keep.write_text(json.dumps(kept, indent=1) + "\n")
+        if args.page:
+            write_block(
+                args.page, "compile_payback", table(runs) + "\n\n" + made_by(command, [kept])
+            )
+    return runs
+
+
+def table(runs):
+    """Each run's wall time, first epoch and the median of the others; each arm's median wall time
+    over the eager arm's."""
     medians = {arm: statistics.median(r["wall"] for r in results) for arm, results in runs.items()}
     lines = [
         "| arm | wall time of each run (s) | first epoch (s) | median of the other epochs (s) | median wall / eager's |",
@@ -93,8 +132,7 @@ def main(argv=None):
         rest = ", ".join(f"{statistics.median(r['epochs'][1:]):.2f}" for r in results)
         ratio = f"{medians[arm] / medians['eager']:.2f}" if "eager" in medians else "-"
         lines.append(f"| {arm} | {walls} | {firsts} | {rest} | {ratio} |")
-    print("\n".join(lines))
-    return runs
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,9 @@ phases is the side's own: rewards and advantages on both, logging and checkpoint
 `ours-batched` is train.py with --steps-per-forward 5: the same updates, each sample's trained
 steps taken through the UNet five at a time (80 states a forward, not 16); TRL, like `ours`, takes
 one timestep of 16 samples a forward.
+
+With --keep FILE --page PAGE it keeps the runs' seconds, with the commit and machine, and writes the
+table into the page; --report writes the page again from the kept file, measuring nothing.
 """
 
 import argparse
@@ -37,6 +40,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from page import made_by, provenance, write_block  # noqa: E402
 
 # our sides: train.py with these flags
 OURS = {
@@ -186,10 +192,23 @@ def main(argv=None):
     parser.add_argument(
         "--reduced", action="store_true", help=f"both sides at {REDUCED} (the smoke test)"
     )
+    parser.add_argument("--keep", type=Path, help="a JSON file to keep the runs' seconds in")
+    parser.add_argument("--page", type=Path, help="write the table into this page (with --keep)")
+    parser.add_argument(
+        "--report", action="store_true", help="the page from --keep, measuring nothing"
+    )
     parser.add_argument(
         "--side", help=argparse.SUPPRESS
     )  # one run, in this process: what the rounds start
     args = parser.parse_args(argv)
+    if (args.page or args.report) and not args.keep:
+        parser.error("--page and --report read the kept results: give --keep too")
+    if args.report:
+        kept = json.loads(args.keep.read_text())
+        write_block(
+            args.page, "vs_trl", table(kept["runs"]) + "\n\n" + made_by(kept["command"], [kept])
+        )
+        return kept["runs"]
     settings = {**SETTINGS, **(REDUCED if args.reduced else {})}
     if args.side:
         seconds = (
@@ -199,7 +218,7 @@ def main(argv=None):
         )
         print(json.dumps(seconds))
         return seconds
-    runs = {side: [] for side in args.sides}
+    runs, record = {side: [] for side in args.sides}, provenance()
     for pair in range(args.pairs):
         for side in args.sides:
             result = subprocess.run(
@@ -224,28 +243,41 @@ def main(argv=None):
                 flush=True,
             )
 
+    print(table(runs))
+    if args.keep:
+        command = (
+            f"python benchmarks/vs_trl.py --pairs {args.pairs} --epochs {args.epochs} --sides "
+        )
+        kept = {"runs": runs, "command": command + " ".join(args.sides), **record}
+        args.keep.parent.mkdir(parents=True, exist_ok=True)
+        args.keep.write_text(json.dumps(kept, indent=1) + "\n")
+        if args.page:
+            write_block(
+                args.page, "vs_trl", table(runs) + "\n\n" + made_by(kept["command"], [kept])
+            )
+    return runs
+
+
+def table(runs):
+    """Each side's seconds an epoch (the median of every run's counted epochs), its phases', each
+    run's median, each run's first epoch, and its speed against TRL's."""
+
     def median(side, phase):  # over every run's counted epochs
         return statistics.median(s for run in runs[side] for s in run[phase][1:])
 
     medians = {side: median(side, "epoch") for side in runs}
     lines = [
-        "| side | s/epoch, median of counted epochs | sampling | update | each run's median | first epoch (each run) |",
-        "|---|---|---|---|---|---|",
+        "| side | s/epoch, median of counted epochs | sampling | update | each run's median | first epoch (each run) | speed / TRL's |",
+        "|---|---|---|---|---|---|---|",
     ]
     for side, seconds in runs.items():
         each = ", ".join(f"{statistics.median(run['epoch'][1:]):.2f}" for run in seconds)
         first = ", ".join(f"{run['epoch'][0]:.2f}" for run in seconds)
+        speed = f"{medians['trl'] / medians[side]:.2f}" if "trl" in medians else "-"
         lines.append(
-            f"| {side} | {medians[side]:.2f} | {median(side, 'sampling'):.2f} | {median(side, 'update'):.2f} | {each} | {first} |"
+            f"| {side} | {medians[side]:.2f} | {median(side, 'sampling'):.2f} | {median(side, 'update'):.2f} | {each} | {first} | {speed} |"
         )
-    if "trl" in medians:
-        lines += [
-            f"\n{side} is {medians['trl'] / medians[side]:.2f} x as fast as TRL per epoch"
-            for side in medians
-            if side != "trl"
-        ]
-    print("\n".join(lines))
-    return runs
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -321,7 +321,9 @@ def test_kl_tradeoff_runs_each_coefficient_and_reports_the_heldout_prompts(tmp_p
     assert "<!-- begin kl_tradeoff seeds 0" in page and "| 1 | " in page and "Made by" in page
 
 
-def test_vs_trl_times_each_side_in_turn_and_skips_trl_where_it_is_not_installed(tiny_pipeline_dir):
+def test_vs_trl_times_each_side_in_turn_and_skips_trl_where_it_is_not_installed(
+    tiny_pipeline_dir, tmp_path
+):
     sides = ["ours", "trl"] if importlib.util.find_spec("trl") else ["ours"]
     runs = vs_trl.main(
         [
@@ -334,9 +336,19 @@ def test_vs_trl_times_each_side_in_turn_and_skips_trl_where_it_is_not_installed(
             "--model",
             str(tiny_pipeline_dir),
             "--reduced",
+            "--keep",
+            str(tmp_path / "vs_trl.json"),
+            "--page",
+            str(tmp_path / "page.md"),
         ]
     )
     assert list(runs) == sides
+    page = (tmp_path / "page.md").read_text()  # written again from the kept file alone, the same
+    assert "<!-- begin vs_trl" in page and "| ours |" in page and "commit `" in page
+    vs_trl.main(
+        ["--report", "--keep", str(tmp_path / "vs_trl.json"), "--page", str(tmp_path / "page.md")]
+    )
+    assert (tmp_path / "page.md").read_text() == page
     for (
         run,
     ) in runs.values():  # one run a side, two epochs, each holding its sampling and its update
@@ -345,7 +357,9 @@ def test_vs_trl_times_each_side_in_turn_and_skips_trl_where_it_is_not_installed(
         )
 
 
-def test_compile_payback_times_whole_demo_runs_with_their_epochs(tiny_pipeline_dir, capsys):
+def test_compile_payback_times_whole_demo_runs_with_their_epochs(
+    tiny_pipeline_dir, capsys, tmp_path
+):
     """The eager arm only: the compiled arms add --compile (tests/test_compile.py), and compiling even the tiny UNet takes over a minute."""
     small = [
         "--model",
@@ -363,13 +377,17 @@ def test_compile_payback_times_whole_demo_runs_with_their_epochs(tiny_pipeline_d
         "--epochs",
         "2",
     ]
-    runs = compile_payback.main(["--rounds", "2", "--arms", "eager", "--", *small])
+    kept = ["--keep", str(tmp_path / "payback.json"), "--page", str(tmp_path / "page.md")]
+    runs = compile_payback.main(["--rounds", "2", "--arms", "eager", *kept, "--", *small])
     assert list(runs) == ["eager"] and len(runs["eager"]) == 2
     for result in runs[
         "eager"
     ]:  # the wall clock holds the epochs, and the process start and model loading besides
         assert len(result["epochs"]) == 2 and result["wall"] > sum(result["epochs"]) > 0
     assert "| eager |" in capsys.readouterr().out
+    page = (tmp_path / "page.md").read_text()
+    compile_payback.main(["--report", *kept])  # written again from the kept file alone, the same
+    assert "<!-- begin compile_payback" in page and (tmp_path / "page.md").read_text() == page
 
 
 def test_same_outputs_finds_two_checkouts_of_one_revision_identical_and_a_changed_value_not(
