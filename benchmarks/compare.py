@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402
-from page import keep_run, made_by, provenance, write_block  # noqa: E402
+from page import keep_run, made_by, provenance, run_record, save_json, write_block  # noqa: E402
 
 # On pixel_background ddpo-sf is PXPO's control: with a flat reward map PXPO is DDPO_SF, so the two
 # differ only in the per-pixel credit, while ddpo-is also differs in its 4 clipped updates per epoch.
@@ -271,12 +271,9 @@ def keep(args, tasks, tuned, table):
     if args.out.resolve() != args.keep.resolve():
         for _, out in tasks.values():
             keep_run(out, args.keep / out.name)
-        (args.keep / "tune").mkdir(parents=True, exist_ok=True)
-        (args.keep / "tune" / "tune.json").write_text(json.dumps(tuned, indent=1) + "\n")
+        save_json(args.keep / "tune" / "tune.json", tuned)
         shutil.copyfile(args.out / "compare.png", args.keep / "compare.png")
-    records = [
-        json.loads((args.keep / out.name / "run.json").read_text()) for _, out in tasks.values()
-    ]
+    records = [run_record(args.keep / out.name) for _, out in tasks.values()]
     seeds = " ".join(map(str, args.seeds))
     command = f"python benchmarks/compare.py --jobs 2 --seeds {seeds}"
     body = f"{table}\n\nThe tuning:\n\n{tuning_table(tuned)}\n\n{made_by(command, records)}"

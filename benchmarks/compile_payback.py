@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from page import made_by, provenance, write_block  # noqa: E402
+from page import measured_or_kept, provenance, write_table  # noqa: E402
 
 ARMS = {"eager": [], "cold": ["--compile"], "warm": ["--compile"]}
 
@@ -77,14 +77,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if (args.page or args.report) and not args.keep:
         parser.error("--page and --report read the kept results: give --keep too")
-    if args.report:
-        kept = json.loads(args.keep.read_text())
-        write_block(
-            args.page,
-            "compile_payback",
-            table(kept["runs"]) + "\n\n" + made_by(kept["command"], [kept]),
-        )
-        return kept["runs"]
+    results = measured_or_kept(args.report, args.keep, lambda: measure(args))
+    if args.page:
+        write_table(args.page, "compile_payback", table, results)
+    return results["runs"]
+
+
+def measure(args):
+    """The arms' runs, taking turns: their seconds, the command and its provenance."""
     runs, record = {arm: [] for arm in args.arms}, provenance()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -105,18 +105,8 @@ def main(argv=None):
                     flush=True,
                 )
     print(table(runs))
-    if args.keep:
-        command = f"python benchmarks/compile_payback.py --rounds {args.rounds} --arms " + " ".join(
-            args.arms
-        )
-        kept = {"runs": runs, "command": command, **record}
-        args.keep.parent.mkdir(parents=True, exist_ok=True)
-        args.keep.write_text(json.dumps(kept, indent=1) + "\n")
-        if args.page:
-            write_block(
-                args.page, "compile_payback", table(runs) + "\n\n" + made_by(command, [kept])
-            )
-    return runs
+    command = f"python benchmarks/compile_payback.py --rounds {args.rounds} --arms "
+    return {"runs": runs, "command": command + " ".join(args.arms), **record}
 
 
 def table(runs):

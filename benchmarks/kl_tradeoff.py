@@ -23,7 +23,6 @@ finished run is reused. With --jobs N, N runs go at once, each its own single-th
 """
 
 import argparse
-import json
 import shutil
 import statistics
 import sys
@@ -37,7 +36,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from compare import run_all  # noqa: E402
-from page import ROOT, keep_run, made_by, write_block  # noqa: E402
+from page import ROOT, keep_run, made_by, run_record, write_block  # noqa: E402
 
 COEFS = (
     0.0,
@@ -254,7 +253,7 @@ def main(argv=None):
         shutil.copyfile(
             args.out / "kl_tradeoff.png", args.keep / f"kl_tradeoff-seeds{seeds_name}.png"
         )
-    records = [json.loads((run / "run.json").read_text()) for run in runs]
+    records = [run_record(run) for run in runs]
     seeds = " ".join(map(str, args.seeds))
     coefs = " ".join(f"{coef:g}" for coef in args.coefs)
     command = f"python benchmarks/kl_tradeoff.py --jobs 2 --coefs {coefs} --seeds {seeds}"

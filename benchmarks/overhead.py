@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import machinery.run  # noqa: E402
 import train  # noqa: E402
 from machinery.pipeline import DTYPES  # noqa: E402
-from page import made_by, provenance, write_block  # noqa: E402
+from page import made_by, provenance, save_json, write_block  # noqa: E402
 
 ROWS = {  # the page's rows: a result's key, what it is
     "sample_seconds": "sampling, s an epoch",
@@ -134,6 +134,8 @@ def main(argv=None):
     parser.add_argument("--report", action="store_true", help="with --page: measure nothing")
     parser.add_argument("train_args", nargs="*", help="more train.py arguments, after --")
     args = parser.parse_args(argv)
+    if (args.page or args.report) and not args.keep:
+        parser.error("--page and --report read the kept results: give --keep too")
     if args.report:
         return page(args.keep, args.page)
     if args.epochs < 2:
@@ -196,8 +198,7 @@ def main(argv=None):
     }
     if args.keep:
         kept = json.loads(args.keep.read_text()) if args.keep.is_file() else []
-        args.keep.parent.mkdir(parents=True, exist_ok=True)
-        args.keep.write_text(json.dumps([*kept, result], indent=1) + "\n")
+        save_json(args.keep, [*kept, result])
         if args.page:
             page(args.keep, args.page)
     return result

@@ -51,8 +51,8 @@ def made_by(command, records):
     records = list(records)
     seen = sorted({(r["commit"], r["machine"], r["date"]) for r in records if "commit" in r})
     where = [f"commit `{c}` on {m}, {d}" for c, m, d in seen]
-    if len(seen) < len(records) and any("commit" not in r for r in records):
-        missing = sum("commit" not in r for r in records)
+    missing = sum("commit" not in r for r in records)
+    if missing:
         where.append(f"{missing} results from before the benchmark recorded commit and machine")
     return f"Made by `{command}`: {'; '.join(where)}."
 
@@ -86,3 +86,32 @@ def keep_run(run, kept):
         if isinstance(value, str) and value.startswith(f"{ROOT}/"):
             settings[key] = value.removeprefix(f"{ROOT}/")
     (kept / "config.json").write_text(json.dumps(settings, indent=1) + "\n")
+
+
+def run_record(run):
+    """A run folder's record of its commit, machine and date (run.json; {} for a run made before
+    the benchmarks recorded them)."""
+    path = Path(run) / "run.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def save_json(path, data):
+    """data into the JSON file path, its folder made."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+
+
+def measured_or_kept(report, path, measure):
+    """With report, the results kept in path; else measure()'s, kept in path when one is given.
+    Results are a dict of the runs, the command that made them and its provenance."""
+    if report:
+        return json.loads(Path(path).read_text())
+    results = measure()
+    if path:
+        save_json(path, results)
+    return results
+
+
+def write_table(page, name, table, results):
+    """table(results' runs) into page, with the line that says what made them, where and when."""
+    write_block(page, name, f"{table(results['runs'])}\n\n{made_by(results['command'], [results])}")

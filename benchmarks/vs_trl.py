@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from page import made_by, provenance, write_block  # noqa: E402
+from page import measured_or_kept, provenance, write_table  # noqa: E402
 
 # our sides: train.py with these flags
 OURS = {
@@ -203,12 +203,6 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if (args.page or args.report) and not args.keep:
         parser.error("--page and --report read the kept results: give --keep too")
-    if args.report:
-        kept = json.loads(args.keep.read_text())
-        write_block(
-            args.page, "vs_trl", table(kept["runs"]) + "\n\n" + made_by(kept["command"], [kept])
-        )
-        return kept["runs"]
     settings = {**SETTINGS, **(REDUCED if args.reduced else {})}
     if args.side:
         seconds = (
@@ -218,6 +212,15 @@ def main(argv=None):
         )
         print(json.dumps(seconds))
         return seconds
+    results = measured_or_kept(args.report, args.keep, lambda: measure(args))
+    if args.page:
+        write_table(args.page, "vs_trl", table, results)
+    return results["runs"]
+
+
+def measure(args):
+    """The sides' runs, taking turns, each a process of its own: their seconds, the command and
+    its provenance."""
     runs, record = {side: [] for side in args.sides}, provenance()
     for pair in range(args.pairs):
         for side in args.sides:
@@ -244,18 +247,8 @@ def main(argv=None):
             )
 
     print(table(runs))
-    if args.keep:
-        command = (
-            f"python benchmarks/vs_trl.py --pairs {args.pairs} --epochs {args.epochs} --sides "
-        )
-        kept = {"runs": runs, "command": command + " ".join(args.sides), **record}
-        args.keep.parent.mkdir(parents=True, exist_ok=True)
-        args.keep.write_text(json.dumps(kept, indent=1) + "\n")
-        if args.page:
-            write_block(
-                args.page, "vs_trl", table(runs) + "\n\n" + made_by(kept["command"], [kept])
-            )
-    return runs
+    command = f"python benchmarks/vs_trl.py --pairs {args.pairs} --epochs {args.epochs} --sides "
+    return {"runs": runs, "command": command + " ".join(args.sides), **record}
 
 
 def table(runs):
