@@ -56,7 +56,8 @@ def parse_args(argv=None):
         saved = json.loads((run / "config.json").read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         fail(
-            f"{run}: no readable config.json ({type(error).__name__}); give the folder of a run train.py wrote"
+            f"{run}: no readable config.json ({type(error).__name__}); "
+            "give the folder of a run train.py wrote"
         )
     weights = [run / name for name in ("lora", "unet") if (run / name).is_dir()]
     if not weights:
@@ -114,7 +115,8 @@ def main(argv=None):
     else:
         pipe.unet = UNet2DConditionModel.from_pretrained(weights).to(args.device)
     tuned = sample()
-    # the built-in rewards are cheap, and load_reward makes them as the run did (pixel_color's target); your own and the learned ones are not called
+    # the built-in rewards are cheap, and load_reward makes them as the run did (pixel_color's
+    # target); your own and the learned ones are not called
     reward = load_reward(types.SimpleNamespace(**saved)) if saved["reward"] in REWARDS else None
     scores = [
         scalar(reward(images, args.prompts)).tolist() if reward else [None] * len(args.prompts)
@@ -137,8 +139,9 @@ def main(argv=None):
         for k, picture in enumerate(to_pil(images)):
             picture.save(args.out / f"{side}_{k}.png")
     print(
-        f"{len(args.prompts)} prompts, base and tuned from the same noise (seed {args.seed}, {saved['num_steps']} steps, "
-        f"guidance {saved['guidance_scale']}, eta {args.eta}) -> {args.out / 'grid.png'}"
+        f"{len(args.prompts)} prompts, base and tuned from the same noise (seed {args.seed}, "
+        f"{saved['num_steps']} steps, guidance {saved['guidance_scale']}, eta {args.eta}) "
+        f"-> {args.out / 'grid.png'}"
     )
     return base, tuned
 
