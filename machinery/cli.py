@@ -130,7 +130,7 @@ def resolve(given):
     if cfg.lr is None:
         cfg.lr = 3e-4 if cfg.lora_rank > 0 else 1e-5
         sources["lr"] = (
-            f"derived: {'3e-4 with a LoRA (paper, appendix C)' if cfg.lora_rank > 0 else '1e-5 for the whole UNet (paper, appendix D.5)'}"
+            f"derived: {'3e-4 with a LoRA (the PyTorch port)' if cfg.lora_rank > 0 else '1e-5 for the whole UNet (paper, appendix D.5)'}"
         )
     if not cfg.device:
         cfg.device = "cuda" if config.cuda_available() else "cpu"

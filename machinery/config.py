@@ -1,7 +1,7 @@
 """The settings of a training run: one Config dataclass, filled by argparse from train.py's flags.
 
-Defaults are the paper's settings for SD v1.4 (appendix D.1 and D.5), but for the LoRA at 3e-4 (its
-appendix C; its main runs fine-tune the whole UNet, --lora-rank 0). A preset rescales them for
+Defaults are the paper's settings for SD v1.4 (appendix D.1 and D.5), but for the LoRA at 3e-4 (the
+public PyTorch port's default; the paper's main runs fine-tune the whole UNet, --lora-rank 0). A preset rescales them for
 another model ("tiny": the bundled CPU model); every flag given on the command line still wins.
 Bad input is refused before anything is loaded or written (checks.py): one line, exit status 2. This
 module imports neither torch nor diffusers (seconds to load), so that --help, --show-config and a
