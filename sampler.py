@@ -191,8 +191,9 @@ def sample_trajectories(
     """Roll out the policy once per prompt, batch_size at a time.
 
     Returns a dict of tensors, batch first: latents (B, T+1, C, h, w) from x_T to x_0, log_probs
-    (B, T) of each taken step, timesteps (B, T), prompt_embeds (B, tokens, dim), negative_embeds
-    (1, tokens, dim), images (B, 3, H, W) in [0, 1]; and prompts, the list of B strings.
+    (B, T) of each taken step (B, T, C, h, w with reduce "none"), timesteps (B, T), prompt_embeds
+    (B, tokens, dim), negative_embeds (1, tokens, dim), images (B, 3, H, W) in [0, 1]; and prompts,
+    the list of B strings.
 
     beyond: options beyond the paper (machinery/run.py gives them). reduce, the log-prob's
     (reduce_elements); progress, a bar; base, the base policy: then also kl_to_base (B, T),
@@ -235,7 +236,7 @@ def sample_trajectories(
                 with base() as base_unet:
                     base_eps = guided_eps(base_unet, *state)
                 kl = policy_kl(pipe.scheduler, eps, base_eps, t, latents[-1], eta, reduce)
-                kls.append(kl if stochastic[step] else log_prob)  # NaN, like its log-prob
+                kls.append(kl if stochastic[step] else torch.full_like(kl, float("nan")))
             latents.append(x_prev)
             log_probs.append(log_prob)
         batches.append(
