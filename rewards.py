@@ -24,7 +24,7 @@ from PIL import Image
 import toy_world
 
 AESTHETIC_HEAD = Path(__file__).parent / "data" / "sac+logos+ava1-l14-linearMSE.pth"
-# the public PyTorch port asks "Answer concisely: what is going on in this image?"
+# the paper's question (section 5.3); the public PyTorch port prefixes it with "Answer concisely: "
 QUESTION = "What is going on in this image?"
 
 
