@@ -7,6 +7,8 @@ rewards are in rewards.py.
 import dataclasses
 import functools
 import importlib.util
+import inspect
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -112,10 +114,20 @@ def own_reward(spec):
 def checked(fn, spec, out):
     """fn as train.py calls a reward, its output made a float tensor on the images' device, once a
     call. A return that is not B scores (or a (B, H, W) map), or that carries a gradient, ends the run
-    in one line naming the function; so does a non-finite one, on the batch it is checked on (check)."""
+    in one line naming the function; so does a non-finite one, on the batch it is checked on (check).
+    A function of TRL's or the official port's signature, fn(images, prompts, metadata) returning
+    (rewards, info), is called as they call it (metadata: one empty dict a prompt). An exception
+    raised inside fn shows its traceback, then one line on what was kept and how to continue."""
+    with_metadata = takes_metadata(fn)
 
     def reward(images, prompts, check=False):
-        values = fn(images, prompts)
+        try:
+            values = fn(images, prompts, *([[{} for _ in prompts]] if with_metadata else []))
+        except Exception as error:  # the user's code, raising anything: its frames, then one line
+            traceback.print_exc()
+            bad(f"raised {type(error).__name__}: {error} (its traceback is above)")
+        if isinstance(values, tuple) and len(values) == 2 and isinstance(values[1], dict):
+            values = values[0]  # TRL's and the port's (rewards, info)
         if values is None:
             bad("returned None (no return statement?), not the batch's scores")
         try:
@@ -142,14 +154,33 @@ def checked(fn, spec, out):
         return values.float().to(images.device)
 
     def bad(problem):
-        trained = any(
-            (Path(out) / "checkpoints").glob("epoch_*.pt")
-        )  # then the fixed file is a changed one, said so knowingly
+        saved = sorted((Path(out) / "checkpoints").glob("epoch_*.pt"))
+        trained = bool(saved)  # then the fixed file is a changed one, said so knowingly
         resume = f"python train.py --resume {out}{' --accept-changed-reward' if trained else ''}"
         if spec.startswith(PYTHON):
             resume = f"train.main(['--resume', {str(out)!r}], reward_fn={spec.rpartition('.')[2]})"
+        kept = f"the checkpoint {saved[-1].name} is kept" if saved else "no epoch had finished"
         stop(
-            f"--reward {spec}: {problem}; nothing of this epoch was trained on or saved: fix the function, then continue with: {resume}"
+            f"--reward {spec}: {problem}; nothing of this epoch was trained on or saved ({kept}): fix the function, then continue with: {resume}"
         )
 
     return reward
+
+
+def takes_metadata(fn):
+    """Whether fn is called as TRL and the official port call a reward, fn(images, prompts,
+    metadata): it needs a third positional argument. Ours is fn(images, prompts)."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin without one: called as ours
+        return False
+    try:
+        signature.bind(None, None)
+        return False
+    except TypeError:
+        pass
+    try:
+        signature.bind(None, None, None)
+        return True
+    except TypeError:
+        return False

@@ -175,3 +175,39 @@ def test_the_example_reward_trains_from_the_command_line(args, tmp_path, monkeyp
     monkeypatch.chdir(Path(train.__file__).parent)
     history = train.main(args(tmp_path / "run", 1, "--reward", ROOT_EXAMPLE))
     assert np.isfinite(history[0]["reward_mean"]) and 0 < history[0]["reward_mean"] < 1
+
+
+def trl_style(images, prompts, prompt_metadata):
+    """TRL's DDPOTrainer calls reward_fn(images, prompts, prompt_metadata) -> (rewards, info)."""
+    assert prompt_metadata == [{} for _ in prompts]
+    return images.mean(dim=(1, 2, 3)), {}
+
+
+def port_style(images, prompts, metadata):
+    """The official port's reward returns (numpy rewards, info dict)."""
+    return images[:, 1].mean(dim=(1, 2)).cpu().numpy(), {"note": "ignored"}
+
+
+@pytest.mark.parametrize("fn", [trl_style, port_style])
+def test_rewards_of_trls_and_the_official_ports_signature_train_as_they_are(fn, args, tmp_path):
+    history = train.main(args(tmp_path / "run", 1), reward_fn=fn)
+    assert 0 < history[0]["reward_mean"] < 1
+
+
+def test_an_exception_in_your_reward_shows_its_frames_then_one_line_on_how_to_continue(
+    args, tmp_path, capsys
+):
+    def broken(images, prompts):
+        return {"a": 1}["missing key"]
+
+    with pytest.raises(SystemExit) as exit:
+        train.main(args(tmp_path / "run", 1), reward_fn=broken)
+    error = capsys.readouterr().err.strip().splitlines()
+    assert exit.value.code == 1
+    assert error[0] == "Traceback (most recent call last):"
+    assert any('return {"a": 1}["missing key"]' in line for line in error)  # the user's own frame
+    last = error[-1]
+    assert last.startswith("train.py: stopped: --reward python:") and "raised KeyError" in last
+    assert "no epoch had finished" in last
+    assert f"train.main(['--resume', '{tmp_path / 'run'}'], reward_fn=broken)" in last
+    assert not (tmp_path / "run" / "checkpoints").exists()
