@@ -197,10 +197,10 @@ def sample_trajectories(
 
     beyond: options beyond the paper (machinery/run.py gives them). reduce, the log-prob's
     (reduce_elements); progress, a bar; base, the base policy: then also kl_to_base (B, T),
-    policy_kl at every state, one more guided forward a step; after_first_batch(images, prompts,
-    total), called once; stochastic, a bool per step: only those steps draw with eta, the others
-    are deterministic DDIM steps whose log_probs are NaN, never trained (machinery/successors.py);
-    initial_latents (B, C, h, w), each x_T instead of a draw.
+    policy_kl at every state, one more guided forward a step; after_batch(images, prompts, start,
+    total), called after each batch; stochastic, a bool per step: only those steps draw with eta,
+    the others are deterministic DDIM steps whose log_probs are NaN, never trained
+    (machinery/successors.py); initial_latents (B, C, h, w), each x_T instead of a draw.
     """
     device, reduce, base = pipe.unet.device, beyond.get("reduce", "mean"), beyond.get("base")
     stochastic = beyond.get("stochastic")
@@ -249,8 +249,8 @@ def sample_trajectories(
                 **({"kl_to_base": torch.stack(kls, dim=1)} if base is not None else {}),
             }
         )
-        if beyond.get("after_first_batch") is not None and start == 0:
-            beyond["after_first_batch"](batches[0]["images"], batch_prompts, len(prompts))
+        if beyond.get("after_batch") is not None:
+            beyond["after_batch"](batches[-1]["images"], batch_prompts, start, len(prompts))
     trajectories = {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
     stochastic = torch.as_tensor(stochastic)
     return {

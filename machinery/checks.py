@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import urllib.parse
 from pathlib import Path
 
 import toy_world
@@ -19,6 +20,7 @@ from machinery.config import (
     REWARD_NAMES,
     Config,
     fail,
+    is_url,
     file_sha256,
     load_prompts,
     own_reward_file,
@@ -99,6 +101,10 @@ def validate(cfg):
         fail(f"--bertscore-layer must be >= 0, got {cfg.bertscore_layer}")
     if cfg.lora_rank < 0:
         fail(f"--lora-rank must be >= 0 (0 = whole UNet), got {cfg.lora_rank}")
+    if not cfg.reward_timeout > 0:
+        fail(f"--reward-timeout must be > 0 seconds, got {cfg.reward_timeout}")
+    if cfg.reward_retries < 0:
+        fail(f"--reward-retries must be >= 0, got {cfg.reward_retries}")
     if not 0 < cfg.timestep_fraction <= 1:
         fail(f"--timestep-fraction must be in (0, 1], got {cfg.timestep_fraction}")
     world = world_size()  # processes under torchrun: each samples its share
@@ -200,10 +206,22 @@ def check_reward(spec):
         PYTHON
     ):  # python:...: given to train.main, which checks it
         return
+    if is_url(spec):  # served: whether something answers is asked once it is loaded
+        parts = urllib.parse.urlsplit(spec)
+        try:
+            parts.port
+        except ValueError:
+            fail(
+                f"--reward {spec}: its port is not a number from 0 to 65535; give http://HOST:PORT/PATH"
+            )
+        if not parts.hostname:
+            fail(f"--reward {spec}: no host in it; give http://HOST:PORT/PATH")
+        return
     match = OWN_REWARD.fullmatch(spec)
     if not match:
         fail(
-            f"--reward {spec}: not a built-in reward ({', '.join(REWARD_NAMES)}), nor your own as FILE.py:NAME or module:NAME"
+            f"--reward {spec}: not a built-in reward ({', '.join(REWARD_NAMES)}), nor your own as FILE.py:NAME or module:NAME, "
+            f"nor a served one as http://HOST:PORT/PATH"
         )
     if match["where"].endswith(".py") and not Path(match["where"]).is_file():
         fail(

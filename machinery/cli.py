@@ -25,13 +25,14 @@ from machinery.config import (
     fail,
     file_sha256,
     own_reward_file,
+    short_reward_name,
 )
 
 
 # --help's groups, in this order: the paper's settings, the extensions, the run's machinery
 PAPER = "the paper's settings: model, reward, prompts, sampling, the algorithm and its update"
 BEYOND = "beyond the paper: the KL leash, the evaluation, DDPO's successors, speed"
-RUN = "the run: its folder, resume, processes, precision, trackers"
+RUN = "the run: its folder, resume, processes, precision, trackers, a served reward"
 GROUPS = {
     PAPER: "model preset lora_rank reward prompts target_color aesthetic_model alignment_model "
     "bertscore_model bertscore_layer num_steps guidance_scale eta algo epochs samples_per_epoch "
@@ -41,7 +42,7 @@ GROUPS = {
     BEYOND: "kl_coef eval_every eval_prompts eval_samples eval_num_steps samples_per_prompt "
     "advantages shared_noise train_window steps_per_forward compile",
     RUN: "out resume device mixed_precision gradient_checkpointing allow_tf32 log_with "
-    "checkpoint_every keep_checkpoints",
+    "checkpoint_every keep_checkpoints reward_timeout reward_retries reward_format",
 }
 
 
@@ -137,7 +138,7 @@ def resolve(given):
         sources["device"] = "derived: cuda when available, else cpu"
     if not cfg.out:
         cfg.out = (
-            f"runs/{cfg.reward.rpartition(':')[2]}-{cfg.algo}-{time.strftime('%Y%m%d-%H%M%S')}"
+            f"runs/{short_reward_name(cfg.reward)}-{cfg.algo}-{time.strftime('%Y%m%d-%H%M%S')}"
         )
         sources["out"] = "derived: runs/<reward>-<algo>-<time>"
     cfg.run_id, sources["run_id"] = uuid.uuid4().hex[:12], "derived: new for each run"

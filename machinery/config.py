@@ -15,6 +15,7 @@ import importlib.util
 import os
 import re
 import sys
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -156,8 +157,8 @@ class Config:
     # task
     reward: str = arg(
         "jpeg",
-        f'reward function: one of {", ".join(REWARD_NAMES)} (docs/rewards.md, "The built-in rewards"), or your own as FILE.py:NAME '
-        f'or module:NAME (docs/rewards.md, "Your own reward")',
+        f'reward function: one of {", ".join(REWARD_NAMES)} (docs/rewards.md, "The built-in rewards"), your own as FILE.py:NAME '
+        f'or module:NAME (docs/rewards.md, "Your own reward"), or a served one, http://HOST:PORT/PATH (docs/reward-server.md)',
     )
     prompts: str = arg(
         "imagenet_animals",
@@ -292,6 +293,16 @@ class Config:
         1, "epochs between checkpoints (checkpoints/epoch_N.pt: everything --resume needs)"
     )
     keep_checkpoints: int = arg(2, "checkpoints kept, the latest ones")
+    reward_timeout: float = arg(120.0, "a served reward: seconds a request may take")
+    reward_retries: int = arg(
+        3,
+        "a served reward: tries after a failed request, waiting 1, 2, 4 ... s, before the run stops",
+    )
+    reward_format: str = arg(
+        "png",
+        "a served reward: how images travel, 8-bit PNG (what the built-in rewards see) or float32",
+        choices=("png", "float32"),
+    )
     resume: str = arg(
         None,
         "continue the run in this folder from its last checkpoint, with its saved settings (--epochs may extend it)",
@@ -354,9 +365,26 @@ def cuda_available():
     )
 
 
+def is_url(spec):
+    """--reward http://HOST:PORT/PATH: a served reward (served.py)."""
+    return spec.startswith(("http://", "https://"))
+
+
+def short_reward_name(spec):
+    """The reward's part of a default run folder's name: the built-in's name, your function's, or
+    served-<the URL path's last part, or its host>."""
+    if not is_url(spec):
+        return spec.rpartition(":")[2]
+    parts = urllib.parse.urlsplit(spec)
+    last = [p for p in parts.path.split("/") if p][-1:] or [parts.hostname or "reward"]
+    return "served-" + "".join(c if c.isalnum() or c in "-_." else "-" for c in last[0])
+
+
 def own_reward_file(spec):
     """The file that holds your own reward, FILE.py:NAME's or module:NAME's (None for a built-in one)."""
-    if spec in REWARD_NAMES or spec.startswith(PYTHON) or not OWN_REWARD.fullmatch(spec):
+    if spec in REWARD_NAMES or spec.startswith(PYTHON) or is_url(spec):
+        return None
+    if not OWN_REWARD.fullmatch(spec):
         return None
     where = OWN_REWARD.fullmatch(spec)["where"]
     if where.endswith(".py"):

@@ -22,8 +22,9 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from machinery.config import PYTHON, REWARD_NAMES, fail, stop
+from machinery.config import PYTHON, REWARD_NAMES, fail, is_url, stop
 from machinery.hub import pretrained
+from machinery.served import ServedReward, Unavailable, probe
 from rewards import REWARDS, aesthetic, alignment
 
 
@@ -46,13 +47,21 @@ def python_reward(cfg, reward_fn):
 def load_reward(cfg, reward_fn=None):
     """The run's reward function (train.py's --reward). The learned ones load their models here, once,
     for this run (and go with it); one that cannot load stops the run before it writes anything.
-    Your own (reward_fn, or FILE.py:NAME or module:NAME) is checked at every call (checked)."""
+    Your own (reward_fn, or FILE.py:NAME or module:NAME) and a served one (a URL) are checked at
+    every call (checked)."""
     if cfg.reward.startswith(PYTHON) and reward_fn is None:
         fail(
             f"--reward {cfg.reward}: names a function given to train.main(reward_fn=...); on the command line give FILE.py:NAME or module:NAME"
         )
+    if is_url(cfg.reward):
+        return checked(served_reward(cfg), cfg.reward, cfg.out)
     if cfg.reward not in REWARD_NAMES:
-        return checked(reward_fn or own_reward(cfg.reward), cfg.reward, cfg.out)
+        return checked(as_ours(reward_fn or own_reward(cfg.reward)), cfg.reward, cfg.out)
+    return built_in(cfg)
+
+
+def built_in(cfg):
+    """One of rewards.REWARDS, or a learned one with its models loaded (one line if they cannot be)."""
     try:
         if cfg.reward == "aesthetic":
             return aesthetic_reward(cfg.aesthetic_model, cfg.device)
@@ -67,6 +76,17 @@ def load_reward(cfg, reward_fn=None):
             REWARDS[cfg.reward], target=[float(v) for v in cfg.target_color.split(",")]
         )
     return REWARDS[cfg.reward]
+
+
+def served_reward(cfg):
+    """The reward at the URL of --reward (served.py), once something answers there."""
+    problem = probe(cfg.reward, timeout=min(cfg.reward_timeout, 10.0))
+    if problem:
+        fail(
+            f"--reward {cfg.reward}: nothing answers there ({problem}); start the server first, e.g. "
+            f"python reward_server.py --reward jpeg --port 8000"
+        )
+    return ServedReward(cfg.reward, cfg.reward_format, cfg.reward_timeout, cfg.reward_retries)
 
 
 def aesthetic_reward(clip_model, device="cpu", batch_size=32):
@@ -112,46 +132,25 @@ def own_reward(spec):
 
 
 def checked(fn, spec, out):
-    """fn as train.py calls a reward, its output made a float tensor on the images' device, once a
-    call. A return that is not B scores (or a (B, H, W) map), or that carries a gradient, ends the run
-    in one line naming the function; so does a non-finite one, on the batch it is checked on (check).
-    A function of TRL's or the official port's signature, fn(images, prompts, metadata) returning
-    (rewards, info), is called as they call it (metadata: one empty dict a prompt). An exception
-    raised inside fn shows its traceback, then one line on what was kept and how to continue."""
-    with_metadata = takes_metadata(fn)
+    """fn (as_ours) as train.py calls a reward, its output made a float tensor on the images' device,
+    once a call. A return that is not B scores (or a (B, H, W) map), or that carries a gradient,
+    ends the run in one line naming the function; so does a non-finite one, on the batch it is
+    checked on (check). An exception raised inside fn shows its traceback, then one line on what
+    was kept and how to continue; a served reward's server that stays away, one line."""
 
     def reward(images, prompts, check=False):
         try:
-            values = fn(images, prompts, *([[{} for _ in prompts]] if with_metadata else []))
+            values = fn(images, prompts)
+        except Unavailable as error:
+            bad(str(error))
         except Exception as error:  # the user's code, raising anything: its frames, then one line
             traceback.print_exc()
             bad(f"raised {type(error).__name__}: {error} (its traceback is above)")
-        if isinstance(values, tuple) and len(values) == 2 and isinstance(values[1], dict):
-            values = values[0]  # TRL's and the port's (rewards, info)
-        if values is None:
-            bad("returned None (no return statement?), not the batch's scores")
         try:
-            values = (
-                values
-                if isinstance(values, torch.Tensor)
-                else torch.as_tensor(np.asarray(values, dtype=np.float32))
-            )
-        except (TypeError, ValueError) as error:
-            bad(f"returned {type(values).__name__}, not numbers ({error})")
-        batch, (height, width) = len(prompts), images.shape[-2:]
-        if values.requires_grad:
-            bad(
-                "returned a tensor that requires grad; return it detached (scores.detach()): a reward is data to the policy, not part of its graph"
-            )
-        if tuple(values.shape) not in ((batch,), (batch, height, width)):
-            bad(
-                f"returned shape {tuple(values.shape)} for {batch} images; return {batch} scores, or a ({batch}, {height}, {width}) map for a pixel-wise reward"
-            )
-        if check and not torch.isfinite(values).all():
-            bad(
-                f"returned non-finite values on the first batch ({values.flatten()[:4].tolist()} ...)"
-            )
-        return values.float().to(images.device)
+            values = as_scores(values, len(prompts), images.shape[-2:], finite=check)
+        except ValueError as error:
+            bad(str(error) + (" on the first batch" if check else ""))
+        return values.to(images.device)
 
     def bad(problem):
         saved = sorted((Path(out) / "checkpoints").glob("epoch_*.pt"))
@@ -160,9 +159,54 @@ def checked(fn, spec, out):
         if spec.startswith(PYTHON):
             resume = f"train.main(['--resume', {str(out)!r}], reward_fn={spec.rpartition('.')[2]})"
         kept = f"the checkpoint {saved[-1].name} is kept" if saved else "no epoch had finished"
+        fix = "once the server answers again," if is_url(spec) else "fix the function, then"
         stop(
-            f"--reward {spec}: {problem}; nothing of this epoch was trained on or saved ({kept}): fix the function, then continue with: {resume}"
+            f"--reward {spec}: {problem}; nothing of this epoch was trained on or saved ({kept}): {fix} continue with: {resume}"
         )
+
+    if hasattr(fn, "submit"):  # a served reward: each batch posted as soon as it is sampled
+        reward.submit = fn.submit
+    return reward
+
+
+def as_scores(values, batch, size, finite=False):
+    """A reward's return -> a float32 tensor of batch scores or (batch, H, W) maps (size: (H, W)),
+    or ValueError on what it returned instead; with finite, non-finite values are one too."""
+    height, width = size
+    if values is None:
+        raise ValueError("returned None (no return statement?), not the batch's scores")
+    try:
+        values = (
+            values
+            if isinstance(values, torch.Tensor)
+            else torch.as_tensor(np.asarray(values, dtype=np.float32))
+        )
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"returned {type(values).__name__}, not numbers ({error})") from None
+    if values.requires_grad:
+        raise ValueError(
+            "returned a tensor that requires grad; return it detached (scores.detach()): a reward is data to the policy, not part of its graph"
+        )
+    if tuple(values.shape) not in ((batch,), (batch, height, width)):
+        raise ValueError(
+            f"returned shape {tuple(values.shape)} for {batch} images; return {batch} scores, or a ({batch}, {height}, {width}) map for a pixel-wise reward"
+        )
+    if finite and not torch.isfinite(values).all():
+        raise ValueError(f"returned non-finite values ({values.flatten()[:4].tolist()} ...)")
+    return values.float()
+
+
+def as_ours(fn):
+    """fn called as this project calls a reward, fn(images, prompts) -> scores. A function of TRL's
+    or the official port's signature, fn(images, prompts, metadata) returning (rewards, info), is
+    called as they call it (metadata: one empty dict a prompt) and its info dropped."""
+    with_metadata = takes_metadata(fn)
+
+    def reward(images, prompts):
+        values = fn(images, prompts, *([[{} for _ in prompts]] if with_metadata else []))
+        if isinstance(values, tuple) and len(values) == 2 and isinstance(values[1], dict):
+            values = values[0]  # TRL's and the port's (rewards, info)
+        return values
 
     return reward
 

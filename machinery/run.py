@@ -237,13 +237,11 @@ class Run(Learner, contextlib.ExitStack):
         """sample_trajectories' options beyond the paper's: the progress bar, a check of your own
         reward on the first batch and a long epoch's estimate, the successors' window and shared x_T."""
         cfg = self.cfg
-        check = functools.partial(
-            after_first_batch, cfg, epoch, self.start, self.say, self.reward_fn
-        )
+        check = functools.partial(after_batch, cfg, epoch, self.start, self.say, self.reward_fn)
         extra = successors.sampling_options(
             cfg, self.pipe, self.rng, self.generator, len(prompts), cfg.num_steps
         )
-        return {"progress": self.progress, "after_first_batch": check, **extra}
+        return {"progress": self.progress, "after_batch": check, **extra}
 
     def reward(self, epoch, images, prompts):
         """Every process's prompts and rewards (a map (B, H, W) for a pixel-wise reward), in rank
@@ -329,9 +327,13 @@ def epoch_means(stats):
     }
 
 
-def after_first_batch(cfg, epoch, start, say, reward_fn, images, prompts, total):
-    """Once an epoch's first batch is sampled, your own reward's output checked on it (a wrong
-    return ends the run now, not after the epoch), and a long epoch's estimate."""
-    if cfg.reward not in config.REWARD_NAMES:  # your own
-        reward_fn(images, prompts, check=True)
-    run_folder.long_epoch_notice(epoch, start, say, len(prompts), total)
+def after_batch(cfg, epoch, start, say, reward_fn, images, prompts, first, total):
+    """Once a batch is sampled: a served reward's request for it leaves now (served.py), and after
+    the epoch's first batch your own or a served reward's output is checked on it (a wrong return
+    ends the run now, not after the epoch), and a long epoch's estimate is given."""
+    if hasattr(reward_fn, "submit"):
+        reward_fn.submit(images, prompts)
+    if first == 0:
+        if cfg.reward not in config.REWARD_NAMES:  # your own, or served
+            reward_fn(images, prompts, check=True)
+        run_folder.long_epoch_notice(epoch, start, say, len(prompts), total)

@@ -141,7 +141,7 @@ WRONG = {
     "nothing": (lambda images, prompts: None, "returned None"),
     "non-finite": (
         lambda images, prompts: torch.full((len(prompts),), float("nan")),
-        "non-finite values on the first batch",
+        "returned non-finite values",
     ),
 }
 
@@ -165,6 +165,7 @@ def test_a_wrong_return_ends_the_run_on_the_first_batch_in_one_line_naming_the_f
         f"python:{__name__}" in error
         and "wrong" in error
         and problem in error
+        and "on the first batch" in error
         and f"train.main(['--resume', '{tmp_path / 'run'}'], reward_fn=wrong)" in error
     ), error
     assert calls == [2]  # the first batch's: the epoch's other batch was never sampled for it

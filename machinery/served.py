@@ -1,0 +1,164 @@
+"""Beyond the paper: a reward served over HTTP (--reward http://HOST:PORT/PATH), the client's side
+and the wire format both sides share; the server is serving.py (python reward_server.py). The
+protocol is docs/reward-server.md.
+
+Each batch's request leaves as soon as the sampler has drawn the batch (submit), so the server
+scores it while the next batch is sampled; the epoch's reward call then collects the answers. A
+request has a timeout; a failed one is tried again, waiting 1, 2, 4 ... s; a server that stays away
+ends the run in one line. Nothing on the wire is unpickled: JSON, with the images as base64 PNG
+(8-bit, what the in-process rewards see through rewards.to_pil) or raw little-endian float32.
+"""
+
+import base64
+import binascii
+import io
+import json
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from rewards import to_pil
+
+FORMATS = ("png", "float32")
+
+
+class Unavailable(Exception):
+    """The server did not answer, or answered what is not a batch's scores: one line on which."""
+
+
+def encode(images, fmt):
+    """(B, 3, H, W) in [0, 1] -> the request's "images": a list of base64 PNGs, or float32 bytes."""
+    if fmt == "png":
+        pngs = []
+        for image in to_pil(images):
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            pngs.append(base64.b64encode(buffer.getvalue()).decode("ascii"))
+        return pngs
+    array = images.detach().float().cpu().numpy().astype("<f4")
+    return {"shape": list(array.shape), "data": base64.b64encode(array.tobytes()).decode("ascii")}
+
+
+def decode(images, fmt):
+    """The request's "images" -> (B, 3, H, W) float32 in [0, 1]; ValueError on anything else."""
+    try:
+        if fmt == "png":
+            if not isinstance(images, list) or not all(isinstance(s, str) for s in images):
+                raise ValueError(
+                    '"images" must be a list of base64 PNG strings for "format": "png"'
+                )
+            decoded = [Image.open(io.BytesIO(base64.b64decode(s, validate=True))) for s in images]
+            if any(image.format != "PNG" or image.mode != "RGB" for image in decoded):
+                raise ValueError("every image must be an 8-bit RGB PNG")
+            if len({image.size for image in decoded}) > 1:
+                raise ValueError("the images differ in size")
+            array = np.stack([np.asarray(image) for image in decoded]) if decoded else None
+            if array is None:
+                raise ValueError('"images" is empty')
+            return torch.from_numpy(array).permute(0, 3, 1, 2).float() / 255
+        shape, data = images["shape"], base64.b64decode(images["data"], validate=True)
+        if len(shape) != 4 or shape[1] != 3 or min(shape) < 1:
+            raise ValueError(f'"shape" {shape} is not [B, 3, H, W]')
+        if len(data) != 4 * int(np.prod(shape)):
+            raise ValueError(f'"data" holds {len(data)} bytes, not 4 x {"x".join(map(str, shape))}')
+        return torch.from_numpy(np.frombuffer(data, dtype="<f4").reshape(shape).astype(np.float32))
+    except (binascii.Error, UnidentifiedImageError, OSError) as error:
+        raise ValueError(f'"images" could not be read: {error}') from None
+    except (KeyError, TypeError, AttributeError):
+        raise ValueError(
+            '"images" must be {"shape": [B, 3, H, W], "data": base64 float32}'
+        ) from None
+
+
+class ServedReward:
+    """reward(images, prompts) -> the server's scores, a tensor (B,) or (B, H, W). submit(images,
+    prompts) posts a batch now; the call whose prompts are those submitted collects them."""
+
+    def __init__(self, url, fmt="png", timeout=120.0, retries=3, backoff=1.0):
+        self.url, self.fmt, self.timeout, self.retries, self.backoff = (
+            url,
+            fmt,
+            timeout,
+            retries,
+            backoff,
+        )
+        self.pool = ThreadPoolExecutor(2, thread_name_prefix="served-reward")
+        self.pending = []  # (prompts, future) of each submitted batch, in order
+
+    def submit(self, images, prompts):
+        future = self.pool.submit(self.post, images.detach().cpu(), list(prompts))
+        self.pending.append((images, list(prompts), future))
+
+    def __call__(self, images, prompts):
+        prompts, submitted = list(prompts), [p for _, batch, _ in self.pending for p in batch]
+        if self.pending and images is self.pending[0][0]:  # the first batch's check
+            return self.pending[0][2].result()
+        if self.pending and submitted == prompts:  # the epoch, posted batch by batch
+            pending, self.pending = self.pending, []
+            return torch.cat([future.result() for _, _, future in pending])
+        return self.post(images, prompts)
+
+    def post(self, images, prompts):
+        body = json.dumps(
+            {"prompts": prompts, "format": self.fmt, "images": encode(images, self.fmt)}
+        ).encode()
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            request = urllib.request.Request(
+                self.url, data=body, headers={"Content-Type": "application/json"}
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    return scores(response.read(), len(prompts))
+            except urllib.error.HTTPError as error:
+                last = f"HTTP {error.code}: {server_reason(error)}"
+                if error.code < 500:  # the request is wrong: asking again will not help
+                    raise Unavailable(f"the server refused the request ({last})") from None
+            except (urllib.error.URLError, OSError) as error:
+                last = f"{type(getattr(error, 'reason', error)).__name__}: {getattr(error, 'reason', error)}"
+        raise Unavailable(
+            f"no answer from {self.url} after {self.retries + 1} tries, "
+            f"{self.timeout:g} s each at most ({last})"
+        )
+
+
+def scores(body, count):
+    """The answer {"rewards": [...]} -> a float32 tensor of count scores (or maps)."""
+    try:
+        values = np.asarray(json.loads(body)["rewards"], dtype=np.float32)
+    except (ValueError, KeyError, TypeError) as error:
+        raise Unavailable(
+            f'the server answered what is not {{"rewards": [...]}} ({error})'
+        ) from None
+    if values.ndim not in (1, 3) or len(values) != count:
+        raise Unavailable(
+            f"the server answered {values.shape[0] if values.ndim else 'no'} scores "
+            f"(shape {values.shape}) for {count} images"
+        )
+    return torch.from_numpy(values)
+
+
+def server_reason(error):
+    try:
+        return json.loads(error.read())["error"]
+    except (ValueError, KeyError, TypeError, OSError):
+        return error.reason
+
+
+def probe(url, timeout=10.0):
+    """None when something answers HTTP at url (any status), else one line on why not."""
+    try:
+        urllib.request.urlopen(url, timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None  # a server, even one that answers GET with an error
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        return (
+            f"{type(getattr(error, 'reason', error)).__name__}: {getattr(error, 'reason', error)}"
+        )
+    return None

@@ -1,0 +1,149 @@
+"""Beyond the paper: the server of a served reward (python reward_server.py; the client is
+served.py, the protocol docs/reward-server.md). It serves any reward --reward takes but a URL,
+one request at a time, with the Python standard library's HTTP server.
+
+POST {"prompts": [...], "format": "png" | "float32", "images": ...} -> 200 {"rewards": [...]};
+a request it cannot read, or larger than --max-mb, gets a 4xx and {"error": why}; a reward that
+raises or returns what is not scores, a 500 (its traceback on the server's console). GET answers
+{"reward": ..., "formats": [...], "max_bytes": ...}, so a client can see that it is up.
+"""
+
+import argparse
+import dataclasses
+import json
+import sys
+import traceback
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import torch
+
+from machinery import checks, config
+from machinery.config import REWARD_NAMES, Config, is_url
+from machinery.reward_loading import as_ours, as_scores, built_in, own_reward
+from machinery.served import FORMATS, decode
+
+
+class Refused(Exception):
+    def __init__(self, status, reason):
+        super().__init__(reason)
+        self.status = status
+
+
+def load(cfg):
+    """The reward of cfg.reward, called as ours: reward(images, prompts)."""
+    if is_url(cfg.reward):
+        config.fail(
+            f"--reward {cfg.reward}: a served reward is served already; give its name or file"
+        )
+    checks.check_reward(cfg.reward)
+    return built_in(cfg) if cfg.reward in REWARD_NAMES else as_ours(own_reward(cfg.reward))
+
+
+def read_request(handler, max_bytes):
+    """The request's images (B, 3, H, W) and prompts, or Refused with the status and why."""
+    length = handler.headers.get("Content-Length")
+    if length is None or not length.isdigit():
+        raise Refused(411, "send a Content-Length")
+    if int(length) > max_bytes:
+        raise Refused(413, f"the request is {int(length)} bytes; this server takes {max_bytes}")
+    try:
+        request = json.loads(handler.rfile.read(int(length)))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise Refused(400, f"the body is not JSON ({error})") from None
+    if not isinstance(request, dict):
+        raise Refused(400, 'the body must be a JSON object {"prompts": ..., "images": ...}')
+    prompts, fmt = request.get("prompts"), request.get("format", "png")
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        raise Refused(400, '"prompts" must be a list of strings')
+    if fmt not in FORMATS:
+        raise Refused(400, f'"format" {fmt!r} is not one of {", ".join(FORMATS)}')
+    try:
+        images = decode(request.get("images"), fmt)
+    except ValueError as error:
+        raise Refused(400, str(error)) from None
+    if len(images) != len(prompts):
+        raise Refused(400, f"{len(images)} images but {len(prompts)} prompts")
+    return images, prompts
+
+
+def make_handler(name, reward_fn, device, max_bytes):
+    class Handler(BaseHTTPRequestHandler):
+        timeout = 60  # a client that stops sending mid-request frees the server
+
+        def do_GET(self):
+            self.answer(200, {"reward": name, "formats": list(FORMATS), "max_bytes": max_bytes})
+
+        def do_POST(self):
+            try:
+                images, prompts = read_request(self, max_bytes)
+            except Refused as error:
+                return self.answer(error.status, {"error": str(error)})
+            try:
+                with torch.no_grad():
+                    values = reward_fn(images.to(device), prompts)
+                rewards = as_scores(values, len(prompts), images.shape[-2:], finite=True)
+            except Exception as error:  # the reward's code, raising anything
+                traceback.print_exc()
+                return self.answer(
+                    500, {"error": f"the reward {name}: {type(error).__name__}: {error}"}
+                )
+            self.answer(200, {"rewards": rewards.cpu().tolist()})
+
+        def answer(self, status, payload):
+            body = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format, *args):  # one line a request, on stderr
+            sys.stderr.write(f"reward_server.py: {self.address_string()} {format % args}\n")
+
+    return Handler
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="reward_server.py",
+        description="Serve a reward over HTTP to train.py --reward http://HOST:PORT/ "
+        "(docs/reward-server.md).",
+    )
+    parser.error = config.fail
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    parser.add_argument("--reward", required=True, help=fields["reward"].metadata["help"])
+    parser.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0: any free)")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: loopback only)"
+    )
+    parser.add_argument("--device", help="torch device; default cuda when available, else cpu")
+    parser.add_argument(
+        "--max-mb", type=float, default=256, help="largest request taken, in MB (default: 256)"
+    )
+    for name in ("target_color", "aesthetic_model", "alignment_model", "bertscore_model"):
+        parser.add_argument("--" + name.replace("_", "-"), default=fields[name].default)
+    parser.add_argument("--bertscore-layer", type=int, default=fields["bertscore_layer"].default)
+    args = parser.parse_args(argv)
+    device = args.device or ("cuda" if config.cuda_available() else "cpu")
+    settings = {k: v for k, v in vars(args).items() if k in fields and k != "device"}
+    return Config(**settings, device=device, out="."), args
+
+
+def main(argv=None):
+    cfg, args = parse_args(argv)
+    reward_fn = load(cfg)
+    server = HTTPServer(
+        (args.host, args.port),
+        make_handler(cfg.reward, reward_fn, cfg.device, int(args.max_mb * 1e6)),
+    )
+    host, port = server.server_address[:2]
+    print(
+        f"reward_server.py: serving {cfg.reward} on http://{host}:{port}/ ({cfg.device})",
+        flush=True,
+    )
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
