@@ -24,6 +24,7 @@ from machinery.config import (
     file_sha256,
     load_prompts,
     own_reward_file,
+    split_term,
     world_size,
 )
 
@@ -133,7 +134,10 @@ def validate(cfg):
         )
     if cfg.mixed_precision == "fp16" and not cfg.device.startswith("cuda"):
         fail("--mixed-precision fp16 needs a CUDA device; use bf16 or no on the CPU")
-    check_reward(cfg.reward)
+    if cfg.rewards:
+        check_terms(cfg.rewards)
+    else:
+        check_reward(cfg.reward)
     if cfg.log_with != "none" and importlib.util.find_spec(cfg.log_with) is None:
         fail(
             f"--log-with {cfg.log_with}: the package {cfg.log_with} is not installed; pip install {cfg.log_with}, or leave the flag out"
@@ -199,9 +203,21 @@ def check_model(flag, name, kind, index):
         )
 
 
-def check_reward(spec):
+def check_terms(terms):
+    """--rewards: each term SPEC=WEIGHT, a weight that is a finite number, a SPEC --reward takes."""
+    for term in terms:
+        spec, weight = split_term(term)
+        if weight is None or not math.isfinite(weight):
+            fail(
+                f"--rewards {term}: give SPEC=WEIGHT, the weight a number and always given (e.g. {spec.partition('=')[0]}=1)"
+            )
+        check_reward(spec, flag=f"--rewards {term}")
+
+
+def check_reward(spec, flag=None):
     """--reward is a built-in name, or your own function as FILE.py:NAME (the file there) or module:NAME
-    (the module importable); whether NAME is in it is known once it is loaded (reward_loading.own_reward)."""
+    (the module importable); whether NAME is in it is known once it is loaded (reward_loading.own_reward). flag: how to name it in a refusal (--reward SPEC)."""
+    flag = flag or f"--reward {spec}"
     if spec in REWARD_NAMES or spec.startswith(
         PYTHON
     ):  # python:...: given to train.main, which checks it
@@ -211,25 +227,23 @@ def check_reward(spec):
         try:
             parts.port
         except ValueError:
-            fail(
-                f"--reward {spec}: its port is not a number from 0 to 65535; give http://HOST:PORT/PATH"
-            )
+            fail(f"{flag}: its port is not a number from 0 to 65535; give http://HOST:PORT/PATH")
         if not parts.hostname:
-            fail(f"--reward {spec}: no host in it; give http://HOST:PORT/PATH")
+            fail(f"{flag}: no host in it; give http://HOST:PORT/PATH")
         return
     match = OWN_REWARD.fullmatch(spec)
     if not match:
         fail(
-            f"--reward {spec}: not a built-in reward ({', '.join(REWARD_NAMES)}), nor your own as FILE.py:NAME or module:NAME, "
+            f"{flag}: not a built-in reward ({', '.join(REWARD_NAMES)}), nor your own as FILE.py:NAME or module:NAME, "
             f"nor a served one as http://HOST:PORT/PATH"
         )
     if match["where"].endswith(".py") and not Path(match["where"]).is_file():
         fail(
-            f"--reward {spec}: no file {match['where']}; give FILE.py:NAME, where the file defines NAME(images, prompts)"
+            f"{flag}: no file {match['where']}; give FILE.py:NAME, where the file defines NAME(images, prompts)"
         )
     if not match["where"].endswith(".py") and own_reward_file(spec) is None:
         fail(
-            f"--reward {spec}: no module {match['where']} on the Python path; give module:NAME of an importable module, or FILE.py:NAME"
+            f"{flag}: no module {match['where']} on the Python path; give module:NAME of an importable module, or FILE.py:NAME"
         )
 
 
@@ -269,6 +283,16 @@ def read_saved_config(path):
                 f"--resume: {path} sets {key} to {value!r}, which is not of type {types[key].__name__}; {fix}"
             )
     return saved
+
+
+def check_own_rewards(folder, saved, accept_changed):
+    """check_own_reward for each of --rewards' files (saved["rewards_sha256"]: spec -> sha256)."""
+    sources = set()
+    for spec, sha in dict(saved["rewards_sha256"]).items():
+        term = {"reward": spec, "reward_sha256": sha}
+        sources.add(check_own_reward(folder, term, accept_changed))
+        saved["rewards_sha256"][spec] = term["reward_sha256"]
+    return "; ".join(sorted(sources))
 
 
 def check_own_reward(folder, saved, accept_changed):

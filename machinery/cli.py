@@ -24,14 +24,18 @@ from machinery.config import (
     Config,
     fail,
     file_sha256,
+    combined_name,
     own_reward_file,
     short_reward_name,
+    split_term,
 )
 
 
 # --help's groups, in this order: the paper's settings, the extensions, the run's machinery
 PAPER = "the paper's settings: model, reward, prompts, sampling, the algorithm and its update"
-BEYOND = "beyond the paper: the KL leash, the evaluation, DDPO's successors, speed"
+BEYOND = (
+    "beyond the paper: rewards combined, the KL leash, the evaluation, DDPO's successors, speed"
+)
 RUN = "the run: its folder, resume, processes, precision, trackers, a served reward"
 GROUPS = {
     PAPER: "model preset lora_rank reward prompts target_color aesthetic_model alignment_model "
@@ -39,7 +43,7 @@ GROUPS = {
     "batch_size updates_per_epoch inner_epochs timestep_fraction clip_range adv_clip_max "
     "per_prompt_stat_tracking buffer_size min_count beta pxpo_normalise lr weight_decay "
     "max_grad_norm seed",
-    BEYOND: "kl_coef eval_every eval_prompts eval_samples eval_num_steps samples_per_prompt "
+    BEYOND: "rewards kl_coef eval_every eval_prompts eval_samples eval_num_steps samples_per_prompt "
     "advantages shared_noise train_window steps_per_forward compile",
     RUN: "out resume device mixed_precision gradient_checkpointing allow_tf32 log_with "
     "checkpoint_every keep_checkpoints reward_timeout reward_retries reward_format",
@@ -136,22 +140,38 @@ def resolve(given):
     if not cfg.device:
         cfg.device = "cuda" if config.cuda_available() else "cpu"
         sources["device"] = "derived: cuda when available, else cpu"
+    if cfg.rewards:  # --rewards instead of --reward: the sum's name stands for the reward
+        if "reward" in given:
+            fail("--reward and --rewards: give one (--rewards jpeg=1 takes a single reward too)")
+        checks.check_terms(cfg.rewards)
+        cfg.reward, sources["reward"] = combined_name(cfg.rewards), "derived: --rewards"
     if not cfg.out:
-        cfg.out = (
-            f"runs/{short_reward_name(cfg.reward)}-{cfg.algo}-{time.strftime('%Y%m%d-%H%M%S')}"
-        )
+        names = [short_reward_name(split_term(t)[0]) for t in cfg.rewards or [cfg.reward]]
+        cfg.out = f"runs/{'+'.join(names)[:48]}-{cfg.algo}-{time.strftime('%Y%m%d-%H%M%S')}"
         sources["out"] = "derived: runs/<reward>-<algo>-<time>"
     cfg.run_id, sources["run_id"] = uuid.uuid4().hex[:12], "derived: new for each run"
     checks.validate(cfg)
-    reward_file = own_reward_file(cfg.reward)
-    if reward_file:  # recorded as it is now: --resume checks it is the same
-        where, _, name = cfg.reward.rpartition(":")
-        cfg.reward = f"{Path(where).resolve() if where.endswith('.py') else where}:{name}"
+    if cfg.rewards:  # each file's term recorded as it is now: --resume checks it is the same
+        terms = [split_term(term) for term in cfg.rewards]
+        cfg.rewards = [f"{resolved(spec)}={weight:g}" for spec, weight in terms]
+        files = {resolved(spec): own_reward_file(spec) for spec, _ in terms}
+        cfg.rewards_sha256 = {spec: file_sha256(path) for spec, path in files.items() if path}
+        sources["rewards_sha256"] = "derived: the terms' files as they are now"
+    elif own_reward_file(cfg.reward):  # recorded as it is now: --resume checks it is the same
+        reward_file, cfg.reward = own_reward_file(cfg.reward), resolved(cfg.reward)
         cfg.reward_sha256, sources["reward_sha256"] = (
             file_sha256(reward_file),
             "derived: the reward's file as it is now",
         )
     return cfg, sources
+
+
+def resolved(spec):
+    """Your own reward's FILE.py:NAME with the file's absolute path; any other spec as it is."""
+    if not own_reward_file(spec):
+        return spec
+    where, _, name = spec.rpartition(":")
+    return f"{Path(where).resolve() if where.endswith('.py') else where}:{name}"
 
 
 def describe(cfg, sources):
@@ -192,6 +212,8 @@ def resumed_config(given):
     }
     if saved.get("reward_sha256"):
         sources["reward_sha256"] = checks.check_own_reward(folder, saved, accept_changed)
+    if saved.get("rewards_sha256"):
+        sources["rewards_sha256"] = checks.check_own_rewards(folder, saved, accept_changed)
     for name, copy in (
         ("prompts", folder / PROMPTS_COPY),
         ("eval_prompts", folder / EVAL_PROMPTS_COPY),

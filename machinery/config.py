@@ -160,6 +160,13 @@ class Config:
         f'reward function: one of {", ".join(REWARD_NAMES)} (docs/rewards.md, "The built-in rewards"), your own as FILE.py:NAME '
         f'or module:NAME (docs/rewards.md, "Your own reward"), or a served one, http://HOST:PORT/PATH (docs/reward-server.md)',
     )
+    rewards: list = arg(
+        None,
+        "instead of --reward, a weighted sum of rewards: each term SPEC=WEIGHT, SPEC as --reward takes it (split at its last =), "
+        "the weight always given, e.g. --rewards jpeg=1 examples/brightness.py:brightness=0.5",
+        nargs="+",
+        type=str,
+    )
     prompts: str = arg(
         "imagenet_animals",
         f"a built-in prompt set ({', '.join(PROMPT_SETS)}) or a text file, one prompt a line",
@@ -315,6 +322,9 @@ class Config:
     reward_sha256: str = arg(
         None, "not a flag: the sha256 of your own reward's file, which --resume checks", flag=False
     )
+    rewards_sha256: dict = arg(
+        None, "not a flag: --rewards' files and their sha256, which --resume checks", flag=False
+    )
 
 
 def base_needed(cfg):
@@ -378,6 +388,22 @@ def short_reward_name(spec):
     parts = urllib.parse.urlsplit(spec)
     last = [p for p in parts.path.split("/") if p][-1:] or [parts.hostname or "reward"]
     return "served-" + "".join(c if c.isalnum() or c in "-_." else "-" for c in last[0])
+
+
+def split_term(term):
+    """--rewards' SPEC=WEIGHT -> (SPEC, WEIGHT), split at the last = (a URL may hold one); the
+    weight None when it is missing or not a number."""
+    spec, equals, weight = term.rpartition("=")
+    try:
+        return (spec, float(weight)) if equals and spec else (term, None)
+    except ValueError:
+        return term, None
+
+
+def combined_name(terms):
+    """--rewards' sum as the run names it (config.json's reward, the console): 1 jpeg + 0.5 brightness."""
+    parts = [(short_reward_name(spec), weight) for spec, weight in map(split_term, terms)]
+    return "sum: " + " + ".join(f"{weight:g} {name}" for name, weight in parts)
 
 
 def own_reward_file(spec):

@@ -22,7 +22,15 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from machinery.config import PYTHON, REWARD_NAMES, fail, is_url, stop
+from machinery.config import (
+    PYTHON,
+    REWARD_NAMES,
+    fail,
+    is_url,
+    short_reward_name,
+    split_term,
+    stop,
+)
 from machinery.hub import pretrained
 from machinery.served import ServedReward, Unavailable, probe
 from rewards import REWARDS, aesthetic, alignment
@@ -53,11 +61,52 @@ def load_reward(cfg, reward_fn=None):
         fail(
             f"--reward {cfg.reward}: names a function given to train.main(reward_fn=...); on the command line give FILE.py:NAME or module:NAME"
         )
+    if cfg.rewards:
+        return combined(cfg)
     if is_url(cfg.reward):
         return checked(served_reward(cfg), cfg.reward, cfg.out)
     if cfg.reward not in REWARD_NAMES:
         return checked(as_ours(reward_fn or own_reward(cfg.reward)), cfg.reward, cfg.out)
     return built_in(cfg)
+
+
+def combined(cfg):
+    """--rewards: the weighted sum of its terms, each loaded as --reward loads it and checked at
+    every call (a term that fails names itself). A map term (B, H, W) makes the sum a map, the
+    scalar terms spread over it. The function's `terms` holds each term's raw scores of its last
+    call, named by the term's short name (Run logs their means)."""
+    terms = []
+    for term in cfg.rewards:
+        spec, weight = split_term(term)
+        fn = load_reward(dataclasses.replace(cfg, reward=spec, rewards=None))
+        fn = fn if spec not in REWARD_NAMES else checked(fn, f"{spec} (in --rewards)", cfg.out)
+        terms.append((unique(short_reward_name(spec), [name for name, _, _ in terms]), weight, fn))
+
+    def reward(images, prompts, check=False):
+        scores = {name: fn(images, prompts, check=check) for name, _, fn in terms}
+        reward.terms = scores
+        maps = [s for s in scores.values() if s.dim() == 3]
+        shape = maps[0].shape if maps else (len(prompts),)
+        total = torch.zeros(shape, device=images.device)
+        for name, weight, _ in terms:
+            value = scores[name]
+            total = total + weight * (value if value.dim() == len(shape) else value.view(-1, 1, 1))
+        return total
+
+    reward.terms = {}
+    served = [fn for _, _, fn in terms if hasattr(fn, "submit")]
+    if served:
+        reward.submit = lambda images, prompts: [fn.submit(images, prompts) for fn in served]
+    return reward
+
+
+def unique(name, taken):
+    """name, or name_2, name_3 ... when it is taken already (two terms of one reward)."""
+    return (
+        name
+        if name not in taken
+        else next(f"{name}_{k}" for k in range(2, 99) if f"{name}_{k}" not in taken)
+    )
 
 
 def built_in(cfg):

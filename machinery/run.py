@@ -255,6 +255,11 @@ class Run(Learner, contextlib.ExitStack):
                 f"epoch {epoch}: the reward {self.cfg.reward} returned non-finite values, so nothing of this epoch was trained "
                 f"on or saved; fix the reward, then continue with --resume {self.out}"
             )
+        terms = getattr(self.reward_fn, "terms", {})  # --rewards: each term's raw scores
+        self.term_means = {
+            f"reward_mean_{name}": parallel.gather(value.float().to(self.device)).mean().item()
+            for name, value in terms.items()
+        }
         self.start = time.time()
         return parallel.gather_objects(prompts), rewards
 
@@ -293,6 +298,7 @@ class Run(Learner, contextlib.ExitStack):
                 "epoch": epoch,
                 "reward_mean": rewards.mean().item(),
                 "reward_std": rewards.std(unbiased=False).item(),
+                **self.term_means,
                 "reward_queries": (epoch + 1) * cfg.samples_per_epoch,
                 **stats,
                 **successors.group_stats(cfg, rewards),
