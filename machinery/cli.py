@@ -83,14 +83,27 @@ def parse_args(argv=None, description=None):
         default=argparse.SUPPRESS,
         help="with --resume: continue although your reward's file has changed since the run began (you mean the change)",
     )
+    own.add_argument(
+        "--preflight",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="check the model, reward and settings on one batch in about a minute, write nothing, then exit "
+        "(docs/reward-not-rising.md)",
+    )
     given = vars(parser.parse_args(argv))  # only the flags on the command line
-    show = given.pop("show_config", False)
+    show, preflight = given.pop("show_config", False), given.pop("preflight", False)
+    if preflight and "resume" in given:
+        fail("--preflight checks a new run's settings: give its flags, not --resume")
     if "accept_changed_reward" in given and "resume" not in given:
         fail("--accept-changed-reward goes with --resume only")
     cfg, sources = resumed_config(given) if "resume" in given else resolve(given)
     if show:
         print(describe(cfg, sources))
         sys.exit(0)
+    if preflight:  # beyond the paper: machinery/preflight.py, which loads torch and the model
+        from machinery import preflight
+
+        sys.exit(preflight.run(cfg))
     return cfg
 
 

@@ -215,6 +215,7 @@ def checked(fn, spec, out):
 
     if hasattr(fn, "submit"):  # a served reward: each batch posted as soon as it is sampled
         reward.submit = fn.submit
+    reward.raw = fn  # unchecked, for the preflight's own report
     return reward
 
 
