@@ -288,14 +288,14 @@ def test_show_config_prints_every_setting_and_where_it_came_from_and_writes_noth
         for line in capsys.readouterr().out.splitlines()
         if line.startswith(("--", "  "))
     }
-    flags = {
-        "--" + f.name.replace("_", "-")
-        for f in dataclasses.fields(Config)
-        if f.name not in ("run_id", "reward_sha256")
+    names = {
+        f.name.replace("_", "-"): f.metadata.get("flag", True) for f in dataclasses.fields(Config)
     }
-    assert set(lines) == flags | {
-        "run-id",
-        "reward-sha256",
+    assert {"run-id", "reward-sha256", "rewards-sha256"} <= {
+        n for n, flag in names.items() if not flag
+    }
+    assert set(lines) == {
+        ("--" if flag else "") + name for name, flag in names.items()
     }  # every setting, once; those that are no flags without dashes
     assert lines["run-id"].split()[2:] == ["derived:", "new", "for", "each", "run"]
     expected = {  # the bundled model (no CUDA here): preset tiny; each layer over the one before, the flag over all
