@@ -237,7 +237,7 @@ class Run(Learner, contextlib.ExitStack):
         """sample_trajectories' options beyond the paper's: the progress bar, a check of your own
         reward on the first batch and a long epoch's estimate, the successors' window and shared x_T."""
         cfg = self.cfg
-        check = functools.partial(after_batch, cfg, epoch, self.start, self.say, self.reward_fn)
+        check = functools.partial(after_batch, cfg, epoch, self.start, self.say, self.reward_fn, [])
         extra = successors.sampling_options(
             cfg, self.pipe, self.rng, self.generator, len(prompts), cfg.num_steps
         )
@@ -333,13 +333,16 @@ def epoch_means(stats):
     }
 
 
-def after_batch(cfg, epoch, start, say, reward_fn, images, prompts, first, total):
-    """Once a batch is sampled: a served reward's request for it leaves now (served.py), and after
-    the epoch's first batch your own or a served reward's output is checked on it (a wrong return
-    ends the run now, not after the epoch), and a long epoch's estimate is given."""
-    if hasattr(reward_fn, "submit"):
+def after_batch(cfg, epoch, start, say, reward_fn, first_batch, images, prompts, first, total):
+    """Once a batch is sampled: your own reward's output is checked on the epoch's first batch (a
+    wrong return ends the run now, not after the epoch), and a long epoch's estimate is given. A
+    served reward's request for each batch leaves now (served.py); its first batch's answer is
+    checked once the second batch is sampled, the server having scored it meanwhile."""
+    served = hasattr(reward_fn, "submit")
+    if served:
         reward_fn.submit(images, prompts)
     if first == 0:
-        if cfg.reward not in config.REWARD_NAMES:  # your own, or served
-            reward_fn(images, prompts, check=True)
+        first_batch.extend([images, prompts])  # kept for the check
         run_folder.long_epoch_notice(epoch, start, say, len(prompts), total)
+    if cfg.reward not in config.REWARD_NAMES and first == (len(first_batch[1]) if served else 0):
+        reward_fn(*first_batch, check=True)  # your own or a served reward
