@@ -191,9 +191,8 @@ def sample_trajectories(
     """Roll out the policy once per prompt, batch_size at a time.
 
     Returns a dict of tensors, batch first: latents (B, T+1, C, h, w) from x_T to x_0, log_probs
-    (B, T) of each taken step (B, T, C, h, w with reduce "none"), timesteps (B, T), prompt_embeds
-    (B, tokens, dim), negative_embeds (1, tokens, dim), images (B, 3, H, W) in [0, 1]; and prompts,
-    the list of B strings.
+    (B, T; reduce "none": B, T, C, h, w) of each taken step, timesteps (B, T), prompt_embeds (B,
+    tokens, dim), negative_embeds (1, tokens, dim), images (B, 3, H, W) in [0, 1]; prompts, B strs.
 
     beyond: options beyond the paper (machinery/run.py gives them). reduce, the log-prob's
     (reduce_elements); progress, a bar; base, the base policy: then also kl_to_base (B, T),
