@@ -340,15 +340,18 @@ def base_needed(cfg):
     )
 
 
+PROGRAM = {"name": "train.py"}  # who speaks in fail's and stop's line (reward_server.py sets it)
+
+
 def fail(message):
     """Refuse bad input: one line, exit status 2."""
-    print(f"train.py: error: {message}", file=sys.stderr)
+    print(f"{PROGRAM['name']}: error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
 def stop(message):
     """End a run that has begun: one line, exit status 1."""
-    print(f"train.py: stopped: {message}", file=sys.stderr)
+    print(f"{PROGRAM['name']}: stopped: {message}", file=sys.stderr)
     sys.exit(1)
 
 

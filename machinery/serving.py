@@ -130,12 +130,18 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    config.PROGRAM["name"] = "reward_server.py"  # its one-line refusals say who refuses
     cfg, args = parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        config.fail(f"--port {args.port}: a port is a number from 0 to 65535 (0: any free one)")
     reward_fn = load(cfg)
-    server = HTTPServer(
-        (args.host, args.port),
-        make_handler(cfg.reward, reward_fn, cfg.device, int(args.max_mb * 1e6)),
-    )
+    handler = make_handler(cfg.reward, reward_fn, cfg.device, int(args.max_mb * 1e6))
+    try:
+        server = HTTPServer((args.host, args.port), handler)
+    except OSError as error:  # the port taken, an address this machine does not have
+        config.fail(
+            f"--host {args.host} --port {args.port}: cannot listen there ({error.strerror})"
+        )
     host, port = server.server_address[:2]
     print(
         f"reward_server.py: serving {cfg.reward} on http://{host}:{port}/ ({cfg.device})",
