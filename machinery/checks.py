@@ -116,9 +116,10 @@ def validate(cfg):
         )
     check_successors(cfg, world)
     check_model("--model", cfg.model, "a pipeline folder", "model_index.json")
-    if cfg.reward == "aesthetic":
+    specs = [split_term(term)[0] for term in cfg.rewards] if cfg.rewards else [cfg.reward]
+    if "aesthetic" in specs:
         check_model("--aesthetic-model", cfg.aesthetic_model, "a CLIP model folder", "config.json")
-    if cfg.reward == "alignment":
+    if "alignment" in specs:
         check_model(
             "--alignment-model",
             cfg.alignment_model,
@@ -151,7 +152,7 @@ def validate(cfg):
         prompts = load_prompts(
             name, flag
         )  # read now: a missing or broken file fails before the models load
-        if cfg.reward == "pixel_background" and not set(prompts) <= set(toy_world.PROMPTS):
+        if "pixel_background" in specs and not set(prompts) <= set(toy_world.PROMPTS):
             fail(
                 f"--reward pixel_background finds the shape by the toy world's colours: use {flag} shapes, not {name}"
             )

@@ -166,7 +166,9 @@ def resolve(given):
     checks.validate(cfg)
     if cfg.rewards:  # each file's term recorded as it is now: --resume checks it is the same
         terms = [split_term(term) for term in cfg.rewards]
-        cfg.rewards = [f"{resolved(spec)}={weight:g}" for spec, weight in terms]
+        cfg.rewards = [
+            f"{resolved(spec)}={t.rpartition('=')[2]}" for t, (spec, _) in zip(cfg.rewards, terms)
+        ]
         files = {resolved(spec): own_reward_file(spec) for spec, _ in terms}
         cfg.rewards_sha256 = {spec: file_sha256(path) for spec, path in files.items() if path}
         sources["rewards_sha256"] = "derived: the terms' files as they are now"

@@ -52,48 +52,62 @@ def python_reward(cfg, reward_fn):
     return cfg if name is None else dataclasses.replace(cfg, reward=name)
 
 
-def load_reward(cfg, reward_fn=None):
+def load_reward(cfg, reward_fn=None, flag=None):
     """The run's reward function (train.py's --reward). The learned ones load their models here, once,
     for this run (and go with it); one that cannot load stops the run before it writes anything.
     Your own (reward_fn, or FILE.py:NAME or module:NAME) and a served one (a URL) are checked at
-    every call (checked)."""
+    every call (checked); flag names it in a refusal (default: --reward SPEC)."""
     if cfg.reward.startswith(PYTHON) and reward_fn is None:
         fail(
             f"--reward {cfg.reward}: names a function given to train.main(reward_fn=...); on the command line give FILE.py:NAME or module:NAME"
         )
     if cfg.rewards:
+        if reward_fn is not None:
+            fail(
+                "--rewards and a reward_fn given to train.main: give one (a file term is FILE.py:NAME=W)"
+            )
         return combined(cfg)
     if is_url(cfg.reward):
-        return checked(served_reward(cfg), cfg.reward, cfg.out)
+        return checked(served_reward(cfg), cfg.reward, cfg.out, flag)
     if cfg.reward not in REWARD_NAMES:
-        return checked(as_ours(reward_fn or own_reward(cfg.reward)), cfg.reward, cfg.out)
-    return built_in(cfg)
+        return checked(as_ours(reward_fn or own_reward(cfg.reward)), cfg.reward, cfg.out, flag)
+    return built_in(cfg) if flag is None else checked(built_in(cfg), cfg.reward, cfg.out, flag)
 
 
 def combined(cfg):
     """--rewards: the weighted sum of its terms, each loaded as --reward loads it and checked at
     every call (a term that fails names itself). A map term (B, H, W) makes the sum a map, the
     scalar terms spread over it. The function's `terms` holds each term's raw scores of its last
-    call, named by the term's short name (Run logs their means)."""
+    call, named by the term's short name (Run logs their means); `raw` sums the unchecked terms
+    (the preflight's)."""
     terms = []
     for term in cfg.rewards:
         spec, weight = split_term(term)
-        fn = load_reward(dataclasses.replace(cfg, reward=spec, rewards=None))
-        fn = fn if spec not in REWARD_NAMES else checked(fn, f"{spec} (in --rewards)", cfg.out)
+        flag = f"--rewards {term}"
+        fn = load_reward(dataclasses.replace(cfg, reward=spec, rewards=None), flag=flag)
         terms.append((unique(short_reward_name(spec), [name for name, _, _ in terms]), weight, fn))
 
-    def reward(images, prompts, check=False):
-        scores = {name: fn(images, prompts, check=check) for name, _, fn in terms}
-        reward.terms = scores
+    def weighted(scores, images, prompts):
         maps = [s for s in scores.values() if s.dim() == 3]
         shape = maps[0].shape if maps else (len(prompts),)
         total = torch.zeros(shape, device=images.device)
         for name, weight, _ in terms:
-            value = scores[name]
+            value = scores[name].to(images.device)
             total = total + weight * (value if value.dim() == len(shape) else value.view(-1, 1, 1))
         return total
 
-    reward.terms = {}
+    def reward(images, prompts, check=False):
+        reward.terms = {name: fn(images, prompts, check=check) for name, _, fn in terms}
+        return weighted(reward.terms, images, prompts)
+
+    def raw(images, prompts):
+        size = images.shape[-2:]
+        scores = {
+            name: as_scores(fn.raw(images, prompts), len(prompts), size) for name, _, fn in terms
+        }
+        return weighted(scores, images, prompts)
+
+    reward.terms, reward.raw = {}, raw
     served = [fn for _, _, fn in terms if hasattr(fn, "submit")]
     if served:
         reward.submit = lambda images, prompts: [fn.submit(images, prompts) for fn in served]
@@ -180,7 +194,7 @@ def own_reward(spec):
     return getattr(module, name)
 
 
-def checked(fn, spec, out):
+def checked(fn, spec, out, flag=None):
     """fn (as_ours) as train.py calls a reward, its output made a float tensor on the images' device,
     once a call. A return that is not B scores (or a (B, H, W) map), or that carries a gradient,
     ends the run in one line naming the function; so does a non-finite one, on the batch it is
@@ -191,7 +205,7 @@ def checked(fn, spec, out):
         try:
             values = fn(images, prompts)
         except Unavailable as error:
-            bad(str(error))
+            bad(str(error), error.fix)
         except Exception as error:  # the user's code, raising anything: its frames, then one line
             traceback.print_exc()
             bad(f"raised {type(error).__name__}: {error} (its traceback is above)")
@@ -201,16 +215,20 @@ def checked(fn, spec, out):
             bad(str(error) + (" on the first batch" if check else ""))
         return values.to(images.device)
 
-    def bad(problem):
+    def bad(problem, fix=None):
+        if hasattr(fn, "abandon"):  # a served reward: nothing more is sent, nothing waited for
+            fn.abandon()
         saved = sorted((Path(out) / "checkpoints").glob("epoch_*.pt"))
         trained = bool(saved)  # then the fixed file is a changed one, said so knowingly
         resume = f"python train.py --resume {out}{' --accept-changed-reward' if trained else ''}"
         if spec.startswith(PYTHON):
             resume = f"train.main(['--resume', {str(out)!r}], reward_fn={spec.rpartition('.')[2]})"
         kept = f"the checkpoint {saved[-1].name} is kept" if saved else "no epoch had finished"
-        fix = "once the server answers again," if is_url(spec) else "fix the function, then"
+        fix = fix or (
+            "fix the reward on the server, then" if is_url(spec) else "fix the function, then"
+        )
         stop(
-            f"--reward {spec}: {problem}; nothing of this epoch was trained on or saved ({kept}): {fix} continue with: {resume}"
+            f"{flag or f'--reward {spec}'}: {problem}; nothing of this epoch was trained on or saved ({kept}): {fix} continue with: {resume}"
         )
 
     if hasattr(fn, "submit"):  # a served reward: each batch posted as soon as it is sampled

@@ -28,7 +28,12 @@ FORMATS = ("png", "float32")
 
 
 class Unavailable(Exception):
-    """The server did not answer, or answered what is not a batch's scores: one line on which."""
+    """The server did not answer, or answered what is not a batch's scores: one line on which, and
+    what to do before the run continues (fix)."""
+
+    def __init__(self, problem, fix="once the server answers again,"):
+        super().__init__(problem)
+        self.fix = fix
 
 
 def encode(images, fmt):
@@ -44,8 +49,9 @@ def encode(images, fmt):
     return {"shape": list(array.shape), "data": base64.b64encode(array.tobytes()).decode("ascii")}
 
 
-def decode(images, fmt):
-    """The request's "images" -> (B, 3, H, W) float32 in [0, 1]; ValueError on anything else."""
+def decode(images, fmt, max_bytes):
+    """The request's "images" -> (B, 3, H, W) float32 in [0, 1]; ValueError on anything else,
+    and on PNGs whose pixels as float32 would take more than max_bytes (read before decoding)."""
     try:
         if fmt == "png":
             if not isinstance(images, list) or not all(isinstance(s, str) for s in images):
@@ -55,6 +61,11 @@ def decode(images, fmt):
             decoded = [Image.open(io.BytesIO(base64.b64decode(s, validate=True))) for s in images]
             if any(image.format != "PNG" or image.mode != "RGB" for image in decoded):
                 raise ValueError("every image must be an 8-bit RGB PNG")
+            pixels = sum(image.size[0] * image.size[1] for image in decoded)
+            if 12 * pixels > max_bytes:
+                raise ValueError(
+                    f"{pixels} pixels take {12 * pixels} bytes as float32, over {max_bytes}"
+                )
             if len({image.size for image in decoded}) > 1:
                 raise ValueError("the images differ in size")
             array = np.stack([np.asarray(image) for image in decoded]) if decoded else None
@@ -67,7 +78,7 @@ def decode(images, fmt):
         if len(data) != 4 * int(np.prod(shape)):
             raise ValueError(f'"data" holds {len(data)} bytes, not 4 x {"x".join(map(str, shape))}')
         return torch.from_numpy(np.frombuffer(data, dtype="<f4").reshape(shape).astype(np.float32))
-    except (binascii.Error, UnidentifiedImageError, OSError) as error:
+    except (binascii.Error, UnidentifiedImageError, Image.DecompressionBombError, OSError) as error:
         raise ValueError(f'"images" could not be read: {error}') from None
     except (KeyError, TypeError, AttributeError):
         raise ValueError(
@@ -77,7 +88,10 @@ def decode(images, fmt):
 
 class ServedReward:
     """reward(images, prompts) -> the server's scores, a tensor (B,) or (B, H, W). submit(images,
-    prompts) posts a batch now; the call whose prompts are those submitted collects them."""
+    prompts) posts a batch now, one request in flight at a time (the server takes one at a time,
+    so the timeout is the server's time on this request); the call on the submitted batches'
+    prompts collects them, and a call on the first submitted batch's own images peeks at its
+    answer (the run's check). Proxies in the environment are not used: a reward server is near."""
 
     def __init__(self, url, fmt="png", timeout=120.0, retries=3, backoff=1.0):
         self.url, self.fmt, self.timeout, self.retries, self.backoff = (
@@ -87,8 +101,9 @@ class ServedReward:
             retries,
             backoff,
         )
-        self.pool = ThreadPoolExecutor(2, thread_name_prefix="served-reward")
-        self.pending = []  # (prompts, future) of each submitted batch, in order
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="served-reward")
+        self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        self.pending, self.closed = [], False  # (images, prompts, future) of each batch posted
 
     def submit(self, images, prompts):
         future = self.pool.submit(self.post, images.detach().cpu(), list(prompts))
@@ -98,10 +113,17 @@ class ServedReward:
         prompts, submitted = list(prompts), [p for _, batch, _ in self.pending for p in batch]
         if self.pending and images is self.pending[0][0]:  # the first batch's check
             return self.pending[0][2].result()
-        if self.pending and submitted == prompts:  # the epoch, posted batch by batch
-            pending, self.pending = self.pending, []
+        pending, self.pending = self.pending, []
+        if pending and submitted == prompts:  # the epoch, posted batch by batch
             return torch.cat([future.result() for _, _, future in pending])
+        for _, _, future in pending:  # not this call's: nothing waits for them
+            future.cancel()
         return self.post(images, prompts)
+
+    def abandon(self):
+        """The run stops: no more tries, nothing queued; at most the request in flight finishes."""
+        self.closed = True
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
     def post(self, images, prompts):
         body = json.dumps(
@@ -110,18 +132,24 @@ class ServedReward:
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
+            if self.closed:
+                raise Unavailable("the run stopped")
             request = urllib.request.Request(
                 self.url, data=body, headers={"Content-Type": "application/json"}
             )
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                with self.opener.open(request, timeout=self.timeout) as response:
                     return scores(response.read(), len(prompts))
             except urllib.error.HTTPError as error:
                 last = f"HTTP {error.code}: {server_reason(error)}"
-                if error.code < 500:  # the request is wrong: asking again will not help
-                    raise Unavailable(f"the server refused the request ({last})") from None
+                if error.code not in (502, 503, 504):  # not a server away: asking again won't help
+                    fix = "fix the reward on the server (its traceback is on its console), then"
+                    raise Unavailable(
+                        f"the server answered {last}", fix if error.code >= 500 else "fix it, then"
+                    ) from None
             except (urllib.error.URLError, OSError) as error:
-                last = f"{type(getattr(error, 'reason', error)).__name__}: {getattr(error, 'reason', error)}"
+                reason = getattr(error, "reason", error)
+                last = f"{type(reason).__name__}: {reason}"
         raise Unavailable(
             f"no answer from {self.url} after {self.retries + 1} tries, "
             f"{self.timeout:g} s each at most ({last})"
@@ -134,12 +162,14 @@ def scores(body, count):
         values = np.asarray(json.loads(body)["rewards"], dtype=np.float32)
     except (ValueError, KeyError, TypeError) as error:
         raise Unavailable(
-            f'the server answered what is not {{"rewards": [...]}} ({error})'
+            f'the server answered what is not {{"rewards": [...]}} ({error})',
+            "fix the server's answers, then",
         ) from None
     if values.ndim not in (1, 3) or len(values) != count:
         raise Unavailable(
             f"the server answered {values.shape[0] if values.ndim else 'no'} scores "
-            f"(shape {values.shape}) for {count} images"
+            f"(shape {values.shape}) for {count} images",
+            "fix the server's answers, then",
         )
     return torch.from_numpy(values)
 

@@ -11,7 +11,6 @@ raises or returns what is not scores, a 500 (its traceback on the server's conso
 import argparse
 import dataclasses
 import json
-import sys
 import traceback
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -42,13 +41,13 @@ def load(cfg):
 def read_request(handler, max_bytes):
     """The request's images (B, 3, H, W) and prompts, or Refused with the status and why."""
     length = handler.headers.get("Content-Length")
-    if length is None or not length.isdigit():
+    if length is None or not (length.isascii() and length.isdigit()):
         raise Refused(411, "send a Content-Length")
     if int(length) > max_bytes:
         raise Refused(413, f"the request is {int(length)} bytes; this server takes {max_bytes}")
     try:
         request = json.loads(handler.rfile.read(int(length)))
-    except (ValueError, UnicodeDecodeError) as error:
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
         raise Refused(400, f"the body is not JSON ({error})") from None
     if not isinstance(request, dict):
         raise Refused(400, 'the body must be a JSON object {"prompts": ..., "images": ...}')
@@ -58,7 +57,7 @@ def read_request(handler, max_bytes):
     if fmt not in FORMATS:
         raise Refused(400, f'"format" {fmt!r} is not one of {", ".join(FORMATS)}')
     try:
-        images = decode(request.get("images"), fmt)
+        images = decode(request.get("images"), fmt, max_bytes)
     except ValueError as error:
         raise Refused(400, str(error)) from None
     if len(images) != len(prompts):
@@ -97,9 +96,6 @@ def make_handler(name, reward_fn, device, max_bytes):
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, format, *args):  # one line a request, on stderr
-            sys.stderr.write(f"reward_server.py: {self.address_string()} {format % args}\n")
-
     return Handler
 
 
@@ -132,6 +128,8 @@ def parse_args(argv=None):
 def main(argv=None):
     config.PROGRAM["name"] = "reward_server.py"  # its one-line refusals say who refuses
     cfg, args = parse_args(argv)
+    if not 0 < args.max_mb < float("inf"):
+        config.fail(f"--max-mb {args.max_mb}: give a positive number of megabytes")
     if not 0 <= args.port <= 65535:
         config.fail(f"--port {args.port}: a port is a number from 0 to 65535 (0: any free one)")
     reward_fn = load(cfg)

@@ -89,7 +89,7 @@ def test_a_term_that_fails_names_itself(args, tmp_path, capsys):
         train.main(args(tmp_path / "run", 1, "--rewards", "jpeg=1", f"{term}=1"))
     error = capsys.readouterr().err.strip()
     assert exit.value.code == 1 and len(error.splitlines()) == 1
-    assert f"--reward {term}: returned shape (1,) for 2 images" in error
+    assert f"--rewards {term}=1: returned shape (1,) for 2 images" in error
 
 
 def test_a_changed_term_file_is_refused_on_resume(args, tmp_path, capsys, monkeypatch):

@@ -37,8 +37,9 @@ def test_the_preflight_passes_on_the_bundled_model_and_writes_nothing(
 
 
 def test_a_flat_reward_warns_and_a_reward_that_returns_no_scores_fails(
-    capsys, tmp_path, tiny_pipeline_dir
+    capsys, tmp_path, tiny_pipeline_dir, monkeypatch
 ):
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "mine.py").write_text(
         "def flat(images, prompts):\n    return [0.5] * len(prompts)\n\n"
         "def short(images, prompts):\n    return [0.5]\n"
@@ -50,3 +51,4 @@ def test_a_flat_reward_warns_and_a_reward_that_returns_no_scores_fails(
     code, status, lines = preflight(capsys, *model, "--reward", f"{tmp_path / 'mine.py'}:short")
     assert code == 1 and status["reward"] == "fail", lines
     assert "shape (1,) for 4 images" in next(line for line in lines if "reward:" in line)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.py"]  # nothing written

@@ -179,6 +179,24 @@ def test_a_server_that_answers_the_wrong_count_is_named_in_one_line(args, tmp_pa
     server.shutdown()
 
 
+def test_a_reward_that_fails_on_the_server_stops_the_run_at_once_in_one_line(
+    args, tmp_path, capsys
+):
+    (tmp_path / "broken.py").write_text("def score(images, prompts):\n    raise KeyError('x')\n")
+    url, server = start(str(tmp_path / "broken.py:score"))
+    start_time = time.time()
+    with pytest.raises(SystemExit) as exit:
+        train.main(args(tmp_path / "run", 1, "--reward", url))
+    error = train_lines(capsys)
+    assert exit.value.code == 1 and len(error) == 1, error
+    assert "the server answered HTTP 500: the reward" in error[0] and "KeyError" in error[0]
+    assert "fix the reward on the server" in error[0]
+    assert (
+        time.time() - start_time < 30
+    )  # no retries, no backoff: a reward's bug is not a server away
+    server.shutdown()
+
+
 def test_no_server_at_the_url_is_refused_before_anything_is_written(args, tmp_path, capsys):
     url, server = scripted(lambda request: {})
     server.shutdown()
@@ -217,6 +235,17 @@ def test_the_server_answers_what_it_cannot_read_with_a_4xx_and_goes_on_serving()
     threading.Thread(target=small.serve_forever, daemon=True).start()
     code, answer = post(f"http://127.0.0.1:{small.server_address[1]}/", json.dumps(good).encode())
     assert code == 413 and "takes 100" in answer["error"]
+    pixels = HTTPServer(
+        ("127.0.0.1", 0), serving.make_handler("jpeg", REWARDS["jpeg"], "cpu", 9000)
+    )
+    threading.Thread(target=pixels.serve_forever, daemon=True).start()
+    big = {
+        **good,
+        "images": encode(images(n=1, size=28), "png"),
+    }  # 784 pixels, 9408 bytes as float32
+    code, answer = post(f"http://127.0.0.1:{pixels.server_address[1]}/", json.dumps(big).encode())
+    assert code == 400 and "784 pixels take 9408 bytes" in answer["error"], answer
+    pixels.shutdown()
     code, answer = post(url, json.dumps(good).encode())  # still serving
     assert code == 200 and len(answer["rewards"]) == 1
     server.shutdown()
