@@ -153,8 +153,18 @@ def tune(args, comparisons):
     """Every grid setting of every algorithm on the tuning seed; tune/tune.json keeps each
     algorithm's results and choice (merged with earlier ones, so a grid can be widened later)."""
     folder = args.out / "tune"
+    path = folder / "tune.json"
+    tuned = json.loads(path.read_text()) if path.is_file() else {}
+    earlier = {  # an earlier tuning's settings stay in the grid (their finished runs are reused)
+        (reward, algo): [row["setting"] for row in result["settings"]]
+        for reward, algos in tuned.items()
+        for algo, result in algos.items()
+    }
     grids = {
-        (reward, algo): {name(s): s for s in grid(algo, args.lrs, args.betas)}
+        (reward, algo): {
+            name(s): s
+            for s in [*earlier.get((reward, algo), []), *grid(algo, args.lrs, args.betas)]
+        }
         for reward, algos in comparisons.items()
         for algo in algos
     }
@@ -167,8 +177,6 @@ def tune(args, comparisons):
         for key, s in settings.items()
     }
     results = run_all(tasks, args)
-    path = folder / "tune.json"
-    tuned = json.loads(path.read_text()) if path.is_file() else {}
     for (reward, algo), settings in grids.items():
         best = choose({key: results[(reward, algo, key)] for key in settings})
         tuned.setdefault(reward, {})[algo] = {

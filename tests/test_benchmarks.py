@@ -83,18 +83,18 @@ def test_compare_tunes_each_algorithm_then_runs_its_choice_on_other_seeds(
             "ddpo-sf",
             *common[:-5],
             "--lrs",
-            "1e-3",
-            "1e-2",
-            "3e-2",
+            "3e-2",  # only the new one: the earlier two stay in the grid
             "--betas",
             "3",
         ]
     )
     widened = json.loads((tmp_path / "tune" / "tune.json").read_text())
-    assert (
-        len(widened["jpeg"]["ddpo-sf"]["settings"]) == 3
-        and widened["jpeg"]["rwr"] == tuned["jpeg"]["rwr"]
-    )
+    assert [row["setting"]["lr"] for row in widened["jpeg"]["ddpo-sf"]["settings"]] == [
+        1e-3,
+        1e-2,
+        3e-2,
+    ]
+    assert widened["jpeg"]["rwr"] == tuned["jpeg"]["rwr"]
     # a finished run is reused, not run again
     (rwr_run,) = tmp_path.glob("jpeg-rwr-lr*-seed0")
     before = (rwr_run / "metrics.jsonl").stat().st_mtime
