@@ -85,6 +85,20 @@ def tiny_pipeline_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture
+def tiny_run(tiny_pipeline_dir):
+    """train.py's flags for a tiny run on the tiny pipeline: out, epochs, then more flags. Two
+    batches of two images an epoch, 2 steps, one update."""
+    return lambda out, epochs, *extra: [
+        "--model",
+        str(tiny_pipeline_dir),
+        *("--samples-per-epoch", "4", "--batch-size", "2", "--updates-per-epoch", "1"),
+        *("--num-steps", "2", "--prompts", "simple_animals"),
+        *("--out", str(out), "--epochs", str(epochs)),
+        *extra,
+    ]
+
+
 @pytest.fixture(scope="session")
 def tiny_sd2_pipeline_dir(tmp_path_factory):
     """The same with SD 2.x's differences: v-prediction, linear attention projections."""

@@ -16,26 +16,8 @@ TIMING = ("sample_seconds", "train_seconds", "eval_seconds")
 
 
 @pytest.fixture
-def args(tiny_pipeline_dir):
-    return lambda out, epochs, *extra: [
-        "--model",
-        str(tiny_pipeline_dir),
-        "--samples-per-epoch",
-        "4",
-        "--batch-size",
-        "2",
-        "--updates-per-epoch",
-        "1",
-        "--num-steps",
-        "2",
-        "--prompts",
-        "simple_animals",
-        "--out",
-        str(out),
-        "--epochs",
-        str(epochs),
-        *extra,
-    ]
+def args(tiny_run):
+    return tiny_run
 
 
 def rows(out):

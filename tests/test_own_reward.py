@@ -13,32 +13,11 @@ from pathlib import Path
 import train
 
 ROOT_EXAMPLE = "examples/brightness.py:brightness"
-TINY = [
-    "--samples-per-epoch",
-    "4",
-    "--batch-size",
-    "2",
-    "--updates-per-epoch",
-    "1",
-    "--num-steps",
-    "2",
-    "--prompts",
-    "simple_animals",
-]
 
 
 @pytest.fixture
-def args(tiny_pipeline_dir):
-    return lambda out, epochs, *extra: [
-        "--model",
-        str(tiny_pipeline_dir),
-        *TINY,
-        "--out",
-        str(out),
-        "--epochs",
-        str(epochs),
-        *extra,
-    ]
+def args(tiny_run):
+    return tiny_run
 
 
 def metric(out, key):

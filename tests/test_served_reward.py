@@ -69,26 +69,8 @@ def test_a_pixel_map_travels_as_float32_and_comes_back_equal():
 
 
 @pytest.fixture
-def args(tiny_pipeline_dir):
-    return lambda out, epochs, *extra: [
-        "--model",
-        str(tiny_pipeline_dir),
-        "--samples-per-epoch",
-        "4",
-        "--batch-size",
-        "2",
-        "--updates-per-epoch",
-        "1",
-        "--num-steps",
-        "2",
-        "--prompts",
-        "simple_animals",
-        "--out",
-        str(out),
-        "--epochs",
-        str(epochs),
-        *extra,
-    ]
+def args(tiny_run):
+    return tiny_run
 
 
 def metrics(out):
