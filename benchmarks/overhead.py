@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import machinery.run  # noqa: E402
 import train  # noqa: E402
-from machinery.pipeline import DTYPES  # noqa: E402
+from machinery.pipeline import autocast as forwards_autocast  # noqa: E402
 from page import made_by, provenance, save_json, write_block  # noqa: E402
 
 ROWS = {  # the page's rows: a result's key, what it is
@@ -156,11 +156,7 @@ def main(argv=None):
     )
 
     unet = pipes[0].unet
-    autocast = torch.autocast(
-        unet.device.type,
-        dtype=DTYPES[cfg["mixed_precision"]],
-        enabled=cfg["mixed_precision"] != "no",
-    )
+    autocast = forwards_autocast(unet.device, cfg["mixed_precision"])
     floor_sample, floor_train = replay(unet, counted, autocast)
 
     n = len(epochs)

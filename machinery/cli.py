@@ -156,37 +156,34 @@ def resolve(given):
     if cfg.rewards:  # --rewards instead of --reward: the sum's name stands for the reward
         if "reward" in given:
             fail("--reward and --rewards: give one (--rewards jpeg=1 takes a single reward too)")
-        checks.check_terms(cfg.rewards)
-        cfg.reward, sources["reward"] = combined_name(cfg.rewards), "derived: --rewards"
     if not cfg.out:
         names = [short_reward_name(split_term(t)[0]) for t in cfg.rewards or [cfg.reward]]
         cfg.out = f"runs/{'+'.join(names)[:48]}-{cfg.algo}-{time.strftime('%Y%m%d-%H%M%S')}"
         sources["out"] = "derived: runs/<reward>-<algo>-<time>"
     cfg.run_id, sources["run_id"] = uuid.uuid4().hex[:12], "derived: new for each run"
-    checks.validate(cfg)
+    checks.validate(cfg)  # --rewards' terms too: the sum's name is made from them after
     if cfg.rewards:  # each file's term recorded as it is now: --resume checks it is the same
-        terms = [split_term(term) for term in cfg.rewards]
-        cfg.rewards = [
-            f"{resolved(spec)}={t.rpartition('=')[2]}" for t, (spec, _) in zip(cfg.rewards, terms)
-        ]
-        files = {resolved(spec): own_reward_file(spec) for spec, _ in terms}
-        cfg.rewards_sha256 = {spec: file_sha256(path) for spec, path in files.items() if path}
+        cfg.reward, sources["reward"] = combined_name(cfg.rewards), "derived: --rewards"
+        terms = [(term.rpartition("=")[2], *recorded(split_term(term)[0])) for term in cfg.rewards]
+        cfg.rewards = [f"{spec}={weight}" for weight, spec, _ in terms]
+        cfg.rewards_sha256 = {spec: sha for _, spec, sha in terms if sha}
         sources["rewards_sha256"] = "derived: the terms' files as they are now"
-    elif own_reward_file(cfg.reward):  # recorded as it is now: --resume checks it is the same
-        reward_file, cfg.reward = own_reward_file(cfg.reward), resolved(cfg.reward)
-        cfg.reward_sha256, sources["reward_sha256"] = (
-            file_sha256(reward_file),
-            "derived: the reward's file as it is now",
-        )
+    else:
+        cfg.reward, cfg.reward_sha256 = recorded(cfg.reward)
+        if cfg.reward_sha256:
+            sources["reward_sha256"] = "derived: the reward's file as it is now"
     return cfg, sources
 
 
-def resolved(spec):
-    """Your own reward's FILE.py:NAME with the file's absolute path; any other spec as it is."""
-    if not own_reward_file(spec):
-        return spec
+def recorded(spec):
+    """A reward as config.json records it: your own FILE.py:NAME with the file's absolute path, and
+    the sha256 of your own reward's file (None for any other reward, whose spec stays as it is)."""
+    path = own_reward_file(spec)
+    if path is None:
+        return spec, None
     where, _, name = spec.rpartition(":")
-    return f"{Path(where).resolve() if where.endswith('.py') else where}:{name}"
+    spec = f"{Path(where).resolve() if where.endswith('.py') else where}:{name}"
+    return spec, file_sha256(path)
 
 
 def describe(cfg, sources):

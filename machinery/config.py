@@ -411,9 +411,12 @@ def combined_name(terms):
 
 def own_reward_file(spec):
     """The file that holds your own reward, FILE.py:NAME's or module:NAME's (None for a built-in one)."""
-    if spec in REWARD_NAMES or spec.startswith(PYTHON) or is_url(spec):
-        return None
-    if not OWN_REWARD.fullmatch(spec):
+    if (
+        spec in REWARD_NAMES
+        or spec.startswith(PYTHON)
+        or is_url(spec)
+        or not OWN_REWARD.fullmatch(spec)
+    ):
         return None
     where = OWN_REWARD.fullmatch(spec)["where"]
     if where.endswith(".py"):

@@ -39,6 +39,13 @@ PIPELINES = {
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --mixed-precision
 
 
+def autocast(device, mixed_precision):
+    """The forwards' autocast to --mixed-precision's dtype; off at "no"."""
+    return torch.autocast(
+        device.type, dtype=DTYPES[mixed_precision], enabled=mixed_precision != "no"
+    )
+
+
 def pipeline_class(model, local_files_only=False):
     """The pipeline class a hub id or a local folder names in its model_index.json."""
     return DiffusionPipeline.load_config(model, local_files_only=local_files_only).get(

@@ -12,7 +12,7 @@ import torch
 import ddpo
 from machinery.config import load_prompts
 from machinery.parallel import setup
-from machinery.pipeline import DTYPES, add_trainable, load_model
+from machinery.pipeline import DTYPES, add_trainable, autocast, load_model
 from machinery.reward_loading import as_scores, load_reward
 from sampler import ddim_step_with_logprob, guided_eps, sample_trajectories
 
@@ -30,9 +30,7 @@ def run(cfg):
     reward_fn = load_reward(cfg)
     pipe = load_model(cfg, device, DTYPES[cfg.mixed_precision])
     params = add_trainable(pipe.unet, cfg.lora_rank)
-    autocast = torch.autocast(
-        device.type, dtype=DTYPES[cfg.mixed_precision], enabled=cfg.mixed_precision != "no"
-    )
+    forwards = autocast(device, cfg.mixed_precision)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     # one batch: two prompts, half of it each, so that the spread within a prompt shows
@@ -41,7 +39,7 @@ def run(cfg):
     n = max(2, cfg.batch_size // len(chosen)) * len(chosen)
     prompts = [prompt_set[i] for i in chosen for _ in range(n // len(chosen))]
     start = time.time()
-    with autocast:
+    with forwards:
         traj = sample_trajectories(
             pipe,
             prompts,
@@ -53,9 +51,9 @@ def run(cfg):
         )
     sample_seconds = time.time() - start
     say("ok", "sampling", f"{n} images of {len(chosen)} prompts, {cfg.num_steps} steps")
-    check_ratio(cfg, pipe, traj, autocast, say)
+    check_ratio(cfg, pipe, traj, forwards, say)
     rewards = check_reward(cfg, reward_fn, traj["images"], prompts, say)
-    train_seconds = check_gradient(cfg, pipe, params, traj, rewards, autocast, say)
+    train_seconds = check_gradient(cfg, pipe, params, traj, rewards, forwards, say)
     estimate(cfg, n, sample_seconds, train_seconds, device, say)
     return 1 if failed else 0
 

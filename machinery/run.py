@@ -23,7 +23,14 @@ from machinery import checkpoints, config, parallel, run_folder, successors, tra
 from machinery.config import load_prompts, stop
 from machinery.evaluation import evaluate, evaluation_due, final_row
 from machinery.leash import base_policy, kl_term
-from machinery.pipeline import DTYPES, add_trainable, compile_policy, load_model, prompt_losses
+from machinery.pipeline import (
+    DTYPES,
+    add_trainable,
+    autocast,
+    compile_policy,
+    load_model,
+    prompt_losses,
+)
 from machinery.reward_loading import load_reward, python_reward
 
 
@@ -92,9 +99,7 @@ class Run(Learner, contextlib.ExitStack):
         self.rng = np.random.default_rng(seed)  # prompts, shuffles, timestep orders
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
         dtype = DTYPES[cfg.mixed_precision]
-        self.autocast = torch.autocast(
-            self.device.type, dtype=dtype, enabled=cfg.mixed_precision != "no"
-        )
+        self.autocast = autocast(self.device, cfg.mixed_precision)
         self.reward_fn = load_reward(cfg, reward_fn)
         self.pipe = load_model(
             cfg, self.device, dtype

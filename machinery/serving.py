@@ -17,8 +17,8 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import torch
 
 from machinery import checks, config
-from machinery.config import REWARD_NAMES, Config, is_url
-from machinery.reward_loading import as_ours, as_scores, built_in, own_reward
+from machinery.config import Config, is_url
+from machinery.reward_loading import as_scores, load_reward
 from machinery.served import FORMATS, decode
 
 
@@ -29,13 +29,15 @@ class Refused(Exception):
 
 
 def load(cfg):
-    """The reward of cfg.reward, called as ours: reward(images, prompts)."""
+    """The reward of cfg.reward as a run loads it, unchecked (the server checks its answers):
+    reward(images, prompts)."""
     if is_url(cfg.reward):
         config.fail(
             f"--reward {cfg.reward}: a served reward is served already; give its name or file"
         )
     checks.check_reward(cfg.reward)
-    return built_in(cfg) if cfg.reward in REWARD_NAMES else as_ours(own_reward(cfg.reward))
+    reward_fn = load_reward(cfg)
+    return getattr(reward_fn, "raw", reward_fn)
 
 
 def read_request(handler, max_bytes):
