@@ -1,17 +1,8 @@
 """DDPO's objectives: advantages from rewards, and the losses whose gradients train the policy.
 
-Denoising as a Markov decision process (Black et al. 2023, section 4.3 "Denoising Diffusion Policy
-Optimization", its paragraph "Denoising as a multi-step MDP"):
-
-    state    s_t = (c, t, x_t)          prompt, timestep, current latent
-    action   a_t = x_{t-1}              the next latent
-    policy   pi(a_t | s_t) = p_theta(x_{t-1} | x_t, c), one DDIM step with eta > 0 (sampler.py)
-    start    c ~ p(c), t = T, x_T ~ N(0, I)
-    step     deterministic: (c, t, x_t) -> (c, t - 1, x_{t-1})
-    reward   r(x_0, c) after the last step, 0 before it (rewards.py)
-
-Every step of a trajectory shares the trajectory's one reward, so each step's advantage is the
-normalised reward of its sample (appendix D.3, "Reward Normalization"). The objective
+The policy is sampler.py's DDIM step, in the MDP stated at the top of that file: states (c, t, x_t),
+actions x_{t-1}, and one reward r(x_0, c) after the last step. Every step of a trajectory shares
+the trajectory's one reward, so each step's advantage is the normalised reward of its sample (appendix D.3, "Reward Normalization"). The objective
 J = E[r(x_0, c)] has the gradient (section 4.3, "Policy gradient estimation")
 
     grad J = E[ sum_t grad log p_theta(x_{t-1} | x_t, c) * A ]

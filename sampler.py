@@ -1,9 +1,18 @@
 """The policy: Stable Diffusion's denoiser, sampled with DDIM and read as a Gaussian policy.
 
-DDPO (Black et al. 2023, section 4.3 "Denoising Diffusion Policy Optimization") treats each
-reverse-diffusion step as an action. With eta > 0 a DDIM step draws x_{t-1} from a diagonal
-Gaussian whose mean depends on the UNet, so every step has a log-probability. This file takes that
-step with its log-prob, and samples whole trajectories, keeping everything the update needs.
+Denoising as a Markov decision process (Black et al. 2023, section 4.3 "Denoising Diffusion Policy
+Optimization", its paragraph "Denoising as a multi-step MDP"):
+
+    state    s_t = (c, t, x_t)          prompt, timestep, current latent
+    action   a_t = x_{t-1}              the next latent
+    policy   pi(a_t | s_t) = p_theta(x_{t-1} | x_t, c), one DDIM step with eta > 0 (this file)
+    start    c ~ p(c), t = T, x_T ~ N(0, I)
+    step     deterministic: (c, t, x_t) -> (c, t - 1, x_{t-1})
+    reward   r(x_0, c) after the last step, 0 before it (rewards.py)
+
+With eta > 0 a DDIM step draws x_{t-1} from a diagonal Gaussian whose mean depends on the UNet, so
+every step has a log-probability. This file takes that step with its log-prob, and samples whole
+trajectories, keeping everything the update (ddpo.py, train.py) needs.
 """
 
 import contextlib
