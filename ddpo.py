@@ -2,8 +2,9 @@
 
 The policy is sampler.py's DDIM step, in the MDP stated at the top of that file: states (c, t, x_t),
 actions x_{t-1}, and one reward r(x_0, c) after the last step. Every step of a trajectory shares
-the trajectory's one reward, so each step's advantage is the normalised reward of its sample (appendix D.3, "Reward Normalization"). The objective
-J = E[r(x_0, c)] has the gradient (section 4.3, "Policy gradient estimation")
+the trajectory's one reward, so each step's advantage is the normalised reward of its sample
+(appendix D.3, "Reward Normalization"). The objective J = E[r(x_0, c)] has the gradient
+(section 4.3, "Policy gradient estimation")
 
     grad J = E[ sum_t grad log p_theta(x_{t-1} | x_t, c) * A ]
 
