@@ -22,6 +22,8 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm import tqdm
 
+from machinery import flow
+
 REDUCTIONS = ("mean", "sum", "none")
 # what the UNet predicts: SD 1.x and SDXL the noise, SD 2.x at 768 px the velocity v
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -40,6 +42,8 @@ def ddim_mean_std(scheduler, model_output, timestep, sample, eta=1.0):
                                  eps = sqrt(abar) v + sqrt(1 - abar) x_t
     and the step is the same for both:
         x_{t-1} = sqrt(abar') x0_hat + sqrt(1 - abar' - sigma_t^2) eps + sigma_t z."""
+    if flow.is_flow(scheduler):  # beyond the paper: a flow model's SDE step (machinery/flow.py)
+        return flow.sde_mean_std(scheduler, model_output, timestep, sample)
     if eta <= 0:
         raise ValueError(
             f"eta={eta}: a DDIM step with eta <= 0 is deterministic and has no log-prob"
@@ -138,6 +142,8 @@ def ddim_step_with_logprob(
 def unet_eps(unet, latents, timesteps, cond):
     """The UNet's prediction at (x_t, t, c). SDXL's c carries its added conditioning in its last
     row (encode_prompts): the pooled text embedding and the six size and crop ids."""
+    if flow.is_transformer(unet):  # beyond the paper: SD3's velocity (machinery/flow.py)
+        return flow.transformer_velocity(unet, latents, timesteps, cond)
     if unet.config.addition_embed_type != "text_time":
         return unet(latents, timesteps, cond).sample
     time_ids = 6 * unet.config.addition_time_embed_dim
@@ -169,6 +175,8 @@ def encode_prompts(pipe, prompts, guidance=False):
     c, which unet_eps takes apart, so that c stays one tensor a prompt wherever the trajectories
     keep it. Its guidance prompt is zeros, as its force_zeros_for_empty_prompt makes it."""
     device = pipe.unet.device
+    if flow.is_transformer(pipe.unet):  # beyond the paper: SD3's three encoders (machinery/flow.py)
+        return flow.encode_prompts(pipe, prompts)
     if getattr(pipe, "text_encoder_2", None) is None:
         return pipe.encode_prompt(list(prompts), device, 1, False)[0]
     tokens, _, pooled, _ = pipe.encode_prompt(
@@ -188,7 +196,8 @@ def decode(pipe, latents):
     """The images of latents x_0, in [0, 1] (SDXL's VAE in fp32, outside autocast)."""
     fp32 = getattr(pipe, "text_encoder_2", None) is not None
     with torch.autocast(latents.device.type, enabled=False) if fp32 else contextlib.nullcontext():
-        latents = (latents / pipe.vae.config.scaling_factor).to(pipe.vae.dtype)
+        shift = pipe.vae.config.get("shift_factor") or 0  # SD3's VAE is shifted, SD's is not
+        latents = (latents / pipe.vae.config.scaling_factor + shift).to(pipe.vae.dtype)
         decoded = pipe.vae.decode(latents).sample
     return pipe.image_processor.postprocess(decoded.float(), output_type="pt")
 

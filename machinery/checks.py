@@ -57,7 +57,7 @@ def validate(cfg):
     ):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("eta", "clip_range", "lr", "adv_clip_max", "beta", "max_grad_norm"):
+    for name in ("eta", "noise_level", "clip_range", "lr", "adv_clip_max", "beta", "max_grad_norm"):
         if getattr(cfg, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
     # allowed by the arithmetic, meant by no one

@@ -44,7 +44,7 @@ GROUPS = {
     "per_prompt_stat_tracking buffer_size min_count beta pxpo_normalise lr weight_decay "
     "max_grad_norm seed",
     BEYOND: "rewards kl_coef eval_every eval_prompts eval_samples eval_num_steps samples_per_prompt "
-    "advantages shared_noise train_window steps_per_forward compile",
+    "advantages shared_noise train_window steps_per_forward compile noise_level",
     RUN: "out resume device mixed_precision gradient_checkpointing allow_tf32 log_with "
     "checkpoint_every keep_checkpoints reward_timeout reward_retries reward_format",
 }

@@ -175,6 +175,11 @@ class Config:
     num_steps: int = arg(50, "DDIM steps T per trajectory")
     guidance_scale: float = arg(5.0, "classifier-free guidance weight w, part of the policy")
     eta: float = arg(1.0, "DDIM noise level; must be > 0 for the step to have a log-prob")
+    noise_level: float = arg(
+        0.7,
+        "flow models (SD3): the noise level a of Flow-GRPO's SDE step, sigma_t = a sqrt(t / (1 - t)) "
+        "(machinery/flow.py); must be > 0 for the step to have a log-prob",
+    )
     # algorithm (paper, sections 4.2-4.3; settings from appendix D.1 and D.5)
     algo: str = arg(
         "ddpo-is",

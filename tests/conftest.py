@@ -18,6 +18,7 @@ from diffusers import DDIMScheduler
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from toy_world.pretrain import SD14_SCHEDULER, build_pipeline  # noqa: E402
+from toy_world.sd3 import build_sd3_pipeline  # noqa: E402
 from sampler import ddim_step_with_logprob, guided_eps  # noqa: E402
 
 
@@ -112,4 +113,13 @@ def tiny_sdxl_pipeline_dir(tmp_path_factory):
     """The same with SDXL's differences: two text encoders, the pooled embedding and size ids into the UNet."""
     path = tmp_path_factory.mktemp("tiny-sdxl")
     tiny_pipeline(family="sdxl").save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_pipeline_dir(tmp_path_factory):
+    """An SD3-shaped flow-matching pipeline (toy_world/sd3.py): two CLIP encoders and a T5, an MMDiT
+    transformer of two layers, the flow-matching scheduler with SD3's shift of 3."""
+    path = tmp_path_factory.mktemp("tiny-sd3")
+    build_sd3_pipeline().save_pretrained(path)
     return path

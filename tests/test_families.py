@@ -21,6 +21,7 @@ FAMILIES = {
     "sd1": "tiny_pipeline_dir",
     "sd2": "tiny_sd2_pipeline_dir",
     "sdxl": "tiny_sdxl_pipeline_dir",
+    "sd3": "tiny_sd3_pipeline_dir",
 }
 
 
@@ -29,10 +30,16 @@ def family_dir(request):
     return request.getfixturevalue(FAMILIES[request.param])
 
 
-def test_the_sampler_is_the_familys_own_pipeline_at_eta_1(family_dir):
+@pytest.fixture(params=[name for name in FAMILIES if name != "sd3"])
+def ddim_family_dir(request):
+    """SD3 samples with its own steps, checked against its pipeline in test_flow.py."""
+    return request.getfixturevalue(FAMILIES[request.param])
+
+
+def test_the_sampler_is_the_familys_own_pipeline_at_eta_1(ddim_family_dir):
     """The stock pipeline draws x_T, then each step's noise, from the generator, as sample_trajectories does."""
     pipe = load_pipeline(
-        family_dir
+        ddim_family_dir
     )  # its DDIM scheduler, with the model's schedule and prediction type
     traj = sample_trajectories(
         pipe,

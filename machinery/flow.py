@@ -1,0 +1,148 @@
+"""Flow-matching models (Stable Diffusion 3) as a DDPO policy: Flow-GRPO's SDE step (beyond the
+paper; Liu et al. 2025, arXiv 2505.05470, section 4.2 "From ODE to SDE").
+
+A rectified flow samples by an ODE, x_{t+dt} = x_t + v_theta(x_t, t) dt from t = 1 (noise) to
+t = 0 (data), with dt < 0 (FlowMatchEulerDiscreteScheduler.step). A deterministic step has no
+density, so DDPO's MDP (sampler.py) has no policy to differentiate. Flow-GRPO replaces each Euler
+step by a step of the reverse SDE that has the same marginals at every t (its eq. 9 and 12):
+
+    x_{t+dt} = x_t + [v + sigma_t^2 / (2t) (x_t + (1 - t) v)] dt + sigma_t sqrt(-dt) z,
+    sigma_t = a sqrt(t / (1 - t)),  z ~ N(0, I),
+
+a Gaussian whose mean depends on theta through v, with std sigma_t sqrt(-dt): the policy's step,
+with a log-prob. The noise level a (--noise-level, 0.7 in Flow-GRPO) plays the role of DDIM's eta:
+at a = 0 the step is the stock Euler step. Everything else of DDPO is unchanged: the log-prob is
+sampler.gaussian_log_prob of this mean and std, averaged over the latent's elements like the DDIM
+one; advantages, the clipped ratio and the update are ddpo.py's and train.py's.
+
+Two ends, handled as Flow-GRPO's code (flow_grpo/diffusers_patch/sd3_sde_with_logprob.py) does:
+the first step starts at t = 1, where 1 - t = 0 makes sigma_t infinite, so its sigma_t takes the
+next t in the denominator, a sqrt(1 / (1 - t_1)); the last step goes to t = 0 and is an SDE step
+like the others (sigma_t is finite at the last t > 0), so x_0 carries its noise.
+
+Here t is the scheduler's sigma (t = timestep / 1000 after the model's shift), and v is the
+transformer's guided prediction, classifier-free guidance as SD3's pipeline does it.
+"""
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+NOISE_LEVEL = 0.7  # Flow-GRPO's a for SD3.5 (its config/grpo.py)
+# the transformer's attention projections, of the image and the text streams (Flow-GRPO's)
+LORA_TARGETS = [
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+]
+
+
+class FlowSDEScheduler(FlowMatchEulerDiscreteScheduler):
+    """SD3's scheduler, its shift and schedule unchanged, made a policy: it holds the noise level a,
+    and its steps look up their t by timestep (no step counter), since the update recomputes any
+    stored step in any order. step() is the deterministic Euler step (a = 0), for the steps a
+    sampling window leaves out (machinery/successors.py)."""
+
+    init_noise_sigma = 1.0  # x_1 ~ N(0, I), unscaled
+    noise_level = NOISE_LEVEL
+    image_seq_len = None  # the transformer's tokens an image, for a resolution-dependent shift
+
+    def set_timesteps(self, num_inference_steps=None, device=None, **kwargs):
+        if self.config.use_dynamic_shifting and kwargs.get("mu") is None:  # as SD3's pipeline
+            kwargs["mu"] = calculate_shift(
+                self.image_seq_len,
+                self.config.get("base_image_seq_len", 256),
+                self.config.get("max_image_seq_len", 4096),
+                self.config.get("base_shift", 0.5),
+                self.config.get("max_shift", 1.16),
+            )
+        super().set_timesteps(num_inference_steps, device, **kwargs)
+
+    def step(self, model_output, timestep, sample, eta=0.0, return_dict=True, **_):
+        mean, _ = sde_mean_std(self, model_output, timestep, sample, noise_level=0.0)
+        return _Output(mean) if return_dict else (mean,)
+
+
+class _Output:
+    def __init__(self, prev_sample):
+        self.prev_sample = prev_sample
+
+
+def step_sigmas(scheduler, timestep, sample):
+    """t and the next t of each sample's step, shaped to broadcast against the latents."""
+    timesteps = scheduler.timesteps.to(sample.device)
+    t = torch.as_tensor(timestep, device=sample.device).reshape(-1)
+    index = (timesteps[None, :] == t[:, None]).int().argmax(dim=1)
+    sigmas = scheduler.sigmas.to(sample.device)
+    shape = (-1, *[1] * (sample.ndim - 1))
+    return sigmas[index].view(shape), sigmas[index + 1].view(shape), sigmas[1]
+
+
+def sde_mean_std(scheduler, model_output, timestep, sample, noise_level=None):
+    """Flow-GRPO's SDE step x_t -> x_{t+dt} as a Gaussian (module docstring): its mean and std for
+    the velocity model_output. noise_level: a (default: the scheduler's). At a = 0 the mean is the
+    Euler step x_t + v dt, bit for bit, and the std 0."""
+    a = scheduler.noise_level if noise_level is None else noise_level
+    t, t_next, t_after_first = step_sigmas(scheduler, timestep, sample)
+    dt = t_next - t  # < 0: from noise towards data
+    # sigma_t = a sqrt(t / (1 - t)); at t = 1 the next t in 1 - t (Flow-GRPO's code)
+    sigma_t = a * (t / (1 - torch.where(t == 1, t_after_first, t))).sqrt()
+    v = model_output.float()
+    # x_t + [v + sigma_t^2 / (2t) (x_t + (1 - t) v)] dt, grouped as Flow-GRPO's code groups it
+    mean = sample * (1 + sigma_t**2 / (2 * t) * dt) + v * (1 + sigma_t**2 * (1 - t) / (2 * t)) * dt
+    return mean, sigma_t * (-dt).sqrt()
+
+
+def is_flow(scheduler):
+    """Whether the policy is a flow model's SDE step (else DDIM's, sampler.py)."""
+    return isinstance(scheduler, FlowMatchEulerDiscreteScheduler)
+
+
+def is_transformer(denoiser):
+    """Whether the denoiser is SD3's transformer (else a UNet, sampler.py)."""
+    return "pooled_projection_dim" in denoiser.config
+
+
+def transformer_velocity(transformer, latents, timesteps, cond):
+    """The SD3 transformer's velocity at (x_t, t, c). c carries the pooled text embedding in its last
+    row (encode_prompts), so that it stays one tensor a prompt wherever trajectories keep it."""
+    pooled = transformer.config.pooled_projection_dim
+    return transformer(
+        hidden_states=latents,
+        timestep=timesteps,
+        encoder_hidden_states=cond[:, :-1],
+        pooled_projections=cond[:, -1, :pooled],
+        return_dict=False,
+    )[0]
+
+
+def encode_prompts(pipe, prompts):
+    """SD3's conditioning of each prompt: the two CLIP encoders' tokens beside T5's (its
+    encode_prompt), and the two pooled CLIP embeddings in one more row. The guidance prompt is the
+    empty prompt encoded like any other, as SD3's pipeline does."""
+    length = min(256, pipe.tokenizer_3.model_max_length)  # SD3's pipeline's default, 256
+    tokens, _, pooled, _ = pipe.encode_prompt(
+        list(prompts),
+        None,
+        None,
+        device=pipe.transformer.device,
+        do_classifier_free_guidance=False,
+        max_sequence_length=length,
+    )
+    extra = torch.zeros(len(tokens), 1, tokens.shape[-1], dtype=tokens.dtype, device=tokens.device)
+    extra[:, 0, : pooled.shape[-1]] = pooled
+    return torch.cat([tokens, extra], dim=1)
+
+
+class FlowPipeline(StableDiffusion3Pipeline):
+    """StableDiffusion3Pipeline whose transformer also answers to .unet, the name the loop and the
+    machinery use for the denoiser."""
+
+    @property
+    def unet(self):
+        return self.transformer

@@ -1,0 +1,159 @@
+"""The flow-matching policy (machinery/flow.py): Flow-GRPO's SDE step, checked against its
+formulas in float64, against diffusers' Euler step at noise level 0, against torch.distributions,
+and, on a tiny SD3-shaped pipeline, against the stock StableDiffusion3Pipeline."""
+
+import math
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+from machinery import flow
+from machinery.pipeline import load_pipeline
+from sampler import ddim_step_with_logprob, gaussian_log_prob, sample_trajectories
+
+SHAPE = (3, 4, 8, 8)
+# SD3's shift of 3, none, a strong one, and the resolution-dependent shift of FLUX-like configs
+SCHEDULERS = {
+    "shift-3": dict(shift=3.0),
+    "shift-1": dict(shift=1.0),
+    "shift-6": dict(shift=6.0),
+    "dynamic": dict(use_dynamic_shifting=True),
+}
+
+
+def flow_scheduler(num_steps, noise_level=0.7, **config):
+    scheduler = flow.FlowSDEScheduler(**config)
+    scheduler.noise_level, scheduler.image_seq_len = noise_level, 64
+    scheduler.set_timesteps(num_steps)
+    return scheduler
+
+
+def reference_mean_std(scheduler, v, step, x, a):
+    """The SDE step from its formula (the issue's and Flow-GRPO's), in float64, one step for the
+    batch: x + [v + s^2 / (2t) (x + (1 - t) v)] dt, std s sqrt(-dt), s = a sqrt(t / (1 - t)) with
+    the next t in 1 - t at t = 1."""
+    sigmas = scheduler.sigmas.double()
+    t, t_next = sigmas[step].item(), sigmas[step + 1].item()
+    dt = t_next - t
+    s = a * math.sqrt(t / (1 - (sigmas[1].item() if t == 1 else t)))
+    v, x = v.double(), x.double()
+    return x + (v + s**2 / (2 * t) * (x + (1 - t) * v)) * dt, s * math.sqrt(-dt)
+
+
+@pytest.mark.math
+@pytest.mark.parametrize("config", SCHEDULERS.values(), ids=SCHEDULERS)
+@pytest.mark.parametrize("num_steps", [1, 2, 10, 40])
+def test_noise_level_0_is_diffusers_euler_step_to_the_bit(config, num_steps):
+    ours = flow_scheduler(num_steps, noise_level=0.0, **config)
+    stock = FlowMatchEulerDiscreteScheduler(**config)
+    stock.set_timesteps(num_steps, mu=0.8 if config.get("use_dynamic_shifting") else None)
+    ours.set_timesteps(num_steps, mu=0.8 if config.get("use_dynamic_shifting") else None)
+    x = torch.randn(SHAPE)
+    for t in stock.timesteps:
+        v = torch.randn(SHAPE)
+        mean, std = flow.sde_mean_std(ours, v, t, x)
+        x = stock.step(v, t, x).prev_sample
+        assert torch.equal(mean, x) and (std == 0).all()
+
+
+@pytest.mark.math
+@pytest.mark.parametrize("config", SCHEDULERS.values(), ids=SCHEDULERS)
+@pytest.mark.parametrize("a", [0.3, 0.7, 1.0])
+def test_sde_step_equals_its_float64_formula_at_every_step(config, a):
+    scheduler = flow_scheduler(10, noise_level=a, **config)
+    for step, t in enumerate(scheduler.timesteps):
+        x, v = torch.randn(SHAPE), torch.randn(SHAPE)
+        mean, std = flow.sde_mean_std(scheduler, v, t, x)
+        expected_mean, expected_std = reference_mean_std(scheduler, v, step, x, a)
+        torch.testing.assert_close(mean.double(), expected_mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            std.double(), torch.full_like(std.double(), expected_std), rtol=1e-5, atol=0
+        )
+
+
+@pytest.mark.math
+@pytest.mark.parametrize("config", SCHEDULERS.values(), ids=SCHEDULERS)
+@pytest.mark.parametrize("num_steps", [1, 2, 10, 40])
+def test_every_step_is_finite_with_a_positive_std_for_every_shift(config, num_steps):
+    """t = 1 (the first step) would divide by 1 - t = 0; the last step goes to t = 0."""
+    scheduler = flow_scheduler(num_steps, **config)
+    assert scheduler.sigmas[0] == 1 and scheduler.sigmas[-1] == 0
+    x, v = torch.randn(SHAPE), torch.randn(SHAPE)
+    for t in scheduler.timesteps:
+        for dtype in (torch.float32, torch.bfloat16):
+            mean, std = flow.sde_mean_std(scheduler, v.to(dtype), t, x)
+            action, log_prob = ddim_step_with_logprob(scheduler, v.to(dtype), t, x)
+            assert torch.isfinite(mean).all() and (std > 0).all() and torch.isfinite(std).all()
+            assert torch.isfinite(action).all() and torch.isfinite(log_prob).all()
+
+
+@pytest.mark.math
+@pytest.mark.parametrize("step", [0, 5, 9])  # first (t = 1), middle, last (to t = 0)
+def test_log_prob_is_the_normal_density_of_the_step(step):
+    scheduler = flow_scheduler(10)
+    t = scheduler.timesteps[step]
+    x, v = torch.randn(SHAPE), torch.randn(SHAPE)
+    mean, std = flow.sde_mean_std(scheduler, v, t, x)
+    action, log_prob = ddim_step_with_logprob(scheduler, v, t, x, reduce="none")
+    expected = torch.distributions.Normal(mean.double(), std.double()).log_prob(action.double())
+    torch.testing.assert_close(log_prob.double(), expected, rtol=1e-5, atol=1e-5)
+    _, mean_log_prob = ddim_step_with_logprob(scheduler, v, t, x, prev_sample=action)
+    torch.testing.assert_close(
+        mean_log_prob.double(), expected.mean(dim=(1, 2, 3)), rtol=1e-5, atol=1e-5
+    )
+    assert torch.equal(gaussian_log_prob(action, mean, std, "none"), log_prob)
+
+
+@pytest.mark.math
+def test_per_sample_timesteps_equal_one_step_at_a_time():
+    scheduler = flow_scheduler(10)
+    x, v = torch.randn(SHAPE), torch.randn(SHAPE)
+    steps = scheduler.timesteps[[0, 4, 9]]
+    mean, std = flow.sde_mean_std(scheduler, v, steps, x)
+    for i in range(3):
+        one, one_std = flow.sde_mean_std(scheduler, v[i : i + 1], steps[i], x[i : i + 1])
+        assert torch.equal(mean[i : i + 1], one) and torch.equal(std[i : i + 1], one_std)
+
+
+def test_the_trajectory_at_noise_level_0_is_the_stock_sd3_pipelines(tiny_sd3_pipeline_dir):
+    """With the noise level 0 every step is the Euler step: the policy's sampler then draws what
+    StableDiffusion3Pipeline draws for the same x_1 and conditioning, latents and images, to the
+    bit. The conditioning is SD3's encode_prompt's: the prompts' to the bit; the empty prompt's,
+    encoded once rather than once a prompt, to rounding (a batch of 1 rounds its matmuls apart)."""
+    pipe = load_pipeline(tiny_sd3_pipeline_dir, noise_level=0.0)
+    prompts = ["a red circle", "a blue square", "an owl"]
+    x_1 = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    traj = sample_trajectories(
+        pipe,
+        prompts,
+        num_steps=4,
+        guidance_scale=3.0,
+        batch_size=3,
+        stochastic=torch.zeros(4, dtype=torch.bool),
+        initial_latents=x_1,
+    )
+    stock = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_pipeline_dir)
+    stock.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        tokens, negative, pooled, negative_pooled = stock.encode_prompt(
+            prompts, None, None, max_sequence_length=16
+        )
+    ours, our_negative = traj["prompt_embeds"], traj["negative_embeds"].expand(3, -1, -1)
+    assert torch.equal(ours[:, :-1], tokens) and torch.equal(ours[:, -1, :64], pooled)
+    torch.testing.assert_close(our_negative[:, :-1], negative, rtol=0, atol=1e-6)
+    torch.testing.assert_close(our_negative[:, -1, :64], negative_pooled, rtol=0, atol=1e-6)
+    common = dict(
+        num_inference_steps=4,
+        guidance_scale=3.0,
+        height=16,
+        width=16,
+        latents=x_1,
+        prompt_embeds=ours[:, :-1],
+        pooled_prompt_embeds=ours[:, -1, :64],
+        negative_prompt_embeds=our_negative[:, :-1],
+        negative_pooled_prompt_embeds=our_negative[:, -1, :64],
+    )
+    latents = stock(output_type="latent", **common).images
+    images = stock(output_type="pt", **common).images
+    assert torch.equal(traj["latents"][:, -1], latents) and torch.equal(traj["images"], images)
