@@ -284,7 +284,10 @@ def keep(args, tasks, tuned, table):
     records = [run_record(args.keep / out.name) for _, out in tasks.values()]
     seeds = " ".join(map(str, args.seeds))
     command = f"python benchmarks/compare.py --jobs 2 --seeds {seeds}"
-    body = f"{table}\n\nThe tuning:\n\n{tuning_table(tuned)}\n\n{made_by(command, records)}"
+    figure = f"![reward and fidelity against reward queries, every algorithm at its tuned setting, 3 seeds]({args.keep.name}/compare.png)"
+    tune_seeds = sorted({result["seed"] for algos in tuned.values() for result in algos.values()})
+    tuning = f"The tuning, on seed {', '.join(map(str, tune_seeds))} (the first epoch is the base model on that seed):"
+    body = f"{table}\n\n{figure}\n\n{tuning}\n\n{tuning_table(tuned)}\n\n{made_by(command, records)}"
     write_block(args.page, "compare", body)
 
 

@@ -91,7 +91,7 @@ ALGOS = tuple(ALGO_SETTINGS)
 TUNED = {
     "tiny": {
         ("jpeg", "ddpo-sf"): dict(lr=5e-3),
-        ("jpeg", "rwr"): dict(lr=5e-3, beta=6.0),
+        ("jpeg", "rwr"): dict(lr=1.6e-3, beta=6.0),
         ("jpeg", "rwr-sparse"): dict(lr=5e-4),
         ("pixel_background", "ddpo-is"): dict(lr=5e-3),
         ("pixel_background", "ddpo-sf"): dict(lr=1.6e-3),
