@@ -287,7 +287,9 @@ def keep(args, tasks, tuned, table):
     figure = f"![reward and fidelity against reward queries, every algorithm at its tuned setting, 3 seeds]({args.keep.name}/compare.png)"
     tune_seeds = sorted({result["seed"] for algos in tuned.values() for result in algos.values()})
     tuning = f"The tuning, on seed {', '.join(map(str, tune_seeds))} (the first epoch is the base model on that seed):"
-    body = f"{table}\n\n{figure}\n\n{tuning}\n\n{tuning_table(tuned)}\n\n{made_by(command, records)}"
+    body = (
+        f"{table}\n\n{figure}\n\n{tuning}\n\n{tuning_table(tuned)}\n\n{made_by(command, records)}"
+    )
     write_block(args.page, "compare", body)
 
 
