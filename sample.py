@@ -6,12 +6,14 @@
 It samples as the run was trained and scored: with the run's DDIM steps, guidance and eta (from
 its config.json). eta 1, the paper's and the default, draws fresh noise at every step, so each
 image is one draw of the policy that was trained; `--eta 0` is deterministic DDIM, the mean path
-(what a plain `pipe(prompt)` does), which the policy was never trained or scored on. The weights
-go through diffusers' own loading, as anyone would use them: `load_lora_weights(run/lora)` into a
-stock pipeline, or the saved `unet/` after a full fine-tune. It writes into a folder it names
-(--out; default RUN/generated/<time>): grid.png (the base model's row above the run's, each image
-captioned with its prompt and, for a built-in reward, its reward) and each image as base_K.png
-and tuned_K.png.
+(what a plain `pipe(prompt)` does), which the policy was never trained or scored on. A flow model
+(SD3) likewise takes the run's SDE steps at its --noise-level (0: the ODE, a plain `pipe(prompt)`).
+
+The weights go through diffusers' own loading, as anyone would use them:
+`load_lora_weights(run/lora)` into a stock pipeline, or the saved `unet/` after a full fine-tune.
+It writes into a folder it names (--out; default RUN/generated/<time>): grid.png (the base model's
+row above the run's, each image captioned with its prompt and, for a built-in reward, its reward)
+and each image as base_K.png and tuned_K.png.
 """
 
 import argparse
@@ -48,6 +50,11 @@ def parse_args(argv=None):
         type=float,
         help="DDIM noise level; default the run's (1: as trained; 0: deterministic DDIM)",
     )
+    parser.add_argument(
+        "--noise-level",
+        type=float,
+        help="flow models (SD3): the SDE step's noise level a; default the run's (0: the ODE)",
+    )
     parser.add_argument("--device", help="torch device; default cuda when available, else cpu")
     parser.add_argument("--out", help="the folder to write; default RUN/generated/<time>")
     args = parser.parse_args(argv)
@@ -66,6 +73,8 @@ def parse_args(argv=None):
         fail(f"--num-images must be at least 1, got {args.num_images}")
     if args.eta is not None and not 0 <= args.eta <= 1:
         fail(f"--eta must be in [0, 1], got {args.eta}")
+    if args.noise_level is not None and args.noise_level < 0:
+        fail(f"--noise-level must be >= 0, got {args.noise_level}")
     prompts = args.prompts or config.load_prompts(
         str(run / config.PROMPTS_COPY)
         if (run / config.PROMPTS_COPY).is_file()
@@ -73,6 +82,8 @@ def parse_args(argv=None):
     )
     args.prompts = [prompts[k % len(prompts)] for k in range(args.num_images)]
     args.eta = saved.get("eta", 1.0) if args.eta is None else args.eta
+    if args.noise_level is None:
+        args.noise_level = saved.get("noise_level", 0.7)
     args.device = args.device or ("cuda" if config.cuda_available() else "cpu")
     args.out = Path(args.out or run / "generated" / time.strftime("%Y%m%d-%H%M%S"))
     return args, saved, weights[0]
@@ -88,8 +99,7 @@ for library in (
     os.environ.setdefault(f"{library}_VERBOSITY", "error")
 
 import torch  # noqa: E402
-from diffusers import UNet2DConditionModel  # noqa: E402
-
+from machinery import flow  # noqa: E402
 from machinery.pipeline import load_pipeline  # noqa: E402
 from ddpo import scalar  # noqa: E402
 from machinery.reward_loading import load_reward  # noqa: E402
@@ -101,19 +111,25 @@ def main(argv=None):
     """argv: sample.py's arguments (or their parse, already made). Returns the two sides' images,
     base and tuned, each (N, 3, H, W) in [0, 1]."""
     args, saved, weights = argv if isinstance(argv, tuple) else parse_args(argv)
-    pipe = load_pipeline(saved["model"], args.device)
+    pipe = load_pipeline(saved["model"], args.device, noise_level=args.noise_level)
+    flow_model = flow.is_flow(pipe.scheduler)
 
     def sample():
         generator = torch.Generator(args.device).manual_seed(args.seed)
         steps, guidance = saved["num_steps"], saved["guidance_scale"]
-        options = dict(num_inference_steps=steps, guidance_scale=guidance, eta=args.eta)
+        options = dict(num_inference_steps=steps, guidance_scale=guidance)
+        if flow_model:  # SD3's pipeline draws each SDE step's noise from torch's own generator
+            torch.manual_seed(args.seed)
+        else:
+            options["eta"] = args.eta
         return pipe(args.prompts, **options, generator=generator, output_type="pt").images
 
     base = sample()
     if weights.name == "lora":
         pipe.load_lora_weights(weights)
-    else:
-        pipe.unet = UNet2DConditionModel.from_pretrained(weights).to(args.device)
+    else:  # a full fine-tune's UNet (or SD3 transformer)
+        tuned = type(pipe.unet).from_pretrained(weights).to(args.device)
+        setattr(pipe, "transformer" if flow_model else "unet", tuned)
     tuned = sample()
     # the built-in rewards are cheap, and load_reward makes them as the run did (pixel_color's
     # target); your own and the learned ones are not called
@@ -140,7 +156,8 @@ def main(argv=None):
             picture.save(args.out / f"{side}_{k}.png")
     print(
         f"{len(args.prompts)} prompts, base and tuned from the same noise (seed {args.seed}, "
-        f"{saved['num_steps']} steps, guidance {saved['guidance_scale']}, eta {args.eta}) "
+        f"{saved['num_steps']} steps, guidance {saved['guidance_scale']}, "
+        f"{f'noise level {args.noise_level}' if flow_model else f'eta {args.eta}'}) "
         f"-> {args.out / 'grid.png'}"
     )
     return base, tuned

@@ -172,7 +172,8 @@ def rwr_regression_loss(cfg, pipe, traj, weights, rows, rng):
     """RWR's loss on the samples `rows`: the denoising loss of the guided prediction on each x_0,
     noised afresh at a random t, times the sample's weight (ddpo.rwr_loss). The target is what the
     model predicts, the one it was trained on: the noise, or for v-prediction (SD 2.x at 768 px)
-    the velocity v = sqrt(abar_t) noise - sqrt(1 - abar_t) x_0."""
+    the velocity v = sqrt(abar_t) noise - sqrt(1 - abar_t) x_0 (a flow model's, machinery/flow.py:
+    noise - x_0)."""
     x0 = traj["latents"][rows, -1]
     noise = torch.randn_like(x0)
     size = len(rows)

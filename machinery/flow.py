@@ -1,10 +1,14 @@
 """Flow-matching models (Stable Diffusion 3) as a DDPO policy: Flow-GRPO's SDE step (beyond the
-paper; Liu et al. 2025, arXiv 2505.05470, section 4.2 "From ODE to SDE").
+paper; Liu et al. 2025, arXiv 2505.05470, its ODE-to-SDE conversion). The formulas below are its
+update rule as public summaries of the paper restate it and as its code computes it
+(yifan123/flow_grpo, flow_grpo/diffusers_patch/sd3_sde_with_logprob.py); tests/test_flow.py checks
+this file against them in float64. The paper's section and equation numbers could not be checked
+against a full copy of it here, so none are cited.
 
 A rectified flow samples by an ODE, x_{t+dt} = x_t + v_theta(x_t, t) dt from t = 1 (noise) to
 t = 0 (data), with dt < 0 (FlowMatchEulerDiscreteScheduler.step). A deterministic step has no
 density, so DDPO's MDP (sampler.py) has no policy to differentiate. Flow-GRPO replaces each Euler
-step by a step of the reverse SDE that has the same marginals at every t (its eq. 9 and 12):
+step by a step of a reverse-time SDE that has the same marginals at every t:
 
     x_{t+dt} = x_t + [v + sigma_t^2 / (2t) (x_t + (1 - t) v)] dt + sigma_t sqrt(-dt) z,
     sigma_t = a sqrt(t / (1 - t)),  z ~ N(0, I),
@@ -18,7 +22,9 @@ one; advantages, the clipped ratio and the update are ddpo.py's and train.py's.
 Two ends, handled as Flow-GRPO's code (flow_grpo/diffusers_patch/sd3_sde_with_logprob.py) does:
 the first step starts at t = 1, where 1 - t = 0 makes sigma_t infinite, so its sigma_t takes the
 next t in the denominator, a sqrt(1 / (1 - t_1)); the last step goes to t = 0 and is an SDE step
-like the others (sigma_t is finite at the last t > 0), so x_0 carries its noise.
+like the others (sigma_t is finite at the last t > 0), so x_0 carries its noise. Flow-GRPO's
+configuration does not train that last step (timestep_fraction 0.99 of 10 steps, in order: its
+log-prob overflowed in fp16); here the step's maths runs in fp32, and any step may be trained.
 
 Here t is the scheduler's sigma (t = timestep / 1000 after the model's shift), and v is the
 transformer's guided prediction, classifier-free guidance as SD3's pipeline does it.
@@ -26,6 +32,7 @@ transformer's guided prediction, classifier-free guidance as SD3's pipeline does
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+from diffusers.utils.torch_utils import randn_tensor
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
 NOISE_LEVEL = 0.7  # Flow-GRPO's a for SD3.5 (its config/grpo.py)
@@ -45,8 +52,9 @@ LORA_TARGETS = [
 class FlowSDEScheduler(FlowMatchEulerDiscreteScheduler):
     """SD3's scheduler, its shift and schedule unchanged, made a policy: it holds the noise level a,
     and its steps look up their t by timestep (no step counter), since the update recomputes any
-    stored step in any order. step() is the deterministic Euler step (a = 0), for the steps a
-    sampling window leaves out (machinery/successors.py)."""
+    stored step in any order. step() takes the SDE step at the noise level eta (default a; 0 is
+    the Euler step, for the steps a sampling window leaves out, machinery/successors.py), so that
+    StableDiffusion3Pipeline itself samples as the policy does (sample.py)."""
 
     init_noise_sigma = 1.0  # x_1 ~ N(0, I), unscaled
     noise_level = NOISE_LEVEL
@@ -63,8 +71,22 @@ class FlowSDEScheduler(FlowMatchEulerDiscreteScheduler):
             )
         super().set_timesteps(num_inference_steps, device, **kwargs)
 
-    def step(self, model_output, timestep, sample, eta=0.0, return_dict=True, **_):
-        mean, _ = sde_mean_std(self, model_output, timestep, sample, noise_level=0.0)
+    def add_noise(self, original_samples, noise, timesteps):
+        """x_t = (1 - t) x_0 + t noise at t = timestep / 1000: the flow's path, on which RWR
+        regresses (train.rwr_regression_loss)."""
+        t = timesteps.float() / self.config.num_train_timesteps
+        t = t.view(-1, *[1] * (noise.ndim - 1))
+        return (1 - t) * original_samples + t * noise
+
+    def get_velocity(self, sample, noise, timesteps):
+        """The velocity of that path, d x_t / dt = noise - x_0: what the transformer predicts, so
+        RWR's target (the pipeline declares it a velocity model, load_pipeline)."""
+        return noise - sample
+
+    def step(self, model_output, timestep, sample, eta=None, generator=None, return_dict=True, **_):
+        mean, std = sde_mean_std(self, model_output, timestep, sample, eta)
+        if (std > 0).any():
+            mean = mean + std * randn_tensor(mean.shape, generator=generator, device=mean.device)
         return _Output(mean) if return_dict else (mean,)
 
 
@@ -77,7 +99,10 @@ def step_sigmas(scheduler, timestep, sample):
     """t and the next t of each sample's step, shaped to broadcast against the latents."""
     timesteps = scheduler.timesteps.to(sample.device)
     t = torch.as_tensor(timestep, device=sample.device).reshape(-1)
-    index = (timesteps[None, :] == t[:, None]).int().argmax(dim=1)
+    matches = timesteps[None, :] == t[:, None]
+    if not matches.any(dim=1).all():
+        raise ValueError(f"timesteps {t.tolist()} are not all on the schedule {timesteps.tolist()}")
+    index = matches.int().argmax(dim=1)
     sigmas = scheduler.sigmas.to(sample.device)
     shape = (-1, *[1] * (sample.ndim - 1))
     return sigmas[index].view(shape), sigmas[index + 1].view(shape), sigmas[1]

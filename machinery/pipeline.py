@@ -77,6 +77,7 @@ def load_pipeline(
     if kind is flow.FlowPipeline:
         pipe.scheduler = flow.FlowSDEScheduler.from_config(pipe.scheduler.config)
         pipe.scheduler.noise_level = noise_level
+        pipe.scheduler.register_to_config(prediction_type="v_prediction")  # the flow's velocity
         patches = pipe.unet.config.sample_size // pipe.unet.config.patch_size
         pipe.scheduler.image_seq_len = patches**2
     else:

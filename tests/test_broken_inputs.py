@@ -166,8 +166,8 @@ CASES = {
     ),
     "model missing": (lambda w, r: ["--model", str(w / "no_such_model") + "/"], "--model"),
     "model another pipeline": (
-        lambda w, r: model_copy(w, r, "model_index.json", _class_name="StableDiffusion3Pipeline"),
-        "StableDiffusion3Pipeline",
+        lambda w, r: model_copy(w, r, "model_index.json", _class_name="FluxPipeline"),
+        "FluxPipeline",
     ),
     "model's steps end without noise": (
         lambda w, r: model_copy(
