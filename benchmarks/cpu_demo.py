@@ -1,6 +1,8 @@
 """The CPU demo, measured: `python train.py --reward jpeg` on several seeds, with the bundled model.
 
     python benchmarks/cpu_demo.py --seeds 0 1 2 --out runs/cpu-demo
+    python benchmarks/cpu_demo.py --model toy_world/tiny-flow --out runs/flow-demo \
+        --keep docs/flow-demo --page docs/flow-models.md          # the bundled flow model
 
 For each seed it runs the plain command (only --seed and --out added) in its own process, timing
 the whole wall clock, and records it with the commit and the machine (run.json). It reads the run's
@@ -39,7 +41,7 @@ from sampler import sample_trajectories  # noqa: E402
 LAST = 5  # the epochs at the end whose mean is the result
 
 
-def run_seed(seed, out):
+def run_seed(seed, out, model=None):
     if not (out / "run.json").is_file():  # else a finished run: read it again
         shutil.rmtree(out, ignore_errors=True)  # train.py writes only into an empty folder
         record, start = provenance(), time.time()  # the commit the run starts from
@@ -53,6 +55,7 @@ def run_seed(seed, out):
                 str(seed),
                 "--out",
                 str(out),
+                *(["--model", str(model)] if model else []),
             ],
             check=True,
         )
@@ -77,11 +80,11 @@ def run_seed(seed, out):
 
 
 @torch.no_grad()
-def before_after(lora_dir, path, n=8):
+def before_after(lora_dir, path, model, n=8):
     """Base and fine-tuned model on the same prompts and the same initial noise, one row each."""
     preset = PRESETS["tiny"]
     prompts = toy_world.PROMPTS[::2][:n]
-    pipe = load_pipeline(BUNDLED_MODEL)
+    pipe = load_pipeline(model)
     rows = []
     for tuned in (False, True):
         if tuned:
@@ -154,19 +157,23 @@ def main():
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--model", type=Path, help="a bundled model other than the DDIM one (tiny preset)"
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/cpu-demo"))
     parser.add_argument("--keep", type=Path, default=ROOT / "docs" / "cpu-demo")
     parser.add_argument("--page", type=Path, default=ROOT / "docs" / "cpu-demo.md")
     args = parser.parse_args()
-    results = [run_seed(seed, args.out / f"seed{seed}") for seed in args.seeds]
+    results = [run_seed(seed, args.out / f"seed{seed}", args.model) for seed in args.seeds]
     print(table(results))
     lora = args.out / f"seed{args.seeds[0]}" / "lora"
     if lora.is_dir():  # kept results have no weights: the kept figure stays
-        before_after(lora, args.out / "before_after.png")
+        before_after(lora, args.out / "before_after.png", args.model or BUNDLED_MODEL)
     if args.out.resolve() != args.keep.resolve():
         keep(args, results)
     seeds = " ".join(str(seed) for seed in args.seeds)
-    command = f"python benchmarks/cpu_demo.py --seeds {seeds}"
+    model = f" --model {args.model}" if args.model else ""
+    command = f"python benchmarks/cpu_demo.py{model} --seeds {seeds}"
     write_block(args.page, "cpu_demo", table(results) + "\n\n" + made_by(command, results))
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from machinery import checks, config
 from machinery.config import (
     ALGO_SETTINGS,
+    BUNDLED_FLOW_MODEL,
     BUNDLED_MODEL,
     EVAL_PROMPTS_COPY,
     PAPER_DEFAULTS,
@@ -125,9 +126,10 @@ def resolve(given):
         )
         sources["model"] = "auto: " + ("CUDA is available" if cuda else "no CUDA device")
     if preset == "auto":
-        preset = "tiny" if Path(model).resolve() == BUNDLED_MODEL.resolve() else "paper"
+        bundled = {BUNDLED_MODEL.resolve(), BUNDLED_FLOW_MODEL.resolve()}
+        preset = "tiny" if Path(model).resolve() in bundled else "paper"
         sources["preset"] = (
-            f"auto: {'the bundled model' if preset == 'tiny' else 'not the bundled model'}"
+            f"auto: {'a bundled model' if preset == 'tiny' else 'not a bundled model'}"
         )
     algo, reward = given.get("algo", Config.algo), given.get("reward", Config.reward)
     layers = [

@@ -24,6 +24,7 @@ import toy_world
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 DATA = ROOT / "data"
 BUNDLED_MODEL = ROOT / "toy_world" / "tiny-shapes"
+BUNDLED_FLOW_MODEL = ROOT / "toy_world" / "tiny-flow"  # SD3's shape (docs/flow-models.md)
 SD14 = "CompVis/stable-diffusion-v1-4"
 LOCK = ".lock"  # the run folder's lock file (run_folder.claim): a folder holding only it counts as empty
 PROMPTS_COPY, EVAL_PROMPTS_COPY = (

@@ -1,9 +1,10 @@
-"""The bundled model's pretraining runs on a CPU and yields a pipeline train.py can load."""
+"""The bundled models' pretraining runs on a CPU and yields pipelines train.py can load."""
 
 import torch
 
-from toy_world import pretrain
+from toy_world import pretrain, sd3
 import toy_world
+from machinery import flow
 from machinery.pipeline import load_pipeline
 from sampler import sample_trajectories
 
@@ -41,3 +42,23 @@ def test_pretraining_runs_a_few_steps_and_saves_a_loadable_pipeline(tmp_path):
         pipe, toy_world.PROMPTS[:2], num_steps=3, generator=torch.Generator().manual_seed(0)
     )
     assert traj["images"].shape == (2, 3, 64, 64)
+
+
+def test_the_t5_tokenizer_reads_world_words_as_one_token_and_falls_back_to_characters():
+    tokenizer = sd3.make_t5_tokenizer(["a", "red", "circle"])
+    assert tokenizer.tokenize("a red circle") == ["\u2581a", "\u2581red", "\u2581circle"]
+    assert tokenizer.tokenize("a dog") == ["\u2581a", "\u2581d", "o", "g"]
+
+
+def test_flow_pretraining_runs_a_few_steps_and_saves_a_loadable_sd3_pipeline(tmp_path):
+    """The bundled flow model's recipe (toy_world/sd3.py), on a VAE of the bundled model's shape."""
+    vae = tmp_path / "vae"
+    pretrain.build_pipeline(image_size=64).vae.save_pretrained(vae)
+    steps = ["--dataset-size", "250", "--steps", "3", "--batch", "4", "--save-every", "2"]
+    sd3.main(["--out", str(tmp_path / "flow"), "--vae", str(vae), "--layers", "1", *steps])
+    pipe = load_pipeline(tmp_path / "flow")
+    assert flow.is_flow(pipe.scheduler) and pipe.vae.config.shift_factor != 0
+    traj = sample_trajectories(
+        pipe, toy_world.PROMPTS[:2], num_steps=3, generator=torch.Generator().manual_seed(0)
+    )
+    assert traj["images"].shape == (2, 3, 64, 64) and torch.isfinite(traj["log_probs"]).all()

@@ -1,17 +1,35 @@
-"""Stable Diffusion 3's shape, scaled down, with random weights (no download): two CLIP text
-encoders with projections (their pooled embeddings condition the transformer), a T5 encoder with a
-tokenizer built by the tokenizers library, a VAE with SD3's shift, an MMDiT transformer of a few
-layers, and the flow-matching Euler scheduler with SD3's shift of 3."""
+"""Stable Diffusion 3's shape, scaled down, and its pretraining on the toy world with the
+flow-matching loss, on a CPU.
 
+    python -m toy_world.sd3 --out toy_world/tiny-flow      # the bundled flow model
+
+build_sd3_pipeline makes the shape with random weights (no download): two CLIP text encoders with
+projections (their pooled embeddings condition the transformer), a T5 encoder with a tokenizer
+built by the tokenizers library, a VAE with SD3's shift, an MMDiT transformer of a few layers, and
+the flow-matching Euler scheduler. The pretraining is the bundled DDIM model's recipe
+(toy_world/pretrain.py) with the flow-matching loss: it reuses that model's trained VAE (the same
+world's images, the same 4 x 8 x 8 latents), then trains the transformer and the three text
+encoders together on x_t = (1 - t) x_0 + t noise to predict the velocity noise - x_0, t drawn
+logit-normal as SD3 trains, with 10 % of the captions dropped so that guidance works.
+"""
+
+import argparse
+import dataclasses
 import string
+import time
+from dataclasses import dataclass
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers import (
     AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from diffusers.training_utils import EMAModel, compute_density_for_timestep_sampling
 from transformers import (
     CLIPTextConfig,
     CLIPTextModelWithProjection,
@@ -20,7 +38,8 @@ from transformers import (
     T5TokenizerFast,
 )
 
-from toy_world.pretrain import make_tokenizer
+import toy_world
+from toy_world.pretrain import encode_dataset, make_tokenizer
 
 SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)  # as SD3 medium's ships
 
@@ -46,9 +65,12 @@ def build_sd3_pipeline(
     words=(),
     max_length=16,
     seed=0,
+    shift=SD3_SCHEDULER["shift"],
+    vae=None,
 ):
-    """A random-weight SD3-shaped pipeline; the VAE downsamples by 2 ** (len(vae_channels) - 1)
-    and the transformer cuts the latent into patch_size x patch_size tokens."""
+    """A random-weight SD3-shaped pipeline; the VAE (or the one given) downsamples by
+    2 ** (len(vae_channels) - 1) and the transformer cuts the latent into patch_size x patch_size
+    tokens."""
     torch.manual_seed(seed)
     tokenizer = make_tokenizer(words, max_length)
     clip = dict(
@@ -77,7 +99,7 @@ def build_sd3_pipeline(
         decoder_start_token_id=0,
     )
     latent_size = image_size // 2 ** (len(vae_channels) - 1)
-    vae = AutoencoderKL(
+    vae = vae or AutoencoderKL(
         in_channels=3,
         out_channels=3,
         latent_channels=4,
@@ -105,7 +127,7 @@ def build_sd3_pipeline(
     )
     return StableDiffusion3Pipeline(
         transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER),
+        scheduler=FlowMatchEulerDiscreteScheduler(**{**SD3_SCHEDULER, "shift": shift}),
         vae=vae,
         text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**clip)),
         tokenizer=tokenizer,
@@ -114,3 +136,109 @@ def build_sd3_pipeline(
         text_encoder_3=T5EncoderModel(t5),
         tokenizer_3=t5_tokenizer,
     )
+
+
+@dataclass
+class Config:
+    out: str = "toy_world/tiny-flow"
+    seed: int = 0
+    vae: str = "toy_world/tiny-shapes/vae"  # the bundled DDIM model's, trained on the same world
+    dataset_size: int = 20000  # images encoded once
+    steps: int = 4500
+    batch: int = 64
+    lr: float = 1e-3
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    save_every: int = 1000
+    text_dim: int = 32  # each CLIP encoder's width; T5's is twice it
+    layers: int = 4
+    heads: int = 4
+    head_dim: int = 16
+    shift: float = 1.0  # SD3's 3 is for 1024 px; 64 tokens an image need none
+
+
+def train_flow(pipe, dataset, prompts, cfg, rng):
+    """The flow-matching loss ||(noise - x_0) - v_theta(x_t, t, c)||^2 on scaled latents, the
+    transformer and the three text encoders trained together, with EMA weights kept for sampling."""
+    encoders = [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3]
+    params = [p for m in (pipe.transformer, *encoders) for p in m.parameters()]
+    for module in (pipe.transformer, *encoders):
+        module.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
+    schedule = get_cosine_schedule_with_warmup(optimizer, 200, cfg.steps)
+    ema = EMAModel(params, decay=cfg.ema_decay)
+    vae = pipe.vae.config
+    generator = torch.Generator().manual_seed(cfg.seed)
+    start = time.time()
+    for step in range(cfg.steps):
+        rows = rng.integers(len(prompts), size=cfg.batch)
+        x_0 = (dataset[rows] - vae.shift_factor) * vae.scaling_factor
+        captions = ["" if rng.random() < cfg.caption_dropout else prompts[i] for i in rows]
+        tokens, _, pooled, _ = pipe.encode_prompt(
+            captions, None, None, do_classifier_free_guidance=False, max_sequence_length=8
+        )
+        noise = torch.randn(x_0.shape, generator=generator)
+        t = compute_density_for_timestep_sampling(
+            "logit_normal", cfg.batch, logit_mean=0.0, logit_std=1.0, generator=generator
+        ).view(-1, 1, 1, 1)
+        x_t = (1 - t) * x_0 + t * noise
+        velocity = pipe.transformer(
+            hidden_states=x_t,
+            timestep=t.flatten() * pipe.scheduler.config.num_train_timesteps,
+            encoder_hidden_states=tokens,
+            pooled_projections=pooled,
+            return_dict=False,
+        )[0]
+        loss = F.mse_loss(velocity, noise - x_0)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step(), schedule.step(), optimizer.zero_grad()
+        ema.step(params)
+        if step % 100 == 0 or step == cfg.steps - 1:
+            print(f"step {step}: loss {loss.item():.4f} ({time.time() - start:.0f}s)", flush=True)
+        if (step + 1) % cfg.save_every == 0 or step == cfg.steps - 1:
+            ema.store(params), ema.copy_to(params)
+            pipe.save_pretrained(cfg.out)
+            ema.restore(params)
+    for module in (pipe.transformer, *encoders):
+        module.requires_grad_(False)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    for f in dataclasses.fields(Config):
+        parser.add_argument("--" + f.name.replace("_", "-"), type=f.type, default=f.default)
+    cfg = Config(**vars(parser.parse_args(argv)))
+    rng = np.random.default_rng(cfg.seed)
+    vae = AutoencoderKL.from_pretrained(cfg.vae).requires_grad_(False)
+    dataset, prompts = encode_dataset(vae, cfg, rng)
+    # SD3's latents are shifted, then scaled: to zero mean and unit variance here
+    vae.register_to_config(shift_factor=dataset.mean().item())
+    vae.register_to_config(scaling_factor=1 / (dataset - dataset.mean()).std().item())
+    words = ["a", *toy_world.COLOURS, *toy_world.SHAPES]
+    pipe = build_sd3_pipeline(
+        image_size=toy_world.SIZE,
+        vae_channels=vae.config.block_out_channels,
+        text_dim=cfg.text_dim,
+        layers=cfg.layers,
+        heads=cfg.heads,
+        head_dim=cfg.head_dim,
+        words=words,
+        max_length=8,
+        seed=cfg.seed,
+        shift=cfg.shift,
+        vae=vae,
+    )
+    sizes = {
+        name: sum(p.numel() for p in getattr(pipe, name).parameters()) / 1e6
+        for name in ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+    }
+    print("parameters:", ", ".join(f"{k} {v:.2f}M" for k, v in sizes.items()), flush=True)
+    train_flow(pipe, dataset, prompts, cfg, rng)
+    return pipe
+
+
+if __name__ == "__main__":
+    main()
