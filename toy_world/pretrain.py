@@ -84,6 +84,23 @@ def make_tokenizer(words, max_length=8):
     )
 
 
+def make_vae(image_size, vae_channels, **options):
+    """A random-weight VAE: 3 x image_size^2 images <-> 4-channel latents, downsampling by
+    2 ** (len(vae_channels) - 1); options: more of its config (SD3's scaling and shift)."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=vae_channels,
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
+        norm_num_groups=8,
+        sample_size=image_size,
+        **options,
+    )
+
+
 def build_pipeline(
     image_size=64,
     vae_channels=(16, 32, 64, 64),
@@ -113,17 +130,7 @@ def build_pipeline(
         pad_token_id=1,
     )
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=vae_channels,
-        layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
-        norm_num_groups=8,
-        sample_size=image_size,
-    )
+    vae = make_vae(image_size, vae_channels)
     attention = ("CrossAttnDownBlock2D",) * (len(unet_channels) - 1)
     xl = (
         dict(

@@ -39,7 +39,7 @@ from transformers import (
 )
 
 import toy_world
-from toy_world.pretrain import encode_dataset, make_tokenizer
+from toy_world.pretrain import encode_dataset, make_tokenizer, make_vae
 
 SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)  # as SD3 medium's ships
 
@@ -99,19 +99,8 @@ def build_sd3_pipeline(
         decoder_start_token_id=0,
     )
     latent_size = image_size // 2 ** (len(vae_channels) - 1)
-    vae = vae or AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=vae_channels,
-        layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
-        norm_num_groups=8,
-        sample_size=image_size,
-        scaling_factor=1.5305,  # SD3's VAE's
-        shift_factor=0.0609,
-    )
+    # SD3's VAE's scaling and shift
+    vae = vae or make_vae(image_size, vae_channels, scaling_factor=1.5305, shift_factor=0.0609)
     transformer = SD3Transformer2DModel(
         sample_size=latent_size,
         patch_size=patch_size,
