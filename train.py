@@ -1,5 +1,6 @@
-"""Fine-tune a Stable Diffusion (1.x, 2.x or XL) UNet with DDPO (Black et al. 2023). One epoch is:
-sample trajectories -> reward -> advantages -> minibatch updates -> log (and checkpoint).
+"""Fine-tune a Stable Diffusion (1.x, 2.x, XL; 3 by machinery/flow.py) denoiser with DDPO (Black et
+al. 2023). One epoch is: sample trajectories -> reward -> advantages -> minibatch updates -> log
+(and checkpoint).
 
     python train.py --reward jpeg                       # SD v1.4 with CUDA, else the bundled model
     python train.py --algo rwr                          # or ddpo-sf, rwr-sparse, pxpo
