@@ -273,13 +273,18 @@ def train_unet(pipe, dataset, prompts, cfg, rng):
     pipe.unet.requires_grad_(False), pipe.text_encoder.requires_grad_(False)
 
 
-def main(argv=None):
+def parse_config(config_class, argv, description):
+    """A pretraining's settings: each field of its config dataclass a flag."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    for f in dataclasses.fields(Config):
+    for f in dataclasses.fields(config_class):
         parser.add_argument("--" + f.name.replace("_", "-"), type=f.type, default=f.default)
-    cfg = Config(**vars(parser.parse_args(argv)))
+    return config_class(**vars(parser.parse_args(argv)))
+
+
+def main(argv=None):
+    cfg = parse_config(Config, argv, __doc__)
     rng = np.random.default_rng(cfg.seed)
     words = ["a", *toy_world.COLOURS, *toy_world.SHAPES]
     pipe = build_pipeline(image_size=toy_world.SIZE, words=words, seed=cfg.seed)

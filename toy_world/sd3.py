@@ -13,8 +13,6 @@ encoders together on x_t = (1 - t) x_0 + t noise to predict the velocity noise -
 logit-normal as SD3 trains, with 10 % of the captions dropped so that guidance works.
 """
 
-import argparse
-import dataclasses
 import string
 import time
 from dataclasses import dataclass
@@ -39,7 +37,7 @@ from transformers import (
 )
 
 import toy_world
-from toy_world.pretrain import encode_dataset, make_tokenizer, make_vae
+from toy_world.pretrain import encode_dataset, make_tokenizer, make_vae, parse_config
 
 SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)  # as SD3 medium's ships
 
@@ -194,12 +192,7 @@ def train_flow(pipe, dataset, prompts, cfg, rng):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    for f in dataclasses.fields(Config):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=f.type, default=f.default)
-    cfg = Config(**vars(parser.parse_args(argv)))
+    cfg = parse_config(Config, argv, __doc__)
     rng = np.random.default_rng(cfg.seed)
     vae = AutoencoderKL.from_pretrained(cfg.vae).requires_grad_(False)
     dataset, prompts = encode_dataset(vae, cfg, rng)
