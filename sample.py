@@ -83,7 +83,7 @@ def parse_args(argv=None):
     args.prompts = [prompts[k % len(prompts)] for k in range(args.num_images)]
     args.eta = saved.get("eta", 1.0) if args.eta is None else args.eta
     if args.noise_level is None:
-        args.noise_level = saved.get("noise_level", 0.7)
+        args.noise_level = saved.get("noise_level", config.Config.noise_level)
     args.device = args.device or ("cuda" if config.cuda_available() else "cpu")
     args.out = Path(args.out or run / "generated" / time.strftime("%Y%m%d-%H%M%S"))
     return args, saved, weights[0]

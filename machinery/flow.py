@@ -32,10 +32,15 @@ transformer's guided prediction, classifier-free guidance as SD3's pipeline does
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-from diffusers.utils.torch_utils import randn_tensor
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
+    FlowMatchEulerDiscreteSchedulerOutput,
+)
+from diffusers.utils.torch_utils import randn_tensor
 
-NOISE_LEVEL = 0.7  # Flow-GRPO's a for SD3.5 (its config/grpo.py)
+from machinery.config import Config
+
+NOISE_LEVEL = Config.noise_level  # --noise-level's default: Flow-GRPO's a for SD3.5
 # the transformer's attention projections, of the image and the text streams (Flow-GRPO's)
 LORA_TARGETS = [
     "attn.to_q",
@@ -87,12 +92,7 @@ class FlowSDEScheduler(FlowMatchEulerDiscreteScheduler):
         mean, std = sde_mean_std(self, model_output, timestep, sample, eta)
         if (std > 0).any():
             mean = mean + std * randn_tensor(mean.shape, generator=generator, device=mean.device)
-        return _Output(mean) if return_dict else (mean,)
-
-
-class _Output:
-    def __init__(self, prev_sample):
-        self.prev_sample = prev_sample
+        return FlowMatchEulerDiscreteSchedulerOutput(mean) if return_dict else (mean,)
 
 
 def step_sigmas(scheduler, timestep, sample):

@@ -84,6 +84,21 @@ def make_tokenizer(words, max_length=8):
     )
 
 
+def clip_config(tokenizer, text_dim, text_layers=2):
+    """A small CLIP text encoder's config for the tokenizer: width text_dim, 4 heads."""
+    return dict(
+        vocab_size=len(tokenizer.get_vocab()),
+        hidden_size=text_dim,
+        intermediate_size=2 * text_dim,
+        num_hidden_layers=text_layers,
+        num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+
+
 def make_vae(image_size, vae_channels, **options):
     """A random-weight VAE: 3 x image_size^2 images <-> 4-channel latents, downsampling by
     2 ** (len(vae_channels) - 1); options: more of its config (SD3's scaling and shift)."""
@@ -118,17 +133,7 @@ def build_pipeline(
     tokens join the first's, and a UNet that also takes the pooled embedding and 6 size and crop ids."""
     torch.manual_seed(seed)
     tokenizer = make_tokenizer(words, max_length)
-    text_config = dict(
-        vocab_size=len(tokenizer.get_vocab()),
-        hidden_size=text_dim,
-        intermediate_size=2 * text_dim,
-        num_hidden_layers=text_layers,
-        num_attention_heads=4,
-        max_position_embeddings=max_length,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
+    text_config = clip_config(tokenizer, text_dim, text_layers)
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
     vae = make_vae(image_size, vae_channels)
     attention = ("CrossAttnDownBlock2D",) * (len(unet_channels) - 1)

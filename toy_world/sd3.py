@@ -37,7 +37,13 @@ from transformers import (
 )
 
 import toy_world
-from toy_world.pretrain import encode_dataset, make_tokenizer, make_vae, parse_config
+from toy_world.pretrain import (
+    clip_config,
+    encode_dataset,
+    make_tokenizer,
+    make_vae,
+    parse_config,
+)
 
 SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)  # as SD3 medium's ships
 
@@ -71,18 +77,7 @@ def build_sd3_pipeline(
     tokens."""
     torch.manual_seed(seed)
     tokenizer = make_tokenizer(words, max_length)
-    clip = dict(
-        vocab_size=len(tokenizer.get_vocab()),
-        hidden_size=text_dim,
-        intermediate_size=2 * text_dim,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=max_length,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-        projection_dim=text_dim,
-    )
+    clip = dict(clip_config(tokenizer, text_dim), projection_dim=text_dim)
     t5_tokenizer = make_t5_tokenizer(words, max_length)
     t5 = T5Config(
         vocab_size=len(t5_tokenizer.get_vocab()),
