@@ -7,13 +7,16 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
 import sample
 import train
 from machinery import flow
+from machinery.config import BUNDLED_FLOW_MODEL
 from machinery.pipeline import load_pipeline
 from sampler import ddim_step_with_logprob, gaussian_log_prob, sample_trajectories
+from toy_world.sd3 import build_sd3_pipeline
 
 SHAPE = (3, 4, 8, 8)
 # SD3's shift of 3, none, a strong one, and the resolution-dependent shift of FLUX-like configs
@@ -119,6 +122,16 @@ def test_per_sample_timesteps_equal_one_step_at_a_time():
         assert torch.equal(mean[i : i + 1], one) and torch.equal(std[i : i + 1], one_std)
 
 
+@pytest.mark.math
+def test_a_timestep_off_the_schedule_is_refused_not_read_as_the_first_step():
+    """The step looks its t up by timestep; one not on the schedule would otherwise read as t = 1."""
+    scheduler = flow_scheduler(10)
+    x, v = torch.randn(SHAPE), torch.randn(SHAPE)
+    off = (scheduler.timesteps[3] + scheduler.timesteps[4]) / 2
+    with pytest.raises(ValueError, match="not all on the schedule"):
+        flow.sde_mean_std(scheduler, v, torch.stack([scheduler.timesteps[0], off, off]), x)
+
+
 def test_the_trajectory_at_noise_level_0_is_the_stock_sd3_pipelines(tiny_sd3_pipeline_dir):
     """With the noise level 0 every step is the Euler step: the policy's sampler then draws what
     StableDiffusion3Pipeline draws for the same x_1 and conditioning, latents and images, to the
@@ -168,8 +181,8 @@ def sd3_run(tiny_sd3_pipeline_dir, tmp_path):
     buffers fill and matter."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\na dog\n")
-    return lambda out, epochs, *extra: [
-        *("--model", str(tiny_sd3_pipeline_dir), "--out", str(out), "--epochs", str(epochs)),
+    return lambda out, epochs, *extra, model=tiny_sd3_pipeline_dir: [
+        *("--model", str(model), "--out", str(out), "--epochs", str(epochs)),
         *("--samples-per-epoch", "8", "--batch-size", "2", "--num-steps", "4"),
         *("--prompts", str(prompts), "--lr", "1e-2", "--min-count", "4", "--buffer-size", "6"),
         *extra,
@@ -220,3 +233,44 @@ def test_sample_py_draws_a_flow_runs_images_beside_the_base_models(sd3_run, tmp_
     )
     assert torch.equal(base, again)  # the same seed, the same SDE noise
     assert (base - tuned).abs().max() > 0  # the LoRA, loaded by diffusers, changed the policy
+
+
+@pytest.fixture(scope="module")
+def sd35_shaped_dir(tmp_path_factory):
+    """SD 3.5 medium's shape, saved with save_pretrained: qk_norm, a dual-attention block (MMDiT-X),
+    another seed's weights."""
+    path = tmp_path_factory.mktemp("tiny-sd35")
+    pipe = build_sd3_pipeline(qk_norm="rms_norm", dual_attention_layers=(0,), seed=1)
+    pipe.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("name", ["sd3.5-shaped", "bundled"])
+def test_another_saved_flow_pipeline_trains_resumes_exactly_and_its_whole_lora_loads(
+    name, request, sd3_run, tmp_path
+):
+    """Not only the tests' fixture: an SD 3.5-shaped pipeline and the bundled toy_world/tiny-flow
+    (another script's save_pretrained, shift 1) train, resume exactly, and every LoRA layer the run
+    saved loads into the stock StableDiffusion3Pipeline and changes its samples."""
+    model = BUNDLED_FLOW_MODEL if name == "bundled" else request.getfixturevalue("sd35_shaped_dir")
+    train.main(sd3_run(tmp_path / "straight", 2, model=model))
+    train.main(sd3_run(tmp_path / "resumed", 1, model=model))
+    train.main(["--resume", str(tmp_path / "resumed"), "--epochs", "2"])
+    straight = metrics(tmp_path / "straight")
+    assert metrics(tmp_path / "resumed") == straight and max(m["clipfrac"] for m in straight) > 0
+    base, tuned = (StableDiffusion3Pipeline.from_pretrained(model) for _ in range(2))
+    lora = tmp_path / "straight" / "lora"
+    tuned.load_lora_weights(lora)
+    saved = [key for key in load_file(lora / "pytorch_lora_weights.safetensors") if "lora_A" in key]
+    loaded = [name for name, m in tuned.transformer.named_modules() if hasattr(m, "lora_A")]
+    assert len(saved) == len(loaded) > 0  # every saved layer found its module
+    draw = [
+        p(
+            "a cat",
+            num_inference_steps=3,
+            generator=torch.Generator().manual_seed(1),
+            output_type="pt",
+        )
+        for p in (base, tuned)
+    ]
+    assert (draw[0].images - draw[1].images).abs().max() > 0

@@ -71,10 +71,13 @@ def build_sd3_pipeline(
     seed=0,
     shift=SD3_SCHEDULER["shift"],
     vae=None,
+    qk_norm=None,
+    dual_attention_layers=(),
 ):
     """A random-weight SD3-shaped pipeline; the VAE (or the one given) downsamples by
     2 ** (len(vae_channels) - 1) and the transformer cuts the latent into patch_size x patch_size
-    tokens."""
+    tokens. SD 3.5's transformers add qk_norm="rms_norm" and (medium) dual_attention_layers, the
+    blocks with a second self-attention on the image's tokens (MMDiT-X)."""
     torch.manual_seed(seed)
     tokenizer = make_tokenizer(words, max_length)
     clip = dict(clip_config(tokenizer, text_dim), projection_dim=text_dim)
@@ -106,6 +109,8 @@ def build_sd3_pipeline(
         caption_projection_dim=heads * head_dim,
         pooled_projection_dim=2 * text_dim,
         pos_embed_max_size=latent_size // patch_size,
+        qk_norm=qk_norm,
+        dual_attention_layers=tuple(dual_attention_layers),
     )
     return StableDiffusion3Pipeline(
         transformer=transformer,
