@@ -28,7 +28,7 @@ from peft.utils import get_peft_model_state_dict  # noqa: E402
 from transformers.utils import logging as transformers_logging  # noqa: E402
 
 from machinery import flow  # noqa: E402
-from machinery.config import SD14, fail  # noqa: E402
+from machinery.config import SD14, Config, fail  # noqa: E402
 from machinery.hub import hub_reachable  # noqa: E402
 from sampler import PREDICTION_TYPES, ddim_mean_std  # noqa: E402
 
@@ -134,6 +134,11 @@ def load_model(cfg, device, dtype):
 def check_ddim_steps(cfg, scheduler):
     """One line on why the model's DDIM steps cannot be the policy: a prediction the Gaussian is not
     written for, or a step that adds no noise (so has no log-prob) at --num-steps."""
+    if cfg.noise_level != Config.noise_level:
+        fail(
+            f"--noise-level {cfg.noise_level}: a flow model's noise, but {cfg.model} samples with DDIM, whose noise is --eta "
+            f"(default {Config.eta})"
+        )
     prediction, thresholding = scheduler.config.prediction_type, scheduler.config.thresholding
     if prediction not in PREDICTION_TYPES or thresholding:
         fail(
@@ -181,6 +186,11 @@ def check_ddim_steps(cfg, scheduler):
 def check_flow_steps(cfg, scheduler):
     """One line on why a flow model's SDE steps cannot be the policy at --num-steps: a schedule that
     does not run from t = 1 to t = 0, or a step without noise (its std must be finite and > 0)."""
+    if cfg.eta != Config.eta:
+        fail(
+            f"--eta {cfg.eta}: DDIM's noise, but {cfg.model} is a flow model, whose SDE step's noise is --noise-level "
+            f"(default {Config.noise_level})"
+        )
     for flag, num_steps in (
         ("--num-steps", cfg.num_steps),
         ("--eval-num-steps", cfg.eval_num_steps),

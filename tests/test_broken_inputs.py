@@ -165,6 +165,11 @@ CASES = {
         "--model",
     ),
     "model missing": (lambda w, r: ["--model", str(w / "no_such_model") + "/"], "--model"),
+    "noise level on a DDIM model": (lambda w, r: ["--noise-level", "0.5"], "--noise-level"),
+    "eta on a flow model": (
+        lambda w, r: ["--model", str(ROOT / "toy_world" / "tiny-flow"), "--eta", "0.5"],
+        "--eta",
+    ),
     "model another pipeline": (
         lambda w, r: model_copy(w, r, "model_index.json", _class_name="FluxPipeline"),
         "FluxPipeline",
