@@ -21,10 +21,10 @@ one; advantages, the clipped ratio and the update are ddpo.py's and train.py's.
 
 Two ends, handled as Flow-GRPO's code (flow_grpo/diffusers_patch/sd3_sde_with_logprob.py) does:
 the first step starts at t = 1, where 1 - t = 0 makes sigma_t infinite, so its sigma_t takes the
-next t in the denominator, a sqrt(1 / (1 - t_1)); the last step goes to t = 0 and is an SDE step
-like the others (sigma_t is finite at the last t > 0), so x_0 carries its noise. Flow-GRPO's
-configuration does not train that last step (timestep_fraction 0.99 of 10 steps, in order: its
-log-prob overflowed in fp16); here the step's maths runs in fp32, and any step may be trained.
+next t in the denominator, a sqrt(1 / (1 - sigmas[1])); the last step goes to t = 0 and is an SDE
+step like the others (sigma_t is finite at the last t > 0), so x_0 carries its noise. Flow-GRPO's
+configuration does not train that last step (timestep_fraction 0.99 of 10 steps, in order; its
+code gives no reason); here the step's maths runs in fp32, and any step may be trained.
 
 Here t is the scheduler's sigma (t = timestep / 1000 after the model's shift), and v is the
 transformer's guided prediction, classifier-free guidance as SD3's pipeline does it.
