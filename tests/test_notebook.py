@@ -85,3 +85,4 @@ def test_tutorial_runs_top_to_bottom_and_its_hand_written_epoch_equals_train_upd
     assert "8 samples, 4 minibatches of 2" in outputs
     assert "by hand and train.update differ by 0.0e+00" in outputs  # the cell also asserts it
     assert "1 epochs in" in outputs
+    assert "a = 0 by hand vs FlowMatchEulerDiscreteScheduler.step: 0.0e+00" in outputs
