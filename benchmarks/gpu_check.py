@@ -271,6 +271,43 @@ def tutorial(args, model):
     )
 
 
+def environment(args):
+    """What ran: the Python, every package the checks import, the device and its driver's CUDA."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    cuda = args.device.startswith("cuda") and torch.cuda.is_available()
+    return {
+        "python": platform.python_version(),
+        "packages": versions,
+        "torch_cuda": torch.version.cuda,
+        "device_name": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+    }
+
+
+PACKAGES = [
+    "torch",
+    "diffusers",
+    "transformers",
+    "tokenizers",
+    "huggingface-hub",
+    "peft",
+    "accelerate",
+    "safetensors",
+    "numpy",
+    "pillow",
+    "matplotlib",
+]
+
+
 def build(args):
     """The pipeline folder: --model's, or SD v1.4's architecture (or a tiny one) with random weights, built once into --work."""
     if args.model:
@@ -321,6 +358,7 @@ def main(argv=None):
     if args.check:  # (benchmarks/ is on the path: this script's folder)
         return globals()[args.check](args, args.model)
     start = time.time()
+    record(args, "environment", **environment(args))
     model = build(args)
     record(
         args,

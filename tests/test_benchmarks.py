@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end in a reduced mode (a smoke test: no timing is asserted)."""
 
+import importlib.metadata
 import importlib.util
 import json
 import shutil
@@ -200,6 +201,8 @@ def test_gpu_check_records_each_check_as_it_is_measured_and_a_spent_budget_skips
             ]
         )
     results = [json.loads(line) for line in (out / "gpu_check.jsonl").read_text().splitlines()]
+    assert results[0]["check"] == "environment"  # what ran comes first: every package's version
+    assert results[0]["packages"]["diffusers"] == importlib.metadata.version("diffusers")
     exact = [r for r in results if r["check"] == "exactness"]
     assert [r["mixed_precision"] for r in exact] == ["no", "bf16"]
     assert all(
