@@ -106,10 +106,15 @@ def before_after(lora_dir, path, model, n=8):
     save_grid(images, captions, path, cols=n)
 
 
+def medians(results):
+    """Each column's median over the seeds."""
+    return {k: statistics.median(r[k] for r in results) for k in COLUMNS}
+
+
 def table(results):
     """The page's table: one row a seed, then the median."""
     rows = [(str(r["seed"]), r) for r in results]
-    rows.append(("median", {k: statistics.median(r[k] for r in results) for k in COLUMNS}))
+    rows.append(("median", medians(results)))
     lines = ["| seed | " + " | ".join(COLUMNS.values()) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for name, r in rows:
         cells = [FORMATS.get(k, "{:.3f}").format(r[k]) for k in COLUMNS]

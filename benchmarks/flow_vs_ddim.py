@@ -12,14 +12,13 @@ each with its median, and the median's difference into --page (docs/flow-models.
 """
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cpu_demo import COLUMNS, run_seed, table  # noqa: E402
+from cpu_demo import medians, run_seed, table  # noqa: E402
 from machinery.config import BUNDLED_FLOW_MODEL, BUNDLED_MODEL  # noqa: E402
 from page import keep_run, made_by, write_block  # noqa: E402
 
@@ -42,10 +41,7 @@ def main():
             out = args.out / name / f"seed{seed}"
             results[name].append(run_seed(seed, out, MODELS[name]))
     blocks = [f"**{TITLES[name]}**\n\n{table(results[name])}" for name in MODELS]
-    median = {
-        name: {key: statistics.median(r[key] for r in rs) for key in COLUMNS}
-        for name, rs in results.items()
-    }
+    median = {name: medians(rs) for name, rs in results.items()}
     blocks.append(
         "Medians, flow against DDIM: cut {:+.1f} points, fidelity kept {:+.2f}, wall time "
         "{:.2f} x.".format(
