@@ -3,8 +3,9 @@ output. Each revision is checked out in a worktree of its own (under --work); th
 (RUNS: 2 epochs of the bundled model's preset, seed 3) go through its train.py, single-threaded,
 --jobs at a time: every algorithm (PXPO with both normalisations), the KL leash with fused steps,
 the evaluation, the successors' options together, tiny random-weight SD 2.x and SDXL pipelines
-(built once, from configs, for both sides), a run resumed after its first epoch, and a run of two
-processes under torchrun. Then what the two wrote is compared: metrics.jsonl (every value but the
+(built once, from configs, for both sides), the bundled flow model (SD3's shape, Flow-GRPO's step),
+two rewards summed (--rewards, one of them your own file's), a reward served by the side's own
+reward_server.py, a run resumed after its first epoch, and a run of two processes under torchrun. Then what the two wrote is compared: metrics.jsonl (every value but the
 timings, and the keys' order), the saved LoRA files byte for byte, and the last checkpoint's state
 (weights, optimiser, random streams, reward buffers, the history without timings).
 
@@ -15,6 +16,7 @@ differently, and over epochs the runs part.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -41,6 +43,9 @@ RUNS = {
     "successors": "--samples-per-prompt 4 --advantages group --shared-noise --train-window 5 --eval-num-steps 10 --eval-every 1 --eval-samples 8",
     "sd2": f"--model {{models}}/sd2 {TINY}",
     "sdxl": f"--model {{models}}/sdxl {TINY}",
+    "flow": "--model toy_world/tiny-flow --algo ddpo-is --kl-coef 0.01",
+    "rewards": "--rewards jpeg=1 examples/brightness.py:brightness=0.5",
+    "served": "--reward http://127.0.0.1:{port}/",  # the side's own reward_server.py, jpeg
     "resumed": "--algo ddpo-is",  # its first epoch, then --resume for the rest
     "torchrun": "--algo ddpo-is --device cpu --batch-size 8",  # two processes, gloo; 64 samples = 2 x 4 updates x 8
 }
@@ -64,15 +69,40 @@ def build_models(work):
             ).save_pretrained(work / "models" / family)
 
 
+@contextlib.contextmanager
+def served(tree, env):
+    """The side's own reward_server.py serving jpeg on a free port, for the time of a run."""
+    server = subprocess.Popen(
+        [sys.executable, "reward_server.py", "--reward", "jpeg", "--port", "0"],
+        cwd=tree,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = server.stdout.readline()  # reward_server.py: serving jpeg on http://HOST:PORT/ (cpu)
+        yield int(line.split("http://", 1)[1].split("/", 1)[0].rpartition(":")[2])
+    finally:
+        server.terminate()
+        server.wait()
+
+
 def train(tree, name, out, args):
-    flags = shlex.split(RUNS[name].format(models=args.work_models)) + [
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    if name == "served":
+        with served(tree, env) as port:
+            return run_train(tree, name, out, args, env, port)
+    return run_train(tree, name, out, args, env)
+
+
+def run_train(tree, name, out, args, env, port=None):
+    flags = shlex.split(RUNS[name].format(models=args.work_models, port=port)) + [
         "--seed",
         "3",
         "--out",
         str(out),
         *shlex.split(args.train_args),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     if name == "torchrun":
         launch = [
             sys.executable,
