@@ -36,16 +36,14 @@ def pretrained(cls, model_id, flag, **kwargs):
     try:
         return cls.from_pretrained(model_id, local_files_only=not hub_reachable(), **kwargs)
     except (OSError, ValueError) as error:
-        if Path(model_id).exists() or not re.fullmatch(
-            r"[\w.-]+/[\w.-]+", model_id
-        ):  # a folder, not a hub id
+        # a folder, not a hub id
+        if Path(model_id).exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", model_id):
             raise OSError(
                 f"{flag} {model_id}: not a readable model folder ({type(error).__name__}); "
-                f"pass a folder saved by "
-                f"save_pretrained, or a hub id"
+                "pass a folder saved by save_pretrained, or a hub id"
             ) from error
         raise OSError(
             f"{flag} {model_id}: cannot load it ({type(error).__name__}: no network, not in the "
-            f"hub cache, or no such model); "
+            "hub cache, or no such model); "
             f"download it first with `hf download {model_id}`, or pass a local folder with {flag}"
         ) from error

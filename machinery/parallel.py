@@ -28,7 +28,8 @@ def setup(device):
     accelerator = torch.accelerator.current_accelerator()
     if kind.type != "cpu" and (accelerator is None or accelerator.type != kind.type):
         fail(
-            f"--device {device}: torch cannot use {kind.type} here (a build of torch without it, or no driver or device); "
+            f"--device {device}: torch cannot use {kind.type} here "
+            "(a build of torch without it, or no driver or device); "
             f"use --device {accelerator.type if accelerator else 'cpu'}"
         )
     if (
@@ -37,8 +38,9 @@ def setup(device):
         and kind.index >= torch.accelerator.device_count()
     ):
         fail(
-            f"--device {device}: there is no {kind.type} device {kind.index} here ({torch.accelerator.device_count()} found, "
-            f"numbered from 0); use --device {kind.type}:0"
+            f"--device {device}: there is no {kind.type} device {kind.index} here "
+            f"({torch.accelerator.device_count()} found, numbered from 0); "
+            f"use --device {kind.type}:0"
         )
     world = world_size()
     if world == 1:
@@ -52,7 +54,8 @@ def setup(device):
 
 
 def gather(tensor):
-    """All processes' tensors, concatenated along the first dimension in rank order (same shapes)."""
+    """All processes' tensors, concatenated along the first dimension in rank
+    order (same shapes)."""
     if not dist.is_initialized():
         return tensor
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
@@ -70,7 +73,8 @@ def gather_objects(items):
 
 
 def mean_over_processes(stats):
-    """Each value of a dict of numbers, averaged over the processes (the epoch's training metrics)."""
+    """Each value of a dict of numbers, averaged over the processes (the epoch's
+    training metrics)."""
     every = gather_objects([stats])
     return {key: sum(d[key] for d in every) / len(every) for key in stats}
 

@@ -1,12 +1,16 @@
 """What a training run writes to its folder, and how it stops and resumes:
 
-    config.json           every setting, after presets and defaults, and the run's id (its checkpoints carry it)
-    prompts.txt           the prompts it trains on, copied at the start (eval_prompts.txt: --eval-prompts'); resume reads them here
+    config.json           every setting, after presets and defaults, and the run's id (its
+                          checkpoints carry it)
+    prompts.txt           the prompts it trains on, copied at the start (eval_prompts.txt:
+                          --eval-prompts'); resume reads them here
     metrics.jsonl         one line of metrics per epoch (and one for the final evaluation)
     samples/epoch_N.png   the first 16 samples of each epoch, captioned with prompt and reward
-    samples/eval_epoch_N.png  the first 16 images of the fixed-noise evaluation after N epochs (--eval-every)
+    samples/eval_epoch_N.png  the first 16 images of the fixed-noise evaluation after N epochs
+                          (--eval-every)
     reward_curve.png      reward mean and spread against reward queries
-    checkpoints/epoch_N.pt  what `train.py --resume` needs to continue exactly after epoch N (checkpoints.py)
+    checkpoints/epoch_N.pt  what `train.py --resume` needs to continue exactly after epoch N
+                          (checkpoints.py)
     lora/ (or unet/)      the trained weights after the last epoch (pipeline.save_weights)
 
 Every file is written aside under a name of this process's own and renamed into place: a rename is
@@ -46,21 +50,23 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only bac
 
 @contextlib.contextmanager
 def claim(out, resuming, rank, needed):
-    """While inside, this process alone writes the run folder: it holds an advisory lock on out/.lock,
-    which the kernel releases when the process ends, however it ends (kill -9 included), so it never
-    goes stale. A second train.py in the same folder, a new run or a resume, is refused in one line
-    and writes nothing; what a killed run left written aside is removed. A full disk stops the run
-    in one line (needed: about what an epoch writes, in bytes). Under torchrun rank 0, which writes
-    the folder, holds it."""
+    """While inside, this process alone writes the run folder: it holds an advisory lock on
+    out/.lock, which the kernel releases when the process ends, however it ends (kill -9 included),
+    so it never goes stale. A second train.py in the same folder, a new run or a resume, is refused
+    in one line and writes nothing; what a killed run left written aside is removed. A full disk
+    stops the run in one line (needed: about what an epoch writes, in bytes). Under torchrun rank 0,
+    which writes the folder, holds it."""
     if rank:
         yield
         return
-    try:  # a folder can refuse what its permissions seemed to allow (a read-only or special file system)
+    # a folder can refuse what its permissions seemed to allow (a read-only or special file system)
+    try:
         out.mkdir(parents=True, exist_ok=True)
         handle = open(out / LOCK, "a")
     except OSError as error:
         fail(
-            f"--out {out}: the run folder cannot be made there ({error.strerror}); choose a folder you can write to"
+            f"--out {out}: the run folder cannot be made there ({error.strerror}); "
+            "choose a folder you can write to"
         )
     with handle:
         try:
@@ -69,26 +75,25 @@ def claim(out, resuming, rank, needed):
         except BlockingIOError:
             if resuming:
                 fail(
-                    f"--resume {out}: that run is still going (another process holds {out / LOCK}); stop it first "
-                    f"(Ctrl-C, or kill its process), then resume it"
+                    f"--resume {out}: that run is still going "
+                    f"(another process holds {out / LOCK}); stop it first "
+                    "(Ctrl-C, or kill its process), then resume it"
                 )
             fail(
-                f"--out {out}: another train.py is running in this folder (it holds {out / LOCK}); choose another --out"
+                f"--out {out}: another train.py is running in this folder (it holds {out / LOCK}); "
+                "choose another --out"
             )
         if not resuming:
-            check_out(
-                out
-            )  # again, now that it is ours: a run may have begun and ended since the flags were checked
+            # again, now that it is ours: a run may have begun and ended
+            # since the flags were checked
+            check_out(out)
         remove_leftovers(out)
         with stopping_on_full_disk(out, needed):
             yield
 
 
-FULL_DISK = {
-    errno.ENOSPC,
-    errno.EDQUOT,
-    errno.EFBIG,
-}  # no space left, over a quota, over the file-size limit
+# no space left, over a quota, over the file-size limit
+FULL_DISK = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 class FullDisk(Exception):
@@ -101,21 +106,28 @@ class FullDisk(Exception):
 
 @contextlib.contextmanager
 def stopping_on_full_disk(out, needed):
-    """A FullDisk inside ends the run with one line: what failed, the space free and needed, how to go on."""
+    """A FullDisk inside ends the run with one line: what failed, the space free and needed,
+    how to go on."""
     try:
         yield
     except FullDisk as error:
         last = sorted((out / "checkpoints").glob("epoch_*.pt"))
-        if not (
-            out / "config.json"
-        ).is_file():  # it failed first: the folder holds nothing of the run
+        # it failed first: the folder holds nothing of the run
+        if not (out / "config.json").is_file():
             then = "free space, then run the same command again"
         elif last:
-            then = f"the last checkpoint ({last[-1].name}) is whole: free space, then continue with: python train.py --resume {out}"
+            then = (
+                f"the last checkpoint ({last[-1].name}) is whole: free space, then continue with: "
+                f"python train.py --resume {out}"
+            )
         else:
-            then = f"the run has no checkpoint yet: free space, then start it again from epoch 0 with: python train.py --resume {out}"
+            then = (
+                "the run has no checkpoint yet: free space, then start it again from epoch 0 with: "
+                f"python train.py --resume {out}"
+            )
         stop(
-            f"writing {error.path} failed: {os.strerror(error.code)} ({megabytes(shutil.disk_usage(out).free)} free; "
+            f"writing {error.path} failed: {os.strerror(error.code)} "
+            f"({megabytes(shutil.disk_usage(out).free)} free; "
             f"an epoch writes about {megabytes(needed)}); nothing half-written is left, {then}"
         )
 
@@ -125,14 +137,16 @@ def megabytes(size):
 
 
 def epoch_bytes(params):
-    """About what an epoch adds to the run folder before it removes the old: a checkpoint (the trainable
-    weights and Adam's two moments), the exported weights, and under 1 MB of images and metrics."""
+    """About what an epoch adds to the run folder before it removes the old: a checkpoint (the
+    trainable weights and Adam's two moments), the exported weights, and under 1 MB of images
+    and metrics."""
     return 4 * sum(p.nbytes for p in params) + 2**20
 
 
 def full_disk_errno(error):
-    """The errno of a write that failed for want of space, from error or the errors behind it (torch.save
-    and safetensors wrap Python's OSError, or give only its number in their message); else None."""
+    """The errno of a write that failed for want of space, from error or the errors behind it
+    (torch.save and safetensors wrap Python's OSError, or give only its number in their
+    message); else None."""
     while error is not None:
         codes = (
             [error.errno]
@@ -168,18 +182,18 @@ def remove(path):
 
 
 def aside(path, kind="tmp"):
-    """The name path is written under before it is renamed into place: hidden, and this process's own."""
+    """The name path is written under before it is renamed into place: hidden, and this
+    process's own."""
     return path.with_name(f".{path.stem}.{os.getpid()}.{kind}{path.suffix}")
 
 
-LEFTOVER = re.compile(
-    r"\.(.+?)\.(\d+\.)?(tmp|new|old)(\.\w+)?"
-)  # aside()'s names, and those of earlier versions
+# aside()'s names, and those of earlier versions
+LEFTOVER = re.compile(r"\.(.+?)\.(\d+\.)?(tmp|new|old)(\.\w+)?")
 
 
 def remove_leftovers(out):
-    """What a killed run left written aside (the lock says no other process is writing): removed, but
-    for exported weights it had moved aside and not yet replaced, which go back in place."""
+    """What a killed run left written aside (the lock says no other process is writing): removed,
+    but for exported weights it had moved aside and not yet replaced, which go back in place."""
     for folder in (out, out / "checkpoints", out / "samples"):
         for leftover in folder.glob(".*"):
             match = LEFTOVER.fullmatch(leftover.name)
@@ -190,7 +204,8 @@ def remove_leftovers(out):
 
 
 def write_config(out, config, prompts, eval_prompts):
-    """config.json, and the prompts copied beside it (resume trains on these, whatever became of --prompts)."""
+    """config.json, and the prompts copied beside it (resume trains on these,
+    whatever became of --prompts)."""
     write_atomic(out / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
     for name, lines in ((PROMPTS_COPY, prompts), (EVAL_PROMPTS_COPY, eval_prompts)):
         if lines is not None:
@@ -205,7 +220,8 @@ def write_config(out, config, prompts, eval_prompts):
 
 
 def update_config(out, **changes):
-    """config.json with these settings changed (a resumed run's reward file, accepted as it is now)."""
+    """config.json with these settings changed (a resumed run's reward
+    file, accepted as it is now)."""
     saved = json.loads((out / "config.json").read_text())
     if any(saved.get(key) != value for key, value in changes.items()):
         write_atomic(
@@ -227,20 +243,22 @@ def log_epoch(out, cfg, history, pipe, images, prompts, rewards):
 
 
 def log_final_evaluation(out, cfg, history):
-    """The evaluation of the weights a run ends with (history's last row, evaluation.final_row) into
-    metrics.jsonl and the reward curve (not to --log-with's tracker: a resumed run's next epoch would
-    take its step); returns its console line."""
+    """The evaluation of the weights a run ends with (history's last row, evaluation.final_row)
+    into metrics.jsonl and the reward curve (not to --log-with's tracker: a resumed run's next epoch
+    would take its step); returns its console line."""
     write_metrics(out, history)
     plot_rewards(history, cfg, out / "reward_curve.png")
     m = history[-1]
     return (
-        f"the final weights (after {m['eval_after_epochs']} epochs), evaluated: reward {m['eval_reward_mean']:.3f}"
+        f"the final weights (after {m['eval_after_epochs']} epochs), evaluated: "
+        f"reward {m['eval_reward_mean']:.3f}"
         + (f" fidelity {m['eval_fidelity']:.3f}" if "eval_fidelity" in m else "")
     )
 
 
 def final_evaluated(out, epochs):
-    """Whether metrics.jsonl ends with the evaluation of a run's final weights after `epochs` epochs."""
+    """Whether metrics.jsonl ends with the evaluation of a run's final weights
+    after `epochs` epochs."""
     lines = (
         (out / "metrics.jsonl").read_text().splitlines()
         if (out / "metrics.jsonl").is_file()
@@ -284,7 +302,8 @@ def console_line(m, elapsed, left):
     )
     line += f" | eval {m['eval_reward_mean']:.3f}" if "eval_reward_mean" in m else ""
     line += (
-        f" | skipped {m['skipped_updates']:g} updates: non-finite loss or gradient, weights unchanged"
+        f" | skipped {m['skipped_updates']:g} updates: "
+        "non-finite loss or gradient, weights unchanged"
         if m.get("skipped_updates")
         else ""
     )
@@ -304,22 +323,27 @@ def clock(seconds):
     )
 
 
-LONG_EPOCH = 600  # seconds of sampling past which an epoch says, after its first batch, how long it will take
+# seconds of sampling past which an epoch says, after its first batch, how long it will take
+LONG_EPOCH = 600
 
 
 def long_epoch_notice(epoch, start, say, done, total):
-    """Beyond the paper: after an epoch's first batch (done of its total trajectories, sampled since
-    start), how long its sampling will take, when that is long: a stop request waits for the epoch."""
+    """Beyond the paper: after an epoch's first batch (done of its total trajectories, sampled
+    since start), how long its sampling will take, when that is long: a stop request waits for
+    the epoch."""
     estimate = (time.time() - start) * total / done
     if estimate > LONG_EPOCH:
         say(
-            f"epoch {epoch}: sampling its {total} trajectories will take about {estimate / 60:.0f} minutes ({(time.time() - start) / done:.2f} s "
-            f"each on its first batch), then its training; a stop request (Ctrl-C, SIGTERM, SIGHUP) takes effect after the epoch"
+            f"epoch {epoch}: sampling its {total} trajectories will take about "
+            f"{estimate / 60:.0f} minutes ({(time.time() - start) / done:.2f} s "
+            "each on its first batch), then its training; "
+            "a stop request (Ctrl-C, SIGTERM, SIGHUP) takes effect after the epoch"
         )
 
 
 def write_atomic(path, write):
-    """write(tmp_path), flushed to disk, then renamed onto path; on a failure nothing is left aside."""
+    """write(tmp_path), flushed to disk, then renamed onto path; on a failure nothing is
+    left aside."""
     tmp = aside(path)
     with writing(path, tmp):
         write(tmp)
@@ -328,12 +352,15 @@ def write_atomic(path, write):
         os.replace(tmp, path)
 
 
-STOPPED = 75  # exit status of a run stopped cleanly by a signal at a checkpoint: resume it (EX_TEMPFAIL, "try again")
+# exit status of a run stopped cleanly by a signal at a checkpoint: resume it
+# (EX_TEMPFAIL, "try again")
+STOPPED = 75
+# no SIGHUP on Windows
 STOP_SIGNALS = (
     signal.SIGINT,
     signal.SIGTERM,
     *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else []),
-)  # no SIGHUP on Windows
+)
 
 
 @contextlib.contextmanager
@@ -341,14 +368,16 @@ def stop_signals(out):
     """Inside it, the first Ctrl-C, a SIGTERM (preemption, time limits) or a SIGHUP (its terminal
     closed) only asks the run to stop: the list it yields is no longer empty, and the loop stops
     after the epoch's checkpoint. A second Ctrl-C stops at once (exit 130), losing only the epoch in
-    progress. On the way out the signal handlers are given back and the processes leave their group."""
+    progress. On the way out the signal handlers are given back and the processes
+    leave their group."""
     requested = []
 
     def on_signal(signum, frame):
         requested.append(signum)
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
         print(
-            f"\n{signal.Signals(signum).name}: stopping after this epoch's checkpoint (Ctrl-C again to stop at once)",
+            f"\n{signal.Signals(signum).name}: stopping after this epoch's checkpoint "
+            "(Ctrl-C again to stop at once)",
             file=sys.stderr,
         )
 
@@ -357,7 +386,8 @@ def stop_signals(out):
         yield requested
     except KeyboardInterrupt:
         print(
-            f"\nstopped during an epoch; its work is lost, the checkpoints before it are not: python train.py --resume {out}",
+            "\nstopped during an epoch; its work is lost, the checkpoints before it are not: "
+            f"python train.py --resume {out}",
             file=sys.stderr,
         )
         sys.exit(130)
@@ -368,7 +398,8 @@ def stop_signals(out):
 
 
 def write_metrics(out, history):
-    """metrics.jsonl, one line an epoch, written whole each time (a failed write never leaves half a line)."""
+    """metrics.jsonl, one line an epoch, written whole each time (a failed write never
+    leaves half a line)."""
     lines = "".join(json.dumps(m) + "\n" for m in history)
     write_atomic(out / "metrics.jsonl", lambda tmp: tmp.write_text(lines))
 
@@ -392,18 +423,16 @@ def save_grid(images, captions, path, size=128, cols=4):
 def plot_rewards(history, cfg, path):
     """The epochs' mean reward and spread against reward queries, and each evaluation's at the
     queries spent before it (an evaluation before epoch N: N epochs' worth; the final one: all)."""
-    epochs = [
-        m for m in history if "reward_mean" in m
-    ]  # not the final evaluation's row (evaluation.final_row)
+    # not the final evaluation's row (evaluation.final_row)
+    epochs = [m for m in history if "reward_mean" in m]
     queries = [m["reward_queries"] for m in epochs]
     mean, std = (
         np.array([m["reward_mean"] for m in epochs]),
         np.array([m["reward_std"] for m in epochs]),
     )
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    fig.subplots_adjust(
-        left=0.15, bottom=0.14, right=0.97, top=0.91
-    )  # fixed margins: a third faster than bbox_inches="tight"
+    # fixed margins: a third faster than bbox_inches="tight"
+    fig.subplots_adjust(left=0.15, bottom=0.14, right=0.97, top=0.91)
     ax.plot(queries, mean, marker="o")
     ax.fill_between(
         queries, mean - std, mean + std, alpha=0.25, label="mean ± std over the epoch's samples"
@@ -422,11 +451,12 @@ def plot_rewards(history, cfg, path):
         ]
         if points:
             ax.plot(*zip(*points), marker="s", linestyle="--", label=label)
+    # your own reward: its name
     ax.set(
         xlabel="reward queries",
         ylabel=f"reward ({cfg.reward.rpartition(':')[2]})",
         title="training",
-    )  # your own reward: its name
+    )
     ax.legend(loc="best", fontsize=8)
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100))
     plt.close(fig)
