@@ -246,9 +246,10 @@ def rwr_epoch_weights(algo, prompts, rewards, beta=0.2, per_prompt=False):
 
 def rwr_loss(prediction, target, weights):
     """The denoising loss ||target - prediction(x_t, t, c)||^2 (per-element mean) of each sample,
-    times its weight, averaged. The target is what the model predicts: the noise eps (SD 1.x, SDXL)
-    or the velocity v (SD 2.x at 768 px). With weights scaled to average 1 over the epoch's samples,
-    the minibatches of an epoch add up to the weighted mean, on the plain denoising loss's scale.
+    times its weight, averaged. The target is what the model predicts: the noise eps (SD 1.x) or
+    the velocity v (a v-prediction model). With weights scaled to average 1 over the epoch's
+    samples, the minibatches of an epoch add up to the weighted mean, on the plain denoising
+    loss's scale.
 
     The prediction is the *guided* one, eps_u + w (eps_c - eps_u) (sampler.guided_eps), the one the
     sampler uses, as in the original code's RWR runs (its `train_cfg`). Regressing the conditional

@@ -3,9 +3,10 @@ prompts, returning one float per image as a tensor of shape (B,), or, for a pixe
 map (B, H, W) whose mean over the pixels is the image's reward (`scalar`), so that every algorithm
 can use it and PXPO can use the map itself.
 
-`REWARDS` maps the names that `train.py --reward` accepts to these functions. The paper's two
-learned rewards (sections 5.2 and 5.3) need models: `aesthetic` and `alignment` build a reward
-function around them, given the models (machinery/reward_loading.py loads them, once a run).
+The names that `train.py --reward` accepts are declared in machinery/reward_specs.py, one line a
+reward. The paper's two learned rewards (sections 5.2 and 5.3) need models: `aesthetic` and
+`alignment` build a reward function around them, given the models (machinery/reward_loading.py
+loads them, once a run).
 
 Your own reward (`--reward FILE.py:NAME` or `module:NAME`, or `train.main(argv, reward_fn=fn)`) is
 a function NAME(images, prompts): images a float tensor (B, 3, H, W) in [0, 1] on the training
@@ -73,15 +74,6 @@ def pixel_background(images, prompts, target=(1.0, 1.0, 1.0)):
     return torch.where(
         on_shape, 1 - distance_to_prompt / 3**0.5, pixel_color(images, prompts, target)
     )
-
-
-REWARDS = {
-    "jpeg": jpeg_compressibility,
-    "jpeg_incompressibility": jpeg_incompressibility,
-    "pixel_color": pixel_color,  # pixel-wise: for PXPO (ddpo.py), and by its mean for the others
-    "pixel_background": pixel_background,  # pixel-wise, toy world prompts only
-    "toy_alignment": toy_world.judge,  # the bundled model's stand-in for the paper's VLM alignment
-}
 
 
 def clip_preprocess(images, processor):

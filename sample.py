@@ -17,19 +17,18 @@ and each image as base_K.png and tuned_K.png.
 """
 
 import argparse
+import functools
 import json
 import os
-import sys
 import time
 import types
 from pathlib import Path
 
-from machinery import config
+from machinery import config, errors
+from machinery.devices import cuda_available
+from machinery.prompts import load_prompts
 
-
-def fail(message):
-    print(f"sample.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
+fail = functools.partial(errors.fail, program="sample.py")  # its own refusals say who refuses
 
 
 def parse_args(argv=None):
@@ -75,7 +74,7 @@ def parse_args(argv=None):
         fail(f"--eta must be in [0, 1], got {args.eta}")
     if args.noise_level is not None and args.noise_level < 0:
         fail(f"--noise-level must be >= 0, got {args.noise_level}")
-    prompts = args.prompts or config.load_prompts(
+    prompts = args.prompts or load_prompts(
         str(run / config.PROMPTS_COPY)
         if (run / config.PROMPTS_COPY).is_file()
         else saved["prompts"]
@@ -84,7 +83,7 @@ def parse_args(argv=None):
     args.eta = saved.get("eta", 1.0) if args.eta is None else args.eta
     if args.noise_level is None:
         args.noise_level = saved.get("noise_level", config.Config.noise_level)
-    args.device = args.device or ("cuda" if config.cuda_available() else "cpu")
+    args.device = args.device or ("cuda" if cuda_available() else "cpu")
     args.out = Path(args.out or run / "generated" / time.strftime("%Y%m%d-%H%M%S"))
     return args, saved, weights[0]
 
@@ -99,12 +98,12 @@ for library in (
     os.environ.setdefault(f"{library}_VERBOSITY", "error")
 
 import torch  # noqa: E402
-from machinery import flow  # noqa: E402
 from machinery.pipeline import load_pipeline  # noqa: E402
 from ddpo import scalar  # noqa: E402
 from machinery.reward_loading import load_reward  # noqa: E402
-from rewards import REWARDS, to_pil  # noqa: E402
-from machinery.run_folder import save_grid  # noqa: E402
+from machinery.reward_specs import REWARDS  # noqa: E402
+from rewards import to_pil  # noqa: E402
+from machinery.epoch_log import save_grid  # noqa: E402
 
 
 def main(argv=None):
@@ -112,7 +111,7 @@ def main(argv=None):
     base and tuned, each (N, 3, H, W) in [0, 1]."""
     args, saved, weights = argv if isinstance(argv, tuple) else parse_args(argv)
     pipe = load_pipeline(saved["model"], args.device, noise_level=args.noise_level)
-    flow_model = flow.is_flow(pipe.scheduler)
+    flow_model = pipe.family.NOISE == "noise_level"  # SD3's SDE step: --noise-level, not --eta
 
     def sample():
         generator = torch.Generator(args.device).manual_seed(args.seed)
@@ -129,7 +128,7 @@ def main(argv=None):
         pipe.load_lora_weights(weights)
     else:  # a full fine-tune's UNet (or SD3 transformer)
         tuned = type(pipe.unet).from_pretrained(weights).to(args.device)
-        setattr(pipe, "transformer" if flow_model else "unet", tuned)
+        setattr(pipe, pipe.family.DENOISER, tuned)
     tuned = sample()
     # the built-in rewards are cheap, and load_reward makes them as the run did (pixel_color's
     # target); your own and the learned ones are not called

@@ -15,18 +15,24 @@ every step has a log-probability. This file takes that step with its log-prob, a
 trajectories, keeping everything the update (ddpo.py, train.py) needs.
 """
 
-import contextlib
 import math
+from typing import Callable, NamedTuple
 
 import torch
+from diffusers import DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm import tqdm
 
-from machinery import flow
-
 REDUCTIONS = ("mean", "sum", "none")
-# what the UNet predicts: SD 1.x and SDXL the noise, SD 2.x at 768 px the velocity v
+# what the UNet predicts: SD 1.x the noise; a v-prediction model (scheduler's prediction_type)
+# the velocity v
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def ddim_scheduler(scheduler):
+    """The model's scheduler made DDIM (Song et al. 2021), with the model's own noise schedule and
+    prediction type: the sampler whose steps with eta > 0 are the policy (section 4.3)."""
+    return DDIMScheduler.from_config(scheduler.config)
 
 
 def ddim_mean_std(scheduler, model_output, timestep, sample, eta=1.0):
@@ -35,15 +41,13 @@ def ddim_mean_std(scheduler, model_output, timestep, sample, eta=1.0):
     sample. Only the mean depends on theta.
 
     With abar = alpha-bar at t, the prediction gives the clean sample and the noise it implies:
-        epsilon (SD 1.x, SDXL):  eps = model_output,
+        epsilon (SD 1.x):        eps = model_output,
                                  x0_hat = (x_t - sqrt(1 - abar) eps) / sqrt(abar)
-        v (SD 2.x at 768 px):    v = sqrt(abar) eps - sqrt(1 - abar) x0, so
+        v_prediction:            v = sqrt(abar) eps - sqrt(1 - abar) x0, so
                                  x0_hat = sqrt(abar) x_t - sqrt(1 - abar) v,
                                  eps = sqrt(abar) v + sqrt(1 - abar) x_t
     and the step is the same for both:
         x_{t-1} = sqrt(abar') x0_hat + sqrt(1 - abar' - sigma_t^2) eps + sigma_t z."""
-    if flow.is_flow(scheduler):  # beyond the paper: a flow model's SDE step (machinery/flow.py)
-        return flow.sde_mean_std(scheduler, model_output, timestep, sample)
     if eta <= 0:
         raise ValueError(
             f"eta={eta}: a DDIM step with eta <= 0 is deterministic and has no log-prob"
@@ -105,18 +109,7 @@ def gaussian_log_prob(action, mean, std, reduce="mean"):
     return reduce_elements(log_prob, reduce)
 
 
-def policy_kl(scheduler, model_output, base_output, timestep, sample, eta=1.0, reduce="mean"):
-    """KL(p_theta(. | s_t) || p_base(. | s_t)), the leash to the pretrained model (not in DDPO:
-    DPOK, arXiv 2305.16381, and Flow-GRPO, arXiv 2505.05470, add it), from the two models'
-    predictions at the state (c, t, x_t). Both steps are Gaussians with the same sigma_t, so it is
-    ||mean_t - base_mean_t||^2 / (2 sigma_t^2), element by element, reduced like the log-prob. The
-    base policy is fixed: the gradient flows through model_output only."""
-    mean, std = ddim_mean_std(scheduler, model_output, timestep, sample, eta)
-    base_mean, _ = ddim_mean_std(scheduler, base_output.detach(), timestep, sample, eta)
-    return reduce_elements((mean - base_mean) ** 2 / (2 * std**2), reduce)
-
-
-def ddim_step_with_logprob(
+def step_with_logprob(
     scheduler,
     model_output,
     timestep,
@@ -125,14 +118,16 @@ def ddim_step_with_logprob(
     prev_sample=None,
     generator=None,
     reduce="mean",
+    mean_std=ddim_mean_std,
 ):
-    """One DDIM step x_t -> x_{t-1} and log p_theta(x_{t-1} | x_t, c) (paper, section 4.3): the one
-    function that computes the policy's log-prob. Sampling calls it to draw an action; the update
-    and the notebook call it with prev_sample, the stored action, to score it under today's weights,
-    after the same guided prediction (guided_eps) at the stored state.
+    """One policy step x_t -> x_{t-1} and log p_theta(x_{t-1} | x_t, c) (paper, section 4.3): the
+    one function that computes the policy's log-prob. Sampling calls it to draw an action; the
+    update and the notebook call it with prev_sample, the stored action, to score it under today's
+    weights, after the same guided prediction (guided_eps) at the stored state.
     reduce: "mean" (the default, as the public code), "sum" or "none" (reduce_elements).
+    mean_std: the step's Gaussian, the DDIM step's (the paper's) or a model family's (Policy).
     """
-    mean, std = ddim_mean_std(scheduler, model_output, timestep, sample, eta)
+    mean, std = mean_std(scheduler, model_output, timestep, sample, eta)
     if prev_sample is None:
         noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         prev_sample = mean + std * noise
@@ -140,120 +135,117 @@ def ddim_step_with_logprob(
 
 
 def unet_eps(unet, latents, timesteps, cond):
-    """The UNet's prediction at (x_t, t, c). SDXL's c carries its added conditioning in its last
-    row (encode_prompts): the pooled text embedding and the six size and crop ids."""
-    if flow.is_transformer(unet):  # beyond the paper: SD3's velocity (machinery/flow.py)
-        return flow.transformer_velocity(unet, latents, timesteps, cond)
-    if unet.config.addition_embed_type != "text_time":
-        return unet(latents, timesteps, cond).sample
-    time_ids = 6 * unet.config.addition_time_embed_dim
-    pooled = unet.add_embedding.linear_1.in_features - time_ids  # the pooled embedding's width
-    added = {"text_embeds": cond[:, -1, :pooled], "time_ids": cond[:, -1, pooled : pooled + 6]}
-    return unet(latents, timesteps, cond[:, :-1], added_cond_kwargs=added).sample
+    """The UNet's prediction at (x_t, t, c): the noise eps (a v-prediction model's: velocity v)."""
+    return unet(latents, timesteps, cond).sample
 
 
-def guided_eps(unet, latents, timesteps, prompt_embeds, negative_embeds, guidance_scale):
+def guided_eps(
+    unet, latents, timesteps, prompt_embeds, negative_embeds, guidance_scale, predict=unet_eps
+):
     """The policy's noise prediction. Classifier-free guidance is part of the policy (paper,
     appendix E.1 "CFG Training"): eps = eps_u + w (eps_c - eps_u), eps_u from the empty prompt.
-    Sampling and training both call this, so the trained log-prob is the sampled one."""
+    Sampling and training both call this, so the trained log-prob is the sampled one. predict:
+    the denoiser's call, the UNet's or a model family's (Policy)."""
     if guidance_scale <= 1:
-        return unet_eps(unet, latents, timesteps, prompt_embeds)
+        return predict(unet, latents, timesteps, prompt_embeds)
     negative = negative_embeds.expand(len(latents), -1, -1)
     both = [
         torch.cat(pair)
         for pair in ((latents, latents), (timesteps, timesteps), (negative, prompt_embeds))
     ]
-    eps_u, eps_c = unet_eps(unet, *both).chunk(2)
+    eps_u, eps_c = predict(unet, *both).chunk(2)
     return eps_u + guidance_scale * (eps_c - eps_u)
 
 
 def encode_prompts(pipe, prompts, guidance=False):
-    """The conditioning c of each prompt, frozen (guidance: the empty prompt of classifier-free
-    guidance). SD 1.x and 2.x: CLIP's (tokens, dim) embeddings. SDXL has two text encoders and
-    conditions its UNet on more than their tokens: the pooled embedding and the image's size and
-    crop (time ids (H, W), (0, 0), (H, W), its pipeline's defaults); they go into one more row of
-    c, which unet_eps takes apart, so that c stays one tensor a prompt wherever the trajectories
-    keep it. Its guidance prompt is zeros, as its force_zeros_for_empty_prompt makes it."""
-    device = pipe.unet.device
-    if flow.is_transformer(pipe.unet):  # beyond the paper: SD3's three encoders (machinery/flow.py)
-        return flow.encode_prompts(pipe, prompts)
-    if getattr(pipe, "text_encoder_2", None) is None:
-        return pipe.encode_prompt(list(prompts), device, 1, False)[0]
-    tokens, _, pooled, _ = pipe.encode_prompt(
-        list(prompts), device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
-    )
-    if guidance and pipe.config.force_zeros_for_empty_prompt:
-        tokens, pooled = torch.zeros_like(tokens), torch.zeros_like(pooled)
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    ids = torch.tensor([size, size, 0, 0, size, size], dtype=tokens.dtype, device=device)
-    extra = torch.zeros(len(tokens), 1, tokens.shape[-1], dtype=tokens.dtype, device=device)
-    extra[:, 0, : pooled.shape[-1]] = pooled
-    extra[:, 0, pooled.shape[-1] : pooled.shape[-1] + 6] = ids
-    return torch.cat([tokens, extra], dim=1)
+    """The conditioning c of each prompt, frozen: CLIP's (tokens, dim) embeddings (guidance: the
+    empty prompt of classifier-free guidance, encoded like any other)."""
+    return pipe.encode_prompt(list(prompts), pipe.unet.device, 1, False)[0]
 
 
 def decode(pipe, latents):
-    """The images of latents x_0, in [0, 1] (SDXL's VAE in fp32, outside autocast)."""
-    fp32 = getattr(pipe, "text_encoder_2", None) is not None
-    with torch.autocast(latents.device.type, enabled=False) if fp32 else contextlib.nullcontext():
-        shift = pipe.vae.config.get("shift_factor") or 0  # SD3's VAE is shifted, SD's is not
-        latents = (latents / pipe.vae.config.scaling_factor + shift).to(pipe.vae.dtype)
-        decoded = pipe.vae.decode(latents).sample
+    """The images of latents x_0, in [0, 1]."""
+    latents = (latents / pipe.vae.config.scaling_factor).to(pipe.vae.dtype)
+    decoded = pipe.vae.decode(latents).sample
     return pipe.image_processor.postprocess(decoded.float(), output_type="pt")
+
+
+class Policy(NamedTuple):
+    """What a model family decides of the policy: the conditioning c of prompts, the denoiser's
+    prediction at (x_t, t, c), the step's Gaussian (mean, std) and the decoder. The paper's
+    Stable Diffusion 1.x is SD1, this file's functions; the other families give their own
+    (machinery/families/), chosen once, when the model loads."""
+
+    encode_prompts: Callable
+    predict: Callable
+    mean_std: Callable
+    decode: Callable
+
+
+SD1 = Policy(encode_prompts, unet_eps, ddim_mean_std, decode)
 
 
 @torch.no_grad()
 def sample_trajectories(
-    pipe, prompts, num_steps=50, guidance_scale=5.0, eta=1.0, batch_size=8, generator=None, **beyond
+    pipe,
+    prompts,
+    num_steps=50,
+    guidance_scale=5.0,
+    eta=1.0,
+    batch_size=8,
+    generator=None,
+    policy=SD1,
+    reduce="mean",
+    progress=False,
+    stochastic=None,
+    initial_latents=None,
+    after_batch=None,
+    on_step=None,
 ):
     """Roll out the policy once per prompt, batch_size at a time.
 
     Returns a dict of tensors, batch first: latents (B, T+1, C, h, w) from x_T to x_0, log_probs
     (B, T; reduce "none": B, T, C, h, w) of each taken step, timesteps (B, T), prompt_embeds (B,
     tokens, dim), negative_embeds (1, tokens, dim), images (B, 3, H, W) in [0, 1]; prompts, B strs.
+    policy: the model family's (Policy; SD1 is the paper's). reduce: the log-prob's
+    (reduce_elements). progress: a bar.
 
-    beyond: options beyond the paper (machinery/run.py gives them). reduce, the log-prob's
-    (reduce_elements); progress, a bar; base, the base policy: then also kl_to_base (B, T),
-    policy_kl at every state, one more guided forward a step; after_batch(images, prompts, start,
-    total), called after each batch; stochastic, a bool per step: only those steps draw with eta,
-    the others are deterministic DDIM steps whose log_probs are NaN, never trained
-    (machinery/successors.py); initial_latents (B, C, h, w), each x_T instead of a draw.
+    Beyond the paper (machinery/ gives them): stochastic, a bool per step: only those steps draw
+    with eta, the others are deterministic DDIM steps whose log_probs are NaN, never trained
+    (successors.py); initial_latents (B, C, h, w), each x_T instead of a draw; after_batch(images,
+    prompts, start, total), called after each batch; on_step(step, t, state, prediction), called
+    at each state (the KL to the base policy, leash.KLToBase).
     """
-    device, reduce, base = pipe.unet.device, beyond.get("reduce", "mean"), beyond.get("base")
-    stochastic = beyond.get("stochastic")
+    device = pipe.unet.device
     stochastic = torch.ones(num_steps, dtype=torch.bool) if stochastic is None else stochastic
     pipe.scheduler.set_timesteps(num_steps, device=device)
-    negative_embeds = encode_prompts(pipe, [""], guidance=True)
+    negative_embeds = policy.encode_prompts(pipe, [""], guidance=True)
     config = pipe.unet.config
     shape = (config.in_channels, config.sample_size, config.sample_size)
     batches, starts = [], range(0, len(prompts), batch_size)
-    for start in tqdm(
-        starts, "sampling", disable=None if beyond.get("progress") else True, leave=False
-    ):
+    for start in tqdm(starts, "sampling", disable=None if progress else True, leave=False):
         batch_prompts = list(prompts[start : start + batch_size])
         n = len(batch_prompts)
-        prompt_embeds = encode_prompts(pipe, batch_prompts)
-        if beyond.get("initial_latents") is None:  # x_T ~ N(0, I)
+        prompt_embeds = policy.encode_prompts(pipe, batch_prompts)
+        if initial_latents is None:  # x_T ~ N(0, I)
             x_T = randn_tensor((n, *shape), generator=generator, device=device)
             latents = [x_T * pipe.scheduler.init_noise_sigma]
-        else:
-            latents = [beyond["initial_latents"][start : start + n]]
-        log_probs, kls = [], []
+        else:  # beyond the paper: the x_T's given
+            latents = [initial_latents[start : start + n]]
+        log_probs = []
         for step, t in enumerate(pipe.scheduler.timesteps):
             state = (latents[-1], t.expand(n), prompt_embeds, negative_embeds, guidance_scale)
-            eps = guided_eps(pipe.unet, *state)
+            eps = guided_eps(pipe.unet, *state, predict=policy.predict)
             if stochastic[step]:  # a_t = x_{t-1} ~ p_theta(. | s_t), and its log-prob
-                x_prev, log_prob = ddim_step_with_logprob(
-                    pipe.scheduler, eps, t, latents[-1], eta, generator=generator, reduce=reduce
+                args = (pipe.scheduler, eps, t, latents[-1], eta)
+                x_prev, log_prob = step_with_logprob(
+                    *args, generator=generator, reduce=reduce, mean_std=policy.mean_std
                 )
             else:  # beyond the paper: a deterministic DDIM step, without a log-prob
                 x_prev = pipe.scheduler.step(eps, t, latents[-1], eta=0.0).prev_sample
                 log_prob = torch.full_like(reduce_elements(eps.float(), reduce), float("nan"))
-            if base is not None:  # beyond the paper: the KL to the base policy at s_t
-                with base() as base_unet:
-                    base_eps = guided_eps(base_unet, *state)
-                kl = policy_kl(pipe.scheduler, eps, base_eps, t, latents[-1], eta, reduce)
-                kls.append(kl if stochastic[step] else torch.full_like(kl, float("nan")))
+            if on_step is not None:  # beyond the paper: a measurement at s_t
+                on_step(step, t, state, eps)
             latents.append(x_prev)
             log_probs.append(log_prob)
         batches.append(
@@ -262,12 +254,11 @@ def sample_trajectories(
                 "log_probs": torch.stack(log_probs, dim=1),
                 "timesteps": pipe.scheduler.timesteps.expand(n, -1),
                 "prompt_embeds": prompt_embeds,
-                "images": decode(pipe, latents[-1]),
-                **({"kl_to_base": torch.stack(kls, dim=1)} if base is not None else {}),
+                "images": policy.decode(pipe, latents[-1]),
             }
         )
-        if beyond.get("after_batch") is not None:
-            beyond["after_batch"](batches[-1]["images"], batch_prompts, start, len(prompts))
+        if after_batch is not None:  # beyond the paper: a served reward's request, checks
+            after_batch(batches[-1]["images"], batch_prompts, start, len(prompts))
     trajectories = {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
     stochastic = torch.as_tensor(stochastic)
     return {

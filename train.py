@@ -1,6 +1,6 @@
-"""Fine-tune a Stable Diffusion (1.x, 2.x, XL; 3 by machinery/flow.py) denoiser with DDPO (Black et
-al. 2023). One epoch is: sample trajectories -> reward -> advantages -> minibatch updates -> log
-(and checkpoint).
+"""Fine-tune a Stable Diffusion denoiser with DDPO (Black et al. 2023; other model families by
+machinery/families/). One epoch is: sample trajectories -> reward -> advantages -> minibatch
+updates -> log (and checkpoint).
 
     python train.py --reward jpeg                       # SD v1.4 with CUDA, else the bundled model
     python train.py --algo rwr                          # or ddpo-sf, rwr-sparse, pxpo
@@ -18,9 +18,12 @@ from machinery import cli
 if __name__ == "__main__":  # --help and a bad flag answer here, before torch and diffusers load
     cli_config = cli.parse_args(description=__doc__)
 
+import contextlib
+import dataclasses
 import os
 from collections import defaultdict
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -30,9 +33,11 @@ for library in ("TRANSFORMERS", "DIFFUSERS"):
 
 import ddpo
 from ddpo import scalar
+from machinery import parallel, successors
 from machinery.config import Config
+from machinery.leash import kl_penalty
 from machinery.run import Run, epoch_means
-from sampler import ddim_step_with_logprob, guided_eps, reduce_elements, sample_trajectories
+from sampler import SD1, guided_eps, reduce_elements, sample_trajectories, step_with_logprob
 
 
 def main(argv=None, reward_fn=None):
@@ -42,23 +47,16 @@ def main(argv=None, reward_fn=None):
     cfg = argv if isinstance(argv, Config) else cli.parse_args(argv, description=__doc__)
     # machinery/run.py: the processes, the model, the folder, resume; after the last epoch, the
     # final weights' evaluation (beyond the paper)
-    with Run(cfg, reward_fn) as run:
+    with Run(cfg, reward_fn, adamw) as run:
         cfg = run.cfg
         for epoch in run.epochs():
             run.before_sampling(epoch)  # beyond the paper: the fixed-noise evaluation, when due
-            # 1. sample: roll out the current policy, one trajectory per drawn prompt
-            prompts = run.draw_prompts()
-            with run.autocast:
-                traj = sample_trajectories(
-                    run.pipe,
-                    prompts,
-                    cfg.num_steps,
-                    cfg.guidance_scale,
-                    cfg.eta,
-                    cfg.batch_size,
-                    run.generator,
-                    **run.sampling_options(epoch, prompts),
-                )
+            # 1. sample: c ~ p(c), then roll out the current policy, one trajectory a prompt
+            prompts = draw_prompts(run.prompt_set, run.rng, run.share, cfg.samples_per_prompt)
+            settings = (cfg.num_steps, cfg.guidance_scale, cfg.eta, cfg.batch_size, run.generator)
+            with run.autocast:  # beyond the paper: sampling_options (machinery/run.py)
+                options = run.sampling_options(epoch, prompts)
+                traj = sample_trajectories(run.pipe, prompts, *settings, run.policy, **options)
             # 2. reward r(x_0, c) of the decoded images, gathered from every process
             all_prompts, reward_out = run.reward(epoch, traj["images"], prompts)
             rewards = scalar(reward_out)  # a pixel-wise reward's map: its mean
@@ -66,12 +64,78 @@ def main(argv=None, reward_fn=None):
                 stats = rwr_round(cfg, run, traj, all_prompts, rewards)
             else:
                 # 3. advantages: each reward against its prompt's statistics, over the whole epoch
-                advantages = run.advantages(all_prompts, reward_out, traj["latents"].shape[-2:])
+                size = traj["latents"].shape[-2:]  # the latent's, for PXPO's maps
+                advantages = epoch_advantages(cfg, run.tracker, all_prompts, reward_out, size)
                 # 4. update the policy on this process's samples
-                stats = update(cfg, run, traj, advantages)
+                stats = update(cfg, run, traj, advantages[run.mine])
             # 5. log: metrics, samples and weights, a checkpoint when due
             run.log(epoch, traj, prompts, rewards, stats)
     return run.history
+
+
+@dataclasses.dataclass
+class Learner:
+    """What update and rwr_round use of a run (machinery's Run has the same names): the policy
+    (pipe, and its family's Policy), its trainable weights and optimiser, the random stream of
+    shuffles and timestep orders, autocast, the base policy of the KL leash (None: no leash), the
+    progress bar, and this process's rows among every process's samples."""
+
+    pipe: object
+    params: list
+    optimizer: torch.optim.Optimizer
+    rng: np.random.Generator
+    policy: object = SD1
+    autocast: object = dataclasses.field(default_factory=contextlib.nullcontext)
+    base: object = None
+    progress: bool = False
+    mine: slice = dataclasses.field(default_factory=lambda: slice(None))
+
+
+def adamw(cfg, params):
+    """The optimiser: AdamW (appendix D.5), at --lr, with --weight-decay."""
+    return torch.optim.AdamW(
+        params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8
+    )
+
+
+def draw_prompts(prompt_set, rng, n, samples_per_prompt=1):
+    """c ~ p(c), uniform over the prompt set: one prompt a trajectory, n of them (this process's
+    share of the epoch). Beyond the paper: groups of one prompt (machinery/successors.py)."""
+    if samples_per_prompt > 1:
+        return successors.draw_groups(prompt_set, rng, n, samples_per_prompt)
+    return [prompt_set[i] for i in rng.integers(len(prompt_set), size=n)]
+
+
+def epoch_advantages(cfg, tracker, prompts, rewards, latent_size):
+    """Every sample's advantage: its reward against its prompt's statistics (tracker; appendix
+    D.3), or the batch's with --no-per-prompt-stat-tracking (ddpo.advantages); beyond the paper,
+    within each group of --samples-per-prompt (--advantages group, machinery/successors.py)."""
+    per_position, k = cfg.pxpo_normalise == "position", cfg.samples_per_prompt
+    if cfg.advantages == "group":
+        return successors.group_advantages(cfg.algo, rewards, k, latent_size, per_position)
+    return ddpo.advantages(cfg.algo, prompts, rewards, latent_size, tracker, per_position)
+
+
+def fused_steps(samples, step_order, train_steps, steps_per_forward=1):
+    """Which (sample, step) pairs each forward trains: each sample's first train_steps steps of its
+    own random order (step_order), steps_per_forward of each sample's at a time (beyond the paper,
+    speed only: --steps-per-forward K). Yields the rows and steps of each forward's states (each
+    sample's row repeated once a step), step-major, and how many steps of each sample they are."""
+    for chunk in torch.arange(train_steps, device=samples.device).split(steps_per_forward):
+        yield samples.repeat(len(chunk)), step_order[samples][:, chunk].T.flatten(), len(chunk)
+
+
+def optimizer_step(cfg, learner):
+    """One step on the accumulated gradient, clipped to --max-grad-norm (appendix D.5); skipped
+    (False) when it is not finite, so the weights stay finite (the epoch's skipped_updates count
+    it, and its console line says so)."""
+    parallel.average_gradients(learner.params)  # beyond the paper: over torchrun's processes
+    grad_norm = torch.nn.utils.clip_grad_norm_(learner.params, cfg.max_grad_norm)
+    finite = bool(torch.isfinite(grad_norm))  # a non-finite loss gives a non-finite norm too
+    if finite:
+        learner.optimizer.step()
+    learner.optimizer.zero_grad()
+    return finite
 
 
 def update(cfg, run, traj, advantages):
@@ -89,18 +153,19 @@ def update(cfg, run, traj, advantages):
     progress = tqdm(batches, desc="training", disable=None if run.progress else True, leave=False)
     for i, (samples, step_order) in enumerate(progress):
         # each sample's trained steps, a step t of every sample a forward (beyond the paper: K)
-        for chunk, (rows, k, each) in enumerate(run.fused_steps(samples, step_order, train_steps)):
+        forwards = fused_steps(samples, step_order, train_steps, cfg.steps_per_forward)
+        for chunk, (rows, k, each) in enumerate(forwards):
             with run.autocast:
                 # the stored states s_t = (c, t, x_t), in the UNet's order, and the prediction now
                 x_t, t = traj["latents"][rows, k], traj["timesteps"][rows, k]
                 c = traj["prompt_embeds"][rows]
-                eps = guided_eps(
-                    run.pipe.unet, x_t, t, c, traj["negative_embeds"], cfg.guidance_scale
-                )
+                w, predict = cfg.guidance_scale, run.policy.predict
+                eps = guided_eps(run.pipe.unet, x_t, t, c, traj["negative_embeds"], w, predict)
                 # the action a_t = x_{t-1}: its log-density now, by the function that sampled it
                 action = traj["latents"][rows, k + 1]
-                _, element_log_prob = ddim_step_with_logprob(
-                    run.pipe.scheduler, eps, t, x_t, cfg.eta, action, reduce="none"
+                scheduler, mean_std = run.pipe.scheduler, run.policy.mean_std
+                _, element_log_prob = step_with_logprob(
+                    scheduler, eps, t, x_t, cfg.eta, action, reduce="none", mean_std=mean_std
                 )
                 # averaged over the latent's elements:
                 # README, "Why is the log-prob averaged, not summed?"
@@ -116,7 +181,8 @@ def update(cfg, run, traj, advantages):
                 else:  # pxpo: every latent position its own advantage
                     loss = ddpo.pxpo_loss(element_log_prob, A, cfg.adv_clip_max)
                 diagnostics = ddpo.diagnostics(log_prob, old_log_prob, cfg.clip_range)
-                penalty, measured = run.extra_loss(traj, (x_t, t, c), eps, chunk == 0, len(samples))
+                states, first = (x_t, t, c), chunk == 0
+                penalty, measured = kl_penalty(cfg, run, traj, states, eps, first, len(samples))
                 loss = loss + penalty  # beyond the paper: the KL leash (0 without --kl-coef)
                 diagnostics.update(measured)
             # loss is a mean over these states: weighted by their share of the optimiser step
@@ -124,7 +190,7 @@ def update(cfg, run, traj, advantages):
             for key, value in {"loss": loss.detach(), **diagnostics}.items():
                 stats[key].append((value, each))
         if (i + 1) % microbatches == 0:
-            skipped += not run.optimizer_step()
+            skipped += not optimizer_step(cfg, run)
     return {**epoch_means(stats), "skipped_updates": skipped}
 
 
@@ -161,20 +227,20 @@ def rwr_round(cfg, run, traj, prompts, rewards):
     progress = tqdm(batches, desc="training", disable=None if run.progress else True, leave=False)
     for i, (rows, _) in enumerate(progress):
         with run.autocast:
-            loss = rwr_regression_loss(cfg, run.pipe, traj, weights, rows, run.rng)
+            loss = rwr_regression_loss(cfg, run.pipe, traj, weights, rows, run.rng, run.policy)
         (loss / microbatches).backward()
         stats["loss"].append((loss.detach(), 1))
         if (i + 1) % microbatches == 0:
-            skipped += not run.optimizer_step()
+            skipped += not optimizer_step(cfg, run)
     return {**epoch_means(stats), "skipped_updates": skipped, "weight_share": selectivity}
 
 
-def rwr_regression_loss(cfg, pipe, traj, weights, rows, rng):
+def rwr_regression_loss(cfg, pipe, traj, weights, rows, rng, policy=SD1):
     """RWR's loss on the samples `rows`: the denoising loss of the guided prediction on each x_0,
     noised afresh at a random t, times the sample's weight (ddpo.rwr_loss). The target is what the
-    model predicts, the one it was trained on: the noise, or for v-prediction (SD 2.x at 768 px)
-    the velocity v = sqrt(abar_t) noise - sqrt(1 - abar_t) x_0 (a flow model's, machinery/flow.py:
-    noise - x_0)."""
+    model predicts, the one it was trained on: the noise, or for a v-prediction model the velocity
+    v = sqrt(abar_t) noise - sqrt(1 - abar_t) x_0, by the scheduler's get_velocity (which a model
+    family may define otherwise). policy: the model family's (its denoiser's prediction)."""
     x0 = traj["latents"][rows, -1]
     noise = torch.randn_like(x0)
     size = len(rows)
@@ -182,7 +248,9 @@ def rwr_regression_loss(cfg, pipe, traj, weights, rows, rng):
         rng.integers(pipe.scheduler.config.num_train_timesteps, size=size), device=x0.device
     )
     x_t, c = pipe.scheduler.add_noise(x0, noise, t), traj["prompt_embeds"][rows]
-    prediction = guided_eps(pipe.unet, x_t, t, c, traj["negative_embeds"], cfg.guidance_scale)
+    prediction = guided_eps(
+        pipe.unet, x_t, t, c, traj["negative_embeds"], cfg.guidance_scale, policy.predict
+    )
     if pipe.scheduler.config.prediction_type == "v_prediction":
         target = pipe.scheduler.get_velocity(x0, noise, t)
     else:

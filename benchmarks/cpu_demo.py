@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 import toy_world  # noqa: E402
 from machinery.config import BUNDLED_MODEL, PRESETS  # noqa: E402
 from machinery.pipeline import load_pipeline  # noqa: E402
-from machinery.run_folder import save_grid  # noqa: E402
+from machinery.epoch_log import save_grid  # noqa: E402
 from page import keep_run, made_by, provenance, write_block  # noqa: E402
 from rewards import jpeg_kilobytes  # noqa: E402
 from sampler import sample_trajectories  # noqa: E402
@@ -95,6 +95,7 @@ def before_after(lora_dir, path, model, n=8):
             preset["num_steps"],
             preset["guidance_scale"],
             generator=torch.Generator().manual_seed(0),
+            policy=pipe.family.POLICY,
         )
         rows.append(traj["images"])
     images = torch.cat(rows)

@@ -14,49 +14,46 @@ from pathlib import Path
 import torch
 
 from machinery import parallel
-from machinery.config import fail
-from machinery.run_folder import final_evaluated, write_atomic, write_metrics, writing
+from machinery.errors import fail
+from machinery.epoch_log import final_evaluated
+from machinery.run_folder import write_atomic, write_metrics, writing
 
 
 def due(cfg, epoch, stopping):
     return (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs or stopping
 
 
-def save(out, cfg, history, pipe, optimizer, tracker, rng, generator, device, rank):
-    """Everything a resumed run needs after the last epoch: every process hands over its random
-    streams, rank 0 writes them with the trainable weights, the optimiser and the reward buffers."""
-    streams = parallel.gather_objects(
-        [
-            {
-                "numpy": rng.bit_generator.state,
-                "torch": torch.get_rng_state(),
-                "generator": generator.get_state(),
-                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            }
-        ]
-    )
-    if rank == 0:
-        trainable = {name for name, p in pipe.unet.named_parameters() if p.requires_grad}
-        write(
-            out,
-            {
-                "run_id": cfg.run_id,
-                "epoch": history[-1]["epoch"],
-                "history": history,
-                "optimizer": optimizer.state_dict(),
-                "rng": streams,
-                "trainable": {
-                    name: p for name, p in pipe.unet.state_dict().items() if name in trainable
-                },
-                "buffers": tracker.state_dict() if tracker is not None else {},
-            },
-            cfg.keep_checkpoints,
-        )
+def save(run):
+    """Everything a resumed run needs after the last epoch, from a Run (machinery/run.py) by its
+    parts' names: every process hands over its random streams (rng, torch's, the sampling
+    generator's), rank 0 writes them with the trainable weights of run.pipe, the optimiser, the
+    reward buffers (run.tracker) and the history, into run.out."""
+    device, unet = run.device, run.pipe.unet
+    own = {
+        "numpy": run.rng.bit_generator.state,
+        "torch": torch.get_rng_state(),
+        "generator": run.generator.get_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
+    streams = parallel.gather_objects([own])
+    if run.rank == 0:
+        trainable = {name for name, p in unet.named_parameters() if p.requires_grad}
+        state = {
+            "run_id": run.cfg.run_id,
+            "epoch": run.history[-1]["epoch"],
+            "history": run.history,
+            "optimizer": run.optimizer.state_dict(),
+            "rng": streams,
+            "trainable": {name: p for name, p in unet.state_dict().items() if name in trainable},
+            "buffers": run.tracker.state_dict() if run.tracker is not None else {},
+        }
+        write(run.out, state, run.cfg.keep_checkpoints)
 
 
 def write(out, state, keep):
-    """checkpoints/epoch_N.pt for the state after epoch N (state["epoch"]); the oldest beyond keep go.
-    The state holds only tensors and plain Python data, so that it loads with weights_only=True."""
+    """checkpoints/epoch_N.pt for the state after epoch N (state["epoch"]); the oldest beyond keep
+    go. The state holds only tensors and plain Python data, so that it loads with
+    weights_only=True."""
     folder = out / "checkpoints"
     with writing(folder):
         folder.mkdir(exist_ok=True)
@@ -66,44 +63,40 @@ def write(out, state, keep):
 
 
 def torch_save(state, path):
-    with (
-        open(path, "wb") as f
-    ):  # through a Python file, whose failed write says why (torch's own writer: "basic_ios::clear")
+    # through a Python file, whose failed write says why (torch's own writer: "basic_ios::clear")
+    with open(path, "wb") as f:
         torch.save(state, f)
 
 
-KEYS = {
-    "epoch",
-    "history",
-    "optimizer",
-    "rng",
-    "trainable",
-    "buffers",
-}  # what every checkpoint holds (and run_id, since run ids began)
+# what every checkpoint holds (and run_id, since run ids began)
+KEYS = {"epoch", "history", "optimizer", "rng", "trainable", "buffers"}
 
 
 def read(cfg, world):
-    """The state to resume from, checked before anything is loaded or written: this run's (its run_id),
-    of as many processes, with epochs left to run, or the final weights' evaluation (stopped or
-    crashed after its last epoch). None for a run that never reached its first checkpoint (it starts
-    again from epoch 0 with its saved settings)."""
+    """The state to resume from, checked before anything is loaded or written: this run's (its
+    run_id), of as many processes, with epochs left to run, or the final weights' evaluation
+    (stopped or crashed after its last epoch). None for a run that never reached its first
+    checkpoint (it starts again from epoch 0 with its saved settings)."""
     if not any((Path(cfg.out) / "checkpoints").glob("epoch_*.pt")):
         return None
     path, state = load_newest(Path(cfg.out))
     if cfg.run_id is not None and state.get("run_id") != cfg.run_id:
         fail(
-            f"--resume {cfg.out}: {path} is another run's checkpoint (run id {state.get('run_id')}, this folder's config.json "
+            f"--resume {cfg.out}: {path} is another run's checkpoint (run id "
+            f"{state.get('run_id')}, this folder's config.json "
             f"says {cfg.run_id}); remove it from {path.parent}, or resume the run it came from"
         )
     if len(state["rng"]) != world:
         fail(
-            f"--resume {cfg.out}: the run was trained by {len(state['rng'])} process(es), not {world}; resume it with as many"
+            f"--resume {cfg.out}: the run was trained by {len(state['rng'])} process(es), not "
+            f"{world}; resume it with as many"
         )
     if len(state["history"]) >= cfg.epochs and not (
         cfg.eval_every and not final_evaluated(Path(cfg.out), cfg.epochs)
     ):
         fail(
-            f"--resume {cfg.out}: the run has done {len(state['history'])} epochs of --epochs {cfg.epochs}; "
+            f"--resume {cfg.out}: the run has done {len(state['history'])} epochs of --epochs "
+            f"{cfg.epochs}; "
             f"give --epochs above {len(state['history'])} to run it further"
         )
     return state
@@ -112,7 +105,8 @@ def read(cfg, world):
 def load_newest(out):
     """The newest readable checkpoint's path and state. A damaged one is passed over, with a notice,
     for the one before it (the run keeps two for this); one that would need more than tensors and
-    plain data to load is refused, since unpickling it could run code (torch.load with weights_only=True)."""
+    plain data to load is refused, since unpickling it could run code (torch.load with
+    weights_only=True)."""
     skipped = []
     for path in sorted((out / "checkpoints").glob("epoch_*.pt"), reverse=True):
         try:
@@ -120,7 +114,8 @@ def load_newest(out):
         except pickle.UnpicklingError as error:
             if "Unsupported global" in str(error) or "Unsupported operand" in str(error):
                 fail(
-                    f"--resume: {path} holds more than tensors and plain data, and loading it could run code; "
+                    f"--resume: {path} holds more than tensors and plain data, and loading it "
+                    "could run code; "
                     f"resume only checkpoints written by this train.py"
                 )
             state, reason = None, type(error).__name__
@@ -131,21 +126,27 @@ def load_newest(out):
         if state is not None:
             for name, reason in skipped:
                 print(
-                    f"train.py: {name} is unreadable ({reason}); resuming from {path.name}, the newest readable checkpoint",
+                    f"train.py: {name} is unreadable ({reason}); resuming from {path.name}, the "
+                    "newest readable checkpoint",
                     file=sys.stderr,
                 )
             return path, state
         skipped.append((path.name, reason))
     fail(
-        f"--resume {out}: no readable checkpoint ({', '.join(f'{name}: {reason}' for name, reason in skipped)}); "
-        f"the run cannot continue: start it again in a new --out with the settings in {out / 'config.json'}"
+        f"--resume {out}: no readable checkpoint "
+        f"({', '.join(f'{name}: {reason}' for name, reason in skipped)}); "
+        "the run cannot continue: start it again in a new --out with the settings in "
+        f"{out / 'config.json'}"
     )
 
 
-def restore(state, cfg, pipe, optimizer, tracker, rng, generator, rank, device):
-    """Everything a fresh run would hold after the checkpoint's epoch: weights, optimiser, reward
-    buffers, this process's random streams; its metrics, to which metrics.jsonl is cut back. Without
-    a checkpoint, the run as it was before its first epoch: nothing to load, no metrics kept."""
+def restore(state, run):
+    """Everything a fresh Run would hold after the checkpoint's epoch, put into its parts (save's
+    names): weights, optimiser, reward buffers, this process's random streams; returns its metrics,
+    to which metrics.jsonl is cut back. Without a checkpoint, the run as it was before its first
+    epoch: nothing to load, no metrics kept."""
+    cfg, pipe, optimizer, tracker = run.cfg, run.pipe, run.optimizer, run.tracker
+    rng, generator, rank, device = run.rng, run.generator, run.rank, run.device
     if state is None:
         if rank == 0:
             write_metrics(Path(cfg.out), [])
@@ -161,8 +162,10 @@ def restore(state, cfg, pipe, optimizer, tracker, rng, generator, rank, device):
             if saved.get(name) != trainable.get(name)
         )
         fail(
-            f"--resume {cfg.out}: its checkpoint's weights do not fit the model that config.json makes ({name}: {saved.get(name, 'absent')} "
-            f"in the checkpoint, {trainable.get(name, 'absent')} in the model; another --lora-rank or --model); restore config.json "
+            f"--resume {cfg.out}: its checkpoint's weights do not fit the model that config.json "
+            f"makes ({name}: {saved.get(name, 'absent')} "
+            f"in the checkpoint, {trainable.get(name, 'absent')} in the model; another --lora-rank "
+            "or --model); restore config.json "
             f"from a copy, or resume the run the checkpoint came from"
         )
     pipe.unet.load_state_dict(state["trainable"], strict=False)

@@ -11,43 +11,52 @@ import time
 import uuid
 from pathlib import Path
 
-from machinery import checks, config
+from machinery import checks
 from machinery.config import (
     ALGO_SETTINGS,
     BUNDLED_FLOW_MODEL,
     BUNDLED_MODEL,
     EVAL_PROMPTS_COPY,
-    PAPER_DEFAULTS,
+    GROUPS,
     PRESETS,
     PROMPTS_COPY,
+    RUN,
     SD14,
     TUNED,
     Config,
-    fail,
-    file_sha256,
+)
+from machinery.devices import cuda_available
+from machinery.errors import fail
+from machinery.reward_specs import (
     combined_name,
+    file_sha256,
     own_reward_file,
     short_reward_name,
     split_term,
 )
 
 
-# --help's groups, in this order: the paper's settings, the extensions, the run's machinery
-PAPER = "the paper's settings: model, reward, prompts, sampling, the algorithm and its update"
-BEYOND = (
-    "beyond the paper: rewards combined, the KL leash, the evaluation, DDPO's successors, speed"
-)
-RUN = "the run: its folder, resume, processes, precision, trackers, a served reward"
-GROUPS = {
-    PAPER: "model preset lora_rank reward prompts target_color aesthetic_model alignment_model "
-    "bertscore_model bertscore_layer num_steps guidance_scale eta algo epochs samples_per_epoch "
-    "batch_size updates_per_epoch inner_epochs timestep_fraction clip_range adv_clip_max "
-    "per_prompt_stat_tracking buffer_size min_count beta pxpo_normalise lr weight_decay "
-    "max_grad_norm seed",
-    BEYOND: "rewards kl_coef eval_every eval_prompts eval_samples eval_num_steps samples_per_prompt "
-    "advantages shared_noise train_window steps_per_forward compile noise_level",
-    RUN: "out resume device mixed_precision gradient_checkpointing allow_tf32 log_with "
-    "checkpoint_every keep_checkpoints reward_timeout reward_retries reward_format",
+# Where the defaults come from, for --show-config: the paper's text (arXiv 2305.13301, ICLR 2024
+# version) or the original code (jannerm/ddpo) where the paper is silent. The rest are this
+# project's.
+PAPER_DEFAULTS = {
+    "num_steps": "paper, appendix D.5",
+    "guidance_scale": "paper, appendix D.5",
+    "eta": "original code (jannerm/ddpo: 1.0)",
+    "algo": "paper, section 4.3",
+    "samples_per_epoch": "paper, appendix D.1",
+    "updates_per_epoch": "paper, appendix D.1",
+    "clip_range": "paper, appendix D.1",
+    "per_prompt_stat_tracking": "paper, appendix D.3",
+    "buffer_size": "original code (jannerm/ddpo: 32)",
+    "min_count": "original code (jannerm/ddpo: 16)",
+    "beta": "paper, appendix D.5",
+    "weight_decay": "paper, appendix D.5",
+    "max_grad_norm": "paper, appendix D.5",
+    "lora_rank": "public PyTorch port (kvablack/ddpo-pytorch)",
+    "adv_clip_max": "public PyTorch port",
+    "timestep_fraction": "paper: every step trained",
+    "inner_epochs": "paper, appendix D.1: one pass",
 }
 
 
@@ -59,7 +68,6 @@ def parse_args(argv=None, description=None):
     )
     parser.error = fail  # one line, exit status 2
     groups = {title: parser.add_argument_group(title) for title in GROUPS}
-    group_of = {name: groups[title] for title, names in GROUPS.items() for name in names.split()}
     for f in dataclasses.fields(Config):
         meta = dict(f.metadata)
         if not meta.pop("flag", True):
@@ -70,26 +78,28 @@ def parse_args(argv=None, description=None):
         else:
             meta.setdefault("type", f.type)
         flag = "--" + f.name.replace("_", "-")
-        group_of[f.name].add_argument(flag, default=argparse.SUPPRESS, **meta)
+        groups[meta.pop("group")].add_argument(flag, default=argparse.SUPPRESS, **meta)
     own = groups[RUN]  # the two flags of train.py's own go with the run's
     own.add_argument(
         "--show-config",
         action="store_true",
         default=argparse.SUPPRESS,
-        help="print every setting the run would use and where it comes from, then exit without loading a model",
+        help="print every setting the run would use and where it comes from, then exit without "
+        "loading a model",
     )
     own.add_argument(
         "--accept-changed-reward",
         action="store_true",
         default=argparse.SUPPRESS,
-        help="with --resume: continue although your reward's file has changed since the run began (you mean the change)",
+        help="with --resume: continue although your reward's file has changed since the run began "
+        "(you mean the change)",
     )
     own.add_argument(
         "--preflight",
         action="store_true",
         default=argparse.SUPPRESS,
-        help="check the model, reward and settings on one batch in about a minute, write nothing, then exit "
-        "(docs/reward-not-rising.md)",
+        help="check the model, reward and settings on one batch in about a minute, write nothing, "
+        "then exit (docs/reward-not-rising.md)",
     )
     given = vars(parser.parse_args(argv))  # only the flags on the command line
     show, preflight = given.pop("show_config", False), given.pop("preflight", False)
@@ -109,9 +119,10 @@ def parse_args(argv=None, description=None):
 
 
 def resolve(given):
-    """The settings of a new run, in layers, each over the one before: the paper's defaults (Config),
-    the preset, the algorithm's own (ALGO_SETTINGS), the preset's tuned ones (TUNED), the flags
-    given; then the values derived from them. Returns the Config and where each value came from."""
+    """The settings of a new run, in layers, each over the one before: the paper's defaults
+    (Config), the preset, the algorithm's own (ALGO_SETTINGS), the preset's tuned ones (TUNED), the
+    flags given; then the values derived from them. Returns the Config and where each value came
+    from."""
     model, preset = given.pop("model", "auto"), given.pop("preset", "auto")
     sources = {
         f.name: f"default: {PAPER_DEFAULTS[f.name]}" if f.name in PAPER_DEFAULTS else "default"
@@ -119,11 +130,14 @@ def resolve(given):
     }
     sources.update(model="flag", preset="flag")
     if model == "auto":
-        cuda = config.cuda_available()
+        cuda = cuda_available()
         model = SD14 if cuda else str(BUNDLED_MODEL)
-        print(
-            f"--model auto: {f'CUDA is available, so {SD14}' if cuda else 'no CUDA device, so the bundled CPU model toy_world/tiny-shapes'} (choose with --model)"
+        why = (
+            f"CUDA is available, so {SD14}"
+            if cuda
+            else "no CUDA device, so the bundled CPU model toy_world/tiny-shapes"
         )
+        print(f"--model auto: {why} (choose with --model)")
         sources["model"] = "auto: " + ("CUDA is available" if cuda else "no CUDA device")
     if preset == "auto":
         bundled = {BUNDLED_MODEL.resolve(), BUNDLED_FLOW_MODEL.resolve()}
@@ -146,25 +160,38 @@ def resolve(given):
         settings.update(layer)
         sources.update(dict.fromkeys(layer, source))
     cfg = Config(**{**settings, "model": model, "preset": preset})
-    # derived values, computed once
+    if cfg.rewards and "reward" in given:  # --rewards instead of --reward
+        fail("--reward and --rewards: give one (--rewards jpeg=1 takes a single reward too)")
+    derive(cfg, sources)
+    checks.validate(cfg)  # --rewards' terms too: the sum's name is made from them after
+    record_rewards(cfg, sources)
+    return cfg, sources
+
+
+def derive(cfg, sources):
+    """The values derived from the others, computed once: the learning rate, the device, the run
+    folder and the run's id."""
     if cfg.lr is None:
         cfg.lr = 3e-4 if cfg.lora_rank > 0 else 1e-5
-        sources["lr"] = (
-            f"derived: {'3e-4 with a LoRA (the PyTorch port)' if cfg.lora_rank > 0 else '1e-5 for the whole UNet (paper, appendix D.5)'}"
+        sources["lr"] = "derived: " + (
+            "3e-4 with a LoRA (the PyTorch port)"
+            if cfg.lora_rank > 0
+            else "1e-5 for the whole UNet (paper, appendix D.5)"
         )
     if not cfg.device:
-        cfg.device = "cuda" if config.cuda_available() else "cpu"
+        cfg.device = "cuda" if cuda_available() else "cpu"
         sources["device"] = "derived: cuda when available, else cpu"
-    if cfg.rewards:  # --rewards instead of --reward: the sum's name stands for the reward
-        if "reward" in given:
-            fail("--reward and --rewards: give one (--rewards jpeg=1 takes a single reward too)")
     if not cfg.out:
         names = [short_reward_name(split_term(t)[0]) for t in cfg.rewards or [cfg.reward]]
         cfg.out = f"runs/{'+'.join(names)[:48]}-{cfg.algo}-{time.strftime('%Y%m%d-%H%M%S')}"
         sources["out"] = "derived: runs/<reward>-<algo>-<time>"
     cfg.run_id, sources["run_id"] = uuid.uuid4().hex[:12], "derived: new for each run"
-    checks.validate(cfg)  # --rewards' terms too: the sum's name is made from them after
-    if cfg.rewards:  # each file's term recorded as it is now: --resume checks it is the same
+
+
+def record_rewards(cfg, sources):
+    """The reward as config.json records it: --rewards' sum named for its terms (the sum's name
+    stands for the reward), and each file's sha256 as it is now (--resume checks it is the same)."""
+    if cfg.rewards:
         cfg.reward, sources["reward"] = combined_name(cfg.rewards), "derived: --rewards"
         terms = [(term.rpartition("=")[2], *recorded(split_term(term)[0])) for term in cfg.rewards]
         cfg.rewards = [f"{spec}={weight}" for weight, spec, _ in terms]
@@ -174,7 +201,6 @@ def resolve(given):
         cfg.reward, cfg.reward_sha256 = recorded(cfg.reward)
         if cfg.reward_sha256:
             sources["reward_sha256"] = "derived: the reward's file as it is now"
-    return cfg, sources
 
 
 def recorded(spec):
@@ -193,7 +219,8 @@ def describe(cfg, sources):
     width = max(len(name) for name in sources) + 2
     flags = {f.name for f in dataclasses.fields(Config) if f.metadata.get("flag", True)}
     return "\n".join(
-        f"{'--' if name in flags else '  '}{name.replace('_', '-'):{width}} {getattr(cfg, name)!s:32} {sources[name]}"
+        f"{'--' if name in flags else '  '}{name.replace('_', '-'):{width}} "
+        f"{getattr(cfg, name)!s:32} {sources[name]}"
         for name in sources
     )
 
@@ -206,15 +233,18 @@ def resumed_config(given):
     others = sorted(set(given) - {"epochs"})
     if others:
         fail(
-            f"--resume continues a run with its saved settings: only --epochs may go with it, not --{others[0].replace('_', '-')}"
+            "--resume continues a run with its saved settings: only --epochs may go with it, not "
+            f"--{others[0].replace('_', '-')}"
         )
     if not (folder / "config.json").is_file():
         if not any((folder / "checkpoints").glob("epoch_*.pt")):
             fail(
-                f"--resume {folder}: no run there (no config.json, no checkpoints/epoch_N.pt); give the folder of a run train.py started"
+                f"--resume {folder}: no run there (no config.json, no checkpoints/epoch_N.pt); "
+                "give the folder of a run train.py started"
             )
         fail(
-            f"--resume: {folder / 'config.json'} is missing, so the run's settings are unknown; restore it from a copy, "
+            f"--resume: {folder / 'config.json'} is missing, so the run's settings are unknown; "
+            "restore it from a copy, "
             f"or start a new run with the same flags"
         )
     saved = checks.read_saved_config(folder / "config.json")

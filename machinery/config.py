@@ -1,63 +1,40 @@
 """The settings of a training run: one Config dataclass, filled by argparse from train.py's flags.
 
 Defaults are the paper's settings for SD v1.4 (appendix D.1 and D.5), but for the LoRA at 3e-4 (the
-public PyTorch port's default; the paper's main runs fine-tune the whole UNet, --lora-rank 0). A preset rescales them for
-another model ("tiny": the bundled CPU model); every flag given on the command line still wins.
-Bad input is refused before anything is loaded or written (checks.py): one line, exit status 2. This
-module imports neither torch nor diffusers (seconds to load), so that --help, --show-config and a
-bad flag answer at once: train.py parses its flags before its own imports.
+public PyTorch port's default; the paper's main runs fine-tune the whole UNet, --lora-rank 0). A
+preset rescales them for another model ("tiny": the bundled CPU model); every flag given on the
+command line still wins. Bad input is refused before anything is loaded or written (checks.py): one
+line, exit status 2. This module imports neither torch nor diffusers (seconds to load), so that
+--help, --show-config and a bad flag answer at once: train.py parses its flags before its own
+imports.
 """
 
-import ctypes
-import functools
-import hashlib
-import importlib.util
-import os
-import re
-import sys
-import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import toy_world
+from machinery.prompts import PROMPT_SETS
+from machinery.reward_specs import REWARD_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
-DATA = ROOT / "data"
 BUNDLED_MODEL = ROOT / "toy_world" / "tiny-shapes"
 BUNDLED_FLOW_MODEL = ROOT / "toy_world" / "tiny-flow"  # SD3's shape (docs/flow-models.md)
 SD14 = "CompVis/stable-diffusion-v1-4"
-LOCK = ".lock"  # the run folder's lock file (run_folder.claim): a folder holding only it counts as empty
-PROMPTS_COPY, EVAL_PROMPTS_COPY = (
-    "prompts.txt",
-    "eval_prompts.txt",
-)  # in the run folder: a resumed run reads its prompts there
+# the run folder's lock file (run_folder.claim): a folder holding only it counts as empty
+LOCK = ".lock"
+# in the run folder: a resumed run reads its prompts there
+PROMPTS_COPY, EVAL_PROMPTS_COPY = "prompts.txt", "eval_prompts.txt"
+# --help's groups, in this order: the paper's settings, the extensions, the run's machinery
+PAPER = "the paper's settings: model, reward, prompts, sampling, the algorithm and its update"
+BEYOND = (
+    "beyond the paper: rewards combined, the KL leash, the evaluation, DDPO's successors, speed"
+)
+RUN = "the run: its folder, resume, processes, precision, trackers, a served reward"
+GROUPS = (PAPER, BEYOND, RUN)
 
-
-def read_lines(path):
-    """A text file's non-blank lines, stripped; UTF-8, with or without the byte-order mark some
-    editors write first (utf-8-sig drops it: it is not part of the first line)."""
-    return [
-        line.strip()
-        for line in Path(path).read_text(encoding="utf-8-sig").splitlines()
-        if line.strip()
-    ]
-
-
-PROMPT_SETS = {
-    "imagenet_animals": lambda: read_lines(DATA / "imagenet_classes.txt")[:398],
-    "simple_animals": lambda: read_lines(DATA / "simple_animals.txt"),
-    "animal_activities": lambda: [
-        f"{'an' if animal[0] in 'aeiou' else 'a'} {animal} {activity}"
-        for animal in read_lines(DATA / "simple_animals.txt")
-        for activity in read_lines(DATA / "activities.txt")
-    ],
-    "shapes": lambda: toy_world.PROMPTS,
-    "shapes_train": lambda: toy_world.TRAIN,  # 10 of the 15, for training
-    "shapes_heldout": lambda: toy_world.HELDOUT,  # the other 5, never trained on
-}
-# The paper's settings scaled to the bundled model on a 2-core CPU (docs/cpu-demo.md, "The bundled model and its preset"). The
-# clip range grows by sqrt(16384 / 256) = 8: the mean log-ratio over the 256 latent elements of a
-# 4 x 8 x 8 latent is that much noisier than over SD's 16,384.
+# The paper's settings scaled to the bundled model on a 2-core CPU
+# (docs/cpu-demo.md, "The bundled model and its preset"). The clip range grows by
+# sqrt(16384 / 256) = 8: the mean log-ratio over the 256 latent elements of a 4 x 8 x 8 latent is
+# that much noisier than over SD's 16,384.
 PRESETS = {
     "paper": {},
     "tiny": dict(
@@ -78,15 +55,19 @@ ALGO_SETTINGS = {
     "ddpo-is": dict(updates_per_epoch=4),
     "ddpo-sf": dict(updates_per_epoch=1),
     "pxpo": dict(updates_per_epoch=1),
-    # RWR as the original code runs it: a round's samples are regressed on in 5 passes ("num_train_epochs": 5),
-    # dense weights over the whole round (not per prompt; its compressibility runs), sparse RWR's top 10 % per
-    # prompt where a prompt has enough samples, else over the rest of the round (ddpo.sparse_rwr_weights)
+    # RWR as the original code runs it: a round's samples are regressed on in 5 passes
+    # ("num_train_epochs": 5),
+    # dense weights over the whole round (not per prompt; its compressibility runs), sparse RWR's
+    # top 10 % per
+    # prompt where a prompt has enough samples, else over the rest of the round
+    # (ddpo.sparse_rwr_weights)
     "rwr": dict(updates_per_epoch=4, inner_epochs=5, per_prompt_stat_tracking=False),
     "rwr-sparse": dict(updates_per_epoch=4, inner_epochs=5),
 }
 ALGOS = tuple(ALGO_SETTINGS)
 # The bundled model's learning rate (and RWR's beta) for each reward and algorithm, as chosen by
-# `python benchmarks/compare.py --stage tune` on 15-epoch runs (docs/algorithms.md, "Compared on equal budgets").
+# `python benchmarks/compare.py --stage tune` on 15-epoch runs
+# (docs/algorithms.md, "Compared on equal budgets").
 # DDPO_IS on jpeg keeps the preset's 5e-3: it is the CPU demo's setting, measured over the demo's 35
 # epochs; the 15-epoch tuning preferred 1.6e-2 (docs/algorithms.md says both).
 TUNED = {
@@ -99,45 +80,11 @@ TUNED = {
         ("pixel_background", "pxpo"): dict(lr=1.6e-3),
     },
 }
-# Where the defaults come from, for --show-config: the paper's text (arXiv 2305.13301, ICLR 2024
-# version) or the original code (jannerm/ddpo) where the paper is silent. The rest are this project's.
-PAPER_DEFAULTS = {
-    "num_steps": "paper, appendix D.5",
-    "guidance_scale": "paper, appendix D.5",
-    "eta": "original code (jannerm/ddpo: 1.0)",
-    "algo": "paper, section 4.3",
-    "samples_per_epoch": "paper, appendix D.1",
-    "updates_per_epoch": "paper, appendix D.1",
-    "clip_range": "paper, appendix D.1",
-    "per_prompt_stat_tracking": "paper, appendix D.3",
-    "buffer_size": "original code (jannerm/ddpo: 32)",
-    "min_count": "original code (jannerm/ddpo: 16)",
-    "beta": "paper, appendix D.5",
-    "weight_decay": "paper, appendix D.5",
-    "max_grad_norm": "paper, appendix D.5",
-    "lora_rank": "public PyTorch port (kvablack/ddpo-pytorch)",
-    "adv_clip_max": "public PyTorch port",
-    "timestep_fraction": "paper: every step trained",
-    "inner_epochs": "paper, appendix D.1: one pass",
-}
-# rewards.REWARDS's names (the learned ones are built by reward_loading.load_reward); a test keeps them equal
-REWARD_NAMES = (
-    "jpeg",
-    "jpeg_incompressibility",
-    "pixel_color",
-    "pixel_background",
-    "toy_alignment",
-    "aesthetic",
-    "alignment",
-)
-OWN_REWARD = re.compile(
-    r"(?P<where>.+):(?P<name>[A-Za-z_]\w*)"
-)  # --reward FILE.py:NAME or module:NAME, your own function
-PYTHON = "python:"  # how config.json names a reward function given to train.main(reward_fn=...): python:module.qualname
 
 
-def arg(default, help, **kwargs):
-    return field(default=default, metadata=dict(help=help, **kwargs))
+def arg(default, help, group=PAPER, **kwargs):
+    """A setting: its default, its --help line and group, and argparse's options for its flag."""
+    return field(default=default, metadata=dict(help=help, group=group, **kwargs))
 
 
 @dataclass
@@ -145,11 +92,13 @@ class Config:
     # model
     model: str = arg(
         "auto",
-        f"hub id or local folder of a Stable Diffusion 1.x, 2.x or XL pipeline; auto: {SD14} with CUDA, else the bundled {BUNDLED_MODEL.name}",
+        f"hub id or local folder of a Stable Diffusion 1.x, 2.x or XL pipeline; auto: {SD14} with "
+        f"CUDA, else the bundled {BUNDLED_MODEL.name}",
     )
     preset: str = arg(
         "auto",
-        "settings to start from: the paper's, or tiny for the bundled model on a CPU; auto: tiny with the bundled model",
+        "settings to start from: the paper's, or tiny for the bundled model on a CPU; auto: tiny "
+        "with the bundled model",
         choices=("auto", *PRESETS),
     )
     lora_rank: int = arg(
@@ -158,28 +107,35 @@ class Config:
     # task
     reward: str = arg(
         "jpeg",
-        f'reward function: one of {", ".join(REWARD_NAMES)} (docs/rewards.md, "The built-in rewards"), your own as FILE.py:NAME '
-        f'or module:NAME (docs/rewards.md, "Your own reward"), or a served one, http://HOST:PORT/PATH (docs/reward-server.md)',
+        f"reward function: one of {', '.join(REWARD_NAMES)} "
+        '(docs/rewards.md, "The built-in rewards"), your own as FILE.py:NAME or module:NAME '
+        '(docs/rewards.md, "Your own reward"), or a served one, http://HOST:PORT/PATH '
+        "(docs/reward-server.md)",
     )
     rewards: list = arg(
         None,
-        "instead of --reward, a weighted sum of rewards: each term SPEC=WEIGHT, SPEC as --reward takes it (split at its last =), "
+        "instead of --reward, a weighted sum of rewards: each term SPEC=WEIGHT, SPEC as --reward "
+        "takes it (split at its last =), "
         "the weight always given, e.g. --rewards jpeg=1 examples/brightness.py:brightness=0.5",
         nargs="+",
         type=str,
+        group=BEYOND,
     )
     prompts: str = arg(
         "imagenet_animals",
         f"a built-in prompt set ({', '.join(PROMPT_SETS)}) or a text file, one prompt a line",
     )
-    # sampling (paper, appendix D.5: 50 steps, guidance 5; DDIM with eta 1 as the original code samples)
+    # sampling (paper, appendix D.5: 50 steps, guidance 5; DDIM with eta 1 as the original code
+    # samples)
     num_steps: int = arg(50, "DDIM steps T per trajectory")
     guidance_scale: float = arg(5.0, "classifier-free guidance weight w, part of the policy")
     eta: float = arg(1.0, "DDIM noise level; must be > 0 for the step to have a log-prob")
     noise_level: float = arg(
         0.7,
-        "flow models (SD3): the noise level a of Flow-GRPO's SDE step, sigma_t = a sqrt(t / (1 - t)) "
-        "(machinery/flow.py); must be > 0 for the step to have a log-prob",
+        "flow models (SD3): the noise level a of Flow-GRPO's SDE step, sigma_t = a sqrt(t / (1 - "
+        "t)) "
+        "(machinery/families/sd3.py); must be > 0 for the step to have a log-prob",
+        group=BEYOND,
     )
     # algorithm (paper, sections 4.2-4.3; settings from appendix D.1 and D.5)
     algo: str = arg(
@@ -195,15 +151,19 @@ class Config:
     )
     steps_per_forward: int = arg(
         1,
-        "training: trained steps of each trajectory in one forward and backward (memory and speed only)",
+        "training: trained steps of each trajectory in one forward and backward (memory and speed "
+        "only)",
+        group=BEYOND,
     )
     updates_per_epoch: int = arg(
         None,
-        "optimiser steps per pass over an epoch's samples; default 4 for ddpo-is and rwr (minibatches of 64), 1 for ddpo-sf and pxpo",
+        "optimiser steps per pass over an epoch's samples; default 4 for ddpo-is and rwr "
+        "(minibatches of 64), 1 for ddpo-sf and pxpo",
     )
     inner_epochs: int = arg(
         1,
-        "passes over each epoch's samples (the original's RWR: 5, set by --algo rwr and rwr-sparse)",
+        "passes over each epoch's samples (the original's RWR: 5, set by --algo rwr and "
+        "rwr-sparse)",
     )
     timestep_fraction: float = arg(
         1.0, "fraction of each trajectory's steps trained on, drawn per sample"
@@ -216,29 +176,39 @@ class Config:
     buffer_size: int = arg(32, "rewards kept per prompt for its statistics")
     min_count: int = arg(16, "rewards a prompt needs before its own statistics replace the batch's")
     beta: float = arg(0.2, "rwr: inverse temperature of the weights exp(beta * r)")
-    # beyond the paper: what DDPO's successors changed (successors.py; docs/extensions.md, "What DDPO's successors changed")
+    # beyond the paper: what DDPO's successors changed
+    # (successors.py; docs/extensions.md, "What DDPO's successors changed")
     samples_per_prompt: int = arg(
         1,
-        "trajectories of each drawn prompt in an epoch, a group (1: every sample draws its own prompt, the paper's)",
+        "trajectories of each drawn prompt in an epoch, a group (1: every sample draws its own "
+        "prompt, the paper's)",
+        group=BEYOND,
     )
     advantages: str = arg(
         "tracker",
-        "tracker: the paper's normalisation (per prompt, or over the batch with --no-per-prompt-stat-tracking); "
+        "tracker: the paper's normalisation (per prompt, or over the batch with "
+        "--no-per-prompt-stat-tracking); "
         "group: within each group of --samples-per-prompt (GRPO's)",
         choices=("tracker", "group"),
+        group=BEYOND,
     )
     shared_noise: bool = arg(
-        False, "each group of --samples-per-prompt starts from one x_T (DanceGRPO)"
+        False, "each group of --samples-per-prompt starts from one x_T (DanceGRPO)", group=BEYOND
     )
     train_window: int = arg(
         0,
-        "only this many consecutive steps, drawn each epoch, sample with eta and are trained; the others are "
+        "only this many consecutive steps, drawn each epoch, sample with eta and are trained; the "
+        "others are "
         "deterministic DDIM steps (MixGRPO); 0: every step",
+        group=BEYOND,
     )
-    eval_num_steps: int = arg(None, "DDIM steps of the fixed-noise evaluation; default --num-steps")
+    eval_num_steps: int = arg(
+        None, "DDIM steps of the fixed-noise evaluation; default --num-steps", group=BEYOND
+    )
     pxpo_normalise: str = arg(
         "prompt",
-        "pxpo: each latent position's reward against its prompt's statistics of the scalar rewards (prompt), "
+        "pxpo: each latent position's reward against its prompt's statistics of the scalar rewards "
+        "(prompt), "
         "or against its prompt's running mean and std at that position (position)",
         choices=("prompt", "position"),
     )
@@ -258,22 +228,31 @@ class Config:
     )
     bertscore_layer: int = arg(
         40,
-        "alignment: its hidden layer used by BERTScore (40: bert_score's choice for deberta-xlarge-mnli)",
+        "alignment: its hidden layer used by BERTScore (40: bert_score's choice for "
+        "deberta-xlarge-mnli)",
     )
     # overoptimisation: a leash to the base model and a held-out evaluation (not in the paper)
     kl_coef: float = arg(
         0.0,
-        "weight of the KL(policy || base model) penalty on the trained steps (0: the paper's DDPO; sampler.policy_kl)",
+        "weight of the KL(policy || base model) penalty on the trained steps (0: the paper's DDPO; "
+        "leash.policy_kl)",
+        group=BEYOND,
     )
     eval_every: int = arg(
         0,
-        "epochs between fixed-noise evaluations (0: none), and always of the base model and of the final weights",
+        "epochs between fixed-noise evaluations (0: none), and always of the base model and of the "
+        "final weights",
+        group=BEYOND,
     )
     eval_prompts: str = arg(
-        None, "the evaluation's prompts: a built-in set or a text file; default --prompts"
+        None,
+        "the evaluation's prompts: a built-in set or a text file; default --prompts",
+        group=BEYOND,
     )
     eval_samples: int = arg(
-        64, "images per evaluation, the prompts in turn, from the same noise every time"
+        64,
+        "images per evaluation, the prompts in turn, from the same noise every time",
+        group=BEYOND,
     )
     # optimiser (AdamW, paper's settings)
     lr: float = arg(None, "learning rate; default 3e-4 with LoRA, 1e-5 for the whole UNet")
@@ -281,48 +260,65 @@ class Config:
     max_grad_norm: float = arg(1.0, "gradient norm clip")
     # system
     seed: int = arg(0, "seed for prompts, noise, shuffling and LoRA init")
-    out: str = arg(None, "run folder; default runs/<reward>-<algo>-<time>")
+    out: str = arg(None, "run folder; default runs/<reward>-<algo>-<time>", group=RUN)
     mixed_precision: str = arg(
         "no",
         "frozen networks in this dtype and the forwards autocast to it; the LoRA stays fp32",
         choices=("no", "fp16", "bf16"),
+        group=RUN,
     )
     gradient_checkpointing: bool = arg(
-        False, "recompute the UNet's activations in the backward pass: less memory, more time"
+        False,
+        "recompute the UNet's activations in the backward pass: less memory, more time",
+        group=RUN,
     )
     compile: bool = arg(
         False,
-        'torch.compile the UNet for sampling and training; the first epoch pays the compiling (docs/speed.md, "Does compiling pay for itself in the demo?")',
+        "torch.compile the UNet for sampling and training; the first epoch pays the compiling "
+        '(docs/speed.md, "Does compiling pay for itself in the demo?")',
+        group=BEYOND,
     )
-    allow_tf32: bool = arg(True, "TF32 matmuls and convolutions on CUDA (Ampere and newer)")
-    device: str = arg(None, "torch device; default cuda when available, else cpu")
+    allow_tf32: bool = arg(
+        True, "TF32 matmuls and convolutions on CUDA (Ampere and newer)", group=RUN
+    )
+    device: str = arg(None, "torch device; default cuda when available, else cpu", group=RUN)
     log_with: str = arg(
         "none",
-        "also send each epoch's metrics, sample grid and the settings to tensorboard (RUN/tensorboard) or wandb; "
+        "also send each epoch's metrics, sample grid and the settings to tensorboard "
+        "(RUN/tensorboard) or wandb; "
         "each an optional package: pip install tensorboard, or wandb",
         choices=("none", "tensorboard", "wandb"),
+        group=RUN,
     )
     checkpoint_every: int = arg(
-        1, "epochs between checkpoints (checkpoints/epoch_N.pt: everything --resume needs)"
+        1,
+        "epochs between checkpoints (checkpoints/epoch_N.pt: everything --resume needs)",
+        group=RUN,
     )
-    keep_checkpoints: int = arg(2, "checkpoints kept, the latest ones")
-    reward_timeout: float = arg(120.0, "a served reward: seconds a request may take")
+    keep_checkpoints: int = arg(2, "checkpoints kept, the latest ones", group=RUN)
+    reward_timeout: float = arg(120.0, "a served reward: seconds a request may take", group=RUN)
     reward_retries: int = arg(
         3,
-        "a served reward: tries after a failed request, waiting 1, 2, 4 ... s, before the run stops",
+        "a served reward: tries after a failed request, waiting 1, 2, 4 ... s, before the run "
+        "stops",
+        group=RUN,
     )
     reward_format: str = arg(
         "png",
         "a served reward: how images travel, 8-bit PNG (what the built-in rewards see) or float32",
         choices=("png", "float32"),
+        group=RUN,
     )
     resume: str = arg(
         None,
-        "continue the run in this folder from its last checkpoint, with its saved settings (--epochs may extend it)",
+        "continue the run in this folder from its last checkpoint, with its saved settings "
+        "(--epochs may extend it)",
+        group=RUN,
     )
     run_id: str = arg(
         None,
-        "not a flag: a new one for each run, kept in config.json and in its checkpoints (resume refuses another's)",
+        "not a flag: a new one for each run, kept in config.json and in its checkpoints (resume "
+        "refuses another's)",
         flag=False,
     )
     reward_sha256: str = arg(
@@ -334,129 +330,13 @@ class Config:
 
 
 def base_needed(cfg):
-    """Whether the run holds the base policy (sampler.base_policy): for the KL leash (--kl-coef > 0),
-    for the evaluation's eval_kl_to_base (--eval-every), and with a LoRA, where it is the adapter
-    switched off and costs nothing, for the kl_to_base that ddpo-is, ddpo-sf and pxpo log. A full
-    fine-tune (--lora-rank 0) without the leash and the evaluation makes no frozen copy of the UNet
-    and logs no kl_to_base."""
+    """Whether the run holds the base policy (leash.base_policy): for the KL leash (--kl-coef >
+    0), for the evaluation's eval_kl_to_base (--eval-every), and with a LoRA, where it is the
+    adapter switched off and costs nothing, for the kl_to_base that ddpo-is, ddpo-sf and pxpo log.
+    A full fine-tune (--lora-rank 0) without the leash and the evaluation makes no frozen copy of
+    the UNet and logs no kl_to_base."""
     return (
         cfg.kl_coef > 0
         or bool(cfg.eval_every)
         or (cfg.lora_rank > 0 and not cfg.algo.startswith("rwr"))
     )
-
-
-PROGRAM = {"name": "train.py"}  # who speaks in fail's and stop's line (reward_server.py sets it)
-
-
-def fail(message):
-    """Refuse bad input: one line, exit status 2."""
-    print(f"{PROGRAM['name']}: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def stop(message):
-    """End a run that has begun: one line, exit status 1."""
-    print(f"{PROGRAM['name']}: stopped: {message}", file=sys.stderr)
-    sys.exit(1)
-
-
-@functools.cache  # the same answer all through a process
-def cuda_available():
-    """torch.cuda.is_available(), asked without importing torch: a CUDA build of torch (its version.py
-    names a CUDA version) and a CUDA driver that counts a device (CUDA_VISIBLE_DEVICES applies).
-    parallel.setup refuses a CUDA device that torch itself cannot use."""
-    spec = importlib.util.find_spec("torch")
-    version = Path(spec.origin).with_name("version.py").read_text() if spec else ""
-    if not re.search(
-        r"^cuda\b[^=]*=\s*'", version, re.M
-    ):  # "cuda: Optional[str] = None" in a CPU build
-        return False
-    try:
-        driver = ctypes.CDLL("nvcuda.dll" if os.name == "nt" else "libcuda.so.1")
-    except OSError:
-        return False
-    count = ctypes.c_int(0)
-    return (
-        driver.cuInit(0) == 0
-        and driver.cuDeviceGetCount(ctypes.byref(count)) == 0
-        and count.value > 0
-    )
-
-
-def is_url(spec):
-    """--reward http://HOST:PORT/PATH: a served reward (served.py)."""
-    return spec.startswith(("http://", "https://"))
-
-
-def short_reward_name(spec):
-    """The reward's part of a default run folder's name: the built-in's name, your function's, or
-    served-<the URL path's last part, or its host>."""
-    if not is_url(spec):
-        return spec.rpartition(":")[2]
-    parts = urllib.parse.urlsplit(spec)
-    last = [p for p in parts.path.split("/") if p][-1:] or [parts.hostname or "reward"]
-    return "served-" + "".join(c if c.isalnum() or c in "-_." else "-" for c in last[0])
-
-
-def split_term(term):
-    """--rewards' SPEC=WEIGHT -> (SPEC, WEIGHT), split at the last = (a URL may hold one); the
-    weight None when it is missing or not a number."""
-    spec, equals, weight = term.rpartition("=")
-    try:
-        return (spec, float(weight)) if equals and spec else (term, None)
-    except ValueError:
-        return term, None
-
-
-def combined_name(terms):
-    """--rewards' sum as the run names it (config.json's reward, the console): 1 jpeg + 0.5 brightness."""
-    parts = [(short_reward_name(spec), weight) for spec, weight in map(split_term, terms)]
-    return "sum: " + " + ".join(f"{weight:g} {name}" for name, weight in parts)
-
-
-def own_reward_file(spec):
-    """The file that holds your own reward, FILE.py:NAME's or module:NAME's (None for a built-in one)."""
-    if (
-        spec in REWARD_NAMES
-        or spec.startswith(PYTHON)
-        or is_url(spec)
-        or not OWN_REWARD.fullmatch(spec)
-    ):
-        return None
-    where = OWN_REWARD.fullmatch(spec)["where"]
-    if where.endswith(".py"):
-        return Path(where)
-    try:
-        found = importlib.util.find_spec(where)
-    except (ImportError, ValueError):
-        found = None
-    return Path(found.origin) if found is not None and found.has_location else None
-
-
-def file_sha256(path):
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def world_size():
-    """How many processes torchrun started (1 without torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", 1))
-
-
-def load_prompts(name, flag="--prompts"):
-    """A built-in prompt set (data/README.md) or a text file, one prompt a line."""
-    if name in PROMPT_SETS:
-        return PROMPT_SETS[name]()
-    if not Path(name).is_file():
-        fail(
-            f"{flag} {name}: no such set or file; use one of {', '.join(PROMPT_SETS)} or a text file"
-        )
-    try:
-        prompts = read_lines(name)
-    except (OSError, UnicodeDecodeError) as error:
-        fail(
-            f"{flag} {name}: not a readable text file ({type(error).__name__}); give a UTF-8 text file, one prompt a line"
-        )
-    if not prompts:
-        fail(f"{flag} {name}: the file has no prompts; write one prompt a line")
-    return prompts

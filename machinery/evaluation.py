@@ -10,10 +10,12 @@ import torch
 
 import toy_world
 from ddpo import scalar
-from machinery.run_folder import save_grid
+from machinery.leash import KLToBase
+from machinery.epoch_log import save_grid
 from sampler import sample_trajectories
 
-EVAL_SEED = 20_230_522  # the evaluation's noise, the same in every run and every epoch (arXiv 2305.13301's date)
+# the evaluation's noise, the same in every run and every epoch (arXiv 2305.13301's date)
+EVAL_SEED = 20_230_522
 
 
 def evaluation_due(cfg, epoch, rank):
@@ -25,15 +27,16 @@ def evaluation_due(cfg, epoch, rank):
 
 
 def evaluate(cfg, pipe, base, prompts, trained, reward_fn, autocast, out, epoch):
-    """The fixed-noise evaluation of the weights after `epoch` epochs of updates (eval_after_epochs):
-    before that epoch's sampling (so it sees the policy that samples the epoch), or, at epoch =
-    cfg.epochs, after the run's last update. The same prompts from the same noise every time, drawn
-    from a generator of its own, so the training's random streams are untouched and a resumed run
-    evaluates as a straight one. It logs the mean reward, the KL to the base model on the states the
-    policy visits and the toy world's fidelity; split by trained and held-out prompts when the
-    prompts hold both (section 6.3)."""
+    """The fixed-noise evaluation of the weights after `epoch` epochs of updates
+    (eval_after_epochs): before that epoch's sampling (so it sees the policy that samples the
+    epoch), or, at epoch = cfg.epochs, after the run's last update. The same prompts from the same
+    noise every time, drawn from a generator of its own, so the training's random streams are
+    untouched and a resumed run evaluates as a straight one. It logs the mean reward, the KL to the
+    base model on the states the policy visits and the toy world's fidelity; split by trained and
+    held-out prompts when the prompts hold both (section 6.3)."""
     start = time.time()
     generator = torch.Generator(pipe.unet.device).manual_seed(EVAL_SEED)
+    measure = KLToBase(pipe, base, cfg.eta, pipe.family.POLICY)
     with autocast:
         traj = sample_trajectories(
             pipe,
@@ -43,11 +46,12 @@ def evaluate(cfg, pipe, base, prompts, trained, reward_fn, autocast, out, epoch)
             cfg.eta,
             cfg.batch_size,
             generator,
-            base=base,
+            pipe.family.POLICY,
+            on_step=measure,
         )
     values = {
         "reward_mean": scalar(reward_fn(traj["images"], prompts).float().cpu()),
-        "kl_to_base": traj["kl_to_base"].float().mean(dim=1).cpu(),
+        "kl_to_base": measure.kl().float().mean(dim=1).cpu(),
     }
     if set(prompts) <= set(toy_world.PROMPTS):
         values["fidelity"] = toy_world.judge(traj["images"], prompts)

@@ -16,7 +16,8 @@ import os
 import torch
 import torch.distributed as dist
 
-from machinery.config import fail, world_size
+from machinery.devices import world_size
+from machinery.errors import fail
 
 SEED_STRIDE = 1_000_003  # rank r draws from seed + r * SEED_STRIDE; rank 0 from --seed itself
 

@@ -10,11 +10,11 @@ import numpy as np
 import torch
 
 import ddpo
-from machinery.config import load_prompts
+from machinery.prompts import load_prompts
 from machinery.parallel import setup
 from machinery.pipeline import DTYPES, add_trainable, autocast, load_model
 from machinery.reward_loading import as_scores, load_reward
-from sampler import ddim_step_with_logprob, guided_eps, sample_trajectories
+from sampler import step_with_logprob, guided_eps, sample_trajectories
 
 
 def run(cfg):
@@ -29,7 +29,7 @@ def run(cfg):
     torch.manual_seed(cfg.seed)
     reward_fn = load_reward(cfg)
     pipe = load_model(cfg, device, DTYPES[cfg.mixed_precision])
-    params = add_trainable(pipe.unet, cfg.lora_rank)
+    params = add_trainable(pipe, cfg.lora_rank)
     forwards = autocast(device, cfg.mixed_precision)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -48,6 +48,7 @@ def run(cfg):
             cfg.eta,
             n,
             torch.Generator(device).manual_seed(cfg.seed),
+            pipe.family.POLICY,
         )
     sample_seconds = time.time() - start
     say("ok", "sampling", f"{n} images of {len(chosen)} prompts, {cfg.num_steps} steps")
@@ -72,9 +73,12 @@ def check_ratio(cfg, pipe, traj, autocast, say):
                 traj["prompt_embeds"],
                 traj["negative_embeds"],
                 cfg.guidance_scale,
+                pipe.family.POLICY.predict,
             )
             action = traj["latents"][:, k + 1]
-            _, log_prob = ddim_step_with_logprob(pipe.scheduler, eps, t, x_t, cfg.eta, action)
+            _, log_prob = step_with_logprob(
+                pipe.scheduler, eps, t, x_t, cfg.eta, action, mean_std=pipe.family.POLICY.mean_std
+            )
             ratio = (log_prob.float() - traj["log_probs"][:, k].float()).exp()
             worst = max(worst, (ratio - 1).abs().max().item())
     text = f"largest |ratio - 1| on-policy {worst:.1e}, against --clip-range {cfg.clip_range:g}"
@@ -125,9 +129,12 @@ def check_gradient(cfg, pipe, params, traj, rewards, autocast, say):
     with autocast:
         x_t, t = traj["latents"][:, k], traj["timesteps"][:, k]
         c, empty = traj["prompt_embeds"], traj["negative_embeds"]
-        eps = guided_eps(pipe.unet, x_t, t, c, empty, cfg.guidance_scale)
+        policy = pipe.family.POLICY
+        eps = guided_eps(pipe.unet, x_t, t, c, empty, cfg.guidance_scale, policy.predict)
         action = traj["latents"][:, k + 1]
-        _, log_prob = ddim_step_with_logprob(pipe.scheduler, eps, t, x_t, cfg.eta, action)
+        _, log_prob = step_with_logprob(
+            pipe.scheduler, eps, t, x_t, cfg.eta, action, mean_std=policy.mean_std
+        )
         loss = ddpo.ddpo_sf_loss(log_prob, advantages.to(log_prob.device), cfg.adv_clip_max)
     loss.backward()
     seconds = (time.time() - start) / len(x_t)
@@ -143,7 +150,8 @@ def check_gradient(cfg, pipe, params, traj, rewards, autocast, say):
             say(
                 "ok",
                 "gradient",
-                f"{where}: the LoRA's B matrices (its A matrices get one once B is not 0, after the first step)",
+                f"{where}: the LoRA's B matrices "
+                "(its A matrices get one once B is not 0, after the first step)",
             )
         else:
             say("ok", "gradient", where)

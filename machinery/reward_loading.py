@@ -5,7 +5,6 @@ rewards are in rewards.py.
 """
 
 import dataclasses
-import functools
 import importlib.util
 import inspect
 import traceback
@@ -22,54 +21,60 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from machinery.config import (
+from machinery.errors import fail, stop
+from machinery.hub import pretrained
+from machinery.served import ServedReward, Unavailable, probe
+from machinery.reward_specs import (
     PYTHON,
-    REWARD_NAMES,
-    fail,
+    REWARDS,
+    function,
     is_url,
     short_reward_name,
     split_term,
-    stop,
 )
-from machinery.hub import pretrained
-from machinery.served import ServedReward, Unavailable, probe
-from rewards import REWARDS, aesthetic, alignment
+from rewards import aesthetic, alignment
 
 
 def python_reward(cfg, reward_fn):
-    """The Config with reward_fn, a function given to main, named in it as python:module.qualname."""
+    """The Config with reward_fn, a function given to main, named in it as "
+    "python:module.qualname."""
     name = None if reward_fn is None else f"{PYTHON}{reward_fn.__module__}.{reward_fn.__qualname__}"
     if cfg.resume and cfg.reward.startswith(PYTHON) and name != cfg.reward:
         fail(
-            f"--resume {cfg.out}: the run's reward is the function {cfg.reward[len(PYTHON) :]} given to train.main; resume it from "
-            f"Python with train.main(['--resume', {cfg.out!r}], reward_fn={cfg.reward.rpartition('.')[2]})"
+            f"--resume {cfg.out}: the run's reward is the function {cfg.reward[len(PYTHON) :]} "
+            "given to train.main; resume it from "
+            f"Python with train.main(['--resume', {cfg.out!r}], "
+            f"reward_fn={cfg.reward.rpartition('.')[2]})"
             + (f", not {name[len(PYTHON) :]}" if name else "")
         )
     if name is not None and cfg.resume and not cfg.reward.startswith(PYTHON):
         fail(
-            f"--resume {cfg.out}: the run's reward is {cfg.reward}, not a function given to train.main; resume it without reward_fn"
+            f"--resume {cfg.out}: the run's reward is {cfg.reward}, not a function given to "
+            "train.main; resume it without reward_fn"
         )
     return cfg if name is None else dataclasses.replace(cfg, reward=name)
 
 
 def load_reward(cfg, reward_fn=None, flag=None):
-    """The run's reward function (train.py's --reward). The learned ones load their models here, once,
-    for this run (and go with it); one that cannot load stops the run before it writes anything.
-    Your own (reward_fn, or FILE.py:NAME or module:NAME) and a served one (a URL) are checked at
-    every call (checked); flag names it in a refusal (default: --reward SPEC)."""
+    """The run's reward function (train.py's --reward). The learned ones load their models here,
+    once, for this run (and go with it); one that cannot load stops the run before it writes
+    anything. Your own (reward_fn, or FILE.py:NAME or module:NAME) and a served one (a URL) are
+    checked at every call (checked); flag names it in a refusal (default: --reward SPEC)."""
     if cfg.reward.startswith(PYTHON) and reward_fn is None:
         fail(
-            f"--reward {cfg.reward}: names a function given to train.main(reward_fn=...); on the command line give FILE.py:NAME or module:NAME"
+            f"--reward {cfg.reward}: names a function given to train.main(reward_fn=...); on the "
+            "command line give FILE.py:NAME or module:NAME"
         )
     if cfg.rewards:
         if reward_fn is not None:
             fail(
-                "--rewards and a reward_fn given to train.main: give one (a file term is FILE.py:NAME=W)"
+                "--rewards and a reward_fn given to train.main: give one (a file term is "
+                "FILE.py:NAME=W)"
             )
         return combined(cfg)
     if is_url(cfg.reward):
         return checked(served_reward(cfg), cfg.reward, cfg.out, flag)
-    if cfg.reward not in REWARD_NAMES:
+    if cfg.reward not in REWARDS:
         return checked(as_ours(reward_fn or own_reward(cfg.reward)), cfg.reward, cfg.out, flag)
     return built_in(cfg) if flag is None else checked(built_in(cfg), cfg.reward, cfg.out, flag)
 
@@ -124,21 +129,15 @@ def unique(name, taken):
 
 
 def built_in(cfg):
-    """One of rewards.REWARDS, or a learned one with its models loaded (one line if they cannot be)."""
+    """A built-in reward (reward_specs.REWARDS), made as its entry says: a learned one with its
+    models loaded (one line if they cannot be), a pixel reward with its target colour."""
+    reward = REWARDS[cfg.reward]
+    if reward.make is None:
+        return function(reward)
     try:
-        if cfg.reward == "aesthetic":
-            return aesthetic_reward(cfg.aesthetic_model, cfg.device)
-        if cfg.reward == "alignment":
-            return alignment_reward(
-                cfg.alignment_model, cfg.bertscore_model, cfg.bertscore_layer, cfg.device
-            )
+        return reward.make(cfg, function(reward), reward.options)
     except OSError as error:
         fail(str(error))
-    if cfg.reward in ("pixel_color", "pixel_background"):
-        return functools.partial(
-            REWARDS[cfg.reward], target=[float(v) for v in cfg.target_color.split(",")]
-        )
-    return REWARDS[cfg.reward]
 
 
 def served_reward(cfg):
@@ -146,7 +145,8 @@ def served_reward(cfg):
     problem = probe(cfg.reward, timeout=min(cfg.reward_timeout, 10.0))
     if problem:
         fail(
-            f"--reward {cfg.reward}: nothing answers there ({problem}); start the server first, e.g. "
+            f"--reward {cfg.reward}: nothing answers there ({problem}); start the server first, "
+            "e.g. "
             f"python reward_server.py --reward jpeg --port 8000"
         )
     return ServedReward(cfg.reward, cfg.reward_format, cfg.reward_timeout, cfg.reward_retries)
@@ -195,11 +195,11 @@ def own_reward(spec):
 
 
 def checked(fn, spec, out, flag=None):
-    """fn (as_ours) as train.py calls a reward, its output made a float tensor on the images' device,
-    once a call. A return that is not B scores (or a (B, H, W) map), or that carries a gradient,
-    ends the run in one line naming the function; so does a non-finite one, on the batch it is
-    checked on (check). An exception raised inside fn shows its traceback, then one line on what
-    was kept and how to continue; a served reward's server that stays away, one line."""
+    """fn (as_ours) as train.py calls a reward, its output made a float tensor on the images'
+    device, once a call. A return that is not B scores (or a (B, H, W) map), or that carries a
+    gradient, ends the run in one line naming the function; so does a non-finite one, on the batch
+    it is checked on (check). An exception raised inside fn shows its traceback, then one line on
+    what was kept and how to continue; a served reward's server that stays away, one line."""
 
     def reward(images, prompts, check=False):
         try:
@@ -228,7 +228,8 @@ def checked(fn, spec, out, flag=None):
             "fix the reward on the server, then" if is_url(spec) else "fix the function, then"
         )
         stop(
-            f"{flag or f'--reward {spec}'}: {problem}; nothing of this epoch was trained on or saved ({kept}): {fix} continue with: {resume}"
+            f"{flag or f'--reward {spec}'}: {problem}; nothing of this epoch was trained on or "
+            f"saved ({kept}): {fix} continue with: {resume}"
         )
 
     if hasattr(fn, "submit"):  # a served reward: each batch posted as soon as it is sampled
@@ -253,11 +254,13 @@ def as_scores(values, batch, size, finite=False):
         raise ValueError(f"returned {type(values).__name__}, not numbers ({error})") from None
     if values.requires_grad:
         raise ValueError(
-            "returned a tensor that requires grad; return it detached (scores.detach()): a reward is data to the policy, not part of its graph"
+            "returned a tensor that requires grad; return it detached (scores.detach()): a reward "
+            "is data to the policy, not part of its graph"
         )
     if tuple(values.shape) not in ((batch,), (batch, height, width)):
         raise ValueError(
-            f"returned shape {tuple(values.shape)} for {batch} images; return {batch} scores, or a ({batch}, {height}, {width}) map for a pixel-wise reward"
+            f"returned shape {tuple(values.shape)} for {batch} images; return {batch} scores, or a "
+            f"({batch}, {height}, {width}) map for a pixel-wise reward"
         )
     if finite and not torch.isfinite(values).all():
         raise ValueError(f"returned non-finite values ({values.flatten()[:4].tolist()} ...)")

@@ -19,10 +19,20 @@ from tqdm import tqdm
 
 import ddpo
 import toy_world
-from machinery import checkpoints, config, parallel, run_folder, successors, trackers
-from machinery.config import load_prompts, stop
+from machinery import (
+    checkpoints,
+    config,
+    epoch_log,
+    parallel,
+    run_folder,
+    successors,
+    trackers,
+)
+from machinery.errors import stop
+from machinery.prompts import load_prompts
+from machinery.reward_specs import REWARDS
 from machinery.evaluation import evaluate, evaluation_due, final_row
-from machinery.leash import base_policy, kl_term
+from machinery.leash import base_policy
 from machinery.pipeline import (
     DTYPES,
     add_trainable,
@@ -34,91 +44,41 @@ from machinery.pipeline import (
 from machinery.reward_loading import load_reward, python_reward
 
 
-class Learner:
-    """What train.update and train.rwr_round use of a run: the settings, the policy (pipe), its
-    trainable weights and optimiser, the random stream of shuffles and timestep orders, autocast,
-    the base policy of the KL leash (None: no leash), the progress bar, and this process's rows
-    among every process's samples. Run is one; the notebook and the tests make a bare one."""
-
-    def __init__(self, cfg, pipe, params, optimizer, rng, autocast=None, base=None, progress=False):
-        self.cfg, self.pipe, self.params, self.optimizer, self.rng = (
-            cfg,
-            pipe,
-            params,
-            optimizer,
-            rng,
-        )
-        self.autocast = autocast or contextlib.nullcontext()
-        self.base, self.progress, self.mine = base, progress, slice(None)
-
-    def fused_steps(self, samples, step_order, train_steps):
-        """Beyond the paper, speed only (--steps-per-forward K): the samples' trained steps, K of each
-        sample's through the UNet together. Yields the rows and steps of each forward's states (each
-        sample's row repeated once a step), step-major, and how many steps of each sample they are.
-        With K = 1 (the default) each forward is one step of every sample."""
-        for chunk in torch.arange(train_steps, device=samples.device).split(
-            self.cfg.steps_per_forward
-        ):
-            yield samples.repeat(len(chunk)), step_order[samples][:, chunk].T.flatten(), len(chunk)
-
-    def extra_loss(self, traj, states, eps, first, measured):
-        """Beyond the paper: the KL leash's term of the loss, and what it measures (leash.py)."""
-        return kl_term(self.cfg, self.pipe, self.base, traj, states, eps, first, measured)
-
-    def optimizer_step(self):
-        """One step on the accumulated gradient, averaged over the processes and clipped to
-        --max-grad-norm; skipped (False) when it is not finite, so the weights stay finite (the
-        epoch's skipped_updates count it, and its console line says so)."""
-        parallel.average_gradients(self.params)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-        finite = bool(torch.isfinite(grad_norm))  # a non-finite loss gives a non-finite norm too
-        if finite:
-            self.optimizer.step()
-        self.optimizer.zero_grad()
-        return finite
-
-
-class Run(Learner, contextlib.ExitStack):
+class Run(contextlib.ExitStack):
     """A training run of cfg's settings, set up in the order that keeps every random stream where a
-    straight run has it; entered, it holds its folder (lock, stop signals, trackers) and resumes."""
+    straight run has it; entered, it holds its folder (lock, stop signals, trackers) and resumes.
+    It has what train.update uses of a run under train.Learner's names. make_optimizer(cfg, params):
+    the optimiser of the trainable weights (train.adamw)."""
 
-    def __init__(self, cfg, reward_fn=None):
-        contextlib.ExitStack.__init__(self)
+    def __init__(self, cfg, reward_fn, make_optimizer):
+        super().__init__()
         cfg = self.cfg = python_reward(cfg, reward_fn)
-        self.rank, self.world, self.device = parallel.setup(
-            cfg.device
-        )  # (0, 1, cfg.device) without torchrun
+        # (0, 1, cfg.device) without torchrun
+        self.rank, self.world, self.device = parallel.setup(cfg.device)
         self.resumed = checkpoints.read(cfg, self.world) if cfg.resume else None
-        self.say = (
-            tqdm.write if self.rank == 0 else lambda *args, **kwargs: None
-        )  # above the progress bars
-        seed = (
-            cfg.seed + self.rank * parallel.SEED_STRIDE
-        )  # this process's own seed; rank 0's is --seed
+        # above the progress bars
+        self.say = tqdm.write if self.rank == 0 else lambda *args, **kwargs: None
+        # this process's own seed; rank 0's is --seed
+        seed = cfg.seed + self.rank * parallel.SEED_STRIDE
         torch.manual_seed(cfg.seed)  # the same LoRA initialisation in every process
         self.rng = np.random.default_rng(seed)  # prompts, shuffles, timestep orders
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
         dtype = DTYPES[cfg.mixed_precision]
         self.autocast = autocast(self.device, cfg.mixed_precision)
         self.reward_fn = load_reward(cfg, reward_fn)
-        self.pipe = load_model(
-            cfg, self.device, dtype
-        )  # the model of --model, checked for what the run asks of it
-        self.params = add_trainable(self.pipe.unet, cfg.lora_rank)
-        self.base = (
-            base_policy(self.pipe.unet, cfg.lora_rank) if config.base_needed(cfg) else None
-        )  # before any update
+        # the model of --model, checked for what the run asks of it; its family's policy
+        self.pipe = load_model(cfg, self.device, dtype)
+        self.policy = self.pipe.family.POLICY
+        self.params = add_trainable(self.pipe, cfg.lora_rank)
+        # the base policy, before any update
+        self.base = base_policy(self.pipe.unet, cfg.lora_rank) if config.base_needed(cfg) else None
         if cfg.gradient_checkpointing:
             self.pipe.unet.enable_gradient_checkpointing()
         if cfg.compile:
             compile_policy(self.pipe, self.base)
-        if self.rank:
-            torch.manual_seed(
-                seed
-            )  # after the shared initialisation, this process's own (RWR's noise)
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8
-        )
+        if self.rank:  # after the shared initialisation, this process's own (RWR's noise)
+            torch.manual_seed(seed)
+        self.optimizer = make_optimizer(cfg, self.params)
         self.generator = torch.Generator(self.device).manual_seed(seed)  # the sampling noise
         self.prompt_set = load_prompts(cfg.prompts)
         self.eval_set = load_prompts(cfg.eval_prompts or cfg.prompts, "--eval-prompts")
@@ -126,49 +86,36 @@ class Run(Learner, contextlib.ExitStack):
             "--prompts": self.prompt_set,
             "--eval-prompts": self.eval_set if cfg.eval_prompts else [],
         }
-        for notice in prompt_losses(self.pipe.tokenizer, sets):
-            self.say(
-                f"train.py: warning: {notice}", file=sys.stderr
-            )  # what the text encoder will not see of them
+        for notice in prompt_losses(self.pipe.tokenizer, sets):  # what the encoder will not see
+            self.say(f"train.py: warning: {notice}", file=sys.stderr)
         self.eval_prompts = [self.eval_set[k % len(self.eval_set)] for k in range(cfg.eval_samples)]
-        self.per_position = cfg.pxpo_normalise == "position"
+        per_position = cfg.pxpo_normalise == "position"
         self.tracker = (
-            ddpo.PerPromptStatTracker(cfg.buffer_size, cfg.min_count, self.per_position)
+            ddpo.PerPromptStatTracker(cfg.buffer_size, cfg.min_count, per_position)
             if cfg.per_prompt_stat_tracking
             else None
         )
-        self.toy_prompts = set(self.prompt_set) <= set(
-            toy_world.PROMPTS
-        )  # then the toy world's judge reports fidelity
+        # then the toy world's judge reports fidelity
+        self.toy_prompts = set(self.prompt_set) <= set(toy_world.PROMPTS)
         self.out, self.history, self.progress = Path(cfg.out), [], self.rank == 0
+        # this process's share of an epoch's samples, and its rows among every process's
+        self.share = cfg.samples_per_epoch // self.world
+        self.mine = slice(self.rank * self.share, (self.rank + 1) * self.share)
         parallel.barrier()  # every process has checked --out before rank 0 writes into it
         self.first_epoch = self.resumed["epoch"] + 1 if self.resumed else 0
 
     def __enter__(self):
         contextlib.ExitStack.__enter__(self)
         cfg, out = self.cfg, self.out
-        self.enter_context(
-            run_folder.claim(out, cfg.resume, self.rank, run_folder.epoch_bytes(self.params))
-        )  # one train.py a folder
+        # one train.py a folder
+        needed = run_folder.epoch_bytes(self.params)
+        self.enter_context(run_folder.claim(out, cfg.resume, self.rank, needed))
         self.stop_requested = self.enter_context(run_folder.stop_signals(out))
         self.track = self.enter_context(trackers.tracking(cfg, out, self.first_epoch, self.rank))
         if cfg.resume:
-            state = (
-                self.resumed,
-                cfg,
-                self.pipe,
-                self.optimizer,
-                self.tracker,
-                self.rng,
-                self.generator,
-                self.rank,
-                self.device,
-            )
-            self.history = checkpoints.restore(*state)
-            if self.rank == 0:
-                run_folder.update_config(
-                    out, reward_sha256=cfg.reward_sha256
-                )  # your reward's file as the run goes on with it
+            self.history = checkpoints.restore(self.resumed, self)
+            if self.rank == 0:  # your reward's file as the run goes on with it
+                run_folder.update_config(out, reward_sha256=cfg.reward_sha256)
             self.say(
                 f"resuming {out} after epoch {self.resumed['epoch']}"
                 if self.resumed
@@ -183,13 +130,15 @@ class Run(Learner, contextlib.ExitStack):
             )
         processes = f" x {self.world} processes" if self.world > 1 else ""
         self.say(
-            f"{cfg.algo} on {cfg.model} ({self.device}{processes}), reward {cfg.reward}, {len(self.prompt_set)} prompts -> {out}"
+            f"{cfg.algo} on {cfg.model} ({self.device}{processes}), reward {cfg.reward}, "
+            f"{len(self.prompt_set)} prompts -> {out}"
         )
         self.session_start = time.time()
         return self
 
     def epochs(self):
-        """The epochs this session runs, with their progress bar; then the final weights' evaluation."""
+        """The epochs this session runs, with their progress bar; then the final weights'
+        evaluation."""
         cfg = self.cfg
         yield from tqdm(
             range(self.first_epoch, cfg.epochs),
@@ -198,11 +147,10 @@ class Run(Learner, contextlib.ExitStack):
             initial=self.first_epoch,
             disable=None if self.rank == 0 else True,
         )
-        if evaluation_due(
-            cfg, cfg.epochs, self.rank
-        ):  # beyond the paper: the weights the run ends with, evaluated
+        # beyond the paper: the weights the run ends with, evaluated
+        if evaluation_due(cfg, cfg.epochs, self.rank):
             self.history.append(final_row(cfg, self.evaluate(cfg.epochs)))
-            self.say(run_folder.log_final_evaluation(self.out, cfg, self.history))
+            self.say(epoch_log.log_final_evaluation(self.out, cfg, self.history))
 
     def evaluate(self, epoch):
         trained = set(self.prompt_set)
@@ -219,28 +167,16 @@ class Run(Learner, contextlib.ExitStack):
         )
 
     def before_sampling(self, epoch):
-        """Beyond the paper: the fixed-noise evaluation, before epoch 0 and every --eval-every epochs."""
-        self.eval_metrics = (
-            self.evaluate(epoch) if evaluation_due(self.cfg, epoch, self.rank) else {}
-        )
-
-    def draw_prompts(self):
-        """c ~ p(c): one prompt a trajectory, this process's share of the epoch (beyond the paper:
-        groups of one prompt, successors.py). Starts the sampling's clock."""
-        self.start, cfg = time.time(), self.cfg
-        n = cfg.samples_per_epoch // self.world
-        if cfg.samples_per_prompt == 1:
-            prompts = [self.prompt_set[i] for i in self.rng.integers(len(self.prompt_set), size=n)]
-        else:
-            prompts = successors.draw_groups(self.prompt_set, self.rng, n, cfg.samples_per_prompt)
-        self.mine = slice(
-            self.rank * len(prompts), (self.rank + 1) * len(prompts)
-        )  # among every process's samples
-        return prompts
+        """Beyond the paper: the fixed-noise evaluation, before epoch 0 and every --eval-every
+        epochs. Then the sampling's clock starts."""
+        due = evaluation_due(self.cfg, epoch, self.rank)
+        self.eval_metrics = self.evaluate(epoch) if due else {}
+        self.start = time.time()
 
     def sampling_options(self, epoch, prompts):
         """sample_trajectories' options beyond the paper's: the progress bar, a check of your own
-        reward on the first batch and a long epoch's estimate, the successors' window and shared x_T."""
+        reward on the first batch and a long epoch's estimate, the successors' window and shared
+        x_T."""
         cfg = self.cfg
         check = functools.partial(after_batch, cfg, epoch, self.start, self.say, self.reward_fn, [])
         extra = successors.sampling_options(
@@ -250,15 +186,17 @@ class Run(Learner, contextlib.ExitStack):
 
     def reward(self, epoch, images, prompts):
         """Every process's prompts and rewards (a map (B, H, W) for a pixel-wise reward), in rank
-        order; a non-finite reward stops the run before anything of the epoch is trained or saved."""
+        order; a non-finite reward stops the run before anything of the epoch is trained or
+        saved."""
         if self.device.type == "cuda":
             torch.cuda.synchronize()  # the GPU's queue is done: an honest sampling time
         self.sample_seconds = time.time() - self.start
         rewards = parallel.gather(self.reward_fn(images, prompts).float().to(self.device))
         if not torch.isfinite(rewards).all():
             stop(
-                f"epoch {epoch}: the reward {self.cfg.reward} returned non-finite values, so nothing of this epoch was trained "
-                f"on or saved; fix the reward, then continue with --resume {self.out}"
+                f"epoch {epoch}: the reward {self.cfg.reward} returned non-finite values, so "
+                f"nothing of this epoch was trained on or saved; fix the reward, then continue "
+                f"with --resume {self.out}"
             )
         terms = getattr(self.reward_fn, "terms", {})  # --rewards: each term's raw scores
         self.term_means = {
@@ -268,30 +206,19 @@ class Run(Learner, contextlib.ExitStack):
         self.start = time.time()
         return parallel.gather_objects(prompts), rewards
 
-    def advantages(self, prompts, rewards, latent_size):
-        """This process's rows of the epoch's advantages: the paper's per-prompt normalisation
-        (ddpo.advantages), or beyond the paper, within each group of one prompt (successors.py)."""
-        cfg = self.cfg
-        if cfg.advantages == "tracker":
-            advantages = ddpo.advantages(
-                cfg.algo, prompts, rewards, latent_size, self.tracker, self.per_position
-            )
-        else:
-            advantages = successors.group_advantages(
-                cfg.algo, rewards, cfg.samples_per_prompt, latent_size, self.per_position
-            )
-        return advantages[self.mine]
-
     def log(self, epoch, traj, prompts, rewards, stats):
-        """The epoch's metrics (rank 0 writes them, its samples and weights, and tells the tracker), a
-        checkpoint when due or when asked to stop, the console line; then a stop, when asked for."""
+        """The epoch's metrics (rank 0 writes them, its samples and weights, and tells the
+        tracker), a checkpoint when due or when asked to stop, the console line; then a stop, when
+        asked for."""
         cfg, out = self.cfg, self.out
         stats = parallel.mean_over_processes(stats)
         train_seconds = time.time() - self.start
         if not all(torch.isfinite(p).all() for p in self.params):
             stop(
-                f"epoch {epoch}: the weights became non-finite, so nothing of this epoch was saved; resuming would repeat it: "
-                f"start a new run with a lower --lr than {cfg.lr} (the others as in {out / 'config.json'})"
+                f"epoch {epoch}: the weights became non-finite, so nothing of this epoch was "
+                "saved; resuming would repeat it: "
+                f"start a new run with a lower --lr than {cfg.lr} (the others as in "
+                f"{out / 'config.json'})"
             )
         judged = (
             parallel.gather(toy_world.judge(traj["images"], prompts).to(self.device))
@@ -315,23 +242,23 @@ class Run(Learner, contextlib.ExitStack):
         )
         stopping = parallel.any_process(bool(self.stop_requested))
         if self.rank == 0:
-            grid = run_folder.log_epoch(
+            grid = epoch_log.log_epoch(
                 out, cfg, self.history, self.pipe, traj["images"], prompts, rewards
             )
             self.track(self.history[-1], grid)  # beyond the paper: --log-with
         if checkpoints.due(cfg, epoch, stopping):
-            state = (self.optimizer, self.tracker, self.rng, self.generator, self.device, self.rank)
-            checkpoints.save(out, cfg, self.history, self.pipe, *state)
+            checkpoints.save(self)
         elapsed = time.time() - self.session_start
         left = elapsed / (epoch + 1 - self.first_epoch) * (cfg.epochs - epoch - 1)
-        self.say(run_folder.console_line(self.history[-1], elapsed, left))
+        self.say(epoch_log.console_line(self.history[-1], elapsed, left))
         if stopping:
             self.say(f"stopped after epoch {epoch}; continue with: python train.py --resume {out}")
             sys.exit(run_folder.STOPPED)
 
 
 def epoch_means(stats):
-    """The epoch's mean of each logged value, each weighted by the steps it covers (read from the device once)."""
+    """The epoch's mean of each logged value, each weighted by the steps it covers (read from the
+    device once)."""
     return {
         key: sum(value.double() * n for value, n in pairs).item() / sum(n for _, n in pairs)
         for key, pairs in stats.items()
@@ -348,6 +275,6 @@ def after_batch(cfg, epoch, start, say, reward_fn, first_batch, images, prompts,
         reward_fn.submit(images, prompts)
     if first == 0:
         first_batch.extend([images, prompts])  # kept for the check
-        run_folder.long_epoch_notice(epoch, start, say, len(prompts), total)
-    if cfg.reward not in config.REWARD_NAMES and first == (len(first_batch[1]) if served else 0):
+        epoch_log.long_epoch_notice(epoch, start, say, len(prompts), total)
+    if cfg.reward not in REWARDS and first == (len(first_batch[1]) if served else 0):
         reward_fn(*first_batch, check=True)  # your own or a served reward

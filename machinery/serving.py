@@ -16,8 +16,11 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import torch
 
-from machinery import checks, config
-from machinery.config import Config, is_url
+from machinery import checks, errors
+from machinery.config import Config
+from machinery.devices import cuda_available
+from machinery.errors import fail
+from machinery.reward_specs import REWARDS, is_url
 from machinery.reward_loading import as_scores, load_reward
 from machinery.served import FORMATS, decode
 
@@ -32,9 +35,7 @@ def load(cfg):
     """The reward of cfg.reward as a run loads it, unchecked (the server checks its answers):
     reward(images, prompts)."""
     if is_url(cfg.reward):
-        config.fail(
-            f"--reward {cfg.reward}: a served reward is served already; give its name or file"
-        )
+        fail(f"--reward {cfg.reward}: a served reward is served already; give its name or file")
     checks.check_reward(cfg.reward)
     reward_fn = load_reward(cfg)
     return getattr(reward_fn, "raw", reward_fn)
@@ -107,7 +108,7 @@ def parse_args(argv=None):
         description="Serve a reward over HTTP to train.py --reward http://HOST:PORT/ "
         "(docs/reward-server.md).",
     )
-    parser.error = config.fail
+    parser.error = fail
     fields = {f.name: f for f in dataclasses.fields(Config)}
     parser.add_argument("--reward", required=True, help=fields["reward"].metadata["help"])
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0: any free)")
@@ -118,30 +119,28 @@ def parse_args(argv=None):
     parser.add_argument(
         "--max-mb", type=float, default=256, help="largest request taken, in MB (default: 256)"
     )
-    for name in ("target_color", "aesthetic_model", "alignment_model", "bertscore_model"):
-        parser.add_argument("--" + name.replace("_", "-"), default=fields[name].default)
-    parser.add_argument("--bertscore-layer", type=int, default=fields["bertscore_layer"].default)
+    options = {name: fields[name] for reward in REWARDS.values() for name in reward.options}
+    for name, f in options.items():  # the built-in rewards' own settings
+        parser.add_argument("--" + name.replace("_", "-"), type=f.type, default=f.default)
     args = parser.parse_args(argv)
-    device = args.device or ("cuda" if config.cuda_available() else "cpu")
+    device = args.device or ("cuda" if cuda_available() else "cpu")
     settings = {k: v for k, v in vars(args).items() if k in fields and k != "device"}
     return Config(**settings, device=device, out="."), args
 
 
 def main(argv=None):
-    config.PROGRAM["name"] = "reward_server.py"  # its one-line refusals say who refuses
+    errors.PROGRAM = "reward_server.py"  # its one-line refusals say who refuses
     cfg, args = parse_args(argv)
     if not 0 < args.max_mb < float("inf"):
-        config.fail(f"--max-mb {args.max_mb}: give a positive number of megabytes")
+        fail(f"--max-mb {args.max_mb}: give a positive number of megabytes")
     if not 0 <= args.port <= 65535:
-        config.fail(f"--port {args.port}: a port is a number from 0 to 65535 (0: any free one)")
+        fail(f"--port {args.port}: a port is a number from 0 to 65535 (0: any free one)")
     reward_fn = load(cfg)
     handler = make_handler(cfg.reward, reward_fn, cfg.device, int(args.max_mb * 1e6))
     try:
         server = HTTPServer((args.host, args.port), handler)
     except OSError as error:  # the port taken, an address this machine does not have
-        config.fail(
-            f"--host {args.host} --port {args.port}: cannot listen there ({error.strerror})"
-        )
+        fail(f"--host {args.host} --port {args.port}: cannot listen there ({error.strerror})")
     host, port = server.server_address[:2]
     print(
         f"reward_server.py: serving {cfg.reward} on http://{host}:{port}/ ({cfg.device})",

@@ -50,7 +50,8 @@ def group_noise(pipe, num_samples, k, generator):
 
 
 def sampling_options(cfg, pipe, rng, generator, num_samples, num_steps):
-    """What sample_trajectories takes beyond the paper's sampling: the window's steps and the shared x_T."""
+    """What sample_trajectories takes beyond the paper's sampling: the window's steps and the
+    shared x_T."""
     options = {"stochastic": train_window(cfg, rng, num_steps)}
     if cfg.shared_noise:
         options["initial_latents"] = group_noise(
@@ -67,7 +68,8 @@ def flat_groups(scores, k):
 def group_advantages(algo, rewards, k, latent_size, per_position=False):
     """--advantages group: each sample's reward normalised by the mean and std of its group
     (consecutive blocks of k samples; ddpo.batch_advantages within each group, PXPO's maps too). A
-    group whose k rewards are all equal gets zero advantages: nothing in it tells better from worse."""
+    group whose k rewards are all equal gets zero advantages: nothing in it tells better from
+    worse."""
     scores, maps = ddpo.reward_maps(algo, rewards, latent_size)
     values = np.zeros_like(scores if maps is None else maps)
     for g, flat in zip(range(0, len(scores), k), flat_groups(scores, k)):
@@ -79,7 +81,9 @@ def group_advantages(algo, rewards, k, latent_size, per_position=False):
 
 
 def group_stats(cfg, rewards):
-    """What an epoch logs of its groups under --advantages group: how many had no spread (flat_groups)."""
+    """What an epoch logs of its groups under --advantages group: how many had no spread
+    (flat_groups)."""
     if cfg.advantages != "group":
         return {}
-    return {"flat_groups": int(flat_groups(rewards.cpu().numpy(), cfg.samples_per_prompt).sum())}
+    flat = flat_groups(rewards.cpu().numpy(), cfg.samples_per_prompt)
+    return {"flat_groups": int(flat.sum())}

@@ -11,7 +11,8 @@ import torch
 from conftest import sd14_scheduler, tiny_pipeline
 
 from machinery.cli import parse_args
-from machinery.config import ALGOS, TUNED, load_prompts
+from machinery.config import ALGOS, TUNED
+from machinery.prompts import load_prompts
 from ddpo import (
     PerPromptStatTracker,
     advantages,
@@ -25,7 +26,7 @@ from ddpo import (
     sparse_rwr_weights,
     weight_share,
 )
-from sampler import ddim_step_with_logprob, sample_trajectories
+from sampler import step_with_logprob, sample_trajectories
 import train
 from train import rwr_regression_loss
 
@@ -293,7 +294,7 @@ def per_element_log_prob(eps):
     generator = torch.Generator().manual_seed(1)
     sample = torch.randn(3, 4, 4, 4, generator=generator)
     prev = torch.randn(3, 4, 4, 4, generator=generator)
-    return ddim_step_with_logprob(
+    return step_with_logprob(
         scheduler, eps, scheduler.timesteps[3], sample, prev_sample=prev, reduce="none"
     )[1]
 

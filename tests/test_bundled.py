@@ -30,7 +30,7 @@ def test_bundled_model_loads_offline_and_samples_a_batch(monkeypatch):
 def test_model_auto_without_cuda_picks_the_bundled_model_and_the_tiny_preset(
     monkeypatch, capsys, tmp_path
 ):
-    monkeypatch.setattr(config, "cuda_available", lambda: False)
+    monkeypatch.setattr(cli, "cuda_available", lambda: False)
     cfg = cli.parse_args(["--out", str(tmp_path / "run"), "--epochs", "3"])
     assert os.path.samefile(cfg.model, config.BUNDLED_MODEL) and cfg.preset == "tiny"
     assert cfg.prompts == "shapes" and cfg.epochs == 3  # the preset, and a flag that overrides it
@@ -49,7 +49,7 @@ def test_other_models_keep_the_papers_settings(tmp_path):
 
 
 def test_model_auto_with_cuda_picks_sd14_and_the_papers_settings(monkeypatch, tmp_path):
-    monkeypatch.setattr(config, "cuda_available", lambda: True)
+    monkeypatch.setattr(cli, "cuda_available", lambda: True)
     cfg = cli.parse_args(["--out", str(tmp_path / "run"), "--mixed-precision", "fp16"])
     assert (
         cfg.model == config.SD14

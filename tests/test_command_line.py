@@ -10,9 +10,8 @@ import torch
 
 import dataclasses
 
-from machinery import cli, config
+from machinery import cli, config, devices, prompts, reward_specs
 from machinery import parallel
-import rewards
 import toy_world
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,12 +52,17 @@ def test_help_show_config_and_flag_errors_answer_before_torch_and_diffusers_load
     assert not (tmp_path / "run").exists()
 
 
-def test_the_reward_flag_offers_every_reward():
-    assert set(config.REWARD_NAMES) == {*rewards.REWARDS, "aesthetic", "alignment"}
+def test_every_built_in_reward_is_declared_once_with_a_function_and_settings_that_exist():
+    settings = {f.name for f in dataclasses.fields(config.Config)}
+    reward_help = next(f for f in dataclasses.fields(config.Config) if f.name == "reward")
+    for name, reward in reward_specs.REWARDS.items():
+        assert callable(reward_specs.function(reward)), name
+        assert {*reward.options, *reward.models} <= settings, name
+        assert name in reward_help.metadata["help"], name
 
 
 def test_cuda_available_agrees_with_torch():
-    assert config.cuda_available() == torch.cuda.is_available()
+    assert devices.cuda_available() == torch.cuda.is_available()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a machine where torch cannot use CUDA")
@@ -72,25 +76,25 @@ def test_a_prompt_file_an_editor_saved_with_a_byte_order_mark_reads_as_its_promp
     """The mark is not part of the first prompt: the toy world's judge still knows it, the encoder sees no stray character."""
     path = tmp_path / "prompts.txt"
     path.write_bytes(("\ufeff" + "\r\n".join(toy_world.PROMPTS[:3]) + "\r\n").encode("utf-8"))
-    assert config.load_prompts(str(path)) == toy_world.PROMPTS[:3]
+    assert prompts.load_prompts(str(path)) == toy_world.PROMPTS[:3]
 
 
 def test_help_lists_the_papers_settings_then_the_extensions_then_the_runs_machinery(capsys):
     flags = {f.name for f in dataclasses.fields(config.Config) if f.metadata.get("flag", True)}
-    grouped = [name for names in cli.GROUPS.values() for name in names.split()]
-    assert sorted(grouped) == sorted(flags)  # every flag in one group, once
+    fields = [f for f in dataclasses.fields(config.Config) if f.name in flags]
+    group_of = {f.name: f.metadata["group"] for f in fields}
+    assert set(group_of.values()) == set(config.GROUPS)  # every flag in one of the groups
     with pytest.raises(SystemExit):
         cli.parse_args(["--help"])
     text = capsys.readouterr().out
-    positions = [text.index(f"{title}:") for title in (cli.PAPER, cli.BEYOND, cli.RUN)]
+    positions = [text.index(f"{title}:") for title in config.GROUPS]
     assert positions == sorted(positions)
     sections = text[positions[0] :].split(
         "\n\n"
     )  # the groups, in order: each flag's line in its own
-    for section, names in zip(sections, cli.GROUPS.values()):
-        assert all(f"  --{name.replace('_', '-')}" in section for name in names.split()), section[
-            :80
-        ]
+    for section, title in zip(sections, config.GROUPS):
+        names = [name for name, group in group_of.items() if group == title]
+        assert all(f"  --{name.replace('_', '-')}" in section for name in names), section[:80]
 
 
 def test_the_maths_module_loads_no_model_library():

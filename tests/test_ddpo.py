@@ -6,7 +6,7 @@ import torch
 from conftest import sd14_scheduler
 
 from ddpo import PerPromptStatTracker, batch_advantages, ddpo_is_loss, ddpo_sf_loss, diagnostics
-from sampler import ddim_step_with_logprob
+from sampler import step_with_logprob
 
 CLIP = 1e-4
 
@@ -88,7 +88,7 @@ def test_score_function_estimator_is_unbiased():
     for _ in range(40):
         n = 5000
         expanded = eps.expand(n, -1, -1, -1)
-        action, log_prob = ddim_step_with_logprob(
+        action, log_prob = step_with_logprob(
             scheduler, expanded, t, sample.expand(n, -1, -1, -1), reduce="sum"
         )
         reward = -((action - target) ** 2).sum(dim=(1, 2, 3))

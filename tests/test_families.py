@@ -49,6 +49,7 @@ def test_the_sampler_is_the_familys_own_pipeline_at_eta_1(ddim_family_dir):
         eta=1.0,
         batch_size=3,
         generator=torch.Generator().manual_seed(0),
+        policy=pipe.family.POLICY,
     )
     stock = pipe(
         PROMPTS,
@@ -73,7 +74,7 @@ def test_the_sampler_is_the_familys_own_pipeline_at_eta_1(ddim_family_dir):
 
 def test_the_recomputed_log_prob_gives_ratio_1(family_dir):
     pipe = load_pipeline(family_dir)
-    add_trainable(pipe.unet, lora_rank=4)
+    add_trainable(pipe, lora_rank=4)
     perturb_lora(pipe.unet)
     traj = sample_trajectories(
         pipe,
@@ -82,6 +83,7 @@ def test_the_recomputed_log_prob_gives_ratio_1(family_dir):
         guidance_scale=3.0,
         batch_size=3,
         generator=torch.Generator().manual_seed(0),
+        policy=pipe.family.POLICY,
     )
     for j in range(4):
         log_prob = recomputed_log_prob(

@@ -1,4 +1,4 @@
-"""The flow-matching policy (machinery/flow.py): Flow-GRPO's SDE step, checked against its
+"""The flow-matching policy (machinery/families/sd3.py): Flow-GRPO's SDE step, checked against its
 formulas in float64, against diffusers' Euler step at noise level 0, against torch.distributions,
 and, on a tiny SD3-shaped pipeline, against the stock StableDiffusion3Pipeline."""
 
@@ -12,10 +12,10 @@ from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
 import sample
 import train
-from machinery import flow
+from machinery.families import sd3 as flow
 from machinery.config import BUNDLED_FLOW_MODEL
 from machinery.pipeline import load_pipeline
-from sampler import ddim_step_with_logprob, gaussian_log_prob, sample_trajectories
+from sampler import step_with_logprob, gaussian_log_prob, sample_trajectories
 from toy_world.sd3 import build_sd3_pipeline
 
 SHAPE = (3, 4, 8, 8)
@@ -89,7 +89,9 @@ def test_every_step_is_finite_with_a_positive_std_for_every_shift(config, num_st
     for t in scheduler.timesteps:
         for dtype in (torch.float32, torch.bfloat16):
             mean, std = flow.sde_mean_std(scheduler, v.to(dtype), t, x)
-            action, log_prob = ddim_step_with_logprob(scheduler, v.to(dtype), t, x)
+            action, log_prob = step_with_logprob(
+                scheduler, v.to(dtype), t, x, mean_std=flow.policy_mean_std
+            )
             assert torch.isfinite(mean).all() and (std > 0).all() and torch.isfinite(std).all()
             assert torch.isfinite(action).all() and torch.isfinite(log_prob).all()
 
@@ -101,10 +103,14 @@ def test_log_prob_is_the_normal_density_of_the_step(step):
     t = scheduler.timesteps[step]
     x, v = torch.randn(SHAPE), torch.randn(SHAPE)
     mean, std = flow.sde_mean_std(scheduler, v, t, x)
-    action, log_prob = ddim_step_with_logprob(scheduler, v, t, x, reduce="none")
+    action, log_prob = step_with_logprob(
+        scheduler, v, t, x, reduce="none", mean_std=flow.policy_mean_std
+    )
     expected = torch.distributions.Normal(mean.double(), std.double()).log_prob(action.double())
     torch.testing.assert_close(log_prob.double(), expected, rtol=1e-5, atol=1e-5)
-    _, mean_log_prob = ddim_step_with_logprob(scheduler, v, t, x, prev_sample=action)
+    _, mean_log_prob = step_with_logprob(
+        scheduler, v, t, x, prev_sample=action, mean_std=flow.policy_mean_std
+    )
     torch.testing.assert_close(
         mean_log_prob.double(), expected.mean(dim=(1, 2, 3)), rtol=1e-5, atol=1e-5
     )
@@ -148,6 +154,7 @@ def test_the_trajectory_at_noise_level_0_is_the_stock_sd3_pipelines(tiny_sd3_pip
         batch_size=3,
         stochastic=torch.zeros(4, dtype=torch.bool),
         initial_latents=x_1,
+        policy=pipe.family.POLICY,
     )
     stock = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_pipeline_dir)
     stock.set_progress_bar_config(disable=True)

@@ -10,11 +10,11 @@ from conftest import perturb_lora, sd14_scheduler
 import toy_world
 import train
 from machinery.evaluation import evaluate
-from machinery.config import load_prompts
+from machinery.prompts import load_prompts
 from machinery.pipeline import add_trainable, load_pipeline
-from rewards import REWARDS
-from machinery.leash import base_policy
-from sampler import ddim_mean_std, guided_eps, policy_kl, sample_trajectories
+import rewards
+from machinery.leash import KLToBase, base_policy, policy_kl
+from sampler import ddim_mean_std, guided_eps, sample_trajectories
 
 SMALL = ["--samples-per-epoch", "8", "--batch-size", "2", "--num-steps", "3", "--lr", "1e-2"]
 
@@ -95,7 +95,7 @@ def test_kl_to_base_is_zero_at_initialisation_and_the_base_stays_the_pretrained_
     lora_rank, tiny_pipeline_dir
 ):
     pipe, pretrained = load_pipeline(tiny_pipeline_dir), load_pipeline(tiny_pipeline_dir)
-    params = add_trainable(pipe.unet, lora_rank)
+    params = add_trainable(pipe, lora_rank)
     base = base_policy(pipe.unet, lora_rank)
     state = states(pretrained)
     pipe.scheduler = pretrained.scheduler  # set to the sampled timesteps
@@ -121,18 +121,19 @@ def test_kl_to_base_is_zero_at_initialisation_and_the_base_stays_the_pretrained_
     torch.testing.assert_close(guided_eps(pipe.unet, *state), moved, rtol=0, atol=0)
 
 
-def test_sampling_with_a_base_reports_the_kl_of_every_visited_state(tiny_pipeline_dir):
+def test_sampling_with_the_kl_measure_reports_the_kl_of_every_visited_state(tiny_pipeline_dir):
     pipe = load_pipeline(tiny_pipeline_dir)
-    add_trainable(pipe.unet, 4)
+    add_trainable(pipe, 4)
     perturb_lora(pipe.unet)
     base = base_policy(pipe.unet, 4)
+    measure = KLToBase(pipe, base, 1.0, pipe.family.POLICY)
     traj = sample_trajectories(
         pipe,
         ["a cat", "a dog"],
         num_steps=4,
         guidance_scale=3.0,
         generator=torch.Generator().manual_seed(0),
-        base=base,
+        on_step=measure,
     )
     plain = sample_trajectories(
         pipe,
@@ -144,7 +145,7 @@ def test_sampling_with_a_base_reports_the_kl_of_every_visited_state(tiny_pipelin
     torch.testing.assert_close(
         traj["latents"], plain["latents"], rtol=0, atol=0
     )  # measuring draws no noise
-    assert traj["kl_to_base"].shape == (2, 4)
+    assert measure.kl().shape == (2, 4)
     j = 2
     state = (
         traj["latents"][:, j],
@@ -156,7 +157,7 @@ def test_sampling_with_a_base_reports_the_kl_of_every_visited_state(tiny_pipelin
     with torch.no_grad(), base() as unet:
         base_eps = guided_eps(unet, *state)
     torch.testing.assert_close(
-        traj["kl_to_base"][:, j],
+        measure.kl()[:, j],
         step_kl(pipe, guided_eps(pipe.unet, *state), base_eps, state),
         rtol=1e-5,
         atol=1e-7,
@@ -246,14 +247,14 @@ def test_the_evaluation_uses_the_same_noise_every_time_and_leaves_training_alone
         json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
     ] == evaluated
     pipe = load_pipeline(tiny_pipeline_dir)
-    add_trainable(pipe.unet, 4)
+    add_trainable(pipe, 4)
     cfg = types.SimpleNamespace(**json.loads((out / "config.json").read_text()))
     args = (
         pipe,
         base_policy(pipe.unet, 4),
         toy_world.PROMPTS,
         set(toy_world.TRAIN),
-        REWARDS["jpeg"],
+        rewards.jpeg_compressibility,
         torch.autocast("cpu", enabled=False),
         out,
         9,

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from machinery import parallel
-from machinery.config import PROMPT_SETS
+from machinery.prompts import PROMPT_SETS
 
 ROOT = Path(__file__).resolve().parents[1]
 

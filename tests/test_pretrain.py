@@ -4,7 +4,7 @@ import torch
 
 from toy_world import pretrain, sd3
 import toy_world
-from machinery import flow
+from machinery.families import sd3 as flow
 from machinery.pipeline import load_pipeline
 from sampler import sample_trajectories
 
@@ -39,7 +39,11 @@ def test_pretraining_runs_a_few_steps_and_saves_a_loadable_pipeline(tmp_path):
     moved = [not torch.equal(before[name], value) for name, value in pipe.unet.state_dict().items()]
     assert any(moved)  # the saved UNet is the trained (EMA) one, not the initial weights
     traj = sample_trajectories(
-        pipe, toy_world.PROMPTS[:2], num_steps=3, generator=torch.Generator().manual_seed(0)
+        pipe,
+        toy_world.PROMPTS[:2],
+        num_steps=3,
+        generator=torch.Generator().manual_seed(0),
+        policy=pipe.family.POLICY,
     )
     assert traj["images"].shape == (2, 3, 64, 64)
 
@@ -59,6 +63,10 @@ def test_flow_pretraining_runs_a_few_steps_and_saves_a_loadable_sd3_pipeline(tmp
     pipe = load_pipeline(tmp_path / "flow")
     assert flow.is_flow(pipe.scheduler) and pipe.vae.config.shift_factor != 0
     traj = sample_trajectories(
-        pipe, toy_world.PROMPTS[:2], num_steps=3, generator=torch.Generator().manual_seed(0)
+        pipe,
+        toy_world.PROMPTS[:2],
+        num_steps=3,
+        generator=torch.Generator().manual_seed(0),
+        policy=pipe.family.POLICY,
     )
     assert traj["images"].shape == (2, 3, 64, 64) and torch.isfinite(traj["log_probs"]).all()

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from machinery import checkpoints
-from machinery import run_folder
+from machinery import epoch_log, run_folder
 import machinery.run
 import train
-from rewards import REWARDS
+import rewards
 
 TIMING = ("sample_seconds", "train_seconds", "eval_seconds")
 
@@ -173,13 +173,13 @@ def test_a_run_that_dies_before_its_first_checkpoint_resumes_from_epoch_0_as_a_n
 def test_ctrl_c_sigterm_or_sighup_stops_after_the_epoch_and_says_how_to_resume(
     signum, run_args, tmp_path, monkeypatch, capsys
 ):
-    jpeg = REWARDS["jpeg"]
+    jpeg = rewards.jpeg_compressibility
 
     def reward_then_signal(images, prompts):
         os.kill(os.getpid(), signum)
         return jpeg(images, prompts)
 
-    monkeypatch.setitem(REWARDS, "jpeg", reward_then_signal)
+    monkeypatch.setattr(rewards, "jpeg_compressibility", reward_then_signal)
     handlers = {s: signal.getsignal(s) for s in run_folder.STOP_SIGNALS}
     with pytest.raises(SystemExit) as exit:
         train.main(run_args(tmp_path / "run", 5))
@@ -195,14 +195,14 @@ def test_ctrl_c_sigterm_or_sighup_stops_after_the_epoch_and_says_how_to_resume(
 def test_a_non_finite_reward_stops_the_run_before_it_is_trained_on_or_saved(
     run_args, tmp_path, monkeypatch, capsys
 ):
-    jpeg, calls = REWARDS["jpeg"], []
+    jpeg, calls = rewards.jpeg_compressibility, []
 
     def nan_on_second_epoch(images, prompts):
         calls.append(1)
         rewards = jpeg(images, prompts)
         return rewards * float("nan") if len(calls) == 2 else rewards
 
-    monkeypatch.setitem(REWARDS, "jpeg", nan_on_second_epoch)
+    monkeypatch.setattr(rewards, "jpeg_compressibility", nan_on_second_epoch)
     with pytest.raises(SystemExit) as exit:
         train.main(run_args(tmp_path / "run", 3))
     assert exit.value.code == 1 and "non-finite" in capsys.readouterr().err
@@ -331,7 +331,9 @@ def test_a_damaged_latest_checkpoint_gives_way_to_the_one_before_it(run_args, tm
 def test_an_epoch_whose_rewards_have_no_spread_says_so_in_its_line(
     run_args, tmp_path, monkeypatch, capsys
 ):
-    monkeypatch.setitem(REWARDS, "jpeg", lambda images, prompts: torch.zeros(len(prompts)))
+    monkeypatch.setattr(
+        rewards, "jpeg_compressibility", lambda images, prompts: torch.zeros(len(prompts))
+    )
     history = train.main(run_args(tmp_path / "run", 1))
     assert history[0]["reward_std"] == 0 and metrics(tmp_path / "run")[0]["reward_std"] == 0
     assert "no spread" in capsys.readouterr().out
@@ -382,7 +384,7 @@ def test_prompts_the_text_encoder_cannot_take_whole_are_reported_once(run_args, 
 def test_a_long_epoch_says_after_its_first_batch_how_long_its_sampling_will_take(
     run_args, tmp_path, monkeypatch, capsys
 ):
-    monkeypatch.setattr(run_folder, "LONG_EPOCH", 0)  # every epoch counts as long
+    monkeypatch.setattr(epoch_log, "LONG_EPOCH", 0)  # every epoch counts as long
     train.main(run_args(tmp_path / "run", 2))
     assert (
         capsys.readouterr().out.count("epoch 1: sampling its 8 trajectories will take about") == 1
@@ -392,13 +394,13 @@ def test_a_long_epoch_says_after_its_first_batch_how_long_its_sampling_will_take
 def test_weights_that_become_non_finite_stop_the_run_before_they_are_saved_and_say_what_would_work(
     run_args, tmp_path, monkeypatch, capsys
 ):
-    def poisoned_step(run):  # as a far too large learning rate would leave them
+    def poisoned_step(cfg, run):  # as a far too large learning rate would leave them
         for p in run.params:
             p.data.fill_(float("nan"))
         run.optimizer.zero_grad()
         return True
 
-    monkeypatch.setattr(machinery.run.Learner, "optimizer_step", poisoned_step)
+    monkeypatch.setattr(train, "optimizer_step", poisoned_step)
     with pytest.raises(SystemExit) as exit:
         train.main(run_args(tmp_path / "run", 2))
     error = capsys.readouterr().err.strip()

@@ -8,7 +8,8 @@ from PIL import Image
 
 import toy_world
 from ddpo import scalar
-from rewards import REWARDS, jpeg_kilobytes, to_pil
+import rewards
+from rewards import jpeg_kilobytes, to_pil
 
 
 def test_jpeg_size_is_the_file_size_at_quality_95():
@@ -20,10 +21,10 @@ def test_jpeg_size_is_the_file_size_at_quality_95():
 
 def test_flat_image_is_more_compressible_than_noise():
     flat, noise = torch.full((1, 3, 64, 64), 0.5), torch.rand(1, 3, 64, 64)
-    rewards = REWARDS["jpeg"](torch.cat([flat, noise]), ["a", "b"])
-    assert rewards.shape == (2,) and rewards[0] > rewards[1]
+    scores = rewards.jpeg_compressibility(torch.cat([flat, noise]), ["a", "b"])
+    assert scores.shape == (2,) and scores[0] > scores[1]
     torch.testing.assert_close(
-        REWARDS["jpeg_incompressibility"](torch.cat([flat, noise]), ["a", "b"]), -rewards
+        rewards.jpeg_incompressibility(torch.cat([flat, noise]), ["a", "b"]), -scores
     )
 
 
@@ -36,7 +37,7 @@ def test_pixel_color_is_a_map_of_closeness_to_the_target_and_its_mean_is_the_rew
     images = torch.zeros(2, 3, 4, 4)
     images[0] = 1.0  # all white: the target
     images[1, :, 0, 0] = 1.0  # black with one white pixel
-    reward_map = REWARDS["pixel_color"](images, ["a", "b"], target=(1.0, 1.0, 1.0))
+    reward_map = rewards.pixel_color(images, ["a", "b"], target=(1.0, 1.0, 1.0))
     assert reward_map.shape == (2, 4, 4)
     torch.testing.assert_close(reward_map[0], torch.ones(4, 4))
     assert reward_map[1, 0, 0] == 1.0 and reward_map[1, 1, 1] == pytest.approx(0.0, abs=1e-6)
@@ -47,7 +48,7 @@ def test_pixel_color_is_a_map_of_closeness_to_the_target_and_its_mean_is_the_rew
 def test_pixel_background_scores_the_shape_by_its_prompts_colour_and_the_rest_by_the_target():
     image = torch.full((1, 3, 8, 8), 0.5)  # grey background
     image[0, :, 2:5, 2:5] = torch.tensor(toy_world.COLOURS["red"])[:, None, None]  # the red shape
-    reward_map = REWARDS["pixel_background"](image, ["a red square"], target=(1.0, 1.0, 1.0))
+    reward_map = rewards.pixel_background(image, ["a red square"], target=(1.0, 1.0, 1.0))
     assert reward_map.shape == (1, 8, 8)
     torch.testing.assert_close(
         reward_map[0, 2:5, 2:5], torch.ones(3, 3)
@@ -57,7 +58,7 @@ def test_pixel_background_scores_the_shape_by_its_prompts_colour_and_the_rest_by
         reward_map[0, 0], torch.full((8,), grey.item())
     )  # the background: closeness to white
     image[0, :, :2] = 1.0  # whiten two rows of background
-    whitened = REWARDS["pixel_background"](image, ["a red square"], target=(1.0, 1.0, 1.0))
+    whitened = rewards.pixel_background(image, ["a red square"], target=(1.0, 1.0, 1.0))
     assert (whitened[0, :2] == 1).all() and torch.equal(
         whitened[0, 2:], reward_map[0, 2:]
     )  # credit stays where it was earned

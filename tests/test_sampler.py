@@ -7,7 +7,7 @@ import torch
 from conftest import perturb_lora, recomputed_log_prob, sd14_scheduler
 
 from machinery.pipeline import add_trainable, load_pipeline
-from sampler import ddim_mean_std, ddim_step_with_logprob, sample_trajectories
+from sampler import ddim_mean_std, step_with_logprob, sample_trajectories
 
 NUM_STEPS = 10
 SHAPE = (3, 4, 8, 8)
@@ -86,10 +86,10 @@ def test_ddim_step_equals_the_float64_formulas_and_diffusers_step_where_it_is_fi
     sample, eps = torch.randn(SHAPE), torch.randn(SHAPE)
     # the mean: at x_{t-1} = mean each element has the Gaussian's peak density, -log(sigma) - log(2 pi) / 2
     expected_mean, expected_std, atol = reference_mean_std(scheduler, eps, t, sample, eta)
-    ours, _ = ddim_step_with_logprob(
+    ours, _ = step_with_logprob(
         scheduler, eps, t, sample, eta=eta, generator=torch.Generator().manual_seed(7)
     )
-    _, log_prob = ddim_step_with_logprob(
+    _, log_prob = step_with_logprob(
         scheduler, eps, t, sample, eta=eta, prev_sample=expected_mean.float(), reduce="none"
     )
     torch.testing.assert_close(
@@ -126,7 +126,7 @@ def test_every_step_is_finite_at_every_accepted_configuration_in_fp32_and_bf16(o
                 for t in scheduler.timesteps:
                     sample, eps = torch.randn(SHAPE).to(dtype), torch.randn(SHAPE).to(dtype)
                     mean, std = ddim_mean_std(scheduler, eps, t, sample, eta)
-                    prev, log_prob = ddim_step_with_logprob(scheduler, eps, t, sample, eta=eta)
+                    prev, log_prob = step_with_logprob(scheduler, eps, t, sample, eta=eta)
                     assert (
                         torch.isfinite(mean).all()
                         and (std > 0).all()
@@ -154,7 +154,7 @@ def test_the_direction_coefficient_is_0_where_rounding_makes_its_square_a_negati
         scheduler.alphas_cumprod[t - 1000 // NUM_STEPS] = abar_prev
         assert scheduler.alphas_cumprod[t] == 0
         mean, std = ddim_mean_std(scheduler, v, t, sample, eta=1.0)
-        _, log_prob = ddim_step_with_logprob(
+        _, log_prob = step_with_logprob(
             scheduler, v, t, sample, eta=1.0, generator=torch.Generator().manual_seed(0)
         )
         assert torch.isfinite(log_prob).all()
@@ -170,7 +170,7 @@ def test_a_prediction_type_without_its_maths_is_refused_in_one_line():
         ({"thresholding": True}, "thresholding"),
     ):
         with pytest.raises(ValueError, match=f"{named}.*only epsilon and v_prediction"):
-            ddim_step_with_logprob(
+            step_with_logprob(
                 sd14_scheduler(NUM_STEPS, **options), torch.randn(SHAPE), 981, torch.randn(SHAPE)
             )
 
@@ -186,7 +186,7 @@ def test_log_prob_reductions_match_normal_density(step):
     prev = mean + std * torch.randn(SHAPE)  # an action the policy could take
     expected = torch.distributions.Normal(mean, std).log_prob(prev)
     log_prob = {
-        r: ddim_step_with_logprob(scheduler, eps, t, sample, prev_sample=prev, reduce=r)[1]
+        r: step_with_logprob(scheduler, eps, t, sample, prev_sample=prev, reduce=r)[1]
         for r in ("sum", "mean", "none")
     }
     assert log_prob["none"].shape == SHAPE
@@ -202,9 +202,9 @@ def test_per_sample_timesteps_equal_scalar_steps():
     scheduler = sd14_scheduler(NUM_STEPS)
     sample, eps, prev = torch.randn(SHAPE), torch.randn(SHAPE), torch.randn(SHAPE)
     steps = scheduler.timesteps[[0, 4, 9]]
-    _, batched = ddim_step_with_logprob(scheduler, eps, steps, sample, prev_sample=prev)
+    _, batched = step_with_logprob(scheduler, eps, steps, sample, prev_sample=prev)
     one_by_one = [
-        ddim_step_with_logprob(
+        step_with_logprob(
             scheduler, eps[i : i + 1], steps[i], sample[i : i + 1], prev_sample=prev[i : i + 1]
         )[1]
         for i in range(3)
@@ -216,7 +216,7 @@ def test_per_sample_timesteps_equal_scalar_steps():
 def test_eta_zero_has_no_density():
     scheduler = sd14_scheduler(NUM_STEPS)
     with pytest.raises(ValueError, match="eta"):
-        ddim_step_with_logprob(
+        step_with_logprob(
             scheduler, torch.randn(SHAPE), scheduler.timesteps[0], torch.randn(SHAPE), eta=0.0
         )
 
@@ -224,7 +224,7 @@ def test_eta_zero_has_no_density():
 @pytest.mark.math
 def test_recomputed_log_prob_equals_sampling_log_prob_with_cfg_and_lora(tiny_pipeline_dir):
     pipe = load_pipeline(tiny_pipeline_dir)
-    add_trainable(pipe.unet, lora_rank=4)
+    add_trainable(pipe, lora_rank=4)
     perturb_lora(pipe.unet)
     prompts = ["a cat", "a dog", "a red fox", "an owl", "a cat"]
     traj = sample_trajectories(
@@ -278,7 +278,7 @@ def test_guidance_changes_the_policy(tiny_pipeline_dir):
 
 def test_gradient_checkpointing_recomputes_blocks_and_keeps_the_gradient(tiny_pipeline_dir):
     pipe = load_pipeline(tiny_pipeline_dir)
-    params = add_trainable(pipe.unet, lora_rank=4)
+    params = add_trainable(pipe, lora_rank=4)
     traj = sample_trajectories(
         pipe,
         ["a cat", "a dog"],

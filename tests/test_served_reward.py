@@ -20,7 +20,7 @@ import torch
 import train
 from machinery import serving
 from machinery.served import ServedReward, encode
-from rewards import REWARDS
+import rewards
 
 TIMING = ("sample_seconds", "train_seconds", "eval_seconds")
 
@@ -55,7 +55,7 @@ def test_the_served_jpeg_reward_equals_the_in_process_one_bit_for_bit():
     url, server = start("jpeg")
     batch = images()
     served = ServedReward(url)(batch, ["a cat"] * 6)
-    assert torch.equal(served, REWARDS["jpeg"](batch, ["a cat"] * 6))
+    assert torch.equal(served, rewards.jpeg_compressibility(batch, ["a cat"] * 6))
     server.shutdown()
 
 
@@ -64,7 +64,7 @@ def test_a_pixel_map_travels_as_float32_and_comes_back_equal():
     batch = images(n=3)
     served = ServedReward(url, fmt="float32")(batch, ["x"] * 3)
     assert served.shape == (3, 32, 32)
-    assert torch.equal(served, REWARDS["pixel_color"](batch, ["x"] * 3, target=[0.2, 0.4, 0.6]))
+    assert torch.equal(served, rewards.pixel_color(batch, ["x"] * 3, target=[0.2, 0.4, 0.6]))
     server.shutdown()
 
 
@@ -213,12 +213,14 @@ def test_the_server_answers_what_it_cannot_read_with_a_4xx_and_goes_on_serving()
     for body, status in wrong.items():
         code, answer = post(url, body)
         assert code == status and answer["error"], (body, answer)
-    small = HTTPServer(("127.0.0.1", 0), serving.make_handler("jpeg", REWARDS["jpeg"], "cpu", 100))
+    small = HTTPServer(
+        ("127.0.0.1", 0), serving.make_handler("jpeg", rewards.jpeg_compressibility, "cpu", 100)
+    )
     threading.Thread(target=small.serve_forever, daemon=True).start()
     code, answer = post(f"http://127.0.0.1:{small.server_address[1]}/", json.dumps(good).encode())
     assert code == 413 and "takes 100" in answer["error"]
     pixels = HTTPServer(
-        ("127.0.0.1", 0), serving.make_handler("jpeg", REWARDS["jpeg"], "cpu", 9000)
+        ("127.0.0.1", 0), serving.make_handler("jpeg", rewards.jpeg_compressibility, "cpu", 9000)
     )
     threading.Thread(target=pixels.serve_forever, daemon=True).start()
     big = {

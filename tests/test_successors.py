@@ -82,7 +82,7 @@ def test_outside_the_window_the_steps_are_diffusers_deterministic_ddim_with_no_l
     tiny_pipeline_dir,
 ):
     pipe = load_pipeline(tiny_pipeline_dir)
-    add_trainable(pipe.unet, lora_rank=4)
+    add_trainable(pipe, lora_rank=4)
     perturb_lora(pipe.unet)
     window = torch.tensor([False, True, True, False, False])
     traj = sample_trajectories(
@@ -155,13 +155,13 @@ def test_a_run_with_groups_shared_noise_a_window_and_fewer_steps_than_its_evalua
 ):
     trained, evaluated = [], []
     step, options, evaluation_sampler = (
-        train.ddim_step_with_logprob,
+        train.step_with_logprob,
         successors.sampling_options,
         evaluation.sample_trajectories,
     )
     monkeypatch.setattr(
         train,
-        "ddim_step_with_logprob",
+        "step_with_logprob",
         lambda scheduler, eps, t, *rest, **kw: (
             trained.append(set(t.tolist())) or step(scheduler, eps, t, *rest, **kw)
         ),

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import toy_world
-from rewards import REWARDS, jpeg_kilobytes
+from machinery.reward_specs import REWARDS, function
+from rewards import jpeg_kilobytes
 
 
 def other(prompt, colour=None, shape=None):
@@ -23,7 +24,7 @@ def test_judge_scores_world_images_one_for_their_own_prompt(world):
     images, prompts = world
     assert set(prompts) == set(toy_world.PROMPTS)
     assert toy_world.judge(images, prompts).min().item() == 1.0
-    assert REWARDS["toy_alignment"] is toy_world.judge
+    assert function(REWARDS["toy_alignment"]) is toy_world.judge
 
 
 def test_judge_scores_zero_for_the_wrong_colour(world):

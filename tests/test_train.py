@@ -16,7 +16,6 @@ from machinery.cli import parse_args
 from machinery.config import Config
 from machinery.pipeline import add_trainable, load_pipeline
 from machinery.leash import base_policy
-from machinery.run import Learner
 from sampler import sample_trajectories
 
 TINY_RUN = [
@@ -215,7 +214,7 @@ def test_taking_several_trained_steps_through_one_forward_gives_the_same_update(
     algo, kl_coef, tiny_pipeline_dir
 ):
     pipe = load_pipeline(tiny_pipeline_dir)
-    params = add_trainable(pipe.unet, lora_rank=4)
+    params = add_trainable(pipe, lora_rank=4)
     base = base_policy(pipe.unet, 4)
     torch.manual_seed(0)
     for p in params:  # LoRA B starts at 0, and with it every gradient of A: move both
@@ -260,7 +259,7 @@ def test_taking_several_trained_steps_through_one_forward_gives_the_same_update(
         stats.append(
             train.update(
                 cfg,
-                Learner(cfg, pipe, params, optimizer, np.random.default_rng(0), base=base),
+                train.Learner(pipe, params, optimizer, np.random.default_rng(0), base=base),
                 traj,
                 advantages,
             )

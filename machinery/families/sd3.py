@@ -1,5 +1,5 @@
-"""Flow-matching models (Stable Diffusion 3) as a DDPO policy: Flow-GRPO's SDE step (beyond the
-paper; Liu et al. 2025, arXiv 2505.05470, its ODE-to-SDE conversion). The formulas below are its
+"""Stable Diffusion 3 and 3.5, flow-matching models, as a DDPO policy: Flow-GRPO's SDE step (beyond
+the paper; Liu et al. 2025, arXiv 2505.05470, its ODE-to-SDE conversion). The formulas below are its
 update rule as public summaries of the paper restate it and as its code computes it
 (yifan123/flow_grpo, flow_grpo/diffusers_patch/sd3_sde_with_logprob.py); tests/test_flow.py checks
 this file against them in float64. The paper's section and equation numbers could not be checked
@@ -17,7 +17,9 @@ a Gaussian whose mean depends on theta through v, with std sigma_t sqrt(-dt): th
 with a log-prob. The noise level a (--noise-level, 0.7 in Flow-GRPO) plays the role of DDIM's eta:
 at a = 0 the step is the stock Euler step. Everything else of DDPO is unchanged: the log-prob is
 sampler.gaussian_log_prob of this mean and std, averaged over the latent's elements like the DDIM
-one; advantages, the clipped ratio and the update are ddpo.py's and train.py's.
+one; advantages, the clipped ratio and the update are ddpo.py's and train.py's. The step's
+noise is the scheduler's a, set when the model loads (--noise-level); DDIM's eta does not apply
+(train.py refuses --eta for a flow model).
 
 Two ends, handled as Flow-GRPO's code (flow_grpo/diffusers_patch/sd3_sde_with_logprob.py) does:
 the first step starts at t = 1, where 1 - t = 0 makes sigma_t infinite, so its sigma_t takes the
@@ -38,9 +40,13 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
 )
 from diffusers.utils.torch_utils import randn_tensor
 
+import sampler
 from machinery.config import Config
+from machinery.errors import fail
 
 NOISE_LEVEL = Config.noise_level  # --noise-level's default: Flow-GRPO's a for SD3.5
+NOISE = "noise_level"  # the flag of the step's noise
+DENOISER = "transformer"  # the pipeline's name for it
 # the transformer's attention projections, of the image and the text streams (Flow-GRPO's)
 LORA_TARGETS = [
     "attn.to_q",
@@ -110,8 +116,9 @@ def step_sigmas(scheduler, timestep, sample):
 
 def sde_mean_std(scheduler, model_output, timestep, sample, noise_level=None):
     """Flow-GRPO's SDE step x_t -> x_{t+dt} as a Gaussian (module docstring): its mean and std for
-    the velocity model_output. noise_level: a (default: the scheduler's). At a = 0 the mean is the
-    Euler step x_t + v dt, bit for bit, and the std 0."""
+    the velocity model_output. noise_level: a (default: the scheduler's, which the policy takes:
+    POLICY's step passes DDIM's eta on to no one). At a = 0 the mean is the Euler step x_t + v dt,
+    bit for bit, and the std 0."""
     a = scheduler.noise_level if noise_level is None else noise_level
     t, t_next, t_after_first = step_sigmas(scheduler, timestep, sample)
     dt = t_next - t  # < 0: from noise towards data
@@ -128,14 +135,10 @@ def is_flow(scheduler):
     return isinstance(scheduler, FlowMatchEulerDiscreteScheduler)
 
 
-def is_transformer(denoiser):
-    """Whether the denoiser is SD3's transformer (else a UNet, sampler.py)."""
-    return "pooled_projection_dim" in denoiser.config
-
-
 def transformer_velocity(transformer, latents, timesteps, cond):
-    """The SD3 transformer's velocity at (x_t, t, c). c carries the pooled text embedding in its last
-    row (encode_prompts), so that it stays one tensor a prompt wherever trajectories keep it."""
+    """The SD3 transformer's velocity at (x_t, t, c). c carries the pooled text embedding in its
+    last row (encode_prompts), so that it stays one tensor a prompt wherever trajectories keep
+    it."""
     pooled = transformer.config.pooled_projection_dim
     return transformer(
         hidden_states=latents,
@@ -146,7 +149,7 @@ def transformer_velocity(transformer, latents, timesteps, cond):
     )[0]
 
 
-def encode_prompts(pipe, prompts):
+def encode_prompts(pipe, prompts, guidance=False):
     """SD3's conditioning of each prompt: the two CLIP encoders' tokens beside T5's (its
     encode_prompt), and the two pooled CLIP embeddings in one more row. The guidance prompt is the
     empty prompt encoded like any other, as SD3's pipeline does."""
@@ -171,3 +174,68 @@ class FlowPipeline(StableDiffusion3Pipeline):
     @property
     def unet(self):
         return self.transformer
+
+
+def policy_mean_std(scheduler, model_output, timestep, sample, eta=None):
+    """The policy's Gaussian: the SDE step at the scheduler's noise level (eta is DDIM's: "
+    "unused)."""
+    return sde_mean_std(scheduler, model_output, timestep, sample)
+
+
+def decode(pipe, latents):
+    """sampler.decode of the VAE's shifted latents, in fp32 outside autocast."""
+    with torch.autocast(latents.device.type, enabled=False):
+        latents = latents / pipe.vae.config.scaling_factor + (pipe.vae.config.shift_factor or 0)
+        decoded = pipe.vae.decode(latents.to(pipe.vae.dtype)).sample
+    return pipe.image_processor.postprocess(decoded.float(), output_type="pt")
+
+
+POLICY = sampler.Policy(encode_prompts, transformer_velocity, policy_mean_std, decode)
+PIPELINE = FlowPipeline
+
+
+def load(model, dtype, local_files_only, noise_level=NOISE_LEVEL):
+    """The pipeline with its scheduler made the policy's (FlowSDEScheduler at noise_level), declared
+    a velocity model (RWR's target, train.rwr_regression_loss)."""
+    pipe = PIPELINE.from_pretrained(model, dtype=dtype, local_files_only=local_files_only)
+    pipe.scheduler = FlowSDEScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler.noise_level = noise_level
+    pipe.scheduler.register_to_config(prediction_type="v_prediction")  # the flow's velocity
+    patches = pipe.unet.config.sample_size // pipe.unet.config.patch_size
+    pipe.scheduler.image_seq_len = patches**2
+    return pipe
+
+
+def check_steps(cfg, scheduler):
+    """One line on why a flow model's SDE steps cannot be the policy at --num-steps: a schedule that
+    does not run from t = 1 to t = 0, or a step without noise (its std must be finite and > 0)."""
+    if cfg.eta != Config.eta:
+        fail(
+            f"--eta {cfg.eta}: DDIM's noise, but {cfg.model} is a flow model, whose SDE step's "
+            f"noise is --noise-level (default {Config.noise_level})"
+        )
+    for flag, num_steps in (
+        ("--num-steps", cfg.num_steps),
+        ("--eval-num-steps", cfg.eval_num_steps),
+    ):
+        scheduler.set_timesteps(num_steps or cfg.num_steps)
+        sigmas = scheduler.sigmas
+        if scheduler.config.invert_sigmas or sigmas[0] != 1 or sigmas[-1] != 0:
+            fail(
+                f"--model {cfg.model}: its scheduler's t runs from {float(sigmas[0]):g} to "
+                f"{float(sigmas[-1]):g}; Flow-GRPO's SDE step (machinery/families/sd3.py) is "
+                f"written for a flow from t = 1 (noise) to t = 0 (data), as SD3's scheduler ships"
+            )
+        zero = torch.zeros(len(scheduler.timesteps), 1)
+        _, std = sde_mean_std(scheduler, zero, scheduler.timesteps, zero)
+        if not (torch.isfinite(std) & (std > 0)).all():
+            fail(
+                f"{flag} {num_steps}: with {cfg.model}'s scheduler a step's std is "
+                f"{std.flatten().tolist()}, so not every step has a log-prob; use more steps, or a "
+                f"--noise-level > 0"
+            )
+
+
+def save_lora(pipe, folder, layers):
+    """The LoRA's layers under PEFT's names, as diffusers' SD3 LoRA scripts save them."""
+    type(pipe).save_lora_weights(folder, transformer_lora_layers=layers)
