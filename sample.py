@@ -132,7 +132,8 @@ def main(argv=None):
     tuned = sample()
     # the built-in rewards are cheap, and load_reward makes them as the run did (pixel_color's
     # target); your own and the learned ones are not called
-    reward = load_reward(types.SimpleNamespace(**saved)) if saved["reward"] in REWARDS else None
+    cheap = saved["reward"] in REWARDS and not REWARDS[saved["reward"]].models
+    reward = load_reward(types.SimpleNamespace(**saved)) if cheap else None
     scores = [
         scalar(reward(images, args.prompts)).tolist() if reward else [None] * len(args.prompts)
         for images in (base, tuned)

@@ -57,8 +57,9 @@ def main(argv=None, reward_fn=None):
             with run.autocast:  # beyond the paper: sampling_options (machinery/run.py)
                 options = run.sampling_options(epoch, prompts)
                 traj = sample_trajectories(run.pipe, prompts, *settings, run.policy, **options)
-            # 2. reward r(x_0, c) of the decoded images, gathered from every process
-            all_prompts, reward_out = run.reward(epoch, traj["images"], prompts)
+            # 2. reward r(x_0, c) of the decoded images; beyond the paper: every process's, checked
+            scores = run.reward_fn(traj["images"], prompts)
+            all_prompts, reward_out = run.gather_rewards(epoch, scores, prompts)
             rewards = scalar(reward_out)  # a pixel-wise reward's map: its mean
             if cfg.algo.startswith("rwr"):  # the paper's RWR baseline, instead of phases 3 and 4
                 stats = rwr_round(cfg, run, traj, all_prompts, rewards)
@@ -142,7 +143,7 @@ def update(cfg, run, traj, advantages):
     """DDPO's update (section 4.3; appendix D.1): the epoch's samples, shuffled into
     cfg.updates_per_epoch minibatches, in cfg.inner_epochs passes. Each sample trains on its own
     random cfg.timestep_fraction of its steps; the gradients of a minibatch's samples and steps
-    accumulate into one optimiser step on their mean loss."""
+    accumulate into one optimiser step on their mean loss. run: a machinery Run, or a Learner."""
     num_samples = len(traj["log_probs"])
     device = traj["latents"].device
     steps = traj["stochastic"].nonzero()[:, 0].to(device)  # every step (beyond the paper: a window)
@@ -152,7 +153,8 @@ def update(cfg, run, traj, advantages):
     batches = shuffled_microbatches(cfg, num_samples, run.rng, device, steps, train_steps)
     progress = tqdm(batches, desc="training", disable=None if run.progress else True, leave=False)
     for i, (samples, step_order) in enumerate(progress):
-        # each sample's trained steps, a step t of every sample a forward (beyond the paper: K)
+        # each sample's trained steps, a step of every sample a forward (beyond the paper: several,
+        # --steps-per-forward)
         forwards = fused_steps(samples, step_order, train_steps, cfg.steps_per_forward)
         for chunk, (rows, k, each) in enumerate(forwards):
             with run.autocast:
@@ -183,7 +185,9 @@ def update(cfg, run, traj, advantages):
                 diagnostics = ddpo.diagnostics(log_prob, old_log_prob, cfg.clip_range)
                 states, first = (x_t, t, c), chunk == 0
                 penalty, measured = kl_penalty(cfg, run, traj, states, eps, first, len(samples))
-                loss = loss + penalty  # beyond the paper: the KL leash (0 without --kl-coef)
+                # beyond the paper: the KL leash's term (0 without --kl-coef; with a LoRA its first
+                # forward of a minibatch also measures kl_to_base, one more forward of the base)
+                loss = loss + penalty
                 diagnostics.update(measured)
             # loss is a mean over these states: weighted by their share of the optimiser step
             (loss * each / (train_steps * microbatches)).backward()

@@ -132,7 +132,7 @@ def built_in(cfg):
     """A built-in reward (reward_specs.REWARDS), made as its entry says: a learned one with its
     models loaded (one line if they cannot be), a pixel reward with its target colour."""
     reward = REWARDS[cfg.reward]
-    if reward.make is None:
+    if not reward.options:
         return function(reward)
     try:
         return reward.make(cfg, function(reward), reward.options)

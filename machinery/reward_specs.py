@@ -31,16 +31,22 @@ def learned(cfg, build, options):
     return build(*(getattr(cfg, name) for name in options), device=cfg.device)
 
 
+def by_name(cfg, function, options):
+    """The reward with each of its settings passed as the keyword of the same name."""
+    return functools.partial(function, **{name: getattr(cfg, name) for name in options})
+
+
 @dataclass(frozen=True)
 class Reward:
-    """A built-in reward. function: "module:name", the reward itself, or with make, what make
-    builds it from: make(cfg, function, options) -> the reward. options: the settings (Config's
-    fields) it takes. models: the settings that name a model, and what kind of folder each is
-    (checked before anything loads). toy_prompts: it reads the toy world's prompts only."""
+    """A built-in reward. function: "module:name", the reward itself, or what make builds it from:
+    make(cfg, function, options) -> the reward. options: the settings (Config's fields) it takes,
+    by default passed as keywords of the same name. models: the settings that name a model, and
+    what kind of folder each is (checked before anything loads). toy_prompts: it reads the toy
+    world's prompts only."""
 
     function: str
     options: tuple = ()
-    make: Callable = None
+    make: Callable = by_name
     models: dict = field(default_factory=dict)
     toy_prompts: bool = False
 

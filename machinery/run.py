@@ -178,20 +178,37 @@ class Run(contextlib.ExitStack):
         reward on the first batch and a long epoch's estimate, the successors' window and shared
         x_T."""
         cfg = self.cfg
-        check = functools.partial(after_batch, cfg, epoch, self.start, self.say, self.reward_fn, [])
+        check = functools.partial(self.after_batch, epoch, [])
         extra = successors.sampling_options(
             cfg, self.pipe, self.rng, self.generator, len(prompts), cfg.num_steps
         )
         return {"progress": self.progress, "after_batch": check, **extra}
 
-    def reward(self, epoch, images, prompts):
+    def after_batch(self, epoch, first_batch, images, prompts, first, total):
+        """Once a batch is sampled: your own reward's output is checked on the epoch's first batch
+        (a wrong return ends the run now, not after the epoch), and a long epoch's estimate is
+        given. A served reward's request for each batch leaves now (served.py); its first batch's
+        answer is checked once the second batch is sampled, the server having scored it meanwhile.
+        After the last batch the sampling's clock stops."""
+        reward_fn = self.reward_fn
+        served = hasattr(reward_fn, "submit")
+        if served:
+            reward_fn.submit(images, prompts)
+        if first == 0:
+            first_batch.extend([images, prompts])  # kept for the check
+            epoch_log.long_epoch_notice(epoch, self.start, self.say, len(prompts), total)
+        if self.cfg.reward not in REWARDS and first == (len(first_batch[1]) if served else 0):
+            reward_fn(*first_batch, check=True)  # your own or a served reward
+        if first + len(prompts) == total:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()  # the GPU's queue is done: an honest sampling time
+            self.sample_seconds = time.time() - self.start
+
+    def gather_rewards(self, epoch, rewards, prompts):
         """Every process's prompts and rewards (a map (B, H, W) for a pixel-wise reward), in rank
         order; a non-finite reward stops the run before anything of the epoch is trained or
-        saved."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()  # the GPU's queue is done: an honest sampling time
-        self.sample_seconds = time.time() - self.start
-        rewards = parallel.gather(self.reward_fn(images, prompts).float().to(self.device))
+        saved. The training's clock starts."""
+        rewards = parallel.gather(rewards.float().to(self.device))
         if not torch.isfinite(rewards).all():
             stop(
                 f"epoch {epoch}: the reward {self.cfg.reward} returned non-finite values, so "
@@ -263,18 +280,3 @@ def epoch_means(stats):
         key: sum(value.double() * n for value, n in pairs).item() / sum(n for _, n in pairs)
         for key, pairs in stats.items()
     }
-
-
-def after_batch(cfg, epoch, start, say, reward_fn, first_batch, images, prompts, first, total):
-    """Once a batch is sampled: your own reward's output is checked on the epoch's first batch (a
-    wrong return ends the run now, not after the epoch), and a long epoch's estimate is given. A
-    served reward's request for each batch leaves now (served.py); its first batch's answer is
-    checked once the second batch is sampled, the server having scored it meanwhile."""
-    served = hasattr(reward_fn, "submit")
-    if served:
-        reward_fn.submit(images, prompts)
-    if first == 0:
-        first_batch.extend([images, prompts])  # kept for the check
-        epoch_log.long_epoch_notice(epoch, start, say, len(prompts), total)
-    if cfg.reward not in REWARDS and first == (len(first_batch[1]) if served else 0):
-        reward_fn(*first_batch, check=True)  # your own or a served reward

@@ -3,12 +3,15 @@
 import io
 
 import pytest
+import types
+
 import torch
 from PIL import Image
 
 import toy_world
 from ddpo import scalar
 import rewards
+from machinery import reward_specs
 from rewards import jpeg_kilobytes, to_pil
 
 
@@ -64,3 +67,10 @@ def test_pixel_background_scores_the_shape_by_its_prompts_colour_and_the_rest_by
     )  # credit stays where it was earned
     image[0, :, 2:5, 2:5] = 1.0  # a white shape is no longer the red one: it counts as background
     assert toy_world.colour_distance(image, ["a red square"])[0, 3, 3] > toy_world.MATCH_DISTANCE
+
+
+def test_a_built_in_reward_is_given_its_declared_settings_as_keywords_of_the_same_name():
+    cfg = types.SimpleNamespace(target=(0.0, 0.0, 0.0))
+    reward = reward_specs.by_name(cfg, rewards.pixel_color, ("target",))
+    black = torch.zeros(2, 3, 8, 8)
+    assert torch.equal(reward(black, ["a", "b"]), torch.ones(2, 8, 8))  # the target itself: 1
