@@ -13,7 +13,7 @@ import urllib.parse
 from pathlib import Path
 
 import toy_world
-from machinery.config import LOCK, Config
+from machinery.config import LOCK, ON_POLICY, Config
 from machinery.devices import DEVICE, world_size
 from machinery.errors import fail
 from machinery.prompts import load_prompts
@@ -111,7 +111,7 @@ def check_algorithm(cfg):
             f"--kl-coef works with ddpo-is, ddpo-sf and pxpo, whose updates score the sampled "
             f"steps; {cfg.algo} regresses on fresh noise instead"
         )
-    if cfg.algo in ("ddpo-sf", "pxpo") and (cfg.updates_per_epoch > 1 or cfg.inner_epochs > 1):
+    if cfg.algo in ON_POLICY and (cfg.updates_per_epoch > 1 or cfg.inner_epochs > 1):
         fail(
             f"--algo {cfg.algo} is on-policy: one update per epoch (--updates-per-epoch 1, "
             f"--inner-epochs 1); for several updates on the same samples use --algo ddpo-is, whose "

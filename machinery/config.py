@@ -65,6 +65,8 @@ ALGO_SETTINGS = {
     "rwr-sparse": dict(updates_per_epoch=4, inner_epochs=5),
 }
 ALGOS = tuple(ALGO_SETTINGS)
+# the on-policy ones: one update on each epoch's samples (checks.check_algorithm refuses more)
+ON_POLICY = ("ddpo-sf", "pxpo")
 # The bundled model's learning rate (and RWR's beta) for each reward and algorithm, as chosen by
 # `python benchmarks/compare.py --stage tune` on 15-epoch runs
 # (docs/algorithms.md, "Compared on equal budgets").
