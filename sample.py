@@ -62,8 +62,8 @@ def parse_args(argv=None):
         saved = json.loads((run / "config.json").read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         fail(
-            f"{run}: no readable config.json ({type(error).__name__}); "
-            "give the folder of a run train.py wrote"
+            f"{run}: no readable config.json ({type(error).__name__}); give the folder of a run "
+            "train.py wrote"
         )
     weights = [run / name for name in ("lora", "unet") if (run / name).is_dir()]
     if not weights:
@@ -157,8 +157,8 @@ def main(argv=None):
     print(
         f"{len(args.prompts)} prompts, base and tuned from the same noise (seed {args.seed}, "
         f"{saved['num_steps']} steps, guidance {saved['guidance_scale']}, "
-        f"{f'noise level {args.noise_level}' if flow_model else f'eta {args.eta}'}) "
-        f"-> {args.out / 'grid.png'}"
+        f"{f'noise level {args.noise_level}' if flow_model else f'eta {args.eta}'}) -> "
+        f"{args.out / 'grid.png'}"
     )
     return base, tuned
 

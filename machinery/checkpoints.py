@@ -83,8 +83,8 @@ def read(cfg, world):
     if cfg.run_id is not None and state.get("run_id") != cfg.run_id:
         fail(
             f"--resume {cfg.out}: {path} is another run's checkpoint (run id "
-            f"{state.get('run_id')}, this folder's config.json "
-            f"says {cfg.run_id}); remove it from {path.parent}, or resume the run it came from"
+            f"{state.get('run_id')}, this folder's config.json says {cfg.run_id}); remove it from "
+            f"{path.parent}, or resume the run it came from"
         )
     if len(state["rng"]) != world:
         fail(
@@ -96,8 +96,7 @@ def read(cfg, world):
     ):
         fail(
             f"--resume {cfg.out}: the run has done {len(state['history'])} epochs of --epochs "
-            f"{cfg.epochs}; "
-            f"give --epochs above {len(state['history'])} to run it further"
+            f"{cfg.epochs}; give --epochs above {len(state['history'])} to run it further"
         )
     return state
 
@@ -115,8 +114,7 @@ def load_newest(out):
             if "Unsupported global" in str(error) or "Unsupported operand" in str(error):
                 fail(
                     f"--resume: {path} holds more than tensors and plain data, and loading it "
-                    "could run code; "
-                    f"resume only checkpoints written by this train.py"
+                    "could run code; resume only checkpoints written by this train.py"
                 )
             state, reason = None, type(error).__name__
         except Exception as error:  # a truncated or corrupted file: torch raises several kinds
@@ -134,9 +132,8 @@ def load_newest(out):
         skipped.append((path.name, reason))
     fail(
         f"--resume {out}: no readable checkpoint "
-        f"({', '.join(f'{name}: {reason}' for name, reason in skipped)}); "
-        "the run cannot continue: start it again in a new --out with the settings in "
-        f"{out / 'config.json'}"
+        f"({', '.join(f'{name}: {reason}' for name, reason in skipped)}); the run cannot "
+        f"continue: start it again in a new --out with the settings in {out / 'config.json'}"
     )
 
 
@@ -163,10 +160,9 @@ def restore(state, run):
         )
         fail(
             f"--resume {cfg.out}: its checkpoint's weights do not fit the model that config.json "
-            f"makes ({name}: {saved.get(name, 'absent')} "
-            f"in the checkpoint, {trainable.get(name, 'absent')} in the model; another --lora-rank "
-            "or --model); restore config.json "
-            f"from a copy, or resume the run the checkpoint came from"
+            f"makes ({name}: {saved.get(name, 'absent')} in the checkpoint, "
+            f"{trainable.get(name, 'absent')} in the model; another --lora-rank or --model); "
+            "restore config.json from a copy, or resume the run the checkpoint came from"
         )
     pipe.unet.load_state_dict(state["trainable"], strict=False)
     optimizer.load_state_dict(state["optimizer"])

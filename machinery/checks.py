@@ -76,19 +76,19 @@ def check_numbers(cfg):
             fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if cfg.eta > 1:
         fail(
-            f"--eta must be in (0, 1] (1: the DDPM posterior's noise, the paper's setting), "
-            f"got {cfg.eta}"
+            "--eta must be in (0, 1] (1: the DDPM posterior's noise, the paper's setting), got "
+            f"{cfg.eta}"
         )
     if cfg.guidance_scale < 1:
         fail(
-            f"--guidance-scale must be >= 1 (1: no guidance; the paper: 5), "
-            f"got {cfg.guidance_scale}"
+            "--guidance-scale must be >= 1 (1: no guidance; the paper: 5), got "
+            f"{cfg.guidance_scale}"
         )
     for name in ("num_steps", "eval_num_steps"):
         if (getattr(cfg, name) or 0) > 1000:
             fail(
-                f"--{name.replace('_', '-')} must be at most the 1000 training timesteps of Stable "
-                f"Diffusion 1.x, got {getattr(cfg, name)}"
+                f"--{name.replace('_', '-')} must be at most the 1000 training timesteps of "
+                f"Stable Diffusion 1.x, got {getattr(cfg, name)}"
             )
     if cfg.lora_rank < 0:
         fail(f"--lora-rank must be >= 0 (0 = whole UNet), got {cfg.lora_rank}")
@@ -108,21 +108,21 @@ def check_algorithm(cfg):
     """The algorithm's settings: only where they mean something."""
     if cfg.kl_coef > 0 and cfg.algo.startswith("rwr"):
         fail(
-            f"--kl-coef works with ddpo-is, ddpo-sf and pxpo, whose updates score the sampled "
+            "--kl-coef works with ddpo-is, ddpo-sf and pxpo, whose updates score the sampled "
             f"steps; {cfg.algo} regresses on fresh noise instead"
         )
     if cfg.algo in ON_POLICY and (cfg.updates_per_epoch > 1 or cfg.inner_epochs > 1):
         fail(
             f"--algo {cfg.algo} is on-policy: one update per epoch (--updates-per-epoch 1, "
-            f"--inner-epochs 1); for several updates on the same samples use --algo ddpo-is, whose "
-            f"clipped ratio allows them"
+            "--inner-epochs 1); for several updates on the same samples use --algo ddpo-is, "
+            "whose clipped ratio allows them"
         )
     if cfg.pxpo_normalise != "prompt" and cfg.algo != "pxpo":
         fail(f"--pxpo-normalise {cfg.pxpo_normalise} applies to --algo pxpo only, not {cfg.algo}")
     if cfg.min_count > cfg.buffer_size:
         fail(
             f"--min-count ({cfg.min_count}) must be at most --buffer-size ({cfg.buffer_size}), or "
-            f"no prompt would use its own statistics"
+            "no prompt would use its own statistics"
         )
 
 
@@ -131,8 +131,8 @@ def check_system(cfg):
     # its form; whether torch can use it, once torch has loaded (parallel.setup)
     if not DEVICE.fullmatch(cfg.device):
         fail(
-            f"--device {cfg.device}: not a torch device; use cpu, or cuda, mps or xpu, with :N for "
-            f"the N-th device (e.g. cuda:1)"
+            f"--device {cfg.device}: not a torch device; use cpu, or cuda, mps or xpu, with :N "
+            "for the N-th device (e.g. cuda:1)"
         )
     if cfg.mixed_precision == "fp16" and not cfg.device.startswith("cuda"):
         fail("--mixed-precision fp16 needs a CUDA device; use bf16 or no on the CPU")
@@ -159,8 +159,8 @@ def check_built_in_rewards(cfg, specs):
         toy = [spec for spec in specs if spec in REWARDS and REWARDS[spec].toy_prompts]
         if toy and not set(prompts) <= set(toy_world.PROMPTS):
             fail(
-                f"--reward {toy[0]} finds the shape by the toy world's colours: use {flag} shapes, "
-                f"not {name}"
+                f"--reward {toy[0]} finds the shape by the toy world's colours: use {flag} "
+                f"shapes, not {name}"
             )
 
 
@@ -171,8 +171,7 @@ def check_successors(cfg, world):
     if (cfg.samples_per_epoch // world) % k:
         fail(
             f"--samples-per-epoch ({cfg.samples_per_epoch}) must be a multiple of processes x "
-            f"--samples-per-prompt ({world} x {k}): "
-            f"each process samples whole groups"
+            f"--samples-per-prompt ({world} x {k}): each process samples whole groups"
         )
     for flag, wanted in (
         ("--advantages group", cfg.advantages == "group"),
@@ -182,15 +181,15 @@ def check_successors(cfg, world):
             fail(f"{flag} needs groups: --samples-per-prompt 2 or more (4 to 8 is usual), got {k}")
     if not 0 <= cfg.train_window <= cfg.num_steps:
         fail(
-            f"--train-window must be in [0, --num-steps {cfg.num_steps}] (0: every step stochastic "
-            f"and trained), got {cfg.train_window}"
+            f"--train-window must be in [0, --num-steps {cfg.num_steps}] (0: every step "
+            f"stochastic and trained), got {cfg.train_window}"
         )
     if cfg.algo.startswith("rwr") and (cfg.advantages == "group" or cfg.train_window):
         fail(
             "--advantages group and --train-window work with ddpo-is, ddpo-sf and pxpo, which "
-            "train on the steps' log-probs; "
-            f"{cfg.algo} weights per prompt with --per-prompt-stat-tracking, where each group of "
-            "--samples-per-prompt is its prompt's samples"
+            f"train on the steps' log-probs; {cfg.algo} weights per prompt with "
+            "--per-prompt-stat-tracking, where each group of --samples-per-prompt is its "
+            "prompt's samples"
         )
 
 
@@ -253,8 +252,7 @@ def check_reward(spec, flag=None):
     if not match:
         fail(
             f"{flag}: not a built-in reward ({', '.join(REWARDS)}), nor your own as FILE.py:NAME "
-            "or module:NAME, "
-            f"nor a served one as http://HOST:PORT/PATH"
+            "or module:NAME, nor a served one as http://HOST:PORT/PATH"
         )
     if match["where"].endswith(".py") and not Path(match["where"]).is_file():
         fail(
@@ -326,17 +324,17 @@ def check_own_reward(folder, saved, accept_changed):
     spec, path = saved["reward"], own_reward_file(saved["reward"])
     if path is None or not path.is_file():
         fail(
-            f"--resume {folder}: its reward {spec} is gone (no {path or spec.rpartition(':')[0]}); "
-            "put it back where it was"
+            f"--resume {folder}: its reward {spec} is gone (no "
+            f"{path or spec.rpartition(':')[0]}); put it back where it was"
         )
     if file_sha256(path) == saved["reward_sha256"]:
         return f"saved in {folder / 'config.json'}"
     trained = any((folder / "checkpoints").glob("epoch_*.pt"))
     if trained and not accept_changed:
         fail(
-            f"--resume {folder}: its reward's file {path} has changed since the run began, and the "
-            "run was trained with the old one; "
-            f"restore it, or continue with the new one with --accept-changed-reward"
+            f"--resume {folder}: its reward's file {path} has changed since the run began, and "
+            "the run was trained with the old one; restore it, or continue with the new one with "
+            "--accept-changed-reward"
         )
     saved["reward_sha256"] = file_sha256(path)
     why = (

@@ -244,8 +244,7 @@ def resumed_config(given):
             )
         fail(
             f"--resume: {folder / 'config.json'} is missing, so the run's settings are unknown; "
-            "restore it from a copy, "
-            f"or start a new run with the same flags"
+            "restore it from a copy, or start a new run with the same flags"
         )
     saved = checks.read_saved_config(folder / "config.json")
     sources = {

@@ -117,8 +117,8 @@ class Config:
     rewards: list = arg(
         None,
         "instead of --reward, a weighted sum of rewards: each term SPEC=WEIGHT, SPEC as --reward "
-        "takes it (split at its last =), "
-        "the weight always given, e.g. --rewards jpeg=1 examples/brightness.py:brightness=0.5",
+        "takes it (split at its last =), the weight always given, e.g. --rewards jpeg=1 "
+        "examples/brightness.py:brightness=0.5",
         nargs="+",
         type=str,
         group=BEYOND,
@@ -134,9 +134,9 @@ class Config:
     eta: float = arg(1.0, "DDIM noise level; must be > 0 for the step to have a log-prob")
     noise_level: float = arg(
         0.7,
-        "flow models (SD3): the noise level a of Flow-GRPO's SDE step, sigma_t = a sqrt(t / (1 - "
-        "t)) "
-        "(machinery/families/sd3.py); must be > 0 for the step to have a log-prob",
+        "flow models (SD3): the noise level a of Flow-GRPO's SDE step, "
+        "sigma_t = a sqrt(t / (1 - t)) (machinery/families/sd3.py); must be > 0 for the step to "
+        "have a log-prob",
         group=BEYOND,
     )
     # algorithm (paper, sections 4.2-4.3; settings from appendix D.1 and D.5)
@@ -189,8 +189,7 @@ class Config:
     advantages: str = arg(
         "tracker",
         "tracker: the paper's normalisation (per prompt, or over the batch with "
-        "--no-per-prompt-stat-tracking); "
-        "group: within each group of --samples-per-prompt (GRPO's)",
+        "--no-per-prompt-stat-tracking); group: within each group of --samples-per-prompt (GRPO's)",
         choices=("tracker", "group"),
         group=BEYOND,
     )
@@ -200,8 +199,7 @@ class Config:
     train_window: int = arg(
         0,
         "only this many consecutive steps, drawn each epoch, sample with eta and are trained; the "
-        "others are "
-        "deterministic DDIM steps (MixGRPO); 0: every step",
+        "others are deterministic DDIM steps (MixGRPO); 0: every step",
         group=BEYOND,
     )
     eval_num_steps: int = arg(
@@ -209,9 +207,9 @@ class Config:
     )
     pxpo_normalise: str = arg(
         "prompt",
-        "pxpo: each latent position's reward against its prompt's statistics of the scalar rewards "
-        "(prompt), "
-        "or against its prompt's running mean and std at that position (position)",
+        "pxpo: each latent position's reward against its prompt's statistics of the scalar "
+        "rewards (prompt), or against its prompt's running mean and std at that position "
+        "(position)",
         choices=("prompt", "position"),
     )
     target_color: str = arg(
@@ -236,14 +234,14 @@ class Config:
     # overoptimisation: a leash to the base model and a held-out evaluation (not in the paper)
     kl_coef: float = arg(
         0.0,
-        "weight of the KL(policy || base model) penalty on the trained steps (0: the paper's DDPO; "
-        "leash.policy_kl)",
+        "weight of the KL(policy || base model) penalty on the trained steps (0: the paper's "
+        "DDPO; leash.policy_kl)",
         group=BEYOND,
     )
     eval_every: int = arg(
         0,
-        "epochs between fixed-noise evaluations (0: none), and always of the base model and of the "
-        "final weights",
+        "epochs between fixed-noise evaluations (0: none), and always of the base model and of "
+        "the final weights",
         group=BEYOND,
     )
     eval_prompts: str = arg(
@@ -287,8 +285,7 @@ class Config:
     log_with: str = arg(
         "none",
         "also send each epoch's metrics, sample grid and the settings to tensorboard "
-        "(RUN/tensorboard) or wandb; "
-        "each an optional package: pip install tensorboard, or wandb",
+        "(RUN/tensorboard) or wandb; each an optional package: pip install tensorboard, or wandb",
         choices=("none", "tensorboard", "wandb"),
         group=RUN,
     )

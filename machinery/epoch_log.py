@@ -39,8 +39,8 @@ def log_final_evaluation(out, cfg, history):
     plot_rewards(history, cfg, out / "reward_curve.png")
     m = history[-1]
     return (
-        f"the final weights (after {m['eval_after_epochs']} epochs), evaluated: "
-        f"reward {m['eval_reward_mean']:.3f}"
+        f"the final weights (after {m['eval_after_epochs']} epochs), evaluated: reward "
+        f"{m['eval_reward_mean']:.3f}"
         + (f" fidelity {m['eval_fidelity']:.3f}" if "eval_fidelity" in m else "")
     )
 
@@ -91,8 +91,8 @@ def console_line(m, elapsed, left):
     )
     line += f" | eval {m['eval_reward_mean']:.3f}" if "eval_reward_mean" in m else ""
     line += (
-        f" | skipped {m['skipped_updates']:g} updates: "
-        "non-finite loss or gradient, weights unchanged"
+        f" | skipped {m['skipped_updates']:g} updates: non-finite loss or gradient, weights "
+        "unchanged"
         if m.get("skipped_updates")
         else ""
     )
@@ -124,9 +124,9 @@ def long_epoch_notice(epoch, start, say, done, total):
     if estimate > LONG_EPOCH:
         say(
             f"epoch {epoch}: sampling its {total} trajectories will take about "
-            f"{estimate / 60:.0f} minutes ({(time.time() - start) / done:.2f} s "
-            "each on its first batch), then its training; "
-            "a stop request (Ctrl-C, SIGTERM, SIGHUP) takes effect after the epoch"
+            f"{estimate / 60:.0f} minutes ({(time.time() - start) / done:.2f} s each on its first "
+            "batch), then its training; a stop request (Ctrl-C, SIGTERM, SIGHUP) takes effect "
+            "after the epoch"
         )
 
 

@@ -39,11 +39,11 @@ def pretrained(cls, model_id, flag, **kwargs):
         # a folder, not a hub id
         if Path(model_id).exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", model_id):
             raise OSError(
-                f"{flag} {model_id}: not a readable model folder ({type(error).__name__}); "
-                "pass a folder saved by save_pretrained, or a hub id"
+                f"{flag} {model_id}: not a readable model folder ({type(error).__name__}); pass a "
+                "folder saved by save_pretrained, or a hub id"
             ) from error
         raise OSError(
             f"{flag} {model_id}: cannot load it ({type(error).__name__}: no network, not in the "
-            "hub cache, or no such model); "
-            f"download it first with `hf download {model_id}`, or pass a local folder with {flag}"
+            f"hub cache, or no such model); download it first with `hf download {model_id}`, or "
+            f"pass a local folder with {flag}"
         ) from error

@@ -29,9 +29,8 @@ def setup(device):
     accelerator = torch.accelerator.current_accelerator()
     if kind.type != "cpu" and (accelerator is None or accelerator.type != kind.type):
         fail(
-            f"--device {device}: torch cannot use {kind.type} here "
-            "(a build of torch without it, or no driver or device); "
-            f"use --device {accelerator.type if accelerator else 'cpu'}"
+            f"--device {device}: torch cannot use {kind.type} here (a build of torch without it, "
+            f"or no driver or device); use --device {accelerator.type if accelerator else 'cpu'}"
         )
     if (
         kind.type != "cpu"
@@ -40,8 +39,8 @@ def setup(device):
     ):
         fail(
             f"--device {device}: there is no {kind.type} device {kind.index} here "
-            f"({torch.accelerator.device_count()} found, numbered from 0); "
-            f"use --device {kind.type}:0"
+            f"({torch.accelerator.device_count()} found, numbered from 0); use --device "
+            f"{kind.type}:0"
         )
     world = world_size()
     if world == 1:

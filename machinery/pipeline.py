@@ -76,22 +76,21 @@ def load_model(cfg, device, dtype):
         kind = pipeline_class(cfg.model, local_files_only)
         if kind not in FAMILIES:
             fail(
-                f"--model {cfg.model} is a {kind}; train.py trains {' and '.join(FAMILIES)} models "
-                "(SD 1.x and 2.x, SDXL, SD3), "
-                f"so pass one of those (e.g. {SD14})"
+                f"--model {cfg.model} is a {kind}; train.py trains {' and '.join(FAMILIES)} "
+                f"models (SD 1.x and 2.x, SDXL, SD3), so pass one of those (e.g. {SD14})"
             )
         pipe = load_pipeline(cfg.model, device, dtype, local_files_only, cfg.noise_level)
     except OSError as error:
         if Path(cfg.model).is_dir():
             fail(
                 f"--model {cfg.model}: not a readable diffusers pipeline folder "
-                f"({type(error).__name__}); pass a folder saved by "
-                f"save_pretrained (model_index.json and its parts), or a hub id"
+                f"({type(error).__name__}); pass a folder saved by save_pretrained "
+                "(model_index.json and its parts), or a hub id"
             )
         fail(
             f"--model {cfg.model}: cannot load it ({type(error).__name__}: no network, not in the "
-            "hub cache, or no such model); "
-            f"download it first with `hf download {cfg.model}`, or pass a local folder"
+            f"hub cache, or no such model); download it first with `hf download {cfg.model}`, or "
+            "pass a local folder"
         )
     pipe.family.check_steps(cfg, pipe.scheduler)
     projections = [
@@ -103,10 +102,10 @@ def load_model(cfg, device, dtype):
     if cfg.lora_rank > full_rank:
         size = sum(cfg.lora_rank * (m.in_features + m.out_features) * 4 for m in projections)
         fail(
-            f"--lora-rank {cfg.lora_rank}: above the full rank of every projection the LoRA adapts "
-            f"on {cfg.model} (at most {full_rank}), "
-            f"so it adds only size ({size / 2**20:.0f} MB of LoRA weights, saved every epoch); use "
-            f"at most {full_rank}, or 0 for the whole denoiser"
+            f"--lora-rank {cfg.lora_rank}: above the full rank of every projection the LoRA "
+            f"adapts on {cfg.model} (at most {full_rank}), so it adds only size "
+            f"({size / 2**20:.0f} MB of LoRA weights, saved every epoch); use at most "
+            f"{full_rank}, or 0 for the whole denoiser"
         )
     return pipe
 
@@ -168,14 +167,13 @@ def prompt_losses(tokenizer, prompt_sets):
         ]
         if cut:
             notices.append(
-                f"{flag}: {len(cut)} of {len(distinct)} prompts are longer than the text encoder's "
-                f"{room} tokens and are cut "
-                f"({sum(cut)} tokens dropped, up to {max(cut)} of one prompt)"
+                f"{flag}: {len(cut)} of {len(distinct)} prompts are longer than the text "
+                f"encoder's {room} tokens and are cut ({sum(cut)} tokens dropped, up to "
+                f"{max(cut)} of one prompt)"
             )
         if unknown:
             notices.append(
                 f"{flag}: {len(unknown)} of {len(distinct)} prompts have characters the tokenizer "
-                "does not know, which it "
-                f"reads as its unknown token (e.g. {unknown[0]!r})"
+                f"does not know, which it reads as its unknown token (e.g. {unknown[0]!r})"
             )
     return notices

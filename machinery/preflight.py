@@ -109,8 +109,8 @@ def check_reward(cfg, reward_fn, images, prompts, say):
         say(
             "warn",
             "reward",
-            f"{spread}, 0 within each prompt: per-prompt advantages are 0 and nothing trains; "
-            "a reward must tell a prompt's images apart",
+            f"{spread}, 0 within each prompt: per-prompt advantages are 0 and nothing trains; a "
+            "reward must tell a prompt's images apart",
         )
     return scores
 
@@ -150,8 +150,8 @@ def check_gradient(cfg, pipe, params, traj, rewards, autocast, say):
             say(
                 "ok",
                 "gradient",
-                f"{where}: the LoRA's B matrices "
-                "(its A matrices get one once B is not 0, after the first step)",
+                f"{where}: the LoRA's B matrices (its A matrices get one once B is not 0, after "
+                "the first step)",
             )
         else:
             say("ok", "gradient", where)

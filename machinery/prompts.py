@@ -47,7 +47,7 @@ def load_prompts(name, flag="--prompts"):
     except (OSError, UnicodeDecodeError) as error:
         fail(
             f"{flag} {name}: not a readable text file ({type(error).__name__}); give a UTF-8 text "
-            f"file, one prompt a line"
+            "file, one prompt a line"
         )
     if not prompts:
         fail(f"{flag} {name}: the file has no prompts; write one prompt a line")

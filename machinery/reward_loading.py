@@ -42,9 +42,8 @@ def python_reward(cfg, reward_fn):
     if cfg.resume and cfg.reward.startswith(PYTHON) and name != cfg.reward:
         fail(
             f"--resume {cfg.out}: the run's reward is the function {cfg.reward[len(PYTHON) :]} "
-            "given to train.main; resume it from "
-            f"Python with train.main(['--resume', {cfg.out!r}], "
-            f"reward_fn={cfg.reward.rpartition('.')[2]})"
+            "given to train.main; resume it from Python with train.main(['--resume', "
+            f"{cfg.out!r}], reward_fn={cfg.reward.rpartition('.')[2]})"
             + (f", not {name[len(PYTHON) :]}" if name else "")
         )
     if name is not None and cfg.resume and not cfg.reward.startswith(PYTHON):
@@ -146,8 +145,7 @@ def served_reward(cfg):
     if problem:
         fail(
             f"--reward {cfg.reward}: nothing answers there ({problem}); start the server first, "
-            "e.g. "
-            f"python reward_server.py --reward jpeg --port 8000"
+            "e.g. python reward_server.py --reward jpeg --port 8000"
         )
     return ServedReward(cfg.reward, cfg.reward_format, cfg.reward_timeout, cfg.reward_retries)
 
@@ -259,8 +257,8 @@ def as_scores(values, batch, size, finite=False):
         )
     if tuple(values.shape) not in ((batch,), (batch, height, width)):
         raise ValueError(
-            f"returned shape {tuple(values.shape)} for {batch} images; return {batch} scores, or a "
-            f"({batch}, {height}, {width}) map for a pixel-wise reward"
+            f"returned shape {tuple(values.shape)} for {batch} images; return {batch} scores, or "
+            f"a ({batch}, {height}, {width}) map for a pixel-wise reward"
         )
     if finite and not torch.isfinite(values).all():
         raise ValueError(f"returned non-finite values ({values.flatten()[:4].tolist()} ...)")

@@ -212,7 +212,7 @@ class Run(contextlib.ExitStack):
         if not torch.isfinite(rewards).all():
             stop(
                 f"epoch {epoch}: the reward {self.cfg.reward} returned non-finite values, so "
-                f"nothing of this epoch was trained on or saved; fix the reward, then continue "
+                "nothing of this epoch was trained on or saved; fix the reward, then continue "
                 f"with --resume {self.out}"
             )
         terms = getattr(self.reward_fn, "terms", {})  # --rewards: each term's raw scores
@@ -233,9 +233,8 @@ class Run(contextlib.ExitStack):
         if not all(torch.isfinite(p).all() for p in self.params):
             stop(
                 f"epoch {epoch}: the weights became non-finite, so nothing of this epoch was "
-                "saved; resuming would repeat it: "
-                f"start a new run with a lower --lr than {cfg.lr} (the others as in "
-                f"{out / 'config.json'})"
+                "saved; resuming would repeat it: start a new run with a lower --lr than "
+                f"{cfg.lr} (the others as in {out / 'config.json'})"
             )
         judged = (
             parallel.gather(toy_world.judge(traj["images"], prompts).to(self.device))

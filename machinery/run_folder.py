@@ -56,8 +56,8 @@ def claim(out, resuming, rank, needed):
         handle = open(out / LOCK, "a")
     except OSError as error:
         fail(
-            f"--out {out}: the run folder cannot be made there ({error.strerror}); "
-            "choose a folder you can write to"
+            f"--out {out}: the run folder cannot be made there ({error.strerror}); choose a "
+            "folder you can write to"
         )
     with handle:
         try:
@@ -66,13 +66,12 @@ def claim(out, resuming, rank, needed):
         except BlockingIOError:
             if resuming:
                 fail(
-                    f"--resume {out}: that run is still going "
-                    f"(another process holds {out / LOCK}); stop it first "
-                    "(Ctrl-C, or kill its process), then resume it"
+                    f"--resume {out}: that run is still going (another process holds "
+                    f"{out / LOCK}); stop it first (Ctrl-C, or kill its process), then resume it"
                 )
             fail(
-                f"--out {out}: another train.py is running in this folder (it holds {out / LOCK}); "
-                "choose another --out"
+                f"--out {out}: another train.py is running in this folder (it holds "
+                f"{out / LOCK}); choose another --out"
             )
         if not resuming:
             # again, now that it is ours: a run may have begun and ended
@@ -113,13 +112,13 @@ def stopping_on_full_disk(out, needed):
             )
         else:
             then = (
-                "the run has no checkpoint yet: free space, then start it again from epoch 0 with: "
-                f"python train.py --resume {out}"
+                "the run has no checkpoint yet: free space, then start it again from epoch 0 "
+                f"with: python train.py --resume {out}"
             )
         stop(
             f"writing {error.path} failed: {os.strerror(error.code)} "
-            f"({megabytes(shutil.disk_usage(out).free)} free; "
-            f"an epoch writes about {megabytes(needed)}); nothing half-written is left, {then}"
+            f"({megabytes(shutil.disk_usage(out).free)} free; an epoch writes about "
+            f"{megabytes(needed)}); nothing half-written is left, {then}"
         )
 
 
@@ -256,8 +255,8 @@ def stop_signals(out):
         requested.append(signum)
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
         print(
-            f"\n{signal.Signals(signum).name}: stopping after this epoch's checkpoint "
-            "(Ctrl-C again to stop at once)",
+            f"\n{signal.Signals(signum).name}: stopping after this epoch's checkpoint (Ctrl-C "
+            "again to stop at once)",
             file=sys.stderr,
         )
 

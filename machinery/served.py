@@ -151,8 +151,8 @@ class ServedReward:
                 reason = getattr(error, "reason", error)
                 last = f"{type(reason).__name__}: {reason}"
         raise Unavailable(
-            f"no answer from {self.url} after {self.retries + 1} tries, "
-            f"{self.timeout:g} s each at most ({last})"
+            f"no answer from {self.url} after {self.retries + 1} tries, {self.timeout:g} s each "
+            f"at most ({last})"
         )
 
 
@@ -167,8 +167,8 @@ def scores(body, count):
         ) from None
     if values.ndim not in (1, 3) or len(values) != count:
         raise Unavailable(
-            f"the server answered {values.shape[0] if values.ndim else 'no'} scores "
-            f"(shape {values.shape}) for {count} images",
+            f"the server answered {values.shape[0] if values.ndim else 'no'} scores (shape "
+            f"{values.shape}) for {count} images",
             "fix the server's answers, then",
         )
     return torch.from_numpy(values)

@@ -38,9 +38,10 @@ def check_steps(cfg, scheduler):
     prediction, thresholding = scheduler.config.prediction_type, scheduler.config.thresholding
     if prediction not in sampler.PREDICTION_TYPES or thresholding:
         fail(
-            f"--model {cfg.model}: its scheduler predicts {prediction!r}"
-            f"{' with thresholding' if thresholding else ''}; the policy's Gaussian is written for "
-            f"{' and '.join(sampler.PREDICTION_TYPES)} without thresholding (sampler.ddim_mean_std)"
+            f"--model {cfg.model}: its scheduler predicts "
+            f"{prediction!r}{' with thresholding' if thresholding else ''}; the policy's Gaussian "
+            f"is written for {' and '.join(sampler.PREDICTION_TYPES)} without thresholding "
+            "(sampler.ddim_mean_std)"
         )
     # x0_hat = (x_t - eps) / sqrt(abar_T) = (x_t - eps) / 0
     if prediction == "epsilon" and scheduler.alphas_cumprod[-1] == 0:

@@ -224,15 +224,15 @@ def check_steps(cfg, scheduler):
             fail(
                 f"--model {cfg.model}: its scheduler's t runs from {float(sigmas[0]):g} to "
                 f"{float(sigmas[-1]):g}; Flow-GRPO's SDE step (machinery/families/sd3.py) is "
-                f"written for a flow from t = 1 (noise) to t = 0 (data), as SD3's scheduler ships"
+                "written for a flow from t = 1 (noise) to t = 0 (data), as SD3's scheduler ships"
             )
         zero = torch.zeros(len(scheduler.timesteps), 1)
         _, std = sde_mean_std(scheduler, zero, scheduler.timesteps, zero)
         if not (torch.isfinite(std) & (std > 0)).all():
             fail(
                 f"{flag} {num_steps}: with {cfg.model}'s scheduler a step's std is "
-                f"{std.flatten().tolist()}, so not every step has a log-prob; use more steps, or a "
-                f"--noise-level > 0"
+                f"{std.flatten().tolist()}, so not every step has a log-prob; use more steps, or "
+                "a --noise-level > 0"
             )
 
 
