@@ -251,10 +251,10 @@ def rwr_loss(prediction, target, weights):
     samples, the minibatches of an epoch add up to the weighted mean, on the plain denoising
     loss's scale.
 
-    The prediction is the *guided* one, eps_u + w (eps_c - eps_u) (sampler.guided_eps), the one the
-    sampler uses, as in the original code's RWR runs (its `train_cfg`). Regressing the conditional
-    branch alone while sampling with guidance w > 1 trains a different model from the one sampled,
-    which the paper's appendix E.1 ("CFG Training", Figure 10) reports degrading
+    The prediction is the *guided* one, eps_u + w (eps_c - eps_u) (sampler.guided_prediction), the
+    one the sampler uses, as in the original code's RWR runs (its `train_cfg`). Regressing the
+    conditional branch alone while sampling with guidance w > 1 trains a different model from the
+    one sampled, which the paper's appendix E.1 ("CFG Training", Figure 10) reports degrading
     after the first round."""
     errors = ((prediction.float() - target) ** 2).mean(dim=tuple(range(1, target.dim())))
     return (weights * errors).mean()

@@ -123,7 +123,7 @@ def step_with_logprob(
     """One policy step x_t -> x_{t-1} and log p_theta(x_{t-1} | x_t, c) (paper, section 4.3): the
     one function that computes the policy's log-prob. Sampling calls it to draw an action; the
     update and the notebook call it with prev_sample, the stored action, to score it under today's
-    weights, after the same guided prediction (guided_eps) at the stored state.
+    weights, after the same guided prediction (guided_prediction) at the stored state.
     reduce: "mean" (the default, as the public code), "sum" or "none" (reduce_elements).
     mean_std: the step's Gaussian, the DDIM step's (the paper's) or a model family's (Policy).
     """
@@ -139,13 +139,13 @@ def unet_eps(unet, latents, timesteps, cond):
     return unet(latents, timesteps, cond).sample
 
 
-def guided_eps(
+def guided_prediction(
     unet, latents, timesteps, prompt_embeds, negative_embeds, guidance_scale, predict=unet_eps
 ):
-    """The policy's noise prediction. Classifier-free guidance is part of the policy (paper,
-    appendix E.1 "CFG Training"): eps = eps_u + w (eps_c - eps_u), eps_u from the empty prompt.
-    Sampling and training both call this, so the trained log-prob is the sampled one. predict:
-    the denoiser's call, the UNet's or a model family's (Policy)."""
+    """The policy's prediction: the noise eps for SD 1.x (predict: the denoiser's call, the UNet's
+    or a model family's, whatever it predicts). Classifier-free guidance is part of the policy
+    (paper, appendix E.1 "CFG Training"): eps = eps_u + w (eps_c - eps_u), eps_u from the empty
+    prompt. Sampling and training both call this, so the trained log-prob is the sampled one."""
     if guidance_scale <= 1:
         return predict(unet, latents, timesteps, prompt_embeds)
     negative = negative_embeds.expand(len(latents), -1, -1)
@@ -235,7 +235,7 @@ def sample_trajectories(
         log_probs = []
         for step, t in enumerate(pipe.scheduler.timesteps):
             state = (latents[-1], t.expand(n), prompt_embeds, negative_embeds, guidance_scale)
-            eps = guided_eps(pipe.unet, *state, predict=policy.predict)
+            eps = guided_prediction(pipe.unet, *state, predict=policy.predict)
             if stochastic[step]:  # a_t = x_{t-1} ~ p_theta(. | s_t), and its log-prob
                 args = (pipe.scheduler, eps, t, latents[-1], eta)
                 x_prev, log_prob = step_with_logprob(

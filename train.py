@@ -37,7 +37,7 @@ from machinery import parallel, successors
 from machinery.config import Config
 from machinery.leash import kl_penalty
 from machinery.run import Run, epoch_means
-from sampler import SD1, guided_eps, reduce_elements, sample_trajectories, step_with_logprob
+from sampler import SD1, guided_prediction, reduce_elements, sample_trajectories, step_with_logprob
 
 
 def main(argv=None, reward_fn=None):
@@ -162,7 +162,9 @@ def update(cfg, run, traj, advantages):
                 x_t, t = traj["latents"][rows, k], traj["timesteps"][rows, k]
                 c = traj["prompt_embeds"][rows]
                 w, predict = cfg.guidance_scale, run.policy.predict
-                eps = guided_eps(run.pipe.unet, x_t, t, c, traj["negative_embeds"], w, predict)
+                eps = guided_prediction(
+                    run.pipe.unet, x_t, t, c, traj["negative_embeds"], w, predict
+                )
                 # the action a_t = x_{t-1}: its log-density now, by the function that sampled it
                 action = traj["latents"][rows, k + 1]
                 scheduler, mean_std = run.pipe.scheduler, run.policy.mean_std
@@ -252,7 +254,7 @@ def rwr_regression_loss(cfg, pipe, traj, weights, rows, rng, policy=SD1):
         rng.integers(pipe.scheduler.config.num_train_timesteps, size=size), device=x0.device
     )
     x_t, c = pipe.scheduler.add_noise(x0, noise, t), traj["prompt_embeds"][rows]
-    prediction = guided_eps(
+    prediction = guided_prediction(
         pipe.unet, x_t, t, c, traj["negative_embeds"], cfg.guidance_scale, policy.predict
     )
     if pipe.scheduler.config.prediction_type == "v_prediction":

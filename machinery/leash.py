@@ -8,7 +8,7 @@ import copy
 
 import torch
 
-from sampler import ddim_mean_std, guided_eps, reduce_elements
+from sampler import ddim_mean_std, guided_prediction, reduce_elements
 
 
 def policy_kl(
@@ -64,7 +64,7 @@ def kl_penalty(cfg, learner, traj, states, eps, first, measured):
     latents, timesteps, prompt_embeds = (s[part] for s in states)
     state = (latents, timesteps, prompt_embeds, traj["negative_embeds"], cfg.guidance_scale)
     with torch.no_grad(), base() as base_unet:
-        base_eps = guided_eps(base_unet, *state, predict=policy.predict)
+        base_eps = guided_prediction(base_unet, *state, predict=policy.predict)
     scheduler = learner.pipe.scheduler
     kl = policy_kl(
         scheduler, eps[part], base_eps, timesteps, latents, cfg.eta, "mean", policy.mean_std
@@ -84,7 +84,7 @@ class KLToBase:
         if step == 0:  # a new batch's first state
             self.batches.append([])
         with self.base() as base_unet:
-            base_eps = guided_eps(base_unet, *state, predict=self.policy.predict)
+            base_eps = guided_prediction(base_unet, *state, predict=self.policy.predict)
         scheduler, x_t = self.pipe.scheduler, state[0]
         mean_std = self.policy.mean_std
         kl = policy_kl(scheduler, eps, base_eps, t, x_t, self.eta, "mean", mean_std)

@@ -14,7 +14,7 @@ from machinery.prompts import load_prompts
 from machinery.parallel import setup
 from machinery.pipeline import DTYPES, add_trainable, autocast, load_model
 from machinery.reward_loading import as_scores, load_reward
-from sampler import step_with_logprob, guided_eps, sample_trajectories
+from sampler import step_with_logprob, guided_prediction, sample_trajectories
 
 
 def run(cfg):
@@ -66,7 +66,7 @@ def check_ratio(cfg, pipe, traj, autocast, say):
     with torch.no_grad(), autocast:
         for k in range(cfg.num_steps):
             x_t, t = traj["latents"][:, k], traj["timesteps"][:, k]
-            eps = guided_eps(
+            eps = guided_prediction(
                 pipe.unet,
                 x_t,
                 t,
@@ -130,7 +130,7 @@ def check_gradient(cfg, pipe, params, traj, rewards, autocast, say):
         x_t, t = traj["latents"][:, k], traj["timesteps"][:, k]
         c, empty = traj["prompt_embeds"], traj["negative_embeds"]
         policy = pipe.family.POLICY
-        eps = guided_eps(pipe.unet, x_t, t, c, empty, cfg.guidance_scale, policy.predict)
+        eps = guided_prediction(pipe.unet, x_t, t, c, empty, cfg.guidance_scale, policy.predict)
         action = traj["latents"][:, k + 1]
         _, log_prob = step_with_logprob(
             pipe.scheduler, eps, t, x_t, cfg.eta, action, mean_std=policy.mean_std

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from toy_world.pretrain import SD14_SCHEDULER, build_pipeline  # noqa: E402
 from toy_world.sd3 import build_sd3_pipeline  # noqa: E402
-from sampler import step_with_logprob, guided_eps  # noqa: E402
+from sampler import step_with_logprob, guided_prediction  # noqa: E402
 
 
 def pytest_configure(config):
@@ -55,7 +55,7 @@ def recomputed_log_prob(
     action, both the pipeline's family's (pipe.family.POLICY)."""
     policy = pipe.family.POLICY
     state = (latents, timesteps, prompt_embeds, negative_embeds, guidance_scale)
-    eps = guided_eps(pipe.unet, *state, predict=policy.predict)
+    eps = guided_prediction(pipe.unet, *state, predict=policy.predict)
     return step_with_logprob(
         pipe.scheduler, eps, timesteps, latents, eta, next_latents, mean_std=policy.mean_std
     )[1]

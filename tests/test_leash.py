@@ -14,7 +14,7 @@ from machinery.prompts import load_prompts
 from machinery.pipeline import add_trainable, load_pipeline
 import rewards
 from machinery.leash import KLToBase, base_policy, policy_kl
-from sampler import ddim_mean_std, guided_eps, sample_trajectories
+from sampler import ddim_mean_std, guided_prediction, sample_trajectories
 
 SMALL = ["--samples-per-epoch", "8", "--batch-size", "2", "--num-steps", "3", "--lr", "1e-2"]
 
@@ -100,17 +100,17 @@ def test_kl_to_base_is_zero_at_initialisation_and_the_base_stays_the_pretrained_
     state = states(pretrained)
     pipe.scheduler = pretrained.scheduler  # set to the sampled timesteps
     with torch.no_grad(), base() as unet:
-        base_eps = guided_eps(unet, *state)
+        base_eps = guided_prediction(unet, *state)
     assert (
-        step_kl(pipe, guided_eps(pipe.unet, *state), base_eps, state).abs().max() == 0
+        step_kl(pipe, guided_prediction(pipe.unet, *state), base_eps, state).abs().max() == 0
     )  # a fresh LoRA (B = 0) is the identity
     perturb_lora(pipe.unet) if lora_rank else torch.nn.init.normal_(
         pipe.unet.conv_out.weight, 0, 0.1
     )
-    moved = guided_eps(pipe.unet, *state)
+    moved = guided_prediction(pipe.unet, *state)
     with torch.no_grad(), base() as unet:
-        still_base = guided_eps(unet, *state)
-    expected = guided_eps(pretrained.unet, *state)
+        still_base = guided_prediction(unet, *state)
+    expected = guided_prediction(pretrained.unet, *state)
     torch.testing.assert_close(
         still_base, expected, rtol=0, atol=0
     )  # the base ignores the trained weights
@@ -118,7 +118,7 @@ def test_kl_to_base_is_zero_at_initialisation_and_the_base_stays_the_pretrained_
     assert all(
         p.requires_grad for p in params
     )  # switching the adapter off and on again leaves it trainable
-    torch.testing.assert_close(guided_eps(pipe.unet, *state), moved, rtol=0, atol=0)
+    torch.testing.assert_close(guided_prediction(pipe.unet, *state), moved, rtol=0, atol=0)
 
 
 def test_sampling_with_the_kl_measure_reports_the_kl_of_every_visited_state(tiny_pipeline_dir):
@@ -155,10 +155,10 @@ def test_sampling_with_the_kl_measure_reports_the_kl_of_every_visited_state(tiny
         3.0,
     )
     with torch.no_grad(), base() as unet:
-        base_eps = guided_eps(unet, *state)
+        base_eps = guided_prediction(unet, *state)
     torch.testing.assert_close(
         measure.kl()[:, j],
-        step_kl(pipe, guided_eps(pipe.unet, *state), base_eps, state),
+        step_kl(pipe, guided_prediction(pipe.unet, *state), base_eps, state),
         rtol=1e-5,
         atol=1e-7,
     )

@@ -13,7 +13,7 @@ from machinery import successors
 import train
 from machinery.config import Config
 from machinery.pipeline import add_trainable, load_pipeline
-from sampler import guided_eps, sample_trajectories
+from sampler import guided_prediction, sample_trajectories
 
 
 @pytest.mark.math
@@ -120,7 +120,7 @@ def test_outside_the_window_the_steps_are_diffusers_deterministic_ddim_with_no_l
                 assert (log_prob - traj["log_probs"][:, j]).abs().max() < 1e-5
             else:  # the others: diffusers' DDIM step at eta 0, to the bit (in the sampler's batches of 2)
                 for rows in (slice(0, 2), slice(2, 3)):
-                    eps = guided_eps(
+                    eps = guided_prediction(
                         pipe.unet,
                         x_t[rows],
                         traj["timesteps"][rows, j],
