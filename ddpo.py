@@ -132,6 +132,18 @@ def ddpo_is_loss(log_prob, old_log_prob, advantages, clip_range, adv_clip_max):
     return torch.maximum(unclipped, clipped).mean()
 
 
+def policy_loss(algo, log_prob, element_log_prob, old_log_prob, advantages, clip_range, clip_max):
+    """--algo's loss on a minibatch's states: from their actions' log-probs now (mean, and each
+    element's) and at sampling, and their advantages. A new algorithm: its loss, and a line here."""
+    if algo == "ddpo-is":  # importance sampling: ratio p_theta / p_old, clipped
+        return ddpo_is_loss(log_prob, old_log_prob, advantages, clip_range, clip_max)
+    if algo == "ddpo-sf":  # the score function (REINFORCE), on-policy
+        return ddpo_sf_loss(log_prob, advantages, clip_max)
+    if algo == "pxpo":  # every latent position its own advantage
+        return pxpo_loss(element_log_prob, advantages, clip_max)
+    raise ValueError(f"algo {algo!r}: no loss of the steps' log-probs (rwr: rwr_loss)")
+
+
 @torch.no_grad()
 def diagnostics(log_prob, old_log_prob, clip_range):
     """approx_kl = 0.5 E[(log p - log p_old)^2] and the fraction of ratios outside the clip range

@@ -260,10 +260,5 @@ def sample_trajectories(
         if after_batch is not None:  # beyond the paper: a served reward's request, checks
             after_batch(batches[-1]["images"], batch_prompts, start, len(prompts))
     trajectories = {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
-    stochastic = torch.as_tensor(stochastic)
-    return {
-        **trajectories,
-        "negative_embeds": negative_embeds,
-        "prompts": list(prompts),
-        "stochastic": stochastic,
-    }
+    shared = {"negative_embeds": negative_embeds, "prompts": list(prompts)}
+    return {**trajectories, **shared, "stochastic": torch.as_tensor(stochastic)}

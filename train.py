@@ -36,7 +36,7 @@ from ddpo import scalar
 from machinery import parallel, successors
 from machinery.config import Config
 from machinery.leash import kl_penalty
-from machinery.run import Run, epoch_means
+from machinery.run import Run
 from sampler import SD1, guided_prediction, reduce_elements, sample_trajectories, step_with_logprob
 
 
@@ -45,8 +45,7 @@ def main(argv=None, reward_fn=None):
     reward_fn, your own reward function (docs/rewards.md, "Your own reward"), is recorded in
     config.json by its qualified name, and must be given again to resume the run."""
     cfg = argv if isinstance(argv, Config) else cli.parse_args(argv, description=__doc__)
-    # machinery/run.py: the processes, the model, the folder, resume; after the last epoch, the
-    # final weights' evaluation (beyond the paper)
+    # machinery/run.py: processes, model, folder, resume; the final evaluation (beyond the paper)
     with Run(cfg, reward_fn, adamw) as run:
         cfg = run.cfg
         for epoch in run.epochs():
@@ -76,10 +75,8 @@ def main(argv=None, reward_fn=None):
 
 @dataclasses.dataclass
 class Learner:
-    """What update and rwr_round use of a run (machinery's Run has the same names): the policy
-    (pipe, and its family's Policy), its trainable weights and optimiser, the random stream of
-    shuffles and timestep orders, autocast, the base policy of the KL leash (None: no leash), the
-    progress bar, and this process's rows among every process's samples."""
+    """What update and rwr_round use of a run (machinery's Run has the same names): the policy, its
+    weights, optimiser and random stream; autocast, the leash's base, a bar, this process's rows."""
 
     pipe: object
     params: list
@@ -160,11 +157,9 @@ def update(cfg, run, traj, advantages):
             with run.autocast:
                 # the stored states s_t = (c, t, x_t), in the UNet's order, and the prediction now
                 x_t, t = traj["latents"][rows, k], traj["timesteps"][rows, k]
-                c = traj["prompt_embeds"][rows]
+                c, empty = traj["prompt_embeds"][rows], traj["negative_embeds"]
                 w, predict = cfg.guidance_scale, run.policy.predict
-                eps = guided_prediction(
-                    run.pipe.unet, x_t, t, c, traj["negative_embeds"], w, predict
-                )
+                eps = guided_prediction(run.pipe.unet, x_t, t, c, empty, w, predict)
                 # the action a_t = x_{t-1}: its log-density now, by the function that sampled it
                 action = traj["latents"][rows, k + 1]
                 scheduler, mean_std = run.pipe.scheduler, run.policy.mean_std
@@ -175,20 +170,15 @@ def update(cfg, run, traj, advantages):
                 # README, "Why is the log-prob averaged, not summed?"
                 log_prob = reduce_elements(element_log_prob, "mean")
                 old_log_prob = traj["log_probs"][rows, k]  # at sampling time
-                A = advantages[rows]
-                if cfg.algo == "ddpo-is":  # importance sampling: ratio p_theta / p_old, clipped
-                    loss = ddpo.ddpo_is_loss(
-                        log_prob, old_log_prob, A, cfg.clip_range, cfg.adv_clip_max
-                    )
-                elif cfg.algo == "ddpo-sf":  # the score function (REINFORCE), on-policy
-                    loss = ddpo.ddpo_sf_loss(log_prob, A, cfg.adv_clip_max)
-                else:  # pxpo: every latent position its own advantage
-                    loss = ddpo.pxpo_loss(element_log_prob, A, cfg.adv_clip_max)
+                # DDPO_IS's clipped ratio, DDPO_SF's score function or PXPO's per-position credit
+                A, clips = advantages[rows], (cfg.clip_range, cfg.adv_clip_max)
+                log_probs = (log_prob, element_log_prob, old_log_prob)
+                loss = ddpo.policy_loss(cfg.algo, *log_probs, A, *clips)
                 diagnostics = ddpo.diagnostics(log_prob, old_log_prob, cfg.clip_range)
+                # beyond the paper: the KL leash's term (0 without --kl-coef; with a LoRA the first
+                # forward of a minibatch also measures kl_to_base, one more forward of the base)
                 states, first = (x_t, t, c), chunk == 0
                 penalty, measured = kl_penalty(cfg, run, traj, states, eps, first, len(samples))
-                # beyond the paper: the KL leash's term (0 without --kl-coef; with a LoRA its first
-                # forward of a minibatch also measures kl_to_base, one more forward of the base)
                 loss = loss + penalty
                 diagnostics.update(measured)
             # loss is a mean over these states: weighted by their share of the optimiser step
@@ -198,6 +188,14 @@ def update(cfg, run, traj, advantages):
         if (i + 1) % microbatches == 0:
             skipped += not optimizer_step(cfg, run)
     return {**epoch_means(stats), "skipped_updates": skipped}
+
+
+def epoch_means(stats):
+    """The epoch's mean of each logged value, weighted by the steps it covers (read once)."""
+    return {
+        key: sum(value.double() * n for value, n in pairs).item() / sum(n for _, n in pairs)
+        for key, pairs in stats.items()
+    }
 
 
 def shuffled_microbatches(cfg, num_samples, rng, device, steps=None, train_steps=1):

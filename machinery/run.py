@@ -270,12 +270,3 @@ class Run(contextlib.ExitStack):
         if stopping:
             self.say(f"stopped after epoch {epoch}; continue with: python train.py --resume {out}")
             sys.exit(run_folder.STOPPED)
-
-
-def epoch_means(stats):
-    """The epoch's mean of each logged value, each weighted by the steps it covers (read from the
-    device once)."""
-    return {
-        key: sum(value.double() * n for value, n in pairs).item() / sum(n for _, n in pairs)
-        for key, pairs in stats.items()
-    }

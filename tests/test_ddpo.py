@@ -5,6 +5,9 @@ import pytest
 import torch
 from conftest import sd14_scheduler
 
+import ddpo
+from machinery.config import ALGOS
+
 from ddpo import PerPromptStatTracker, batch_advantages, ddpo_is_loss, ddpo_sf_loss, diagnostics
 from sampler import step_with_logprob
 
@@ -135,3 +138,30 @@ def test_stat_tracker_buffer_keeps_the_latest_rewards():
     for reward in range(10):
         tracker.update(["cat"], [float(reward)])
     assert list(tracker.buffers["cat"]) == [6.0, 7.0, 8.0, 9.0]
+
+
+@pytest.mark.math
+def test_policy_loss_is_each_algorithms_own_loss_and_refuses_one_without():
+    g = torch.Generator().manual_seed(0)
+    elements = torch.randn(4, 2, 3, 3, generator=g)
+    log_prob = elements.mean(dim=(1, 2, 3))
+    old, A = log_prob + 0.01 * torch.randn(4, generator=g), torch.randn(4, generator=g)
+    A_map = torch.randn(4, 3, 3, generator=g)
+    assert torch.equal(
+        ddpo.policy_loss("ddpo-is", log_prob, elements, old, A, 1e-2, 5.0),
+        ddpo.ddpo_is_loss(log_prob, old, A, 1e-2, 5.0),
+    )
+    assert torch.equal(
+        ddpo.policy_loss("ddpo-sf", log_prob, elements, old, A, 1e-2, 5.0),
+        ddpo.ddpo_sf_loss(log_prob, A, 5.0),
+    )
+    assert torch.equal(
+        ddpo.policy_loss("pxpo", log_prob, elements, old, A_map, 1e-2, 5.0),
+        ddpo.pxpo_loss(elements, A_map, 5.0),
+    )
+    for algo in ALGOS:  # every --algo but RWR's, which regresses instead, has its loss
+        if algo.startswith("rwr"):
+            with pytest.raises(ValueError):
+                ddpo.policy_loss(algo, log_prob, elements, old, A, 1e-2, 5.0)
+        else:
+            ddpo.policy_loss(algo, log_prob, elements, old, A_map if algo == "pxpo" else A, 1, 5)
