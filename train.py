@@ -56,8 +56,9 @@ def main(argv=None, reward_fn=None):
             with run.autocast:  # beyond the paper: sampling_options (machinery/run.py)
                 options = run.sampling_options(epoch, prompts)
                 traj = sample_trajectories(run.pipe, prompts, *settings, run.policy, **options)
-            # 2. reward r(x_0, c) of the decoded images; beyond the paper: every process's, checked
+            # 2. reward r(x_0, c) of the decoded images
             scores = run.reward_fn(traj["images"], prompts)
+            # beyond the paper: every process's rewards gathered, checked finite (machinery/run.py)
             all_prompts, reward_out = run.gather_rewards(epoch, scores, prompts)
             rewards = scalar(reward_out)  # a pixel-wise reward's map: its mean
             if cfg.algo.startswith("rwr"):  # the paper's RWR baseline, instead of phases 3 and 4
