@@ -24,8 +24,10 @@ import time
 import types
 from pathlib import Path
 
+from safetensors import SafetensorError, safe_open
+
 from machinery import config, errors
-from machinery.devices import cuda_available
+from machinery.devices import DEVICE, cuda_available
 from machinery.prompts import load_prompts
 
 fail = functools.partial(errors.fail, program="sample.py")  # its own refusals say who refuses
@@ -68,6 +70,7 @@ def parse_args(argv=None):
     weights = [run / name for name in ("lora", "unet") if (run / name).is_dir()]
     if not weights:
         fail(f"{run}: no lora/ or unet/ yet (the run writes them after its first epoch)")
+    check_weights(weights[0], run, saved)
     if args.num_images < 1:
         fail(f"--num-images must be at least 1, got {args.num_images}")
     if args.eta is not None and not 0 <= args.eta <= 1:
@@ -84,8 +87,43 @@ def parse_args(argv=None):
     if args.noise_level is None:
         args.noise_level = saved.get("noise_level", config.Config.noise_level)
     args.device = args.device or ("cuda" if cuda_available() else "cpu")
+    if not DEVICE.fullmatch(args.device):  # its form; whether torch can use it, once it loads
+        fail(f"--device {args.device}: not a torch device; use cpu, or cuda, mps or xpu, with :N")
     args.out = Path(args.out or run / "generated" / time.strftime("%Y%m%d-%H%M%S"))
+    check_out(args.out)
     return args, saved, weights[0]
+
+
+def check_weights(weights, run, saved):
+    """The run's trained weights readable before anything loads: each safetensors file whole (its
+    header and the size it declares), and a saved UNet's config.json."""
+    again = (
+        "restore it from a copy, or let the run write it again after one more epoch: python "
+        f"train.py --resume {run} --epochs {saved.get('epochs', 0) + 1}"
+    )
+    files = sorted(weights.glob("*.safetensors"))
+    if not files:
+        fail(f"{weights}: no .safetensors file in it; {again}")
+    if weights.name == "unet":
+        try:
+            json.loads((weights / "config.json").read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            fail(f"{weights / 'config.json'}: unreadable ({type(error).__name__}); {again}")
+    for path in files:
+        try:
+            with safe_open(path, "numpy"):
+                pass
+        except (OSError, SafetensorError) as error:
+            fail(f"{path}: damaged or cut short ({error}); {again}")
+
+
+def check_out(out):
+    """--out: a folder, or a path where one can be made, that can be written to."""
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        fail(f"--out {out}: {existing} is a file, not a folder; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        fail(f"--out {out}: {existing} is not writable; choose a folder you can write to")
 
 
 if __name__ == "__main__":  # a bad flag or run folder answers here, before torch and diffusers load
@@ -98,6 +136,7 @@ for library in (
     os.environ.setdefault(f"{library}_VERBOSITY", "error")
 
 import torch  # noqa: E402
+from machinery.parallel import check_device  # noqa: E402
 from machinery.pipeline import load_pipeline  # noqa: E402
 from ddpo import scalar  # noqa: E402
 from machinery.reward_loading import load_reward  # noqa: E402
@@ -110,6 +149,7 @@ def main(argv=None):
     """argv: sample.py's arguments (or their parse, already made). Returns the two sides' images,
     base and tuned, each (N, 3, H, W) in [0, 1]."""
     args, saved, weights = argv if isinstance(argv, tuple) else parse_args(argv)
+    check_device(args.device, fail)
     pipe = load_pipeline(saved["model"], args.device, noise_level=args.noise_level)
     flow_model = pipe.family.NOISE == "noise_level"  # SD3's SDE step: --noise-level, not --eta
 

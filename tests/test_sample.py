@@ -89,3 +89,35 @@ def test_sample_refuses_a_folder_without_a_trained_run_in_one_line(tmp_path, cap
             sample.main([str(folder)])
         error = capsys.readouterr().err.strip()
         assert exit.value.code == 2 and len(error.splitlines()) == 1 and named in error, error
+
+
+def test_sample_refuses_damaged_weights_a_bad_device_and_an_out_that_is_a_file_in_one_line(
+    tiny_pipeline_dir, tmp_path, capsys
+):
+    run = tmp_path / "run"
+    train.main(
+        ["--model", str(tiny_pipeline_dir), *TINY, "--prompts", "simple_animals", "--out", str(run)]
+    )
+    lora = run / "lora" / "pytorch_lora_weights.safetensors"
+    whole = lora.read_bytes()
+
+    def refused(args, named):
+        with pytest.raises(SystemExit) as exit:
+            sample.main([str(run), *args])
+        error = capsys.readouterr().err.strip()
+        assert exit.value.code == 2 and len(error.splitlines()) == 1, error
+        assert error.startswith("sample.py: error:") and named in error, error
+        assert not (run / "generated").exists()  # nothing written
+
+    refused(["--device", "banana"], "--device banana")
+    refused(["--device", "cuda:99"], "--device cuda:99")  # no CUDA here, or not 100 devices
+    (tmp_path / "a-file").write_text("")
+    refused(["--out", str(tmp_path / "a-file")], "--out")
+    refused(["--out", str(tmp_path / "a-file" / "images")], "is a file")
+    lora.write_bytes(whole[:100])  # a copy cut short, as a full disk or a killed copy leaves it
+    refused([], str(lora))
+    lora.write_bytes(whole[: len(whole) // 2])
+    refused([], "--resume")
+    (run / "lora").rename(run / "unet")  # a full fine-tune's folder without its config.json
+    (run / "unet" / "pytorch_lora_weights.safetensors").write_bytes(whole)
+    refused([], "config.json")
