@@ -27,6 +27,7 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 
 from machinery import config, errors
+from machinery.checks import check_writable
 from machinery.devices import DEVICE, cuda_available
 from machinery.prompts import load_prompts
 
@@ -90,7 +91,7 @@ def parse_args(argv=None):
     if not DEVICE.fullmatch(args.device):  # its form; whether torch can use it, once it loads
         fail(f"--device {args.device}: not a torch device; use cpu, or cuda, mps or xpu, with :N")
     args.out = Path(args.out or run / "generated" / time.strftime("%Y%m%d-%H%M%S"))
-    check_out(args.out)
+    check_writable(args.out, fail)
     return args, saved, weights[0]
 
 
@@ -115,15 +116,6 @@ def check_weights(weights, run, saved):
                 pass
         except (OSError, SafetensorError) as error:
             fail(f"{path}: damaged or cut short ({error}); {again}")
-
-
-def check_out(out):
-    """--out: a folder, or a path where one can be made, that can be written to."""
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    if not existing.is_dir():
-        fail(f"--out {out}: {existing} is a file, not a folder; choose another path")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        fail(f"--out {out}: {existing} is not writable; choose a folder you can write to")
 
 
 if __name__ == "__main__":  # a bad flag or run folder answers here, before torch and diffusers load

@@ -273,14 +273,17 @@ def check_out(out):
             f"--out {out} is not empty: choose a new folder, or continue that run with --resume "
             f"{out}"
         )
+    check_writable(out)
+
+
+def check_writable(out, refuse=fail):
+    """--out: a folder, or a path where one can be made, that can be written to (refuse: whose
+    one-line refusal)."""
     existing = next(p for p in (out, *out.parents) if p.exists())
     if not existing.is_dir():
-        fail(
-            f"--out {out}: {existing} is a file, not a folder; choose another path for the run "
-            "folder"
-        )
+        refuse(f"--out {out}: {existing} is a file, not a folder; choose another path")
     if not os.access(existing, os.W_OK | os.X_OK):
-        fail(f"--out {out}: {existing} is not writable; choose a folder you can write to")
+        refuse(f"--out {out}: {existing} is not writable; choose a folder you can write to")
 
 
 def read_saved_config(path):

@@ -295,7 +295,12 @@ class Config:
         group=RUN,
     )
     keep_checkpoints: int = arg(2, "checkpoints kept, the latest ones", group=RUN)
-    reward_timeout: float = arg(120.0, "a served reward: seconds a request may take", group=RUN)
+    reward_timeout: float = arg(
+        120.0,
+        "a served reward: seconds a request may take, its wait behind other processes' requests "
+        'included (docs/reward-server.md, "What the run does with it")',
+        group=RUN,
+    )
     reward_retries: int = arg(
         3,
         "a served reward: tries after a failed request, waiting 1, 2, 4 ... s, before the run "

@@ -88,10 +88,10 @@ def decode(images, fmt, max_bytes):
 
 class ServedReward:
     """reward(images, prompts) -> the server's scores, a tensor (B,) or (B, H, W). submit(images,
-    prompts) posts a batch now, one request in flight at a time (the server takes one at a time,
-    so the timeout is the server's time on this request); the call on the submitted batches'
-    prompts collects them, and a call on the first submitted batch's own images peeks at its
-    answer (the run's check). Proxies in the environment are not used: a reward server is near."""
+    prompts) posts a batch now, one request of this process in flight at a time (the timeout covers
+    its wait behind other processes' requests in the server's queue); the call on the submitted
+    batches' prompts collects them, and a call on the first submitted batch's own images peeks at
+    its answer (the run's check). Proxies in the environment are not used: a reward server is near."""
 
     def __init__(self, url, fmt="png", timeout=120.0, retries=3, backoff=1.0):
         self.url, self.fmt, self.timeout, self.retries, self.backoff = (

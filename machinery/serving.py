@@ -1,6 +1,8 @@
 """Beyond the paper: the server of a served reward (python reward_server.py; the client is
 served.py, the protocol docs/reward-server.md). It serves any reward --reward takes but a URL,
-one request at a time, with the Python standard library's HTTP server.
+with the Python standard library's HTTP server: each connection is read in a thread of its own, so
+a client that stalls mid-request holds only its own (up to 60 s a read), and the requests are
+scored one at a time (the reward's model on one device).
 
 POST {"prompts": [...], "format": "png" | "float32", "images": ...} -> 200 {"rewards": [...]};
 a request it cannot read, or larger than --max-mb, gets a 4xx and {"error": why}; a reward that
@@ -11,8 +13,9 @@ raises or returns what is not scores, a 500 (its traceback on the server's conso
 import argparse
 import dataclasses
 import json
+import threading
 import traceback
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
@@ -23,6 +26,10 @@ from machinery.errors import fail
 from machinery.reward_specs import REWARDS, is_url
 from machinery.reward_loading import as_scores, load_reward
 from machinery.served import FORMATS, decode
+
+
+# each connection read in a thread of its own: a client that stalls holds only its own thread
+SERVER = ThreadingHTTPServer
 
 
 class Refused(Exception):
@@ -69,6 +76,8 @@ def read_request(handler, max_bytes):
 
 
 def make_handler(name, reward_fn, device, max_bytes):
+    scoring = threading.Lock()  # one request scored at a time; the others wait their turn
+
     class Handler(BaseHTTPRequestHandler):
         timeout = 60  # a client that stops sending mid-request frees the server
 
@@ -81,7 +90,7 @@ def make_handler(name, reward_fn, device, max_bytes):
             except Refused as error:
                 return self.answer(error.status, {"error": str(error)})
             try:
-                with torch.no_grad():
+                with scoring, torch.no_grad():
                     values = reward_fn(images.to(device), prompts)
                 rewards = as_scores(values, len(prompts), images.shape[-2:], finite=True)
             except Exception as error:  # the reward's code, raising anything
@@ -138,7 +147,7 @@ def main(argv=None):
     reward_fn = load(cfg)
     handler = make_handler(cfg.reward, reward_fn, cfg.device, int(args.max_mb * 1e6))
     try:
-        server = HTTPServer((args.host, args.port), handler)
+        server = SERVER((args.host, args.port), handler)
     except OSError as error:  # the port taken, an address this machine does not have
         fail(f"--host {args.host} --port {args.port}: cannot listen there ({error.strerror})")
     host, port = server.server_address[:2]

@@ -16,6 +16,7 @@ import compare  # noqa: E402
 import compile_payback  # noqa: E402
 import gpu_check  # noqa: E402
 import gpu_memory  # noqa: E402
+import kill_soak  # noqa: E402
 import kl_overhead  # noqa: E402
 import kl_tradeoff  # noqa: E402
 import overhead  # noqa: E402
@@ -552,3 +553,25 @@ def test_time_to_target_stops_a_run_once_its_target_is_held_and_reuses_it(
     page = (tmp_path / "page.md").read_text()  # the table, with the commit and machine it ran on
     assert "<!-- begin time_to_target" in page and "| group4 | `--samples-per-prompt 4" in page
     assert "Made by `python benchmarks/time_to_target.py --jobs 2`: commit `" in page
+
+
+def test_a_run_killed_three_times_at_random_moments_resumes_to_the_straight_runs_outputs(
+    tiny_pipeline_dir, tmp_path
+):
+    flags = (
+        f"--model {tiny_pipeline_dir} --epochs 2 --samples-per-epoch 8 --batch-size 2 "
+        "--num-steps 3 --prompts simple_animals --eval-every 1 --eval-samples 4 --seed 1"
+    ).split()
+    began = kill_soak.time.time()
+    kill_soak.finish(
+        kill_soak.start(tmp_path / "straight", tmp_path / "stack.txt", True, flags),
+        tmp_path / "straight",
+        flags,
+    )
+    wall = kill_soak.time.time() - began
+    landed, _, rounds = kill_soak.soak(tmp_path, 3, 0, wall, flags)
+    straight = same_outputs.written(tmp_path / "straight")
+    assert len(landed) == 3 and rounds
+    for out in rounds:
+        ours = same_outputs.written(out)
+        assert all(same_outputs.same(straight[part], ours[part]) for part in straight), out

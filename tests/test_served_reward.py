@@ -5,6 +5,8 @@ server times out in one line; a wrong answer is named in one line; the server an
 cannot read with a 4xx and goes on serving."""
 
 import json
+import os
+import socket
 import subprocess
 import sys
 import threading
@@ -31,7 +33,7 @@ def start(reward="jpeg", requests=None, port=0, **cfg):
     for key, value in cfg.items():
         setattr(config, key, value)
     handler = serving.make_handler(reward, serving.load(config), "cpu", 10**8)
-    server = HTTPServer(("127.0.0.1", port), handler)
+    server = serving.SERVER(("127.0.0.1", port), handler)
 
     def serve():
         if requests is None:
@@ -65,6 +67,17 @@ def test_a_pixel_map_travels_as_float32_and_comes_back_equal():
     served = ServedReward(url, fmt="float32")(batch, ["x"] * 3)
     assert served.shape == (3, 32, 32)
     assert torch.equal(served, rewards.pixel_color(batch, ["x"] * 3, target=[0.2, 0.4, 0.6]))
+    server.shutdown()
+
+
+def test_a_client_that_stalls_mid_request_holds_only_its_own_connection():
+    url, server = start("jpeg")
+    stalled = socket.create_connection(server.server_address[:2])
+    stalled.sendall(b'POST /score HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n{"prompts"')
+    began = time.time()
+    served = ServedReward(url, timeout=10, retries=0)(images(n=2), ["a cat"] * 2)
+    assert served.shape == (2,) and time.time() - began < 10  # not the stalled one's 60 s
+    stalled.close()
     server.shutdown()
 
 
@@ -258,3 +271,48 @@ def test_reward_server_py_serves_your_own_file_from_the_command_line(tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_two_torchrun_processes_share_one_slow_server_and_train_as_with_the_reward_in_process(
+    tiny_pipeline_dir, tmp_path
+):
+    """One reward_server.py for both processes of a run, slower than a batch (their requests wait
+    in its queue): the run equals the same run with the reward in process, bit for bit."""
+    slow = tmp_path / "slow.py"
+    slow.write_text(
+        "import time\n\nimport rewards\n\n\ndef slow(images, prompts):\n    time.sleep(0.3)\n"
+        "    return rewards.jpeg_compressibility(images, prompts)\n"
+    )
+    root, env = Path(train.__file__).parent, {**os.environ, "OMP_NUM_THREADS": "1"}
+    server = subprocess.Popen(
+        [sys.executable, "reward_server.py", "--reward", f"{slow}:slow", "--port", "0"],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    url = server.stdout.readline().split(" on ", 1)[1].split()[0]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    flags = (
+        f"--nproc-per-node 2 train.py --model {tiny_pipeline_dir} --device cpu --epochs 2 "
+        "--samples-per-epoch 8 --batch-size 2 --updates-per-epoch 2 --num-steps 2 "
+        "--prompts simple_animals --seed 3"
+    ).split()
+    try:
+        for name, reward in (("served", url), ("in-process", f"{slow}:slow")):
+            out = ["--reward", reward, "--out", str(tmp_path / name)]
+            subprocess.run([*torchrun, *flags, *out], cwd=root, env=env, check=True)
+    finally:
+        server.terminate()
+        server.wait()
+    served, in_process = (
+        [
+            {k: v for k, v in json.loads(line).items() if k not in TIMING}
+            for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        ]
+        for name in ("served", "in-process")
+    )
+    assert len(served) == 2 and served == in_process
+    lora = "lora/pytorch_lora_weights.safetensors"
+    assert (tmp_path / "served" / lora).read_bytes() == (
+        tmp_path / "in-process" / lora
+    ).read_bytes()
