@@ -91,7 +91,8 @@ class ServedReward:
     prompts) posts a batch now, one request of this process in flight at a time (the timeout covers
     its wait behind other processes' requests in the server's queue); the call on the submitted
     batches' prompts collects them, and a call on the first submitted batch's own images peeks at
-    its answer (the run's check). Proxies in the environment are not used: a reward server is near."""
+    its answer (the run's check). Proxies in the environment are not used: a reward server is
+    near."""
 
     def __init__(self, url, fmt="png", timeout=120.0, retries=3, backoff=1.0):
         self.url, self.fmt, self.timeout, self.retries, self.backoff = (
