@@ -273,37 +273,52 @@ def test_reward_server_py_serves_your_own_file_from_the_command_line(tmp_path):
         process.wait(timeout=30)
 
 
-def test_two_torchrun_processes_share_one_slow_server_and_train_as_with_the_reward_in_process(
+def serve(root, reward, port=0):
+    """reward_server.py in a process of its own, and its URL once it listens."""
+    command = [sys.executable, "reward_server.py", "--reward", reward, "--port", str(port)]
+    server = subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, text=True)
+    return server, server.stdout.readline().split(" on ", 1)[1].split()[0]
+
+
+def test_two_torchrun_processes_share_one_slow_server_through_its_restart_as_if_in_process(
     tiny_pipeline_dir, tmp_path
 ):
     """One reward_server.py for both processes of a run, slower than a batch (their requests wait
-    in its queue): the run equals the same run with the reward in process, bit for bit."""
+    in its queue), stopped after the first epoch and started again on its port: every process
+    retries, and the run equals the same run with the reward in process, bit for bit."""
     slow = tmp_path / "slow.py"
     slow.write_text(
         "import time\n\nimport rewards\n\n\ndef slow(images, prompts):\n    time.sleep(0.3)\n"
         "    return rewards.jpeg_compressibility(images, prompts)\n"
     )
     root, env = Path(train.__file__).parent, {**os.environ, "OMP_NUM_THREADS": "1"}
-    server = subprocess.Popen(
-        [sys.executable, "reward_server.py", "--reward", f"{slow}:slow", "--port", "0"],
-        cwd=root,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    url = server.stdout.readline().split(" on ", 1)[1].split()[0]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     flags = (
         f"--nproc-per-node 2 train.py --model {tiny_pipeline_dir} --device cpu --epochs 2 "
         "--samples-per-epoch 8 --batch-size 2 --updates-per-epoch 2 --num-steps 2 "
-        "--prompts simple_animals --seed 3"
+        "--prompts simple_animals --seed 3 --reward-retries 6"
     ).split()
+    server, url = serve(root, f"{slow}:slow")
+    metrics = tmp_path / "served" / "metrics.jsonl"
+    run = subprocess.Popen(
+        [*torchrun, *flags, "--reward", url, "--out", str(metrics.parent)], cwd=root, env=env
+    )
     try:
-        for name, reward in (("served", url), ("in-process", f"{slow}:slow")):
-            out = ["--reward", reward, "--out", str(tmp_path / name)]
-            subprocess.run([*torchrun, *flags, *out], cwd=root, env=env, check=True)
+        deadline = time.time() + 240
+        while (
+            not (metrics.is_file() and metrics.read_text().count("\n")) and time.time() < deadline
+        ):
+            time.sleep(0.2)
+        server.terminate()  # between the epochs, or with a request in flight
+        server.wait()
+        server, _ = serve(root, f"{slow}:slow", port=url.rsplit(":", 1)[1].strip("/"))
+        assert run.wait(timeout=240) == 0
     finally:
+        run.kill()
         server.terminate()
         server.wait()
+    inline = ["--reward", f"{slow}:slow", "--out", str(tmp_path / "in-process")]
+    subprocess.run([*torchrun, *flags, *inline], cwd=root, env=env, check=True)
     served, in_process = (
         [
             {k: v for k, v in json.loads(line).items() if k not in TIMING}
