@@ -78,11 +78,9 @@ def parse_args(argv=None):
         fail(f"--eta must be in [0, 1], got {args.eta}")
     if args.noise_level is not None and args.noise_level < 0:
         fail(f"--noise-level must be >= 0, got {args.noise_level}")
-    prompts = args.prompts or load_prompts(
-        str(run / config.PROMPTS_COPY)
-        if (run / config.PROMPTS_COPY).is_file()
-        else saved["prompts"]
-    )
+    copy = run / config.PROMPTS_COPY
+    where = str(copy) if copy.is_file() else saved.get("prompts", "")
+    prompts = args.prompts or load_prompts(where, "the run's prompts", fail)
     args.prompts = [prompts[k % len(prompts)] for k in range(args.num_images)]
     args.eta = saved.get("eta", 1.0) if args.eta is None else args.eta
     if args.noise_level is None:
@@ -142,7 +140,13 @@ def main(argv=None):
     base and tuned, each (N, 3, H, W) in [0, 1]."""
     args, saved, weights = argv if isinstance(argv, tuple) else parse_args(argv)
     check_device(args.device, fail)
-    pipe = load_pipeline(saved["model"], args.device, noise_level=args.noise_level)
+    try:
+        pipe = load_pipeline(saved["model"], args.device, noise_level=args.noise_level)
+    except OSError as error:  # moved, deleted, or a hub id neither cached nor reachable
+        fail(
+            f"{args.run}: its model {saved['model']} (config.json) cannot be loaded "
+            f"({type(error).__name__}); put it back there, or download it first"
+        )
     flow_model = pipe.family.NOISE == "noise_level"  # SD3's SDE step: --noise-level, not --eta
 
     def sample():

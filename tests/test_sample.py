@@ -1,6 +1,8 @@
 """sample.py: a run's weights, loaded by diffusers' own load_lora_weights (or the saved UNet), beside
 the base model's, from the same noise, with the run's sampler settings."""
 
+import json
+
 import pytest
 import torch
 
@@ -111,6 +113,14 @@ def test_sample_refuses_damaged_weights_a_bad_device_and_an_out_that_is_a_file_i
 
     refused(["--device", "banana"], "--device banana")
     refused(["--device", "cuda:99"], "--device cuda:99")  # no CUDA here, or not 100 devices
+    settings = (run / "config.json").read_text()
+    moved = json.loads(settings) | {"model": str(tmp_path / "moved-model")}
+    (run / "config.json").write_text(json.dumps(moved))
+    refused([], "cannot be loaded")
+    (run / "config.json").write_text(settings)
+    (run / "prompts.txt").write_bytes(b"\xff\xfe\x00 not text")
+    refused([], "the run's prompts")
+    (run / "prompts.txt").write_text("a cat\n")
     (tmp_path / "a-file").write_text("")
     refused(["--out", str(tmp_path / "a-file")], "--out")
     refused(["--out", str(tmp_path / "a-file" / "images")], "is a file")
