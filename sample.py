@@ -17,7 +17,6 @@ and each image as base_K.png and tuned_K.png.
 """
 
 import argparse
-import functools
 import json
 import os
 import time
@@ -29,11 +28,13 @@ from safetensors import SafetensorError, safe_open
 from machinery import config, errors
 from machinery.checks import check_writable
 from machinery.devices import DEVICE, cuda_available
+from machinery.errors import fail
 from machinery.prompts import load_prompts
 
-fail = functools.partial(errors.fail, program="sample.py")  # its own refusals say who refuses
+SPEAKING = errors.speaking_as("sample.py")  # its one-line refusals, and the machinery's, say who
 
 
+@SPEAKING
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog="sample.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -80,7 +81,7 @@ def parse_args(argv=None):
         fail(f"--noise-level must be >= 0, got {args.noise_level}")
     copy = run / config.PROMPTS_COPY
     where = str(copy) if copy.is_file() else saved.get("prompts", "")
-    prompts = args.prompts or load_prompts(where, "the run's prompts", fail)
+    prompts = args.prompts or load_prompts(where, "the run's prompts")
     args.prompts = [prompts[k % len(prompts)] for k in range(args.num_images)]
     args.eta = saved.get("eta", 1.0) if args.eta is None else args.eta
     if args.noise_level is None:
@@ -89,7 +90,7 @@ def parse_args(argv=None):
     if not DEVICE.fullmatch(args.device):  # its form; whether torch can use it, once it loads
         fail(f"--device {args.device}: not a torch device; use cpu, or cuda, mps or xpu, with :N")
     args.out = Path(args.out or run / "generated" / time.strftime("%Y%m%d-%H%M%S"))
-    check_writable(args.out, fail)
+    check_writable(args.out)
     return args, saved, weights[0]
 
 
@@ -135,11 +136,12 @@ from rewards import to_pil  # noqa: E402
 from machinery.epoch_log import save_grid  # noqa: E402
 
 
+@SPEAKING
 def main(argv=None):
     """argv: sample.py's arguments (or their parse, already made). Returns the two sides' images,
     base and tuned, each (N, 3, H, W) in [0, 1]."""
     args, saved, weights = argv if isinstance(argv, tuple) else parse_args(argv)
-    check_device(args.device, fail)
+    check_device(args.device)
     try:
         pipe = load_pipeline(saved["model"], args.device, noise_level=args.noise_level)
     except OSError as error:  # moved, deleted, or a hub id neither cached nor reachable

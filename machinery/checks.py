@@ -276,14 +276,13 @@ def check_out(out):
     check_writable(out)
 
 
-def check_writable(out, refuse=fail):
-    """--out: a folder, or a path where one can be made, that can be written to (refuse: whose
-    one-line refusal)."""
+def check_writable(out):
+    """--out: a folder, or a path where one can be made, that can be written to."""
     existing = next(p for p in (out, *out.parents) if p.exists())
     if not existing.is_dir():
-        refuse(f"--out {out}: {existing} is a file, not a folder; choose another path")
+        fail(f"--out {out}: {existing} is a file, not a folder; choose another path")
     if not os.access(existing, os.W_OK | os.X_OK):
-        refuse(f"--out {out}: {existing} is not writable; choose a folder you can write to")
+        fail(f"--out {out}: {existing} is not writable; choose a folder you can write to")
 
 
 def read_saved_config(path):

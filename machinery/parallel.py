@@ -22,13 +22,13 @@ from machinery.errors import fail
 SEED_STRIDE = 1_000_003  # rank r draws from seed + r * SEED_STRIDE; rank 0 from --seed itself
 
 
-def check_device(device, refuse=fail):
-    """Refuse in one line (refuse: whose) a device torch cannot use here: a kind this build of
-    torch or this machine lacks, or an index past the devices found."""
+def check_device(device):
+    """Refuse in one line a device torch cannot use here: a kind this build of torch or this
+    machine lacks, or an index past the devices found."""
     kind = torch.device(device)
     accelerator = torch.accelerator.current_accelerator()
     if kind.type != "cpu" and (accelerator is None or accelerator.type != kind.type):
-        refuse(
+        fail(
             f"--device {device}: torch cannot use {kind.type} here (a build of torch without it, "
             f"or no driver or device); use --device {accelerator.type if accelerator else 'cpu'}"
         )
@@ -37,7 +37,7 @@ def check_device(device, refuse=fail):
         and kind.index is not None
         and kind.index >= torch.accelerator.device_count()
     ):
-        refuse(
+        fail(
             f"--device {device}: there is no {kind.type} device {kind.index} here "
             f"({torch.accelerator.device_count()} found, numbered from 0); use --device "
             f"{kind.type}:0"

@@ -33,23 +33,22 @@ PROMPT_SETS = {
 }
 
 
-def load_prompts(name, flag="--prompts", refuse=fail):
-    """A built-in prompt set (data/README.md) or a text file, one prompt a line (refuse: whose
-    one-line refusal)."""
+def load_prompts(name, flag="--prompts"):
+    """A built-in prompt set (data/README.md) or a text file, one prompt a line."""
     if name in PROMPT_SETS:
         return PROMPT_SETS[name]()
     if not Path(name).is_file():
-        refuse(
+        fail(
             f"{flag} {name}: no such set or file; use one of {', '.join(PROMPT_SETS)} or a text "
             "file"
         )
     try:
         prompts = read_lines(name)
     except (OSError, UnicodeDecodeError) as error:
-        refuse(
+        fail(
             f"{flag} {name}: not a readable text file ({type(error).__name__}); give a UTF-8 text "
             "file, one prompt a line"
         )
     if not prompts:
-        refuse(f"{flag} {name}: the file has no prompts; write one prompt a line")
+        fail(f"{flag} {name}: the file has no prompts; write one prompt a line")
     return prompts

@@ -137,8 +137,8 @@ def parse_args(argv=None):
     return Config(**settings, device=device, out="."), args
 
 
+@errors.speaking_as("reward_server.py")  # its one-line refusals say who refuses
 def main(argv=None):
-    errors.PROGRAM = "reward_server.py"  # its one-line refusals say who refuses
     cfg, args = parse_args(argv)
     if not 0 < args.max_mb < float("inf"):
         fail(f"--max-mb {args.max_mb}: give a positive number of megabytes")
