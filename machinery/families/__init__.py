@@ -17,6 +17,17 @@ FAMILIES = {  # model_index.json's _class_name -> this folder's module
 }
 
 
+def schedules(cfg, scheduler):
+    """--num-steps and --eval-num-steps (each flag and its value), the scheduler's timesteps set
+    for each as sampling will set them: what a family's check_steps checks the policy's steps at."""
+    for flag, num_steps in (
+        ("--num-steps", cfg.num_steps),
+        ("--eval-num-steps", cfg.eval_num_steps),
+    ):
+        scheduler.set_timesteps(num_steps or cfg.num_steps)
+        yield flag, num_steps
+
+
 def family(class_name):
     """The module of the family whose pipeline is class_name (KeyError: none)."""
     return importlib.import_module(f"{__name__}.{FAMILIES[class_name]}")

@@ -10,6 +10,7 @@ from diffusers.utils import convert_state_dict_to_diffusers
 import sampler
 from machinery.config import Config
 from machinery.errors import fail
+from machinery.families import schedules
 
 PIPELINE = StableDiffusionPipeline
 POLICY = sampler.SD1
@@ -52,12 +53,7 @@ def check_steps(cfg, scheduler):
             f"divides by sqrt(alpha-bar_T) = 0); such schedules go with "
             f'"prediction_type": "v_prediction" in scheduler/scheduler_config.json'
         )
-    for flag, num_steps in (
-        ("--num-steps", cfg.num_steps),
-        ("--eval-num-steps", cfg.eval_num_steps),
-    ):
-        # as sampling will: its steps must fall within the training timesteps
-        scheduler.set_timesteps(num_steps or cfg.num_steps)
+    for flag, num_steps in schedules(cfg, scheduler):  # within the training timesteps
         trained = scheduler.config.num_train_timesteps
         offset = scheduler.config.get("steps_offset", 0)
         if scheduler.timesteps.max() >= trained:

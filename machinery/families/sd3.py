@@ -43,6 +43,7 @@ from diffusers.utils.torch_utils import randn_tensor
 import sampler
 from machinery.config import Config
 from machinery.errors import fail
+from machinery.families import schedules
 
 NOISE_LEVEL = Config.noise_level  # --noise-level's default: Flow-GRPO's a for SD3.5
 NOISE = "noise_level"  # the flag of the step's noise
@@ -214,11 +215,7 @@ def check_steps(cfg, scheduler):
             f"--eta {cfg.eta}: DDIM's noise, but {cfg.model} is a flow model, whose SDE step's "
             f"noise is --noise-level (default {Config.noise_level})"
         )
-    for flag, num_steps in (
-        ("--num-steps", cfg.num_steps),
-        ("--eval-num-steps", cfg.eval_num_steps),
-    ):
-        scheduler.set_timesteps(num_steps or cfg.num_steps)
+    for flag, num_steps in schedules(cfg, scheduler):
         sigmas = scheduler.sigmas
         if scheduler.config.invert_sigmas or sigmas[0] != 1 or sigmas[-1] != 0:
             fail(
