@@ -52,7 +52,13 @@ def main(argv=None, reward_fn=None):
             run.before_sampling(epoch)  # beyond the paper: the fixed-noise evaluation, when due
             # 1. sample: c ~ p(c), then roll out the current policy, one trajectory a prompt
             prompts = draw_prompts(run.prompt_set, run.rng, run.share, cfg.samples_per_prompt)
-            settings = (cfg.num_steps, cfg.guidance_scale, cfg.eta, cfg.batch_size, run.generator)
+            settings = (
+                cfg.num_steps,
+                cfg.guidance_scale,
+                cfg.eta,
+                cfg.sample_batch_size,
+                run.generator,
+            )
             with run.autocast:  # beyond the paper: sampling_options (machinery/run.py)
                 options = run.sampling_options(epoch, prompts)
                 traj = sample_trajectories(run.pipe, prompts, *settings, run.policy, **options)
@@ -176,9 +182,9 @@ def update(cfg, run, traj, advantages):
                 log_probs = (log_prob, element_log_prob, old_log_prob)
                 loss = ddpo.policy_loss(cfg.algo, *log_probs, A, *clips)
                 diagnostics = ddpo.diagnostics(log_prob, old_log_prob, cfg.clip_range)
-                # beyond the paper: the KL leash's term (0 without --kl-coef; with a LoRA the first
-                # forward of a minibatch also measures kl_to_base, one more forward of the base)
-                states, first = (x_t, t, c), chunk == 0
+                # beyond the paper: the KL leash's term (0 without --kl-coef; with a LoRA the
+                # epoch's first forward also measures kl_to_base, one more forward of the base)
+                states, first = (x_t, t, c), i == chunk == 0
                 penalty, measured = kl_penalty(cfg, run, traj, states, eps, first, len(samples))
                 loss = loss + penalty
                 diagnostics.update(measured)

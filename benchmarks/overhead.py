@@ -7,9 +7,11 @@ Nearly all of DDPO's cost is UNet work: T guided forward passes per sample to sa
 forward and backward pass per trained step. This script runs train.py's own loop (train.main, in
 this process, into a temporary run folder) and records every UNet call: its input shapes, its
 phase (sampling or update) and whether it had a gradient (the update's calls do, but for the base
-policy's forwards of the KL term, --kl-coef). The first epoch warms up and is not counted. Then it
-replays exactly the counted calls, back to back, on random inputs of the same shapes: no-grad
-forwards, or forward + backward for the calls with a gradient. That replay is the floor;
+policy's forwards of the KL term). After each epoch has logged it replays exactly that epoch's
+calls, back to back, on random inputs of the same shapes: no-grad forwards, or forward + backward
+for the calls with a gradient (at once, beside the epoch: this machine's speed drifts by tens of
+percent over minutes, and an epoch and its replay see the same; the replays' own seconds are not
+counted in the epochs'). The first epoch warms up and is not counted. That replay is the floor;
 everything the epochs took beyond it (text encoding, the VAE, the per-step Python, copies,
 rewards, logging, saving) is overhead. The last line is overhead_ratio=<epochs / floor>.
 Arguments after `--` go to train.py.
@@ -50,12 +52,14 @@ ROWS = {  # the page's rows: a result's key, what it is
 
 
 @contextlib.contextmanager
-def instrument(calls, epoch_starts, pipes):
-    """While inside, train.main records each UNet call, the start of each epoch's sampling, and its pipeline."""
-    load_model, sample_trajectories, update = (
+def instrument(calls, epoch_starts, pipes, after_epoch=None):
+    """While inside, train.main records each UNet call, the start of each epoch's sampling, and its
+    pipeline; after_epoch(run), when given, is called once each epoch has logged."""
+    load_model, sample_trajectories, update, log = (
         machinery.run.load_model,
         train.sample_trajectories,
         train.update,
+        machinery.run.Run.log,
     )
     phase = ["sampling"]
 
@@ -90,7 +94,15 @@ def instrument(calls, epoch_starts, pipes):
         finally:
             phase[0] = "sampling"
 
+    def logging(*args, **kwargs):
+        try:
+            return log(*args, **kwargs)
+        finally:
+            if after_epoch is not None:
+                after_epoch(args[0])
+
     machinery.run.load_model, train.sample_trajectories, train.update = loading, sampling, updating
+    machinery.run.Run.log = logging
     try:
         yield
     finally:
@@ -99,17 +111,20 @@ def instrument(calls, epoch_starts, pipes):
             sample_trajectories,
             update,
         )
+        machinery.run.Run.log = log
 
 
 def replay(unet, calls, autocast):
-    """The same UNet calls on random inputs, back to back: seconds of the sampling phase's and the
-    update phase's (no-grad forwards, or forward + backward for the calls with a gradient)."""
+    """The same UNet calls on random inputs (a generator of their own), back to back: seconds of the
+    sampling phase's and the update phase's (no-grad forwards, or forward + backward for the calls
+    with a gradient). The gradients it leaves are set to None."""
     seconds = {"sampling": 0.0, "update": 0.0}
     device, dtype = unet.device, unet.dtype
+    generator = torch.Generator(device).manual_seed(0)
     for _, sample_shape, context_shape, training, phase in calls:
-        sample = torch.randn(sample_shape, device=device, dtype=dtype)
-        context = torch.randn(context_shape, device=device, dtype=dtype)
-        timestep = torch.randint(0, 1000, sample_shape[:1], device=device)
+        sample = torch.randn(sample_shape, device=device, dtype=dtype, generator=generator)
+        context = torch.randn(context_shape, device=device, dtype=dtype, generator=generator)
+        timestep = torch.randint(0, 1000, sample_shape[:1], device=device, generator=generator)
         start = time.perf_counter()
         with torch.set_grad_enabled(training), autocast:
             out = unet(sample, timestep, context).sample
@@ -120,6 +135,23 @@ def replay(unet, calls, autocast):
         seconds[phase] += time.perf_counter() - start
     unet.zero_grad(set_to_none=True)
     return seconds["sampling"], seconds["update"]
+
+
+class Interleaved:
+    """The floor measured beside the loop: after each epoch has logged, that epoch's UNet calls
+    replayed at once (the machine's speed drifts over minutes; an epoch and its replay see the
+    same). Keeps each epoch's floors and the seconds the replays took."""
+
+    def __init__(self, calls):
+        self.calls, self.done, self.floors, self.spent = calls, 0, [], []
+
+    def __call__(self, run):
+        start, unet = time.perf_counter(), run.pipe.unet
+        epoch_calls, self.done = self.calls[self.done :], len(self.calls)
+        autocast = forwards_autocast(unet.device, run.cfg.mixed_precision)
+        self.floors.append(replay(unet, epoch_calls, autocast))
+        del self.calls[self.done :]  # the replay's own calls, recorded by the hook
+        self.spent.append(time.perf_counter() - start)
 
 
 def main(argv=None):
@@ -141,7 +173,8 @@ def main(argv=None):
     if args.epochs < 2:
         parser.error("--epochs must be at least 2: the first one only warms up")
     calls, epoch_starts, pipes, record = [], [], [], provenance()
-    with instrument(calls, epoch_starts, pipes), tempfile.TemporaryDirectory() as tmp:
+    floors = Interleaved(calls)
+    with instrument(calls, epoch_starts, pipes, floors), tempfile.TemporaryDirectory() as tmp:
         history = train.main(
             ["--epochs", str(args.epochs), "--out", f"{tmp}/run", *args.train_args]
         )
@@ -149,15 +182,12 @@ def main(argv=None):
         cfg = json.loads(Path(f"{tmp}/run/config.json").read_text())
     counted = [c for c in calls if c[0] >= epoch_starts[1]]
     epochs = history[1:]
-    measured = end - epoch_starts[1]
+    measured = end - epoch_starts[1] - sum(floors.spent[1:])  # the replays taken out
     sample_s, train_s = (
         sum(m["sample_seconds"] for m in epochs),
         sum(m["train_seconds"] for m in epochs),
     )
-
-    unet = pipes[0].unet
-    autocast = forwards_autocast(unet.device, cfg["mixed_precision"])
-    floor_sample, floor_train = replay(unet, counted, autocast)
+    floor_sample, floor_train = (sum(phase) for phase in zip(*floors.floors[1:]))
 
     n = len(epochs)
     sampling_calls = sum(c[4] == "sampling" for c in counted)

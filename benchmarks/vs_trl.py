@@ -2,11 +2,11 @@
 
     pip install trl==0.23.1                      # the last TRL with DDPO; only for this benchmark
     python benchmarks/vs_trl.py --pairs 3 --epochs 5
-    python benchmarks/vs_trl.py --sides ours ours-batched ours-compiled ours-batched-compiled trl
+    python benchmarks/vs_trl.py --sides ours ours-s16-k1 ours-compiled trl trl-s64
 
-Both sides run the bundled model with the `tiny` preset's settings: 64 samples an epoch in batches
-of 16, 20 DDIM steps, eta 1, guidance 3, LoRA rank 4 on the attention projections, DDPO_IS with 4
-updates of 16 an epoch on half of each trajectory's steps, lr 5e-3, clip range 8e-4, advantages
+Both sides run the bundled model with the `tiny` preset's learning settings: 64 samples an epoch,
+20 DDIM steps, eta 1, guidance 3, LoRA rank 4 on the attention projections, DDPO_IS with 4 updates
+of 16 samples an epoch on half of each trajectory's steps, lr 5e-3, clip range 8e-4, advantages
 clipped to 5, per-prompt statistics (buffer 32, min count 16), the JPEG reward on the `shapes`
 prompts, fp32. Each run is its own process (a fresh interpreter, the machine's threads), and the
 sides take turns: ours, TRL, ours, TRL... An epoch's time is the wall clock from the start of its
@@ -14,12 +14,15 @@ sampling to the start of the next (the last: to the end of its update), everythi
 ours also the logging and the checkpoint it writes every epoch. The first epoch of each run warms
 up and is not counted; the table gives each side's per-epoch median over all its counted epochs,
 the medians of its two phases (sampling: rolling out and decoding the 64 samples; update: the
-minibatch updates), every run's own median, and the ratio. What is left of an epoch beyond the two
-phases is the side's own: rewards and advantages on both, logging and checkpoints on ours.
-`ours-compiled` is train.py with --compile; its first epoch holds the compiling, reported apart.
-`ours-batched` is train.py with --steps-per-forward 5: the same updates, each sample's trained
-steps taken through the UNet five at a time (80 states a forward, not 16); TRL, like `ours`, takes
-one timestep of 16 samples a forward.
+minibatch updates), every run's own median, and the speed against TRL's fastest side. What is
+left of an epoch beyond the two phases is the side's own: rewards and advantages on both, logging
+and checkpoints on ours.
+
+Speed-only knobs, in a side's name: -s<N>, samples a forward in sampling (ours:
+--sample-batch-size, TRL: sample_batch_size; 64, 32 or 16 here), and, ours only, -k<K>, trained
+steps of each sample a forward (--steps-per-forward). TRL trains one timestep of a minibatch's 16
+samples a forward, the most its update of 16 samples allows. `ours` is the plain command (the
+preset's -s64 -k5); `ours-compiled` adds --compile, whose first epoch holds the compiling.
 
 With --keep FILE --page PAGE it keeps the runs' seconds, with the commit and machine, and writes the
 table into the page; --report writes the page again from the kept file, measuring nothing.
@@ -44,13 +47,39 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from page import measured_or_kept, provenance, write_table  # noqa: E402
 
-# our sides: train.py with these flags
+# our sides: train.py with these flags; a side's name may end in -s<N> (N samples a forward in
+# sampling: --sample-batch-size, TRL's sample_batch_size) and, ours only, -k<K> (K trained steps of
+# each sample a forward: --steps-per-forward)
 OURS = {
     "ours": [],
     "ours-compiled": ["--compile"],
-    "ours-batched": ["--steps-per-forward", "5"],
-    "ours-batched-compiled": ["--steps-per-forward", "5", "--compile"],
 }
+KNOBS = {"s": "--sample-batch-size", "k": "--steps-per-forward"}
+
+
+def side_knobs(side):
+    """A side's name -> its base (ours, ours-compiled or trl) and its knobs {flag: value}."""
+    base, *suffixes = side.split("-")
+    if base == "ours" and suffixes[:1] == ["compiled"]:
+        base, suffixes = "ours-compiled", suffixes[1:]
+    knobs = {}
+    for suffix in suffixes:
+        letter, value = suffix[:1], suffix[1:]
+        if letter not in KNOBS or not value.isdigit() or (base == "trl" and letter == "k"):
+            raise argparse.ArgumentTypeError(
+                f"side {side!r}: ours, ours-compiled or trl, then -s<N> and (ours) -k<K>"
+            )
+        knobs[KNOBS[letter]] = int(value)
+    if base not in (*OURS, "trl"):
+        raise argparse.ArgumentTypeError(f"side {side!r}: ours, ours-compiled or trl first")
+    return base, knobs
+
+
+def side_name(side):
+    side_knobs(side)
+    return side
+
+
 SETTINGS = dict(
     num_steps=20,
     guidance_scale=3.0,
@@ -66,7 +95,7 @@ REDUCED = dict(
 )  # --reduced, for the smoke test: both sides smaller, nothing timed worth reading
 
 
-def run_ours(epochs, model, flags=(), settings=SETTINGS):
+def run_ours(epochs, model, flags=(), settings=SETTINGS, seed=0):
     """train.main on the tiny preset (whose settings are SETTINGS; its size from settings): each
     epoch's seconds, and its sampling and update phases' (train.py's own sample_seconds and train_seconds)."""
     import train
@@ -92,7 +121,7 @@ def run_ours(epochs, model, flags=(), settings=SETTINGS):
                 "--out",
                 f"{tmp}/run",
                 "--seed",
-                "0",
+                str(seed),
                 "--num-steps",
                 str(settings["num_steps"]),
                 "--samples-per-epoch",
@@ -110,21 +139,23 @@ def run_ours(epochs, model, flags=(), settings=SETTINGS):
     }
 
 
-def run_trl(epochs, model, settings=SETTINGS):
+def run_trl(epochs, model, settings=SETTINGS, sample_batch_size=None, seed=0):
     """TRL's DDPOTrainer.step, once an epoch, at settings: each epoch's seconds, and its sampling
-    and update phases' (the trainer's _generate_samples and _train_batched_samples, timed)."""
+    and update phases' (the trainer's _generate_samples and _train_batched_samples, timed).
+    sample_batch_size: samples a forward in sampling (default settings' batch_size)."""
     from accelerate import PartialState
     from trl import DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline
 
     import toy_world
     from rewards import jpeg_compressibility
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
+    sample_batch_size = sample_batch_size or settings["batch_size"]
     PartialState()  # the pipeline logs (no LoRA in the folder) through accelerate, which needs its state first
     with tempfile.TemporaryDirectory() as tmp:
         config = DDPOConfig(
             num_epochs=epochs,
-            seed=0,
+            seed=seed,
             logdir=tmp,
             save_freq=10**9,
             mixed_precision="no",
@@ -132,8 +163,8 @@ def run_trl(epochs, model, settings=SETTINGS):
             sample_num_steps=settings["num_steps"],
             sample_eta=1.0,
             sample_guidance_scale=settings["guidance_scale"],
-            sample_batch_size=settings["batch_size"],
-            sample_num_batches_per_epoch=settings["samples"] // settings["batch_size"],
+            sample_batch_size=sample_batch_size,
+            sample_num_batches_per_epoch=settings["samples"] // sample_batch_size,
             train_batch_size=settings["samples"] // settings["updates"],
             train_gradient_accumulation_steps=1,
             train_learning_rate=settings["lr"],
@@ -187,7 +218,15 @@ def main(argv=None):
     parser.add_argument(
         "--epochs", type=int, default=5, help="epochs a run; the first is not counted"
     )
-    parser.add_argument("--sides", nargs="+", default=["ours", "trl"], choices=[*OURS, "trl"])
+    parser.add_argument(
+        "--sides",
+        nargs="+",
+        default=["ours", "trl"],
+        type=side_name,
+        help="ours, ours-compiled or trl, each with -s<N> (samples a forward in sampling) and, "
+        "ours, -k<K> (trained steps a forward): ours-s16-k1, trl-s64",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="both sides' seed")
     parser.add_argument("--model", default=str(BUNDLED_MODEL))
     parser.add_argument(
         "--reduced", action="store_true", help=f"both sides at {REDUCED} (the smoke test)"
@@ -205,11 +244,13 @@ def main(argv=None):
         parser.error("--page and --report read the kept results: give --keep too")
     settings = {**SETTINGS, **(REDUCED if args.reduced else {})}
     if args.side:
-        seconds = (
-            run_trl(args.epochs, args.model, settings)
-            if args.side == "trl"
-            else run_ours(args.epochs, args.model, OURS[args.side], settings)
-        )
+        base, knobs = side_knobs(args.side)
+        if base == "trl":
+            sample_batch_size = knobs.get(KNOBS["s"])
+            seconds = run_trl(args.epochs, args.model, settings, sample_batch_size, args.seed)
+        else:
+            flags = [*OURS[base], *(str(x) for item in knobs.items() for x in item)]
+            seconds = run_ours(args.epochs, args.model, flags, settings, args.seed)
         print(json.dumps(seconds))
         return seconds
     results = measured_or_kept(args.report, args.keep, lambda: measure(args))
@@ -234,6 +275,8 @@ def measure(args):
                     str(args.epochs),
                     "--model",
                     args.model,
+                    "--seed",
+                    str(args.seed),
                     *(["--reduced"] if args.reduced else []),
                 ],
                 capture_output=True,
@@ -247,18 +290,20 @@ def measure(args):
             )
 
     print(table(runs))
-    command = f"python benchmarks/vs_trl.py --pairs {args.pairs} --epochs {args.epochs} --sides "
+    command = f"python benchmarks/vs_trl.py --pairs {args.pairs} --epochs {args.epochs} "
+    command += f"--seed {args.seed} --sides "
     return {"runs": runs, "command": command + " ".join(args.sides), **record}
 
 
 def table(runs):
     """Each side's seconds an epoch (the median of every run's counted epochs), its phases', each
-    run's median, each run's first epoch, and its speed against TRL's."""
+    run's median, each run's first epoch, and its speed against TRL's fastest side."""
 
     def median(side, phase):  # over every run's counted epochs
         return statistics.median(s for run in runs[side] for s in run[phase][1:])
 
     medians = {side: median(side, "epoch") for side in runs}
+    trl = min((m for side, m in medians.items() if side.startswith("trl")), default=None)
     lines = [
         "| side | s/epoch, median of counted epochs | sampling | update | each run's median | first epoch (each run) | speed / TRL's |",
         "|---|---|---|---|---|---|---|",
@@ -266,7 +311,7 @@ def table(runs):
     for side, seconds in runs.items():
         each = ", ".join(f"{statistics.median(run['epoch'][1:]):.2f}" for run in seconds)
         first = ", ".join(f"{run['epoch'][0]:.2f}" for run in seconds)
-        speed = f"{medians['trl'] / medians[side]:.2f}" if "trl" in medians else "-"
+        speed = f"{trl / medians[side]:.2f}" if trl else "-"
         lines.append(
             f"| {side} | {medians[side]:.2f} | {median(side, 'sampling'):.2f} | {median(side, 'update'):.2f} | {each} | {first} | {speed} |"
         )

@@ -53,9 +53,9 @@ def validate(cfg):
 
 
 POSITIVE_COUNTS = (
-    "num_steps epochs samples_per_epoch batch_size steps_per_forward updates_per_epoch "
-    "inner_epochs buffer_size min_count checkpoint_every keep_checkpoints eval_samples "
-    "samples_per_prompt eval_num_steps"
+    "num_steps epochs samples_per_epoch batch_size sample_batch_size steps_per_forward "
+    "updates_per_epoch inner_epochs buffer_size min_count checkpoint_every keep_checkpoints "
+    "eval_samples samples_per_prompt eval_num_steps"
 ).split()
 
 

@@ -178,6 +178,11 @@ def derive(cfg, sources):
             if cfg.lora_rank > 0
             else "1e-5 for the whole UNet (paper, appendix D.5)"
         )
+    if cfg.sample_batch_size is None:
+        cfg.sample_batch_size, sources["sample_batch_size"] = (
+            cfg.batch_size,
+            "derived: --batch-size",
+        )
     if not cfg.device:
         cfg.device = "cuda" if cuda_available() else "cpu"
         sources["device"] = "derived: cuda when available, else cpu"
@@ -269,6 +274,8 @@ def resumed_config(given):
                 f"the copy of {saved[name]} taken at the run's start",
             )
     cfg = Config(**{**saved, **given, "out": str(folder), "resume": str(folder)})
+    if cfg.sample_batch_size is None:  # runs of earlier versions sampled at --batch-size
+        cfg.sample_batch_size = cfg.batch_size
     checks.validate(cfg)
     sources.update(dict.fromkeys([*given, "resume", "out"], "flag"))
     return cfg, sources

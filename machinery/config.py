@@ -44,6 +44,8 @@ PRESETS = {
         epochs=35,
         samples_per_epoch=64,
         batch_size=16,
+        sample_batch_size=64,
+        steps_per_forward=5,
         timestep_fraction=0.5,
         lr=5e-3,
         clip_range=8e-4,
@@ -149,7 +151,13 @@ class Config:
     epochs: int = arg(100, "epochs, each one round of sampling and updates")
     samples_per_epoch: int = arg(256, "trajectories sampled per epoch")
     batch_size: int = arg(
-        8, "trajectories per forward pass, sampling and training (memory only, not the maths)"
+        8,
+        "trajectories per forward pass in training, and in sampling unless --sample-batch-size "
+        "says otherwise (memory and speed only, not the maths)",
+    )
+    sample_batch_size: int = arg(
+        None,
+        "trajectories per forward pass in sampling (memory and speed only); default --batch-size",
     )
     steps_per_forward: int = arg(
         1,

@@ -44,7 +44,7 @@ def evaluate(cfg, pipe, base, prompts, trained, reward_fn, autocast, out, epoch)
             cfg.eval_num_steps or cfg.num_steps,
             cfg.guidance_scale,
             cfg.eta,
-            cfg.batch_size,
+            cfg.sample_batch_size,
             generator,
             pipe.family.POLICY,
             on_step=measure,

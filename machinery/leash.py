@@ -55,8 +55,9 @@ def kl_penalty(cfg, learner, traj, states, eps, first, measured):
     """The update's extra loss term and its diagnostics: cfg.kl_coef times KL(p_theta || p_base) at
     these states (x_t, t, c), from the policy's prediction eps and one more guided forward of the
     base policy (learner.base) without gradient. At kl_coef 0 the KL is only measured, on a
-    forward's first `measured` states (each sample's first trained step), at the first forward of
-    a minibatch. Without a base policy (config.base_needed) there is neither: (0, {})."""
+    forward's first `measured` states (each sample's first trained step), at the epoch's first
+    forward (the weights that sampled the epoch, on its first minibatch). Without a base policy
+    (config.base_needed) there is neither: (0, {})."""
     base, policy = learner.base, learner.policy
     if base is None or not (cfg.kl_coef > 0 or first):
         return 0, {}

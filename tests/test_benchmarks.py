@@ -139,12 +139,12 @@ def test_overhead_replays_exactly_the_counted_unet_calls(tiny_pipeline_dir):
     ]
     loader = machinery.run.load_model
     result = overhead.main(["--epochs", "2", "--", *small])
-    # one counted epoch: 4 batches x 2 steps, sampling and training (every step trained), and kl_to_base measured
-    # at kl-coef 0 on each sample's first trained step: one base forward per batch
+    # one counted epoch: 4 batches x 2 steps, sampling and training (every step trained), and
+    # kl_to_base measured at kl-coef 0 on the first batch's first trained step: one base forward
     assert (
         result["sampling_calls"] == 8
-        and result["training_calls"] == 8 + 4
-        and result["base_calls"] == 4
+        and result["training_calls"] == 8 + 1
+        and result["base_calls"] == 1
     )
     leashed = overhead.main(["--epochs", "2", "--", *small, "--kl-coef", "0.1"])
     assert (

@@ -122,6 +122,7 @@ CASES = {
     "negative eval every": (lambda w, r: ["--eval-every", "-1"], "--eval-every"),
     "zero eval samples": (lambda w, r: ["--eval-samples", "0"], "--eval-samples"),
     "zero steps per forward": (lambda w, r: ["--steps-per-forward", "0"], "--steps-per-forward"),
+    "zero sample batch size": (lambda w, r: ["--sample-batch-size", "0"], "--sample-batch-size"),
     "eval prompts missing": (
         lambda w, r: ["--eval-every", "1", "--eval-prompts", str(w / "none.txt")],
         "--eval-prompts",

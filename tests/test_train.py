@@ -310,3 +310,27 @@ def test_show_config_prints_every_setting_and_where_it_came_from_and_writes_noth
     for flag, (value, source) in expected.items():
         assert lines[flag].split()[1] == value and source in lines[flag], lines[flag]
     assert not (tmp_path / "run").exists()
+
+
+def test_sampling_has_its_own_batch_size_which_defaults_to_the_training_one(
+    tiny_run, tmp_path, monkeypatch
+):
+    # the bundled model's preset samples its 64 trajectories in one batch, trains 5 steps a forward
+    demo = parse_args(["--reward", "jpeg", "--out", "/nonexistent/run"])
+    assert (demo.batch_size, demo.sample_batch_size, demo.steps_per_forward) == (16, 64, 5)
+    out = tmp_path / "run"
+    assert parse_args(tiny_run(out, 1)).sample_batch_size == 2  # elsewhere: --batch-size
+    sampled_in, sample = [], train.sample_trajectories
+
+    def sampling(pipe, prompts, num_steps, w, eta, batch_size, *args, **kwargs):
+        sampled_in.append(batch_size)
+        return sample(pipe, prompts, num_steps, w, eta, batch_size, *args, **kwargs)
+
+    monkeypatch.setattr(train, "sample_trajectories", sampling)
+    train.main(tiny_run(out, 1, "--sample-batch-size", "4"))
+    assert sampled_in == [4]
+    # a run of an earlier version (no sample_batch_size saved) resumes sampling at its batch size
+    saved = json.loads((out / "config.json").read_text())
+    del saved["sample_batch_size"]
+    (out / "config.json").write_text(json.dumps(saved))
+    assert parse_args(["--resume", str(out), "--epochs", "2"]).sample_batch_size == 2
