@@ -201,6 +201,7 @@ def sample_trajectories(
     initial_latents=None,
     after_batch=None,
     on_step=None,
+    decode_batch_size=None,
 ):
     """Roll out the policy once per prompt, batch_size at a time.
 
@@ -214,7 +215,8 @@ def sample_trajectories(
     with eta, the others are deterministic DDIM steps whose log_probs are NaN, never trained
     (successors.py); initial_latents (B, C, h, w), each x_T instead of a draw; after_batch(images,
     prompts, start, total), called after each batch; on_step(step, t, state, prediction), called
-    at each state (the KL to the base policy, leash.KLToBase).
+    at each state (the KL to the base policy, leash.KLToBase); decode_batch_size, images decoded at
+    a time (speed and memory only; default: the whole batch).
     """
     device = pipe.unet.device
     stochastic = torch.ones(num_steps, dtype=torch.bool) if stochastic is None else stochastic
@@ -254,7 +256,9 @@ def sample_trajectories(
                 "log_probs": torch.stack(log_probs, dim=1),
                 "timesteps": pipe.scheduler.timesteps.expand(n, -1),
                 "prompt_embeds": prompt_embeds,
-                "images": policy.decode(pipe, latents[-1]),
+                "images": torch.cat(
+                    [policy.decode(pipe, x_0) for x_0 in latents[-1].split(decode_batch_size or n)]
+                ),
             }
         )
         if after_batch is not None:  # beyond the paper: a served reward's request, checks

@@ -175,48 +175,67 @@ def measure(args, argv):
     seconds["between/rest"] = sum(epochs) / n - phases
     floor_sample, floor_update = (sum(phase) / n for phase in zip(*floors.floors[1:]))
     settings = ("samples_per_epoch", "batch_size", "sample_batch_size", "steps_per_forward")
+    extra = [f"--epochs {args.epochs}"] * (args.epochs != 4) + ["--", *args.train_args] * bool(
+        args.train_args
+    )
     return {
         "seconds": dict(seconds),
         "floor": {"sampling": floor_sample, "update": floor_update},
         "epoch_seconds": sum(epochs) / n,
         "settings": {k: cfg[k] for k in (*settings, "num_steps")},
         "threads": torch.get_num_threads(),
-        "command": " ".join(["python benchmarks/profile_epoch.py", *(argv or sys.argv[1:])]),
+        "command": " ".join(["python benchmarks/profile_epoch.py", *extra]),
         **record,
     }
 
 
-def table(result):
-    """The page's table: each part's seconds an epoch, and how far the floor's parts are above
-    their replay."""
+def beyond_floor(result):
+    """Each row's seconds an epoch, and the seconds beyond the floor: every part but the floor's,
+    and what the floor's parts took in the loop beyond their replay."""
     seconds, floor = result["seconds"], result["floor"]
-    lines = ["| phase | part | s an epoch | beyond the floor |", "|---|---|---|---|"]
-    beyond_total = 0.0
-    for (phase, part), name in PARTS.items():
-        value = seconds.get(f"{phase}/{part}", 0.0)
-        beyond = "" if (phase, part) in FLOOR else f"{value:.3f}"
-        beyond_total += 0.0 if (phase, part) in FLOOR else value
-        lines.append(f"| {phase} | {name} | {value:.3f} | {beyond} |")
+    rows = {key: seconds.get("/".join(key), 0.0) for key in PARTS}
     for phase in ("sampling", "update"):
-        in_loop = sum(seconds.get(f"{phase}/{p}", 0.0) for ph, p in FLOOR if ph == phase)
-        gap = in_loop - floor[phase]
-        beyond_total += gap
-        lines.append(
-            f"| {phase} | the floor's parts in the loop ({in_loop:.3f} s) beyond their replay "
-            f"({floor[phase]:.3f} s) | | {gap:.3f} |"
-        )
-    epoch, floor_all = result["epoch_seconds"], sum(floor.values())
-    lines.append(
-        f"| epoch | all of it; its floor {floor_all:.3f} s | {epoch:.3f} | "
-        f"{beyond_total:.3f} (ratio {epoch / floor_all:.3f}) |"
-    )
+        in_loop = sum(rows[key] for key in FLOOR if key[0] == phase)
+        rows[(phase, "gap")] = in_loop - floor[phase]
+    beyond = sum(value for key, value in rows.items() if key not in FLOOR)
+    return rows, beyond
+
+
+def setting(result):
+    """A kept result's column heading: its train.py arguments, or the plain command."""
+    given = result["command"].partition(" -- ")[2]
+    return f"`{given}`" if given else "plain command"
+
+
+def table(results):
+    """The page's table: each part's seconds an epoch, a column for each kept result; the floor's
+    parts marked; then the floor, what lies beyond it and the ratio."""
+    columns = [beyond_floor(result) for result in results]
+    lines = ["| phase | part | " + " | ".join(setting(r) for r in results) + " |"]
+    lines.append("|---|---|" + "---|" * len(results))
+    names = {**PARTS, ("sampling", "gap"): "the floor's parts in the loop, beyond their replay"}
+    names[("update", "gap")] = names[("sampling", "gap")]
+    for key, name in names.items():
+        values = " | ".join(f"{rows[key]:.3f}" for rows, _ in columns)
+        lines.append(f"| {key[0]} | {name} | {values} |")
+    epoch = " | ".join(f"**{r['epoch_seconds']:.2f}**" for r in results)
+    floor = " | ".join(f"{sum(r['floor'].values()):.2f}" for r in results)
+    beyond = " | ".join(f"{extra:.2f}" for _, extra in columns)
+    ratio = " | ".join(f"**{r['epoch_seconds'] / sum(r['floor'].values()):.3f}**" for r in results)
+    lines += [
+        f"| epoch | all of it | {epoch} |",
+        f"| epoch | its floor: the denoiser's calls replayed | {floor} |",
+        f"| epoch | beyond the floor: every row not marked (floor) | {beyond} |",
+        f"| epoch | epoch / floor | {ratio} |",
+    ]
     return "\n".join(lines)
 
 
 def page(keep, path):
+    """The kept results' table into the page."""
     results = json.loads(keep.read_text())
-    body = "\n\n".join(table(r) for r in results[-1:])
-    write_block(path, "profile", body + "\n\n" + made_by(results[-1]["command"], results[-1:]))
+    commands = " ; ".join(sorted({r["command"] for r in results}))
+    write_block(path, "profile", table(results) + "\n\n" + made_by(commands, results))
     return results
 
 
@@ -237,7 +256,7 @@ def main(argv=None):
     if args.report:
         return page(args.keep, args.page)
     result = measure(args, argv)
-    print(table(result))
+    print(table([result]))
     if args.keep:
         kept = json.loads(args.keep.read_text()) if args.keep.is_file() else []
         save_json(args.keep, [*kept, result])

@@ -48,6 +48,7 @@ def evaluate(cfg, pipe, base, prompts, trained, reward_fn, autocast, out, epoch)
             generator,
             pipe.family.POLICY,
             on_step=measure,
+            decode_batch_size=cfg.batch_size,
         )
     values = {
         "reward_mean": scalar(reward_fn(traj["images"], prompts).float().cpu()),

@@ -174,15 +174,18 @@ class Run(contextlib.ExitStack):
         self.start = time.time()
 
     def sampling_options(self, epoch, prompts):
-        """sample_trajectories' options beyond the paper's: the progress bar, a check of your own
-        reward on the first batch and a long epoch's estimate, the successors' window and shared
-        x_T."""
+        """sample_trajectories' options beyond the paper's: the progress bar, the decode's batch, a
+        check of your own reward on the first batch and a long epoch's estimate, the successors'
+        window and shared x_T."""
         cfg = self.cfg
         check = functools.partial(self.after_batch, epoch, [])
         extra = successors.sampling_options(
             cfg, self.pipe, self.rng, self.generator, len(prompts), cfg.num_steps
         )
-        return {"progress": self.progress, "after_batch": check, **extra}
+        # the VAE decodes --batch-size images at a time: on a CPU a decode of the bundled
+        # model's 64 images at once takes 2.5 times as long (docs/speed.md)
+        decoding = {"decode_batch_size": cfg.batch_size}
+        return {"progress": self.progress, "after_batch": check, **decoding, **extra}
 
     def after_batch(self, epoch, first_batch, images, prompts, first, total):
         """Once a batch is sampled: your own reward's output is checked on the epoch's first batch

@@ -312,3 +312,24 @@ def test_gradient_checkpointing_recomputes_blocks_and_keeps_the_gradient(tiny_pi
     assert checkpointed_calls > plain_calls  # the blocks ran again during the backward pass
     for a, b in zip(plain, checkpointed):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_decoding_a_few_images_at_a_time_gives_the_same_images(tiny_pipeline_dir):
+    """decode_batch_size is speed and memory only: the trajectories are the same draws, the images
+    the same up to float rounding (each image's decode is its own)."""
+    pipe = load_pipeline(tiny_pipeline_dir)
+    runs = [
+        sample_trajectories(
+            pipe,
+            ["a cat", "a dog", "a cow", "a fox", "a hen"],
+            num_steps=2,
+            guidance_scale=5.0,
+            batch_size=5,
+            generator=torch.Generator().manual_seed(0),
+            decode_batch_size=size,
+        )
+        for size in (None, 2)
+    ]
+    assert torch.equal(runs[0]["latents"], runs[1]["latents"])
+    assert runs[1]["images"].shape == runs[0]["images"].shape == (5, 3, 16, 16)
+    assert torch.allclose(runs[1]["images"], runs[0]["images"], atol=1e-5)

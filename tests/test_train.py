@@ -323,12 +323,12 @@ def test_sampling_has_its_own_batch_size_which_defaults_to_the_training_one(
     sampled_in, sample = [], train.sample_trajectories
 
     def sampling(pipe, prompts, num_steps, w, eta, batch_size, *args, **kwargs):
-        sampled_in.append(batch_size)
+        sampled_in.append((batch_size, kwargs["decode_batch_size"]))
         return sample(pipe, prompts, num_steps, w, eta, batch_size, *args, **kwargs)
 
     monkeypatch.setattr(train, "sample_trajectories", sampling)
     train.main(tiny_run(out, 1, "--sample-batch-size", "4"))
-    assert sampled_in == [4]
+    assert sampled_in == [(4, 2)]  # sampled 4 at a time, decoded --batch-size at a time
     # a run of an earlier version (no sample_batch_size saved) resumes sampling at its batch size
     saved = json.loads((out / "config.json").read_text())
     del saved["sample_batch_size"]
