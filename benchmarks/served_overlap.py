@@ -53,6 +53,7 @@ def run(reward, out, epochs):
     """One run: its wall seconds and its metrics' rewards (both arms must agree on them)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     command = [sys.executable, str(ROOT / "train.py"), "--reward", reward, "--epochs", str(epochs)]
+    command += ["--sample-batch-size", "16"]  # 4 batches: one is scored as the next samples
     start = time.perf_counter()
     subprocess.run([*command, "--out", str(out)], env=env, check=True, capture_output=True)
     wall = time.perf_counter() - start

@@ -255,7 +255,7 @@ def main(argv=None):
         return seconds
     results = measured_or_kept(args.report, args.keep, lambda: measure(args))
     if args.page:
-        write_table(args.page, "vs_trl", table, results)
+        write_table(args.page, args.keep.stem, table, results)  # its block named for the file
     return results["runs"]
 
 

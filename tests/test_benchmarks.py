@@ -9,17 +9,20 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import compare  # noqa: E402
 import compile_payback  # noqa: E402
+import decode_batch  # noqa: E402
 import gpu_check  # noqa: E402
 import gpu_memory  # noqa: E402
 import kill_soak  # noqa: E402
 import kl_overhead  # noqa: E402
 import kl_tradeoff  # noqa: E402
 import overhead  # noqa: E402
+import profile_epoch  # noqa: E402
 import same_outputs  # noqa: E402
 import time_to_target  # noqa: E402
 import machinery.run  # noqa: E402
@@ -575,3 +578,43 @@ def test_a_run_killed_three_times_at_random_moments_resumes_to_the_straight_runs
     for out in rounds:
         ours = same_outputs.written(out)
         assert all(same_outputs.same(straight[part], ours[part]) for part in straight), out
+
+
+def test_profile_epoch_puts_every_second_of_an_epoch_in_one_row(tiny_pipeline_dir, tmp_path):
+    small = ["--model", str(tiny_pipeline_dir), "--samples-per-epoch", "8", "--batch-size", "2"]
+    small += ["--updates-per-epoch", "2", "--num-steps", "2", "--prompts", "simple_animals"]
+    keep, page = tmp_path / "profile.json", tmp_path / "speed.md"
+    clocked = (torch.Tensor.backward, train.update, machinery.run.Run.log)
+    result = profile_epoch.main(
+        ["--epochs", "2", "--keep", str(keep), "--page", str(page), "--", *small]
+    )
+    rows, beyond = profile_epoch.beyond_floor(result)
+    # each part's own seconds: none counted twice (a part inside another is taken out of it), so
+    # what no part holds, each phase's rest, is never negative
+    assert all(value > -1e-3 for key, value in rows.items() if key[1] != "gap"), rows
+    assert all(result["seconds"][key] > 0 for key in ("sampling/denoiser", "update/backward"))
+    floor = sum(result["floor"].values())
+    assert 0 < floor and beyond == pytest.approx(result["epoch_seconds"] - floor, rel=1e-6)
+    text = page.read_text()
+    assert "<!-- begin profile" in text and "`--model" in text and "epoch / floor" in text
+    assert (torch.Tensor.backward, train.update, machinery.run.Run.log) == clocked  # taken off
+
+
+def test_decode_batch_times_each_chunk_size_in_turn(tiny_pipeline_dir, tmp_path):
+    keep, page = tmp_path / "decode.json", tmp_path / "speed.md"
+    result = decode_batch.main(
+        [
+            "--model",
+            str(tiny_pipeline_dir),
+            "--repeats",
+            "3",
+            "--keep",
+            str(keep),
+            "--page",
+            str(page),
+        ]
+    )
+    assert {size: len(values) for size, values in result["seconds"].items()} == dict.fromkeys(
+        ["64", "32", "16", "8"], 1
+    )
+    assert "<!-- begin decode_batch" in page.read_text() and json.loads(keep.read_text()) == result
