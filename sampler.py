@@ -209,14 +209,13 @@ def sample_trajectories(
     (B, T; reduce "none": B, T, C, h, w) of each taken step, timesteps (B, T), prompt_embeds (B,
     tokens, dim), negative_embeds (1, tokens, dim), images (B, 3, H, W) in [0, 1]; prompts, B strs.
     policy: the model family's (Policy; SD1 is the paper's). reduce: the log-prob's
-    (reduce_elements). progress: a bar.
+    (reduce_elements). progress: a bar. decode_batch_size: images decoded at a time (speed only).
 
     Beyond the paper (machinery/ gives them): stochastic, a bool per step: only those steps draw
     with eta, the others are deterministic DDIM steps whose log_probs are NaN, never trained
     (successors.py); initial_latents (B, C, h, w), each x_T instead of a draw; after_batch(images,
     prompts, start, total), called after each batch; on_step(step, t, state, prediction), called
-    at each state (the KL to the base policy, leash.KLToBase); decode_batch_size, images decoded at
-    a time (speed and memory only; default: the whole batch).
+    at each state (the KL to the base policy, leash.KLToBase).
     """
     device = pipe.unet.device
     stochastic = torch.ones(num_steps, dtype=torch.bool) if stochastic is None else stochastic
@@ -250,15 +249,14 @@ def sample_trajectories(
                 on_step(step, t, state, eps)
             latents.append(x_prev)
             log_probs.append(log_prob)
+        x_0 = latents[-1].split(decode_batch_size or n)  # decoded a few at a time
         batches.append(
             {
                 "latents": torch.stack(latents, dim=1),
                 "log_probs": torch.stack(log_probs, dim=1),
                 "timesteps": pipe.scheduler.timesteps.expand(n, -1),
                 "prompt_embeds": prompt_embeds,
-                "images": torch.cat(
-                    [policy.decode(pipe, x_0) for x_0 in latents[-1].split(decode_batch_size or n)]
-                ),
+                "images": torch.cat([policy.decode(pipe, part) for part in x_0]),
             }
         )
         if after_batch is not None:  # beyond the paper: a served reward's request, checks

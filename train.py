@@ -52,13 +52,8 @@ def main(argv=None, reward_fn=None):
             run.before_sampling(epoch)  # beyond the paper: the fixed-noise evaluation, when due
             # 1. sample: c ~ p(c), then roll out the current policy, one trajectory a prompt
             prompts = draw_prompts(run.prompt_set, run.rng, run.share, cfg.samples_per_prompt)
-            settings = (
-                cfg.num_steps,
-                cfg.guidance_scale,
-                cfg.eta,
-                cfg.sample_batch_size,
-                run.generator,
-            )
+            w, eta, batch_size = cfg.guidance_scale, cfg.eta, cfg.sample_batch_size
+            settings = (cfg.num_steps, w, eta, batch_size, run.generator)
             with run.autocast:  # beyond the paper: sampling_options (machinery/run.py)
                 options = run.sampling_options(epoch, prompts)
                 traj = sample_trajectories(run.pipe, prompts, *settings, run.policy, **options)
@@ -173,8 +168,7 @@ def update(cfg, run, traj, advantages):
                 _, element_log_prob = step_with_logprob(
                     scheduler, eps, t, x_t, cfg.eta, action, reduce="none", mean_std=mean_std
                 )
-                # averaged over the latent's elements:
-                # README, "Why is the log-prob averaged, not summed?"
+                # the mean over its elements (README, "Why is the log-prob averaged, not summed?")
                 log_prob = reduce_elements(element_log_prob, "mean")
                 old_log_prob = traj["log_probs"][rows, k]  # at sampling time
                 # DDPO_IS's clipped ratio, DDPO_SF's score function or PXPO's per-position credit
