@@ -58,11 +58,9 @@ ALGO_SETTINGS = {
     "ddpo-sf": dict(updates_per_epoch=1),
     "pxpo": dict(updates_per_epoch=1),
     # RWR as the original code runs it: a round's samples are regressed on in 5 passes
-    # ("num_train_epochs": 5),
-    # dense weights over the whole round (not per prompt; its compressibility runs), sparse RWR's
-    # top 10 % per
-    # prompt where a prompt has enough samples, else over the rest of the round
-    # (ddpo.sparse_rwr_weights)
+    # ("num_train_epochs": 5), dense weights over the whole round (not per prompt; its
+    # compressibility runs), sparse RWR's top 10 % per prompt where a prompt has enough samples,
+    # else over the rest of the round (ddpo.sparse_rwr_weights)
     "rwr": dict(updates_per_epoch=4, inner_epochs=5, per_prompt_stat_tracking=False),
     "rwr-sparse": dict(updates_per_epoch=4, inner_epochs=5),
 }
@@ -150,11 +148,7 @@ class Config:
     )
     epochs: int = arg(100, "epochs, each one round of sampling and updates")
     samples_per_epoch: int = arg(256, "trajectories sampled per epoch")
-    batch_size: int = arg(
-        8,
-        "trajectories per forward pass in training, and in sampling unless --sample-batch-size "
-        "says otherwise (memory and speed only, not the maths)",
-    )
+    batch_size: int = arg(8, "trajectories per forward pass in training (memory and speed only)")
     sample_batch_size: int = arg(
         None,
         "trajectories per forward pass in sampling (memory and speed only); default --batch-size",
