@@ -14,6 +14,12 @@ time; then the median over seeds. It draws before_after.png: the base model and 
 fine-tuned model, sampling the same prompts from the same noise. It keeps each run's result files
 and the figures in --keep (docs/cpu-demo) and writes the table into --page (docs/cpu-demo.md);
 `--out docs/cpu-demo` writes the page again from the kept files, measuring nothing.
+
+    python benchmarks/cpu_demo.py --seeds 3 4 5 --out runs/s16k1 --keep docs/cpu-demo/s16k1 \
+        --block cpu_demo_s16k1 --no-figures --train-args="--sample-batch-size 16 --steps-per-forward 1"
+
+runs the command with more flags (--train-args), into a block of the page of its own (--block),
+drawing and keeping no figures (--no-figures).
 """
 
 import argparse
@@ -41,7 +47,7 @@ from sampler import sample_trajectories  # noqa: E402
 LAST = 5  # the epochs at the end whose mean is the result
 
 
-def run_seed(seed, out, model=None):
+def run_seed(seed, out, model=None, train_args=()):
     if not (out / "run.json").is_file():  # else a finished run: read it again
         shutil.rmtree(out, ignore_errors=True)  # train.py writes only into an empty folder
         record, start = provenance(), time.time()  # the commit the run starts from
@@ -56,6 +62,7 @@ def run_seed(seed, out, model=None):
                 "--out",
                 str(out),
                 *(["--model", str(model)] if model else []),
+                *train_args,
             ],
             check=True,
         )
@@ -153,6 +160,8 @@ def keep(args, results):
     }
     for seed in args.seeds:
         keep_run(args.out / f"seed{seed}", args.keep / f"seed{seed}")
+    if args.no_figures:
+        return
     for name, path in figures.items():
         if path is not None and path.is_file():
             shutil.copyfile(path, args.keep / name)
@@ -169,18 +178,26 @@ def main():
     parser.add_argument("--out", type=Path, default=Path("runs/cpu-demo"))
     parser.add_argument("--keep", type=Path, default=ROOT / "docs" / "cpu-demo")
     parser.add_argument("--page", type=Path, default=ROOT / "docs" / "cpu-demo.md")
+    parser.add_argument("--train-args", default="", help="more train.py flags, in one string")
+    parser.add_argument("--block", default="cpu_demo", help="the page's block to write")
+    parser.add_argument(
+        "--no-figures", action="store_true", help="the table only: no figures drawn or kept"
+    )
     args = parser.parse_args()
-    results = [run_seed(seed, args.out / f"seed{seed}", args.model) for seed in args.seeds]
+    train_args = args.train_args.split()
+    runs = [(seed, args.out / f"seed{seed}") for seed in args.seeds]
+    results = [run_seed(seed, out, args.model, train_args) for seed, out in runs]
     print(table(results))
     lora = args.out / f"seed{args.seeds[0]}" / "lora"
-    if lora.is_dir():  # kept results have no weights: the kept figure stays
+    if lora.is_dir() and not args.no_figures:  # kept results have no weights: the figure stays
         before_after(lora, args.out / "before_after.png", args.model or BUNDLED_MODEL)
     if args.out.resolve() != args.keep.resolve():
         keep(args, results)
     seeds = " ".join(str(seed) for seed in args.seeds)
     model = f" --model {args.model}" if args.model else ""
-    command = f"python benchmarks/cpu_demo.py{model} --seeds {seeds}"
-    write_block(args.page, "cpu_demo", table(results) + "\n\n" + made_by(command, results))
+    given = f' --train-args="{args.train_args}"' if args.train_args else ""
+    command = f"python benchmarks/cpu_demo.py{model} --seeds {seeds}{given}"
+    write_block(args.page, args.block, table(results) + "\n\n" + made_by(command, results))
 
 
 if __name__ == "__main__":
