@@ -183,7 +183,7 @@ class Run(contextlib.ExitStack):
             cfg, self.pipe, self.rng, self.generator, len(prompts), cfg.num_steps
         )
         # the VAE decodes --batch-size images at a time: on a CPU a decode of the bundled
-        # model's 64 images at once takes 2.5 times as long (docs/speed.md)
+        # model's 64 images at once takes 2.4 times as long (docs/speed.md)
         decoding = {"decode_batch_size": cfg.batch_size}
         return {"progress": self.progress, "after_batch": check, **decoding, **extra}
 
