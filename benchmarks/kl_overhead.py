@@ -5,7 +5,8 @@
 
 Three arms, each a run of train.py's loop through benchmarks/overhead.py (the first epoch warms up
 and is not counted): "no kl_to_base" (train.update without the base policy, as the loop was before
-the leash), "kl-coef 0" (the default: kl_to_base measured on each sample's first trained step) and
+the leash), "kl-coef 0" (the default: kl_to_base measured on the first trained step of each
+sample of the epoch's first minibatch) and
 "kl-coef K" (the penalty on every trained step: one more no-grad guided forward each). They run
 A, B, C, A, B, C...; the table gives each repeat's seconds per epoch, the medians, and their
 ratios to the "no kl_to_base" arm, with the UNet calls of one counted epoch. Arguments after `--` go

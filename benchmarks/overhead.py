@@ -142,12 +142,20 @@ class Interleaved:
     replayed at once (the machine's speed drifts over minutes; an epoch and its replay see the
     same). Keeps each epoch's floors and the seconds the replays took."""
 
-    def __init__(self, calls):
-        self.calls, self.done, self.floors, self.spent = calls, 0, [], []
+    def __init__(self, calls, epoch_starts):
+        self.calls, self.epoch_starts, self.done, self.floors, self.spent = (
+            calls,
+            epoch_starts,
+            0,
+            [],
+            [],
+        )
 
     def __call__(self, run):
         start, unet = time.perf_counter(), run.pipe.unet
-        epoch_calls, self.done = self.calls[self.done :], len(self.calls)
+        # the epoch's own calls: not an evaluation's before its sampling (--eval-every)
+        epoch_calls = [c for c in self.calls[self.done :] if c[0] >= self.epoch_starts[-1]]
+        self.done = len(self.calls)
         autocast = forwards_autocast(unet.device, run.cfg.mixed_precision)
         self.floors.append(replay(unet, epoch_calls, autocast))
         del self.calls[self.done :]  # the replay's own calls, recorded by the hook
@@ -173,7 +181,7 @@ def main(argv=None):
     if args.epochs < 2:
         parser.error("--epochs must be at least 2: the first one only warms up")
     calls, epoch_starts, pipes, record = [], [], [], provenance()
-    floors = Interleaved(calls)
+    floors = Interleaved(calls, epoch_starts)
     with instrument(calls, epoch_starts, pipes, floors), tempfile.TemporaryDirectory() as tmp:
         history = train.main(
             ["--epochs", str(args.epochs), "--out", f"{tmp}/run", *args.train_args]

@@ -18,6 +18,7 @@ what those two took in the loop beyond their replay. Arguments after `--` go to 
 import argparse
 import contextlib
 import functools
+import importlib
 import json
 import sys
 import tempfile
@@ -29,11 +30,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import machinery.families.sd  # noqa: E402
 import machinery.run  # noqa: E402
 import sampler  # noqa: E402
 import train  # noqa: E402
 from machinery import checkpoints, epoch_log  # noqa: E402
+from machinery.families import FAMILIES  # noqa: E402
 from overhead import Interleaved, instrument  # noqa: E402
 from page import made_by, provenance, save_json, write_block  # noqa: E402
 
@@ -110,6 +111,7 @@ def clocks(own):
                     return function(*args, **kwargs)
                 finally:
                     own[(name, "total")] += time.perf_counter() - start
+                    phase[0] = "between"  # an evaluation's parts are no phase's
 
             return call
 
@@ -118,14 +120,18 @@ def clocks(own):
     def denoiser(args):  # the update's forwards without gradient are the base policy's
         return "base" if phase[0] == "update" and not torch.is_grad_enabled() else "denoiser"
 
-    policy = machinery.families.sd.POLICY
-    timed_policy = policy._replace(
-        encode_prompts=clocked("encode")(policy.encode_prompts),
-        predict=clocked(denoiser)(policy.predict),
-        decode=clocked("decode")(policy.decode),
-    )
+    def timed(policy):  # a model family's policy, its parts clocked
+        return policy._replace(
+            encode_prompts=clocked("encode")(policy.encode_prompts),
+            predict=clocked(denoiser)(policy.predict),
+            decode=clocked("decode")(policy.decode),
+        )
+
+    families = [
+        importlib.import_module(f"machinery.families.{name}") for name in set(FAMILIES.values())
+    ]
     patches = [
-        patched(machinery.families.sd, "POLICY", lambda _: timed_policy),
+        *(patched(module, "POLICY", timed) for module in families),
         patched(sampler, "guided_prediction", clocked("guided")),
         patched(sampler, "step_with_logprob", clocked("step")),
         patched(train, "guided_prediction", clocked("guided")),
@@ -150,7 +156,7 @@ def measure(args, argv):
     seconds an epoch of each part, and of the floor."""
     calls, epoch_starts, pipes, record = [], [], [], provenance()
     own, per_epoch, ends = defaultdict(float), [], []
-    floors = Interleaved(calls)
+    floors = Interleaved(calls, epoch_starts)
 
     def after_epoch(run):  # its parts kept, its end marked, its floor replayed (clocks not kept)
         per_epoch.append(dict(own))

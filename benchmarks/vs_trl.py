@@ -69,6 +69,8 @@ def side_knobs(side):
             raise argparse.ArgumentTypeError(
                 f"side {side!r}: ours, ours-compiled or trl, then -s<N> and (ours) -k<K>"
             )
+        if KNOBS[letter] in knobs:
+            raise argparse.ArgumentTypeError(f"side {side!r}: -{letter} given twice")
         knobs[KNOBS[letter]] = int(value)
     if base not in (*OURS, "trl"):
         raise argparse.ArgumentTypeError(f"side {side!r}: ours, ours-compiled or trl first")
@@ -151,6 +153,8 @@ def run_trl(epochs, model, settings=SETTINGS, sample_batch_size=None, seed=0):
 
     rng = np.random.default_rng(seed)
     sample_batch_size = sample_batch_size or settings["batch_size"]
+    if settings["samples"] % sample_batch_size:  # TRL would sample fewer and train on fewer
+        raise SystemExit(f"trl-s{sample_batch_size}: must divide the {settings['samples']} samples")
     PartialState()  # the pipeline logs (no LoRA in the folder) through accelerate, which needs its state first
     with tempfile.TemporaryDirectory() as tmp:
         config = DDPOConfig(

@@ -275,7 +275,10 @@ def resumed_config(given):
             )
     cfg = Config(**{**saved, **given, "out": str(folder), "resume": str(folder)})
     if cfg.sample_batch_size is None:  # runs of earlier versions sampled at --batch-size
-        cfg.sample_batch_size = cfg.batch_size
+        cfg.sample_batch_size, sources["sample_batch_size"] = (
+            cfg.batch_size,
+            "derived: --batch-size",
+        )
     checks.validate(cfg)
     sources.update(dict.fromkeys([*given, "resume", "out"], "flag"))
     return cfg, sources

@@ -33,10 +33,10 @@ def run(cfg):
     forwards = autocast(device, cfg.mixed_precision)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    # one batch: two prompts, half of it each, so that the spread within a prompt shows
+    # one sampling batch: two prompts, half of it each, so that the spread within a prompt shows
     prompt_set = load_prompts(cfg.prompts)
     chosen = np.random.default_rng(cfg.seed).permutation(len(prompt_set))[:2]
-    n = max(2, cfg.batch_size // len(chosen)) * len(chosen)
+    n = max(2, cfg.sample_batch_size // len(chosen)) * len(chosen)
     prompts = [prompt_set[i] for i in chosen for _ in range(n // len(chosen))]
     start = time.time()
     with forwards:
@@ -116,26 +116,30 @@ def check_reward(cfg, reward_fn, images, prompts, say):
 
 
 def check_gradient(cfg, pipe, params, traj, rewards, autocast, say):
-    """One update's gradient, on the batch's middle step: finite, and reaching the weights that can
-    move first. No optimiser step: the weights stay as they were. Returns its seconds a state."""
+    """One training forward's gradient, as the update takes it: --batch-size of the samples at
+    --steps-per-forward steps from the middle one. Finite, and reaching the weights that can move
+    first. No optimiser step: the weights stay as they were. Returns its seconds a state."""
     if rewards is not None and rewards.std() > 0:
         advantages = torch.as_tensor(ddpo.batch_advantages(rewards), dtype=torch.float32)
         used = "the batch's advantages"
     else:
         advantages = torch.tensor([1.0, -1.0]).repeat(len(traj["prompts"]) // 2)
         used = "advantages of +1 and -1 (the reward gave none)"
-    k = cfg.num_steps // 2
+    samples = torch.arange(min(cfg.batch_size, len(traj["prompts"])))
+    steps = torch.arange(cfg.num_steps // 2, cfg.num_steps)[: cfg.steps_per_forward]
+    rows, k = samples.repeat(len(steps)), steps.repeat_interleave(len(samples))
     start = time.time()
     with autocast:
-        x_t, t = traj["latents"][:, k], traj["timesteps"][:, k]
-        c, empty = traj["prompt_embeds"], traj["negative_embeds"]
+        x_t, t = traj["latents"][rows, k], traj["timesteps"][rows, k]
+        c, empty = traj["prompt_embeds"][rows], traj["negative_embeds"]
         policy = pipe.family.POLICY
         eps = guided_prediction(pipe.unet, x_t, t, c, empty, cfg.guidance_scale, policy.predict)
-        action = traj["latents"][:, k + 1]
+        action = traj["latents"][rows, k + 1]
         _, log_prob = step_with_logprob(
             pipe.scheduler, eps, t, x_t, cfg.eta, action, mean_std=policy.mean_std
         )
-        loss = ddpo.ddpo_sf_loss(log_prob, advantages.to(log_prob.device), cfg.adv_clip_max)
+        A = advantages[rows].to(log_prob.device)
+        loss = ddpo.ddpo_sf_loss(log_prob, A, cfg.adv_clip_max)
     loss.backward()
     seconds = (time.time() - start) / len(x_t)
     named = [(name, p) for name, p in pipe.unet.named_parameters() if p.requires_grad]
@@ -172,5 +176,11 @@ def estimate(cfg, n, sample_seconds, train_seconds, device, say):
     )
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**30
-        text += f"; peak GPU memory {peak:.1f} GiB with {n} images a batch"
+        states = min(cfg.batch_size, n) * min(
+            cfg.steps_per_forward, cfg.num_steps - cfg.num_steps // 2
+        )
+        text += (
+            f"; peak GPU memory {peak:.1f} GiB with {n} images a sampling batch and {states} "
+            "states a training forward"
+        )
     say("ok", "time", text)
