@@ -162,9 +162,11 @@ class Interleaved:
         self.spent.append(time.perf_counter() - start)
 
 
-def main(argv=None):
+def arguments(argv, description):
+    """The flags this script and profile_epoch.py share, checked: --epochs, --keep, --page,
+    --report, and train.py's arguments after `--`."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "--epochs", type=int, default=4, help="epochs to run; the first is warm-up and not counted"
@@ -176,10 +178,25 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if (args.page or args.report) and not args.keep:
         parser.error("--page and --report read the kept results: give --keep too")
+    if not args.report and args.epochs < 2:
+        parser.error("--epochs must be at least 2: the first one only warms up")
+    return args
+
+
+def keep(args, result, page):
+    """result added to the results kept in --keep, and with --page their table written into it
+    (page(keep, path): the script's own)."""
+    if args.keep:
+        kept = json.loads(args.keep.read_text()) if args.keep.is_file() else []
+        save_json(args.keep, [*kept, result])
+        if args.page:
+            page(args.keep, args.page)
+
+
+def main(argv=None):
+    args = arguments(argv, __doc__)
     if args.report:
         return page(args.keep, args.page)
-    if args.epochs < 2:
-        parser.error("--epochs must be at least 2: the first one only warms up")
     calls, epoch_starts, pipes, record = [], [], [], provenance()
     floors = Interleaved(calls, epoch_starts)
     with instrument(calls, epoch_starts, pipes, floors), tempfile.TemporaryDirectory() as tmp:
@@ -230,11 +247,7 @@ def main(argv=None):
         "command": " ".join(["python benchmarks/overhead.py", *(argv or sys.argv[1:])]),
         **record,
     }
-    if args.keep:
-        kept = json.loads(args.keep.read_text()) if args.keep.is_file() else []
-        save_json(args.keep, [*kept, result])
-        if args.page:
-            page(args.keep, args.page)
+    keep(args, result, page)
     return result
 
 

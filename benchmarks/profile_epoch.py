@@ -15,7 +15,6 @@ denoiser's calls and the update's backward pass; every other row is beyond the f
 what those two took in the loop beyond their replay. Arguments after `--` go to train.py.
 """
 
-import argparse
 import contextlib
 import functools
 import importlib
@@ -35,8 +34,8 @@ import sampler  # noqa: E402
 import train  # noqa: E402
 from machinery import checkpoints, epoch_log  # noqa: E402
 from machinery.families import FAMILIES  # noqa: E402
-from overhead import Interleaved, instrument  # noqa: E402
-from page import made_by, provenance, save_json, write_block  # noqa: E402
+from overhead import Interleaved, arguments, instrument, keep  # noqa: E402
+from page import made_by, provenance, write_block  # noqa: E402
 
 # (phase, part): what the page calls it
 PARTS = {
@@ -151,7 +150,7 @@ def clocks(own):
         yield
 
 
-def measure(args, argv):
+def measure(args):
     """Run the epochs with the clocks on and each epoch's floor replayed after it (overhead.py):
     seconds an epoch of each part, and of the floor."""
     calls, epoch_starts, pipes, record = [], [], [], provenance()
@@ -181,9 +180,9 @@ def measure(args, argv):
     seconds["between/rest"] = sum(epochs) / n - phases
     floor_sample, floor_update = (sum(phase) / n for phase in zip(*floors.floors[1:]))
     settings = ("samples_per_epoch", "batch_size", "sample_batch_size", "steps_per_forward")
-    extra = [f"--epochs {args.epochs}"] * (args.epochs != 4) + ["--", *args.train_args] * bool(
-        args.train_args
-    )
+    extra = [] if args.epochs == 4 else [f"--epochs {args.epochs}"]
+    if args.train_args:
+        extra += ["--", *args.train_args]
     return {
         "seconds": dict(seconds),
         "floor": {"sampling": floor_sample, "update": floor_update},
@@ -246,28 +245,12 @@ def page(keep, path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--epochs", type=int, default=4, help="epochs; the first is not counted")
-    parser.add_argument("--keep", type=Path, help="a JSON file of results to add this one to")
-    parser.add_argument("--page", type=Path, help="write the kept results' table into this page")
-    parser.add_argument("--report", action="store_true", help="with --page: measure nothing")
-    parser.add_argument("train_args", nargs="*", help="more train.py arguments, after --")
-    args = parser.parse_args(argv)
-    if (args.page or args.report) and not args.keep:
-        parser.error("--page and --report read the kept results: give --keep too")
-    if args.epochs < 2:
-        parser.error("--epochs must be at least 2: the first one only warms up")
+    args = arguments(argv, __doc__)
     if args.report:
         return page(args.keep, args.page)
-    result = measure(args, argv)
+    result = measure(args)
     print(table([result]))
-    if args.keep:
-        kept = json.loads(args.keep.read_text()) if args.keep.is_file() else []
-        save_json(args.keep, [*kept, result])
-        if args.page:
-            page(args.keep, args.page)
+    keep(args, result, page)
     return result
 
 

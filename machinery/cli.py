@@ -178,11 +178,7 @@ def derive(cfg, sources):
             if cfg.lora_rank > 0
             else "1e-5 for the whole UNet (paper, appendix D.5)"
         )
-    if cfg.sample_batch_size is None:
-        cfg.sample_batch_size, sources["sample_batch_size"] = (
-            cfg.batch_size,
-            "derived: --batch-size",
-        )
+    sample_batch_size(cfg, sources)
     if not cfg.device:
         cfg.device = "cuda" if cuda_available() else "cpu"
         sources["device"] = "derived: cuda when available, else cpu"
@@ -191,6 +187,15 @@ def derive(cfg, sources):
         cfg.out = f"runs/{'+'.join(names)[:48]}-{cfg.algo}-{time.strftime('%Y%m%d-%H%M%S')}"
         sources["out"] = "derived: runs/<reward>-<algo>-<time>"
     cfg.run_id, sources["run_id"] = uuid.uuid4().hex[:12], "derived: new for each run"
+
+
+def sample_batch_size(cfg, sources):
+    """--sample-batch-size, when not given (nor saved): --batch-size."""
+    if cfg.sample_batch_size is None:
+        cfg.sample_batch_size, sources["sample_batch_size"] = (
+            cfg.batch_size,
+            "derived: --batch-size",
+        )
 
 
 def record_rewards(cfg, sources):
@@ -274,11 +279,7 @@ def resumed_config(given):
                 f"the copy of {saved[name]} taken at the run's start",
             )
     cfg = Config(**{**saved, **given, "out": str(folder), "resume": str(folder)})
-    if cfg.sample_batch_size is None:  # runs of earlier versions sampled at --batch-size
-        cfg.sample_batch_size, sources["sample_batch_size"] = (
-            cfg.batch_size,
-            "derived: --batch-size",
-        )
+    sample_batch_size(cfg, sources)  # runs of earlier versions sampled at --batch-size
     checks.validate(cfg)
     sources.update(dict.fromkeys([*given, "resume", "out"], "flag"))
     return cfg, sources

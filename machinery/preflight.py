@@ -54,8 +54,8 @@ def run(cfg):
     say("ok", "sampling", f"{n} images of {len(chosen)} prompts, {cfg.num_steps} steps")
     check_ratio(cfg, pipe, traj, forwards, say)
     rewards = check_reward(cfg, reward_fn, traj["images"], prompts, say)
-    train_seconds = check_gradient(cfg, pipe, params, traj, rewards, forwards, say)
-    estimate(cfg, n, sample_seconds, train_seconds, device, say)
+    train_seconds, states = check_gradient(cfg, pipe, params, traj, rewards, forwards, say)
+    estimate(cfg, n, sample_seconds, train_seconds, states, device, say)
     return 1 if failed else 0
 
 
@@ -118,7 +118,8 @@ def check_reward(cfg, reward_fn, images, prompts, say):
 def check_gradient(cfg, pipe, params, traj, rewards, autocast, say):
     """One training forward's gradient, as the update takes it: --batch-size of the samples at
     --steps-per-forward steps from the middle one. Finite, and reaching the weights that can move
-    first. No optimiser step: the weights stay as they were. Returns its seconds a state."""
+    first. No optimiser step: the weights stay as they were. Returns its seconds a state and its
+    number of states."""
     if rewards is not None and rewards.std() > 0:
         advantages = torch.as_tensor(ddpo.batch_advantages(rewards), dtype=torch.float32)
         used = "the batch's advantages"
@@ -161,10 +162,10 @@ def check_gradient(cfg, pipe, params, traj, rewards, autocast, say):
             say("ok", "gradient", where)
     for p in params:
         p.grad = None
-    return seconds
+    return seconds, len(x_t)
 
 
-def estimate(cfg, n, sample_seconds, train_seconds, device, say):
+def estimate(cfg, n, sample_seconds, train_seconds, states, device, say):
     """An epoch's time from this batch's, and on a GPU the peak memory."""
     train_steps = max(1, int(cfg.num_steps * cfg.timestep_fraction))
     sampling = sample_seconds / n * cfg.samples_per_epoch
@@ -176,9 +177,6 @@ def estimate(cfg, n, sample_seconds, train_seconds, device, say):
     )
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**30
-        states = min(cfg.batch_size, n) * min(
-            cfg.steps_per_forward, cfg.num_steps - cfg.num_steps // 2
-        )
         text += (
             f"; peak GPU memory {peak:.1f} GiB with {n} images a sampling batch and {states} "
             "states a training forward"
