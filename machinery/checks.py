@@ -12,7 +12,6 @@ import re
 import urllib.parse
 from pathlib import Path
 
-import toy_world
 from machinery.config import LOCK, ON_POLICY, Config
 from machinery.devices import DEVICE, world_size
 from machinery.errors import fail
@@ -22,6 +21,7 @@ from machinery.reward_specs import (
     PYTHON,
     REWARDS,
     file_sha256,
+    imported,
     is_url,
     own_reward_file,
     split_term,
@@ -145,10 +145,10 @@ def check_system(cfg):
 
 def check_built_in_rewards(cfg, specs):
     """What the built-in rewards among specs declare (reward_specs.REWARDS): their models' folders
-    readable, the toy world's prompts for those that read them. The prompt files are read now: a
-    missing or broken one fails before the models load."""
-    chosen = [REWARDS[spec] for spec in specs if spec in REWARDS]
-    for reward in chosen:
+    readable, their prompts ones they can read. The prompt files are read now: a missing or broken
+    one fails before the models load."""
+    chosen = {spec: REWARDS[spec] for spec in specs if spec in REWARDS}
+    for reward in chosen.values():
         for name, kind in reward.models.items():
             check_model(f"--{name.replace('_', '-')}", getattr(cfg, name), kind, "config.json")
     for flag, name in (
@@ -156,12 +156,10 @@ def check_built_in_rewards(cfg, specs):
         ("--eval-prompts", cfg.eval_prompts or cfg.prompts),
     ):
         prompts = load_prompts(name, flag)
-        toy = [spec for spec in specs if spec in REWARDS and REWARDS[spec].toy_prompts]
-        if toy and not set(prompts) <= set(toy_world.PROMPTS):
-            fail(
-                f"--reward {toy[0]} finds the shape by the toy world's colours: use {flag} "
-                f"shapes, not {name}"
-            )
+        for spec, reward in chosen.items():
+            problem = reward.prompts and imported(reward.prompts)(prompts)
+            if problem:
+                fail(f"--reward {spec} with {flag} {name}: {problem}")
 
 
 def check_successors(cfg, world):

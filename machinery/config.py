@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from machinery.prompts import PROMPT_SETS
-from machinery.reward_specs import REWARD_NAMES
+from machinery.reward_specs import REWARD_NAMES, SETTINGS, RewardSettings
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 BUNDLED_MODEL = ROOT / "toy_world" / "tiny-shapes"
@@ -29,7 +29,7 @@ BEYOND = (
     "beyond the paper: rewards combined, the KL leash, the evaluation, DDPO's successors, speed"
 )
 RUN = "the run: its folder, resume, processes, precision, trackers, a served reward"
-GROUPS = (PAPER, BEYOND, RUN)
+GROUPS = (PAPER, SETTINGS, BEYOND, RUN)
 
 # The paper's settings scaled to the bundled model on a 2-core CPU
 # (docs/cpu-demo.md, "The bundled model and its preset"). The clip range grows by
@@ -90,7 +90,7 @@ def arg(default, help, group=PAPER, **kwargs):
 
 
 @dataclass
-class Config:
+class Config(RewardSettings):
     # model
     model: str = arg(
         "auto",
@@ -213,25 +213,6 @@ class Config:
         "rewards (prompt), or against its prompt's running mean and std at that position "
         "(position)",
         choices=("prompt", "position"),
-    )
-    target_color: str = arg(
-        "1,1,1", "pixel_color, pixel_background: the target colour as R,G,B in [0, 1]"
-    )
-    aesthetic_model: str = arg(
-        "openai/clip-vit-large-patch14",
-        "aesthetic: the CLIP model (hub id or folder) under LAION's aesthetic head",
-    )
-    alignment_model: str = arg(
-        "llava-hf/llava-1.5-7b-hf",
-        "alignment: the vision-language model (hub id or folder) that describes each image",
-    )
-    bertscore_model: str = arg(
-        "microsoft/deberta-xlarge-mnli", "alignment: the model whose embeddings BERTScore compares"
-    )
-    bertscore_layer: int = arg(
-        40,
-        "alignment: its hidden layer used by BERTScore (40: bert_score's choice for "
-        "deberta-xlarge-mnli)",
     )
     # overoptimisation: a leash to the base model and a held-out evaluation (not in the paper)
     kl_coef: float = arg(

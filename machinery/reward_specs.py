@@ -2,8 +2,11 @@
 declared once in REWARDS (the name, where its function is, the settings it takes, what is checked
 before anything loads); your own function (FILE.py:NAME or module:NAME); a served one (a URL).
 The names --reward accepts, its help and the checks come from here; reward_loading.py loads them.
+Each built-in reward's own settings (its model's id, its target) are fields of RewardSettings, here
+too: Config takes them as flags.
 
-To add a built-in reward: its function (rewards.py, or a module of yours) and one line in REWARDS.
+To add a built-in reward: its function (rewards.py, machinery/learned_rewards/, or a module of
+yours), one line in REWARDS, and its settings, if any, in RewardSettings.
 """
 
 import functools
@@ -14,6 +17,40 @@ import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+# --help's group of the rewards' own settings
+SETTINGS = "each built-in reward's own settings (docs/rewards.md)"
+
+
+def setting(default, help):
+    """A reward's setting: its default and its --help line, in the SETTINGS group."""
+    return field(default=default, metadata=dict(help=help, group=SETTINGS))
+
+
+@dataclass
+class RewardSettings:
+    """The settings the built-in rewards take (a reward names its own in REWARDS' options); Config
+    inherits them, so each is a flag of train.py and of reward_server.py."""
+
+    target_color: str = setting(
+        "1,1,1", "pixel_color, pixel_background: the target colour as R,G,B in [0, 1]"
+    )
+    aesthetic_model: str = setting(
+        "openai/clip-vit-large-patch14",
+        "aesthetic: the CLIP model (hub id or folder) under LAION's aesthetic head",
+    )
+    alignment_model: str = setting(
+        "llava-hf/llava-1.5-7b-hf",
+        "alignment: the vision-language model (hub id or folder) that describes each image",
+    )
+    bertscore_model: str = setting(
+        "microsoft/deberta-xlarge-mnli", "alignment: the model whose embeddings BERTScore compares"
+    )
+    bertscore_layer: int = setting(
+        40,
+        "alignment: its hidden layer used by BERTScore (40: bert_score's choice for "
+        "deberta-xlarge-mnli)",
+    )
 
 
 def colour(cfg):
@@ -41,14 +78,15 @@ class Reward:
     """A built-in reward. function: "module:name", the reward itself, or what make builds it from:
     make(cfg, function, options) -> the reward. options: the settings (Config's fields) it takes,
     by default passed as keywords of the same name. models: the settings that name a model, and
-    what kind of folder each is (checked before anything loads). toy_prompts: it reads the toy
-    world's prompts only."""
+    what kind of folder each is (checked before anything loads). prompts: "module:name" of a
+    function that returns what is wrong with a prompt set for this reward (None: nothing), checked
+    when the prompts load."""
 
     function: str
     options: tuple = ()
     make: Callable = by_name
     models: dict = field(default_factory=dict)
-    toy_prompts: bool = False
+    prompts: str = None
 
 
 REWARDS = {
@@ -56,7 +94,7 @@ REWARDS = {
     "jpeg_incompressibility": Reward("rewards:jpeg_incompressibility"),
     "pixel_color": Reward("rewards:pixel_color", ("target_color",), with_target),  # for PXPO
     "pixel_background": Reward(
-        "rewards:pixel_background", ("target_color",), with_target, toy_prompts=True
+        "rewards:pixel_background", ("target_color",), with_target, prompts="toy_world:not_toy"
     ),
     "toy_alignment": Reward("toy_world:judge"),  # the bundled model's stand-in for section 5.3's
     "aesthetic": Reward(  # section 5.2
@@ -80,10 +118,15 @@ OWN_REWARD = re.compile(r"(?P<where>.+):(?P<name>[A-Za-z_]\w*)")
 PYTHON = "python:"
 
 
+def imported(where):
+    """The function that "module:name" names, imported now."""
+    module, _, name = where.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def function(reward):
     """The function a REWARDS entry names, imported now."""
-    module, _, name = reward.function.partition(":")
-    return getattr(importlib.import_module(module), name)
+    return imported(reward.function)
 
 
 def is_url(spec):

@@ -28,6 +28,16 @@ PROMPTS = [f"a {colour} {shape}" for colour in COLOURS for shape in SHAPES]
 # trained on, but five of their combinations never are.
 HELDOUT = [f"a {colour} {SHAPES[k % len(SHAPES)]}" for k, colour in enumerate(COLOURS)]
 TRAIN = [prompt for prompt in PROMPTS if prompt not in HELDOUT]
+
+
+def not_toy(prompts):
+    """Why a reward that reads the toy world's prompts (pixel_background) cannot take these, or
+    None when every one is the toy world's."""
+    strangers = sorted(set(prompts) - set(PROMPTS))
+    if strangers:
+        return f"finds the shape by the toy world's colours, and {strangers[0]!r} is not one of its prompts: use shapes"
+
+
 MATCH_DISTANCE = 0.3  # a pixel shows a colour if it is this close to it in RGB (0-1 units)
 
 
