@@ -51,6 +51,11 @@ class RewardSettings:
         "alignment: its hidden layer used by BERTScore (40: bert_score's choice for "
         "deberta-xlarge-mnli)",
     )
+    ocr_detect: bool = setting(
+        False,
+        "ocr: find the text boxes before reading them (PP-OCR's detector), for text small in a "
+        "large image or in several lines; without it the whole image is read as one line",
+    )
 
 
 def colour(cfg):
@@ -108,6 +113,12 @@ REWARDS = {
         ("alignment_model", "bertscore_model", "bertscore_layer"),
         learned,
         {"alignment_model": "a vision-language model folder", "bertscore_model": "a model folder"},
+    ),
+    "ocr": Reward(  # Flow-GRPO's text rendering
+        "machinery.learned_rewards.ocr:load",
+        ("ocr_detect",),
+        learned,
+        prompts="machinery.learned_rewards.ocr:unreadable",
     ),
 }
 REWARD_NAMES = tuple(REWARDS)
