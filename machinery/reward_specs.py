@@ -51,6 +51,9 @@ class RewardSettings:
         "alignment: its hidden layer used by BERTScore (40: bert_score's choice for "
         "deberta-xlarge-mnli)",
     )
+    clipscore_model: str = setting(
+        "openai/clip-vit-large-patch14", "clipscore: the CLIP model (hub id or folder)"
+    )
     ocr_detect: bool = setting(
         False,
         "ocr: find the text boxes before reading them (PP-OCR's detector), for text small in a "
@@ -113,6 +116,12 @@ REWARDS = {
         ("alignment_model", "bertscore_model", "bertscore_layer"),
         learned,
         {"alignment_model": "a vision-language model folder", "bertscore_model": "a model folder"},
+    ),
+    "clipscore": Reward(  # Flow-GRPO's CLIP score
+        "machinery.learned_rewards.clipscore:load",
+        ("clipscore_model",),
+        learned,
+        {"clipscore_model": "a CLIP model folder"},
     ),
     "ocr": Reward(  # Flow-GRPO's text rendering
         "machinery.learned_rewards.ocr:load",

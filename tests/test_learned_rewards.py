@@ -9,7 +9,10 @@ from transformers import (
     BertConfig,
     BertModel,
     BertTokenizerFast,
+    CLIPConfig,
     CLIPImageProcessor,
+    CLIPModel,
+    CLIPProcessor,
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
     LlamaConfig,
@@ -20,8 +23,10 @@ from transformers import (
 )
 
 import train
+from machinery.learned_rewards import clipscore
 from machinery.reward_loading import aesthetic_reward as aesthetic
 from machinery.reward_loading import alignment_reward as alignment
+from toy_world.pretrain import clip_config, make_tokenizer
 from rewards import AESTHETIC_HEAD, aesthetic_head, bertscore_recall, clip_preprocess, to_pil
 
 WORDS = "the image contains a an cat dog riding bike what is going on in this ? user assistant : . , red blue".split()
@@ -229,6 +234,16 @@ def test_alignment_describes_each_image_and_scores_the_answer_against_the_prompt
             "--aesthetic-model",
             "hf download",
         ),
+        (
+            ["--reward", "clipscore", "--clipscore-model", "no-such/clip"],
+            "--clipscore-model",
+            "hf download",
+        ),
+        (
+            ["--reward", "clipscore", "--clipscore-model", "{missing}"],
+            "--clipscore-model",
+            "folder saved",
+        ),
     ],
 )
 def test_a_reward_model_that_cannot_load_exits_2_with_one_line_and_writes_nothing(
@@ -260,3 +275,52 @@ def test_a_reward_model_that_cannot_load_exits_2_with_one_line_and_writes_nothin
         and fix in error[0]
     )
     assert not out.exists()
+
+
+def tiny_clip_pair(path, seed=0, width=32):
+    """A tiny CLIPModel (text and image towers) and its CLIPProcessor, saved to path."""
+    tokenizer = make_tokenizer(["a", "cat", "dog", "red", "blue", "riding", "bike"], max_length=16)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    config = CLIPConfig(
+        text_config=clip_config(tokenizer, width),
+        vision_config=dict(**vision, image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    torch.manual_seed(seed)
+    CLIPModel(config).save_pretrained(path)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    )
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+    return path
+
+
+def by_hand(path, images, prompts):
+    """exp(logit_scale) cos(image, prompt), each tower run by hand, the cosine in float64."""
+    model, processor = CLIPModel.from_pretrained(path), CLIPProcessor.from_pretrained(path)
+    pixels = processor(images=to_pil(images), return_tensors="pt").pixel_values
+    tokens = processor.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        image = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
+        text = model.text_projection(model.text_model(**tokens).pooler_output)
+    cos = torch.nn.functional.cosine_similarity(image.double(), text.double(), dim=-1)
+    return model.logit_scale.exp().double() * cos
+
+
+def test_clipscore_is_clips_logit_over_30(tmp_path):
+    images = torch.rand(5, 3, 48, 40, generator=torch.Generator().manual_seed(0))
+    prompts = ["a cat", "a red dog riding a bike", "a blue cat", "a dog", "a cat riding a bike"]
+    clip = tiny_clip_pair(tmp_path / "clip", seed=0)
+    close = dict(rtol=1e-5, atol=1e-5)  # float32 against the float64 cosine
+    scores = clipscore.load(str(clip))(images, prompts)
+    torch.testing.assert_close(scores.double(), by_hand(clip, images, prompts) / 30, **close)
+    model, processor = CLIPModel.from_pretrained(clip), CLIPProcessor.from_pretrained(clip)
+    in_twos = clipscore.similarity(model, processor, batch_size=2, scale=1 / 30)
+    torch.testing.assert_close(in_twos(images, prompts), scores, **close)  # batched otherwise
+
+
+def test_one_epoch_trains_on_the_clip_score(tiny_run, tmp_path):
+    clip = tiny_clip_pair(tmp_path / "clip")
+    out = tmp_path / "run"
+    train.main(tiny_run(out, 1, "--reward", "clipscore", "--clipscore-model", str(clip)))
+    assert (out / "checkpoints").is_dir()
