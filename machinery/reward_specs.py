@@ -54,6 +54,13 @@ class RewardSettings:
     clipscore_model: str = setting(
         "openai/clip-vit-large-patch14", "clipscore: the CLIP model (hub id or folder)"
     )
+    pickscore_model: str = setting(
+        "yuvalkirstain/PickScore_v1", "pickscore: the PickScore model (hub id or folder)"
+    )
+    pickscore_processor: str = setting(
+        "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+        "pickscore: the processor of its images and prompts (hub id or folder), CLIP-H's",
+    )
     ocr_detect: bool = setting(
         False,
         "ocr: find the text boxes before reading them (PP-OCR's detector), for text small in a "
@@ -122,6 +129,12 @@ REWARDS = {
         ("clipscore_model",),
         learned,
         {"clipscore_model": "a CLIP model folder"},
+    ),
+    "pickscore": Reward(  # human preference, Pick-a-Pic
+        "machinery.learned_rewards.pickscore:load",
+        ("pickscore_model", "pickscore_processor"),
+        learned,
+        {"pickscore_model": "a CLIP model folder"},
     ),
     "ocr": Reward(  # Flow-GRPO's text rendering
         "machinery.learned_rewards.ocr:load",

@@ -23,7 +23,7 @@ from transformers import (
 )
 
 import train
-from machinery.learned_rewards import clipscore
+from machinery.learned_rewards import clipscore, pickscore
 from machinery.reward_loading import aesthetic_reward as aesthetic
 from machinery.reward_loading import alignment_reward as alignment
 from toy_world.pretrain import clip_config, make_tokenizer
@@ -244,6 +244,11 @@ def test_alignment_describes_each_image_and_scores_the_answer_against_the_prompt
             "--clipscore-model",
             "folder saved",
         ),
+        (
+            ["--reward", "pickscore", "--pickscore-model", "no-such/pick"],
+            "--pickscore-model",
+            "hf download",
+        ),
     ],
 )
 def test_a_reward_model_that_cannot_load_exits_2_with_one_line_and_writes_nothing(
@@ -307,15 +312,17 @@ def by_hand(path, images, prompts):
     return model.logit_scale.exp().double() * cos
 
 
-def test_clipscore_is_clips_logit_over_30(tmp_path):
+def test_clipscore_is_clips_logit_over_30_and_pickscore_its_logit(tmp_path):
     images = torch.rand(5, 3, 48, 40, generator=torch.Generator().manual_seed(0))
     prompts = ["a cat", "a red dog riding a bike", "a blue cat", "a dog", "a cat riding a bike"]
-    clip = tiny_clip_pair(tmp_path / "clip", seed=0)
+    clip, pick = tiny_clip_pair(tmp_path / "clip", seed=0), tiny_clip_pair(tmp_path / "pick", 1)
     close = dict(rtol=1e-5, atol=1e-5)  # float32 against the float64 cosine
-    scores = clipscore.load(str(clip))(images, prompts)
-    torch.testing.assert_close(scores.double(), by_hand(clip, images, prompts) / 30, **close)
-    model, processor = CLIPModel.from_pretrained(clip), CLIPProcessor.from_pretrained(clip)
-    in_twos = clipscore.similarity(model, processor, batch_size=2, scale=1 / 30)
+    clip_scores = clipscore.load(str(clip))(images, prompts)
+    torch.testing.assert_close(clip_scores.double(), by_hand(clip, images, prompts) / 30, **close)
+    scores = pickscore.load(str(pick), str(pick))(images, prompts)
+    torch.testing.assert_close(scores.double(), by_hand(pick, images, prompts), **close)
+    model, processor = CLIPModel.from_pretrained(pick), CLIPProcessor.from_pretrained(pick)
+    in_twos = clipscore.similarity(model, processor, batch_size=2)
     torch.testing.assert_close(in_twos(images, prompts), scores, **close)  # batched otherwise
 
 
