@@ -1,7 +1,7 @@
 """--reward pickscore: PickScore (Kirstain et al. 2023, arXiv 2305.01569), a CLIP ViT-H/14
 fine-tuned on Pick-a-Pic's human preferences, scored as its authors' code scores it (the model
 card of yuvalkirstain/PickScore_v1): the image and the prompt through CLIP-H's processor, their
-embeddings' cosine times exp(logit_scale); about 20 to 23 for SD images.
+embeddings' cosine times exp(logit_scale).
 
 Flow-GRPO (flow_grpo/pickscore_scorer.py) divides it by 26; a constant scale, which the advantages'
 normalisation per prompt cancels.
