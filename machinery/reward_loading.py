@@ -5,8 +5,6 @@ rewards are in rewards.py.
 """
 
 import dataclasses
-import importlib.util
-import inspect
 import traceback
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from transformers import (
 )
 
 from machinery.errors import fail, stop
+from machinery.own_reward import as_ours, own_reward
 from machinery.hub import pretrained
 from machinery.served import ServedReward, Unavailable, probe
 from machinery.reward_specs import (
@@ -174,24 +173,6 @@ def alignment_reward(vlm_model, scorer_model, scorer_layer, device="cpu", **size
     return alignment(vlm, processor, tokenizer, scorer, scorer_layer, device, **sizes)
 
 
-def own_reward(spec):
-    """Your function NAME of --reward FILE.py:NAME (the file run as a module of its own) or
-    module:NAME (imported), or one line on why it cannot be had."""
-    where, _, name = spec.rpartition(":")
-    try:
-        if where.endswith(".py"):
-            found = importlib.util.spec_from_file_location(f"reward_{Path(where).stem}", where)
-            module = importlib.util.module_from_spec(found)
-            found.loader.exec_module(module)
-        else:
-            module = importlib.import_module(where)
-    except Exception as error:  # the user's code, raising anything
-        fail(f"--reward {spec}: importing {where} failed ({type(error).__name__}: {error})")
-    if not callable(getattr(module, name, None)):
-        fail(f"--reward {spec}: {where} defines no function {name}")
-    return getattr(module, name)
-
-
 def checked(fn, spec, out, flag=None):
     """fn (as_ours) as train.py calls a reward, its output made a float tensor on the images'
     device, once a call. A return that is not B scores (or a (B, H, W) map), or that carries a
@@ -263,37 +244,3 @@ def as_scores(values, batch, size, finite=False):
     if finite and not torch.isfinite(values).all():
         raise ValueError(f"returned non-finite values ({values.flatten()[:4].tolist()} ...)")
     return values.float()
-
-
-def as_ours(fn):
-    """fn called as this project calls a reward, fn(images, prompts) -> scores. A function of TRL's
-    or the official port's signature, fn(images, prompts, metadata) returning (rewards, info), is
-    called as they call it (metadata: one empty dict a prompt) and its info dropped."""
-    with_metadata = takes_metadata(fn)
-
-    def reward(images, prompts):
-        values = fn(images, prompts, *([[{} for _ in prompts]] if with_metadata else []))
-        if isinstance(values, tuple) and len(values) == 2 and isinstance(values[1], dict):
-            values = values[0]  # TRL's and the port's (rewards, info)
-        return values
-
-    return reward
-
-
-def takes_metadata(fn):
-    """Whether fn is called as TRL and the official port call a reward, fn(images, prompts,
-    metadata): it needs a third positional argument. Ours is fn(images, prompts)."""
-    try:
-        signature = inspect.signature(fn)
-    except (TypeError, ValueError):  # a builtin without one: called as ours
-        return False
-    try:
-        signature.bind(None, None)
-        return False
-    except TypeError:
-        pass
-    try:
-        signature.bind(None, None, None)
-        return True
-    except TypeError:
-        return False

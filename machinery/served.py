@@ -1,5 +1,6 @@
 """Beyond the paper: a reward served over HTTP (--reward http://HOST:PORT/PATH), the client's side
-and the wire format both sides share; the server is serving.py (python reward_server.py). The
+and its half of the wire format (encode; the server's decode and the FORMATS both take are in
+serving.py, python reward_server.py). The
 protocol is docs/reward-server.md.
 
 Each batch's request leaves as soon as the sampler has drawn the batch (submit), so the server
@@ -10,7 +11,6 @@ ends the run in one line. Nothing on the wire is unpickled: JSON, with the image
 """
 
 import base64
-import binascii
 import io
 import json
 import time
@@ -20,11 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from rewards import to_pil
-
-FORMATS = ("png", "float32")
 
 
 class Unavailable(Exception):
@@ -47,43 +44,6 @@ def encode(images, fmt):
         return pngs
     array = images.detach().float().cpu().numpy().astype("<f4")
     return {"shape": list(array.shape), "data": base64.b64encode(array.tobytes()).decode("ascii")}
-
-
-def decode(images, fmt, max_bytes):
-    """The request's "images" -> (B, 3, H, W) float32 in [0, 1]; ValueError on anything else,
-    and on PNGs whose pixels as float32 would take more than max_bytes (read before decoding)."""
-    try:
-        if fmt == "png":
-            if not isinstance(images, list) or not all(isinstance(s, str) for s in images):
-                raise ValueError(
-                    '"images" must be a list of base64 PNG strings for "format": "png"'
-                )
-            decoded = [Image.open(io.BytesIO(base64.b64decode(s, validate=True))) for s in images]
-            if any(image.format != "PNG" or image.mode != "RGB" for image in decoded):
-                raise ValueError("every image must be an 8-bit RGB PNG")
-            pixels = sum(image.size[0] * image.size[1] for image in decoded)
-            if 12 * pixels > max_bytes:
-                raise ValueError(
-                    f"{pixels} pixels take {12 * pixels} bytes as float32, over {max_bytes}"
-                )
-            if len({image.size for image in decoded}) > 1:
-                raise ValueError("the images differ in size")
-            array = np.stack([np.asarray(image) for image in decoded]) if decoded else None
-            if array is None:
-                raise ValueError('"images" is empty')
-            return torch.from_numpy(array).permute(0, 3, 1, 2).float() / 255
-        shape, data = images["shape"], base64.b64decode(images["data"], validate=True)
-        if len(shape) != 4 or shape[1] != 3 or min(shape) < 1:
-            raise ValueError(f'"shape" {shape} is not [B, 3, H, W]')
-        if len(data) != 4 * int(np.prod(shape)):
-            raise ValueError(f'"data" holds {len(data)} bytes, not 4 x {"x".join(map(str, shape))}')
-        return torch.from_numpy(np.frombuffer(data, dtype="<f4").reshape(shape).astype(np.float32))
-    except (binascii.Error, UnidentifiedImageError, Image.DecompressionBombError, OSError) as error:
-        raise ValueError(f'"images" could not be read: {error}') from None
-    except (KeyError, TypeError, AttributeError):
-        raise ValueError(
-            '"images" must be {"shape": [B, 3, H, W], "data": base64 float32}'
-        ) from None
 
 
 class ServedReward:

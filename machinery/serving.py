@@ -8,26 +8,39 @@ POST {"prompts": [...], "format": "png" | "float32", "images": ...} -> 200 {"rew
 a request it cannot read, or larger than --max-mb, gets a 4xx and {"error": why}; a reward that
 raises or returns what is not scores, a 500 (its traceback on the server's console). GET answers
 {"reward": ..., "formats": [...], "max_bytes": ...}, so a client can see that it is up.
+
+Serving your own FILE.py:NAME imports only the standard library, numpy and pillow (and what your
+file imports): it runs from an environment of the reward's own, which need not hold torch or this
+project's pins (docs/rewards.md, "Rewards from an environment of their own"). Your function gets
+the images as a torch tensor where torch is installed, as train.py gives them, else as a numpy
+array of the same shape. A built-in reward loads as a run loads it, with torch.
 """
 
 import argparse
+import base64
+import binascii
+import contextlib
 import dataclasses
+import importlib
+import importlib.util
+import io
 import json
 import threading
 import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import torch
+import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from machinery import checks, errors
 from machinery.config import Config
 from machinery.devices import cuda_available
 from machinery.errors import fail
+from machinery.own_reward import as_ours, own_reward
 from machinery.reward_specs import REWARDS, is_url
-from machinery.reward_loading import as_scores, load_reward
-from machinery.served import FORMATS, decode
 
-
+# how the images travel: 8-bit PNG (what the built-in rewards see) or raw little-endian float32
+FORMATS = ("png", "float32")
 # each connection read in a thread of its own: a client that stalls holds only its own thread
 SERVER = ThreadingHTTPServer
 
@@ -39,13 +52,81 @@ class Refused(Exception):
 
 
 def load(cfg):
-    """The reward of cfg.reward as a run loads it, unchecked (the server checks its answers):
-    reward(images, prompts)."""
+    """The reward of cfg.reward, unchecked (the server checks its answers): reward(images,
+    prompts). Your own file or module, imported by itself; a built-in one as a run loads it."""
     if is_url(cfg.reward):
         fail(f"--reward {cfg.reward}: a served reward is served already; give its name or file")
     checks.check_reward(cfg.reward)
+    if cfg.reward not in REWARDS:
+        return as_ours(own_reward(cfg.reward))
+    from machinery.reward_loading import load_reward  # torch, transformers: a built-in's needs
+
     reward_fn = load_reward(cfg)
     return getattr(reward_fn, "raw", reward_fn)
+
+
+def torch_or_none():
+    """torch, where this environment has it (the images are then handed over as a tensor)."""
+    return importlib.import_module("torch") if importlib.util.find_spec("torch") else None
+
+
+def decode(images, fmt, max_bytes):
+    """The request's "images" -> a numpy array (B, 3, H, W) of float32 in [0, 1]; ValueError on
+    anything else, and on PNGs whose pixels as float32 would take more than max_bytes (read before
+    decoding)."""
+    try:
+        if fmt == "png":
+            if not isinstance(images, list) or not all(isinstance(s, str) for s in images):
+                raise ValueError(
+                    '"images" must be a list of base64 PNG strings for "format": "png"'
+                )
+            decoded = [Image.open(io.BytesIO(base64.b64decode(s, validate=True))) for s in images]
+            if any(image.format != "PNG" or image.mode != "RGB" for image in decoded):
+                raise ValueError("every image must be an 8-bit RGB PNG")
+            pixels = sum(image.size[0] * image.size[1] for image in decoded)
+            if 12 * pixels > max_bytes:
+                raise ValueError(
+                    f"{pixels} pixels take {12 * pixels} bytes as float32, over {max_bytes}"
+                )
+            if len({image.size for image in decoded}) > 1:
+                raise ValueError("the images differ in size")
+            array = np.stack([np.asarray(image) for image in decoded]) if decoded else None
+            if array is None:
+                raise ValueError('"images" is empty')
+            return array.transpose(0, 3, 1, 2).astype(np.float32) / 255
+        shape, data = images["shape"], base64.b64decode(images["data"], validate=True)
+        if len(shape) != 4 or shape[1] != 3 or min(shape) < 1:
+            raise ValueError(f'"shape" {shape} is not [B, 3, H, W]')
+        if len(data) != 4 * int(np.prod(shape)):
+            raise ValueError(f'"data" holds {len(data)} bytes, not 4 x {"x".join(map(str, shape))}')
+        return np.frombuffer(data, dtype="<f4").reshape(shape).astype(np.float32)
+    except (binascii.Error, UnidentifiedImageError, Image.DecompressionBombError, OSError) as error:
+        raise ValueError(f'"images" could not be read: {error}') from None
+    except (KeyError, TypeError, AttributeError):
+        raise ValueError(
+            '"images" must be {"shape": [B, 3, H, W], "data": base64 float32}'
+        ) from None
+
+
+def as_scores(values, batch, size):
+    """A reward's return -> a float32 array of batch scores or (batch, H, W) maps (size: (H, W)),
+    or ValueError on what it returned instead (reward_loading.as_scores, for any array type)."""
+    if values is None:
+        raise ValueError("returned None (no return statement?), not the batch's scores")
+    if hasattr(values, "detach"):  # a torch tensor: its numbers
+        values = values.detach().float().cpu().numpy()
+    try:
+        values = np.asarray(values, dtype=np.float32)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"returned {type(values).__name__}, not numbers ({error})") from None
+    if values.shape not in ((batch,), (batch, *size)):
+        raise ValueError(
+            f"returned shape {values.shape} for {batch} images; return {batch} scores, or a "
+            f"({batch}, {size[0]}, {size[1]}) map for a pixel-wise reward"
+        )
+    if not np.isfinite(values).all():
+        raise ValueError(f"returned non-finite values ({values.flatten()[:4].tolist()} ...)")
+    return values
 
 
 def read_request(handler, max_bytes):
@@ -77,6 +158,8 @@ def read_request(handler, max_bytes):
 
 def make_handler(name, reward_fn, device, max_bytes):
     scoring = threading.Lock()  # one request scored at a time; the others wait their turn
+    torch = torch_or_none()
+    quiet = torch.no_grad if torch else contextlib.nullcontext
 
     class Handler(BaseHTTPRequestHandler):
         timeout = 60  # a client that stops sending mid-request frees the server
@@ -90,15 +173,16 @@ def make_handler(name, reward_fn, device, max_bytes):
             except Refused as error:
                 return self.answer(error.status, {"error": str(error)})
             try:
-                with scoring, torch.no_grad():
-                    values = reward_fn(images.to(device), prompts)
-                rewards = as_scores(values, len(prompts), images.shape[-2:], finite=True)
+                with scoring, quiet():
+                    given = torch.from_numpy(images).to(device) if torch else images
+                    values = reward_fn(given, prompts)
+                rewards = as_scores(values, len(prompts), images.shape[-2:])
             except Exception as error:  # the reward's code, raising anything
                 traceback.print_exc()
                 return self.answer(
                     500, {"error": f"the reward {name}: {type(error).__name__}: {error}"}
                 )
-            self.answer(200, {"rewards": rewards.cpu().tolist()})
+            self.answer(200, {"rewards": rewards.tolist()})
 
         def answer(self, status, payload):
             body = json.dumps(payload).encode()
@@ -130,7 +214,8 @@ def parse_args(argv=None):
     )
     options = {name: fields[name] for reward in REWARDS.values() for name in reward.options}
     for name, f in options.items():  # the built-in rewards' own settings
-        parser.add_argument("--" + name.replace("_", "-"), type=f.type, default=f.default)
+        kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
+        parser.add_argument("--" + name.replace("_", "-"), default=f.default, **kind)
     args = parser.parse_args(argv)
     device = args.device or ("cuda" if cuda_available() else "cpu")
     settings = {k: v for k, v in vars(args).items() if k in fields and k != "device"}

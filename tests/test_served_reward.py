@@ -13,9 +13,12 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import venv
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
+import numpy as np
+import PIL
 import pytest
 import torch
 
@@ -331,3 +334,51 @@ def test_two_torchrun_processes_share_one_slow_server_through_its_restart_as_if_
     assert (tmp_path / "served" / lora).read_bytes() == (
         tmp_path / "in-process" / lora
     ).read_bytes()
+
+
+def bare_environment(path):
+    """A fresh virtual environment that holds numpy and pillow only (linked from this one's, as
+    pip would install them): no torch, no transformers, none of this project's other pins."""
+    venv.create(path, with_pip=False, symlinks=True)
+    python = path / "bin" / "python"
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    numpy, pil = Path(np.__file__).parent, Path(PIL.__file__).parent
+    for folder in (numpy, numpy.with_name("numpy.libs"), pil, pil.with_name("pillow.libs")):
+        if folder.exists():  # the .libs: the wheels' own shared libraries, on Linux
+            (Path(site) / folder.name).symlink_to(folder)
+    return python
+
+
+def test_your_own_file_is_served_from_an_environment_with_only_numpy_and_pillow(args, tmp_path):
+    python = bare_environment(tmp_path / "bare")
+    for package, present in (("numpy", 0), ("PIL", 0), ("torch", 1), ("transformers", 1)):
+        imported = subprocess.run([python, "-c", f"import {package}"], capture_output=True)
+        assert bool(imported.returncode) == bool(present), package
+    (tmp_path / "mine.py").write_text(
+        "import numpy as np\n\n\n"
+        "def brightness(images, prompts):\n"
+        "    return np.asarray(images, dtype=np.float32).mean(axis=(1, 2, 3))\n"
+    )
+    root = Path(train.__file__).parent
+    command = [python, "reward_server.py", "--reward", str(tmp_path / "mine.py:brightness")]
+    server = subprocess.Popen(
+        [*command, "--port", "0"], cwd=root, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        url = server.stdout.readline().split(" on ", 1)[1].split()[0]
+        served = ("--reward", url, "--reward-format", "float32")
+        train.main(args(tmp_path / "served", 1, *served))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    train.main(args(tmp_path / "local", 1, "--reward", str(tmp_path / "mine.py:brightness")))
+    # the same images in another memory layout: numpy's sums may round otherwise
+    served, local = metrics(tmp_path / "served"), metrics(tmp_path / "local")
+    assert [row.keys() for row in served] == [row.keys() for row in local]
+    for row, expected in zip(served, local):
+        assert row == {k: pytest.approx(v, rel=1e-5, abs=1e-6) for k, v in expected.items()}
