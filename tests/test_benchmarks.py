@@ -23,6 +23,7 @@ import kl_overhead  # noqa: E402
 import kl_tradeoff  # noqa: E402
 import overhead  # noqa: E402
 import profile_epoch  # noqa: E402
+import reward_cost  # noqa: E402
 import same_outputs  # noqa: E402
 import time_to_target  # noqa: E402
 import machinery.run  # noqa: E402
@@ -619,3 +620,21 @@ def test_decode_batch_times_each_chunk_size_in_turn(tiny_pipeline_dir, tmp_path)
         ["64", "32", "16", "8"], 1
     )
     assert "<!-- begin decode_batch" in page.read_text() and json.loads(keep.read_text()) == result
+
+
+def test_reward_cost_times_each_reward_in_turn(tmp_path):
+    keep, page = tmp_path / "cost.json", tmp_path / "rewards.md"
+    result = reward_cost.main(
+        ["--reduced", "--repeats", "2", "--keep", str(keep), "--page", str(page)]
+    )
+    names = [case["reward"] for case in result["cases"]]
+    assert names == [
+        "jpeg",
+        "ocr",
+        "ocr --ocr-detect",
+        "ocr --ocr-detect",
+        "clipscore",
+        "pickscore",
+    ]
+    assert all(len(case["seconds"]) == 1 for case in result["cases"])
+    assert "<!-- begin reward_cost" in page.read_text() and json.loads(keep.read_text()) == result
