@@ -145,15 +145,15 @@ def guided_prediction(
     """The policy's prediction: the noise eps for SD 1.x (predict: the denoiser's call, the UNet's
     or a model family's, whatever it predicts). Classifier-free guidance is part of the policy
     (paper, appendix E.1 "CFG Training"): eps = eps_u + w (eps_c - eps_u), eps_u from the empty
-    prompt. Sampling and training both call this, so the trained log-prob is the sampled one."""
+    prompt. Sampling and training both call this, so the trained log-prob is the sampled one. A
+    model distilled to take w as an input (predict marked guidance_input) is called once, with w."""
+    if getattr(predict, "guidance_input", False):  # beyond the paper: a guidance-distilled model
+        return predict(unet, latents, timesteps, prompt_embeds, guidance_scale)
     if guidance_scale <= 1:
         return predict(unet, latents, timesteps, prompt_embeds)
     negative = negative_embeds.expand(len(latents), -1, -1)
-    both = [
-        torch.cat(pair)
-        for pair in ((latents, latents), (timesteps, timesteps), (negative, prompt_embeds))
-    ]
-    eps_u, eps_c = predict(unet, *both).chunk(2)
+    pairs = ((latents, latents), (timesteps, timesteps), (negative, prompt_embeds))
+    eps_u, eps_c = predict(unet, *[torch.cat(pair) for pair in pairs]).chunk(2)
     return eps_u + guidance_scale * (eps_c - eps_u)
 
 

@@ -11,7 +11,7 @@ import time
 import uuid
 from pathlib import Path
 
-from machinery import checks
+from machinery import checks, families
 from machinery.config import (
     ALGO_SETTINGS,
     BUNDLED_FLOW_MODEL,
@@ -148,6 +148,7 @@ def resolve(given):
     algo, reward = given.get("algo", Config.algo), given.get("reward", Config.reward)
     layers = [
         (f"preset {preset}", PRESETS[preset]),
+        ("the model family's (machinery/families)", families.settings(model)),
         (f"algorithm {algo}", ALGO_SETTINGS[algo]),
         (
             f"tuned for {reward} and {algo} (config.TUNED)",

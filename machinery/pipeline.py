@@ -48,8 +48,8 @@ def pipeline_class(model, local_files_only=False):
 def load_pipeline(
     model, device="cpu", dtype=torch.float32, local_files_only=False, noise_level=Config.noise_level
 ):
-    """A Stable Diffusion 1.x, 2.x, XL or 3 pipeline from a hub id or a local folder, for DDPO:
-    loaded by its family (machinery/families/), which makes its scheduler the policy's (SD3's at
+    """A pipeline of a family of machinery/families/ from a hub id or a local folder, for DDPO:
+    loaded by its family, which makes its scheduler the policy's (a flow model's at
     noise_level) and turns off what a reward could learn to exploit (the safety checker, SDXL's
     watermark). pipe.family is that module. Every weight starts frozen: the trainer decides what
     to unfreeze (a LoRA or the whole denoiser)."""
@@ -76,8 +76,8 @@ def load_model(cfg, device, dtype):
         kind = pipeline_class(cfg.model, local_files_only)
         if kind not in FAMILIES:
             fail(
-                f"--model {cfg.model} is a {kind}; train.py trains {' and '.join(FAMILIES)} "
-                f"models (SD 1.x and 2.x, SDXL, SD3), so pass one of those (e.g. {SD14})"
+                f"--model {cfg.model} is a {kind}; train.py trains {', '.join(FAMILIES)} "
+                f"models (machinery/families/), so pass one of those (e.g. {SD14})"
             )
         pipe = load_pipeline(cfg.model, device, dtype, local_files_only, cfg.noise_level)
     except OSError as error:
