@@ -20,10 +20,15 @@ FAMILIES = {  # model_index.json's _class_name -> this folder's module
     "StableDiffusionPipeline": "sd",  # SD 1.x (the paper's: sampler.py) and 2.x
     "StableDiffusionXLPipeline": "sdxl",
     "StableDiffusion3Pipeline": "sd3",  # a flow model, with Flow-GRPO's SDE step
+    "FluxPipeline": "flux",  # FLUX.1 dev and schnell: the same, guidance an input
 }
 # A family's settings over the paper's (under the algorithm's and the flags), from the model's own
 # files, read before anything loads: read(file) -> that JSON file of the model as a dict.
-SETTINGS = {}
+SETTINGS = {  # FluxPipeline's guidance: 3.5 where the transformer takes it (dev), 1: none (schnell)
+    "FluxPipeline": lambda read: dict(
+        guidance_scale=3.5 if read("transformer/config.json").get("guidance_embeds") else 1.0
+    ),
+}
 
 
 def model_file(model, name):
