@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import compare  # noqa: E402
 import compile_payback  # noqa: E402
 import decode_batch  # noqa: E402
+import flux_memory  # noqa: E402
 import gpu_check  # noqa: E402
 import gpu_memory  # noqa: E402
 import kill_soak  # noqa: E402
@@ -638,3 +639,14 @@ def test_reward_cost_times_each_reward_in_turn(tmp_path):
     ]
     assert all(len(case["seconds"]) == 1 for case in result["cases"])
     assert "<!-- begin reward_cost" in page.read_text() and json.loads(keep.read_text()) == result
+
+
+def test_flux_memory_counts_on_the_meta_device_and_checkpointing_saves(tmp_path):
+    keep, page = tmp_path / "memory.json", tmp_path / "flow.md"
+    result = flux_memory.main(
+        ["--reduced", "--rank", "4", "--keep", str(keep), "--page", str(page)]
+    )
+    saved = result["activations"]
+    assert result["parameters"]["CLIP ViT-L/14 text encoder"] == 123_060_480  # CLIP-L's text tower
+    assert 0 < saved["checkpointed"] < saved["whole"] and result["lora_parameters"] > 0
+    assert "<!-- begin flux_memory" in page.read_text() and json.loads(keep.read_text()) == result
