@@ -172,8 +172,8 @@ CASES = {
         "--eta",
     ),
     "model another pipeline": (
-        lambda w, r: model_copy(w, r, "model_index.json", _class_name="FluxPipeline"),
-        "FluxPipeline",
+        lambda w, r: model_copy(w, r, "model_index.json", _class_name="PixArtAlphaPipeline"),
+        "PixArtAlphaPipeline",
     ),
     "model's steps end without noise": (
         lambda w, r: model_copy(
