@@ -94,7 +94,7 @@ class Config(RewardSettings):
     # model
     model: str = arg(
         "auto",
-        f"hub id or local folder of a Stable Diffusion 1.x, 2.x or XL pipeline; auto: {SD14} with "
+        f"hub id or local folder of a pipeline of a family in machinery/families/; auto: {SD14} with "
         f"CUDA, else the bundled {BUNDLED_MODEL.name}",
     )
     preset: str = arg(
@@ -134,7 +134,7 @@ class Config(RewardSettings):
     eta: float = arg(1.0, "DDIM noise level; must be > 0 for the step to have a log-prob")
     noise_level: float = arg(
         0.7,
-        "flow models (SD3): the noise level a of Flow-GRPO's SDE step, "
+        "flow models (SD3, FLUX): the noise level a of Flow-GRPO's SDE step, "
         "sigma_t = a sqrt(t / (1 - t)) (machinery/families/sd3.py); must be > 0 for the step to "
         "have a log-prob",
         group=BEYOND,
