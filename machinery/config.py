@@ -94,8 +94,8 @@ class Config(RewardSettings):
     # model
     model: str = arg(
         "auto",
-        f"hub id or local folder of a pipeline of a family in machinery/families/; auto: {SD14} with "
-        f"CUDA, else the bundled {BUNDLED_MODEL.name}",
+        "hub id or local folder of a pipeline of a family in machinery/families/; auto: "
+        f"{SD14} with CUDA, else the bundled {BUNDLED_MODEL.name}",
     )
     preset: str = arg(
         "auto",
