@@ -131,7 +131,7 @@ from machinery.parallel import check_device  # noqa: E402
 from machinery.pipeline import load_pipeline  # noqa: E402
 from ddpo import scalar  # noqa: E402
 from machinery.reward_loading import load_reward  # noqa: E402
-from machinery.reward_specs import REWARDS  # noqa: E402
+from machinery.reward_specs import REWARDS, imported, learned  # noqa: E402
 from rewards import to_pil  # noqa: E402
 from machinery.epoch_log import save_grid  # noqa: E402
 
@@ -168,9 +168,12 @@ def main(argv=None):
         tuned = type(pipe.unet).from_pretrained(weights).to(args.device)
         setattr(pipe, pipe.family.DENOISER, tuned)
     tuned = sample()
-    # the built-in rewards are cheap, and load_reward makes them as the run did (pixel_color's
-    # target); your own and the learned ones are not called
-    cheap = saved["reward"] in REWARDS and not REWARDS[saved["reward"]].models
+    # the built-in rewards without a model are cheap, and load_reward makes them as the run did
+    # (pixel_color's target); your own and the learned ones are not called, nor one that cannot
+    # read these prompts (ocr's without quoted text)
+    spec = REWARDS.get(saved["reward"])
+    unreadable = spec is not None and spec.prompts and imported(spec.prompts)(args.prompts)
+    cheap = spec is not None and spec.make is not learned and not unreadable
     reward = load_reward(types.SimpleNamespace(**saved)) if cheap else None
     scores = [
         scalar(reward(images, args.prompts)).tolist() if reward else [None] * len(args.prompts)

@@ -120,9 +120,9 @@ def parse_args(argv=None, description=None):
 
 def resolve(given):
     """The settings of a new run, in layers, each over the one before: the paper's defaults
-    (Config), the preset, the algorithm's own (ALGO_SETTINGS), the preset's tuned ones (TUNED), the
-    flags given; then the values derived from them. Returns the Config and where each value came
-    from."""
+    (Config), the preset, the model family's (families.SETTINGS), the algorithm's own
+    (ALGO_SETTINGS), the preset's tuned ones (TUNED), the flags given; then the values derived.
+    Returns the Config and where each value came from."""
     model, preset = given.pop("model", "auto"), given.pop("preset", "auto")
     sources = {
         f.name: f"default: {PAPER_DEFAULTS[f.name]}" if f.name in PAPER_DEFAULTS else "default"

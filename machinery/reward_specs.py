@@ -62,9 +62,10 @@ class RewardSettings:
         "pickscore: the processor of its images and prompts (hub id or folder), CLIP-H's",
     )
     ocr_detect: bool = setting(
-        False,
-        "ocr: find the text boxes before reading them (PP-OCR's detector), for text small in a "
-        "large image or in several lines; without it the whole image is read as one line",
+        None,
+        "ocr: find the text boxes before reading them (PP-OCR's detector, as Flow-GRPO), or read "
+        "the whole image as one line (--no-ocr-detect); default: detect in images larger than "
+        "128 px (the bundled world's 64 px words are read whole)",
     )
 
 

@@ -95,10 +95,11 @@ def test_noise_scores_in_0_1(reward):
     assert ((scores >= 0) & (scores <= 1)).all()
 
 
-def test_detection_reads_a_small_word_in_a_large_image():
-    detect = ocr.load(detect=True)
+def test_detection_reads_a_small_word_in_a_large_image_and_is_the_default_there(reward):
     image = drawn(["HELLO"], size=(320, 320), at=(180, 250))
-    assert detect(image, ['"HELLO"']).tolist() == [1.0]
+    assert ocr.load(detect=True)(image, ['"HELLO"']).tolist() == [1.0]
+    assert reward(image, ['"HELLO"']).tolist() == [1.0]  # larger than 128 px: detected in
+    assert ocr.load(detect=False)(drawn(["HELLO"]), ['"HELLO"']).tolist() == [1.0]
 
 
 def test_a_prompt_without_quoted_text_is_refused_in_one_line_when_the_prompts_load(

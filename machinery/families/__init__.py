@@ -38,12 +38,12 @@ def model_file(model, name):
     if not path.is_file() and re.fullmatch(r"[\w.-]+/[\w.-]+", str(model)):
         from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
-        path = try_to_load_from_cache(model, name)
-        if not isinstance(path, str) and hub_reachable():
-            try:
+        try:  # not a hub id after all (./folder), no such model, the hub refused: the load says
+            path = try_to_load_from_cache(model, name)
+            if not isinstance(path, str) and hub_reachable():
                 path = hf_hub_download(model, name)
-            except OSError:  # no such file or model, or the hub refused: the load will say
-                path = None
+        except (OSError, ValueError):
+            path = None
     try:
         return json.loads(Path(path).read_text()) if isinstance(path, (str, Path)) else {}
     except (OSError, ValueError):

@@ -137,7 +137,7 @@ def check_steps(cfg, scheduler):
     if not scheduler.guidance_input and cfg.guidance_scale != 1:
         fail(
             f"--guidance-scale {cfg.guidance_scale}: {cfg.model} has no guidance input "
-            "(FLUX.1-schnell is not guidance-distilled); leave the flag out"
+            "(FLUX.1-schnell is not guidance-distilled); leave the flag out, or give 1 (none)"
         )
 
 

@@ -10,13 +10,16 @@ models, detection on, angle classifier off) and hands it RGB arrays where Paddle
 this runs the same family of models, PaddleOCR's PP-OCR as ONNX, shipped inside the `rapidocr`
 wheel (nothing is downloaded), and hands it the channels in the order it expects.
 
-Recognition alone by default: the whole image is read as one line of text, which suits an image
-whose text is one line across it (the bundled world's words). --ocr-detect finds the text boxes
-first and reads each, joined in the detector's order as Flow-GRPO joins them: needed when the text
-is small in a large picture, or in several lines (a Stable Diffusion sign or poster).
+Detection finds the text boxes first and reads each, joined in the detector's order as Flow-GRPO
+joins them: needed when the text is small in a large picture, or in several lines (a Stable
+Diffusion sign or poster). Recognition alone reads the whole image as one line of text, which
+suits an image whose text is one line across it (the bundled world's 64 px words), at a tenth of
+the cost (docs/rewards.md). By default images larger than AUTO_DETECT pixels are detected in.
 """
 
 import numpy as np
+
+AUTO_DETECT = 128  # --ocr-detect's default: detect in images with a side larger than this
 
 
 def target(prompt):
@@ -77,10 +80,11 @@ def ocr(read):
     return score
 
 
-def load(detect=False, device="cpu"):
+def load(detect=None, device="cpu"):
     """The reward on PP-OCR's models as the rapidocr wheel ships them, run by onnxruntime on the
-    CPU; detect: find the text boxes first (--ocr-detect). One image at a time: batches of 6 and 64
-    through its recogniser were no faster on 2 CPU cores (docs/rewards.md)."""
+    CPU; detect: find the text boxes first (--ocr-detect; None: in images larger than
+    AUTO_DETECT). One image at a time, through the library's own call (docs/rewards.md times a
+    batch through its recogniser)."""
     try:
         from rapidocr import RapidOCR
     except ImportError as error:
@@ -91,7 +95,8 @@ def load(detect=False, device="cpu"):
     engine = RapidOCR(params={"Global.log_level": "error", "Global.text_score": 0.0})
 
     def read(image):
-        result = engine(image, use_det=detect, use_cls=False, use_rec=True)
+        boxes = max(image.shape[:2]) > AUTO_DETECT if detect is None else detect
+        result = engine(image, use_det=boxes, use_cls=False, use_rec=True)
         return "".join(result.txts or ())
 
     return ocr(read)
