@@ -4,7 +4,8 @@ exp(logit_scale) times the cosine of the image's and the prompt's embeddings, ov
 ViT-L/14's logit scale of 100 that is 10/3 of the cosine.
 
 (Hessel et al.'s CLIPScore, 2.5 max(cos, 0), is the same cosine, scaled otherwise and clipped at
-0; the advantages' normalisation per prompt makes any positive scale alike to the policy.)
+0; DDPO's advantages, normalised per prompt, make any positive scale alike to the policy, RWR's
+weights exp(beta r) do not.)
 """
 
 import torch

@@ -3,8 +3,9 @@ fine-tuned on Pick-a-Pic's human preferences, scored as its authors' code scores
 card of yuvalkirstain/PickScore_v1): the image and the prompt through CLIP-H's processor, their
 embeddings' cosine times exp(logit_scale).
 
-Flow-GRPO (flow_grpo/pickscore_scorer.py) divides it by 26; a constant scale, which the advantages'
-normalisation per prompt cancels.
+Flow-GRPO (flow_grpo/pickscore_scorer.py) divides it by 26: a constant scale, which DDPO's
+advantages, normalised per prompt, do not see; RWR's weights exp(beta r) do (--beta / 26 weighs as
+that scale would).
 """
 
 from transformers import AutoProcessor, CLIPModel
