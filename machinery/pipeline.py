@@ -1,6 +1,6 @@
-"""Stable Diffusion 1.x, 2.x, XL and 3 for DDPO: loading a pipeline, the trainable LoRA, compiling,
-and saving the trained weights. The libraries' workarounds live here, so that sampler.py is the
-policy's maths.
+"""A pipeline of a model family (machinery/families/) for DDPO: loading it, the trainable LoRA,
+compiling, and saving the trained weights. The libraries' workarounds live here, so that
+sampler.py is the policy's maths.
 """
 
 import logging
