@@ -135,7 +135,7 @@ def ddpo_is_loss(log_prob, old_log_prob, advantages, clip_range, adv_clip_max):
 def policy_loss(algo, log_prob, element_log_prob, old_log_prob, advantages, clip_range, clip_max):
     """--algo's loss on a minibatch's states: from their actions' log-probs now (mean, and each
     element's) and at sampling, and their advantages. A new algorithm: its loss, and a line here."""
-    if algo == "ddpo-is":  # importance sampling: ratio p_theta / p_old, clipped
+    if algo in ("ddpo-is", "awm"):  # the clipped ratio p_theta / p_old (AWM's p: matching.py)
         return ddpo_is_loss(log_prob, old_log_prob, advantages, clip_range, clip_max)
     if algo == "ddpo-sf":  # the score function (REINFORCE), on-policy
         return ddpo_sf_loss(log_prob, advantages, clip_max)

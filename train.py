@@ -33,7 +33,7 @@ for library in ("TRANSFORMERS", "DIFFUSERS"):
 
 import ddpo
 from ddpo import scalar
-from machinery import parallel, successors
+from machinery import matching, parallel, successors
 from machinery.config import Config
 from machinery.leash import kl_penalty
 from machinery.run import Run
@@ -68,8 +68,8 @@ def main(argv=None, reward_fn=None):
                 # 3. advantages: each reward against its prompt's statistics, over the whole epoch
                 size = traj["latents"].shape[-2:]  # the latent's, for PXPO's maps
                 advantages = epoch_advantages(cfg, run.tracker, all_prompts, reward_out, size)
-                # 4. update the policy on this process's samples
-                stats = update(cfg, run, traj, advantages[run.mine])
+                # 4. update the policy on this process's samples (beyond the paper: AWM's, matching)
+                stats = matching.UPDATES.get(cfg.algo, update)(cfg, run, traj, advantages[run.mine])
             # 5. log: metrics, samples and weights, a checkpoint when due
             run.log(epoch, traj, prompts, rewards, stats)
     return run.history

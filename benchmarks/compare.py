@@ -55,7 +55,7 @@ from page import keep_run, made_by, provenance, run_record, save_json, write_blo
 # On pixel_background ddpo-sf is PXPO's control: with a flat reward map PXPO is DDPO_SF, so the two
 # differ only in the per-pixel credit, while ddpo-is also differs in its 4 clipped updates per epoch.
 COMPARISONS = {
-    "jpeg": ("ddpo-is", "ddpo-sf", "rwr", "rwr-sparse"),
+    "jpeg": ("ddpo-is", "ddpo-sf", "rwr", "rwr-sparse", "awm"),
     "pixel_background": ("ddpo-is", "ddpo-sf", "pxpo", "pxpo-position"),
 }
 # A variant is an algorithm run with more flags: PXPO with each latent position normalised by its own statistics

@@ -106,7 +106,7 @@ def check_numbers(cfg):
 
 def check_algorithm(cfg):
     """The algorithm's settings: only where they mean something."""
-    if cfg.kl_coef > 0 and cfg.algo.startswith("rwr"):
+    if cfg.kl_coef > 0 and (cfg.algo.startswith("rwr") or cfg.algo == "awm"):
         fail(
             "--kl-coef works with ddpo-is, ddpo-sf and pxpo, whose updates score the sampled "
             f"steps; {cfg.algo} regresses on fresh noise instead"

@@ -63,6 +63,8 @@ ALGO_SETTINGS = {
     # else over the rest of the round (ddpo.sparse_rwr_weights)
     "rwr": dict(updates_per_epoch=4, inner_epochs=5, per_prompt_stat_tracking=False),
     "rwr-sparse": dict(updates_per_epoch=4, inner_epochs=5),
+    # beyond the paper: AWM, DDPO_IS's clipped ratio on the pretraining loss (machinery/matching.py)
+    "awm": dict(updates_per_epoch=4),
 }
 ALGOS = tuple(ALGO_SETTINGS)
 # the on-policy ones: one update on each epoch's samples (checks.check_algorithm refuses more)
@@ -143,7 +145,8 @@ class Config(RewardSettings):
     algo: str = arg(
         "ddpo-is",
         "DDPO_IS (clipped importance sampling), DDPO_SF (REINFORCE), reward-weighted regression "
-        "(dense or top 10 %%), or pixel-wise PXPO (ddpo.py)",
+        "(dense or top 10 %%), pixel-wise PXPO (ddpo.py); beyond the paper, AWM "
+        "(machinery/matching.py)",
         choices=ALGOS,
     )
     epochs: int = arg(100, "epochs, each one round of sampling and updates")

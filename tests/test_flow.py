@@ -209,6 +209,7 @@ OPTIONS = {
     ],
     "pxpo": ["--algo", "pxpo", "--reward", "pixel_color", "--pxpo-normalise", "position"],
     "rwr": ["--algo", "rwr"],
+    "awm": ["--algo", "awm"],
 }
 
 
