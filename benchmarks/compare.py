@@ -1,11 +1,12 @@
-"""DDPO_IS, DDPO_SF, RWR, sparse RWR and PXPO on the bundled model: each tuned on its own, then
-compared on seeds the tuning never saw, on equal budgets of reward queries.
+"""DDPO_IS, DDPO_SF, RWR, sparse RWR, PXPO and AWM on the bundled model: each tuned on its own,
+then compared on seeds the tuning never saw, on equal budgets of reward queries.
 
     python benchmarks/compare.py --out runs/compare --jobs 2                 # both stages
     python benchmarks/compare.py --out runs/compare --stage tune --jobs 2    # only the tuning
     python benchmarks/compare.py --out runs/compare --stage final --jobs 2   # only the 3 seeds
 
-Two comparisons: ddpo-is / ddpo-sf / rwr / rwr-sparse on `jpeg` (the paper's figure 4), and
+Two comparisons: ddpo-is / ddpo-sf / rwr / rwr-sparse on `jpeg` (the paper's figure 4; and AWM,
+beyond the paper), and
 ddpo-is / ddpo-sf / pxpo / pxpo-position on `pixel_background` (PXPO's claim, on a reward map that
 differs inside the image; pxpo-position is PXPO with --pxpo-normalise position). Every run is `train.py --algo A --reward R --seed S --epochs E` with the bundled model's
 preset, so all get the same samples per epoch and the same reward queries.

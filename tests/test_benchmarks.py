@@ -58,8 +58,9 @@ def test_compare_tunes_each_algorithm_then_runs_its_choice_on_other_seeds(
         "lr"
     ] in (1e-3, 1e-2)
     tuning = (tmp_path / "tune" / "tune.md").read_text()
+    choices = sum(len(algos) for algos in compare.COMPARISONS.values())
     assert (
-        tuning.count("**yes**") == 8 and "lr0.01-beta3" in tuning
+        tuning.count("**yes**") == choices and "lr0.01-beta3" in tuning
     )  # one choice per algorithm and variant, every setting listed
     kept, page = tmp_path / "kept", tmp_path / "page.md"
     final = ["--stage", "final", "--seeds", "0"]
@@ -70,14 +71,14 @@ def test_compare_tunes_each_algorithm_then_runs_its_choice_on_other_seeds(
     table = (tmp_path / "compare.md").read_text()
     assert (
         "## The tuning (seed 100)" in table
-        and table.count("**yes**") == 8
+        and table.count("**yes**") == choices
         and (tmp_path / "compare.png").is_file()
     )
     # the page, with the commit and machine, written again from the kept files alone
     written = page.read_text()
     assert (
-        "<!-- begin compare" in written and written.count("**yes**") == 8 and "commit `" in written
-    )
+        "<!-- begin compare" in written and written.count("**yes**") == choices
+    ) and "commit `" in written
     again = ["--out", str(kept), "--keep", str(kept), "--page", str(page), "--seeds", "0"]
     compare.main(["--stage", "final", "--epochs", "1", *again])
     assert page.read_text() == written
