@@ -242,25 +242,25 @@ def rwr_round(cfg, run, traj, prompts, rewards):
 
 def rwr_regression_loss(cfg, pipe, traj, weights, rows, rng, policy=SD1):
     """RWR's loss on the samples `rows`: the denoising loss of the guided prediction on each x_0,
-    noised afresh at a random t, times the sample's weight (ddpo.rwr_loss). The target is what the
-    model predicts, the one it was trained on: the noise, or for a v-prediction model the velocity
-    v = sqrt(abar_t) noise - sqrt(1 - abar_t) x_0, by the scheduler's get_velocity (which a model
-    family may define otherwise). policy: the model family's (its denoiser's prediction)."""
+    noised afresh at a random t, times the sample's weight (ddpo.rwr_loss), against the target the
+    model was trained on (denoising). policy: the model family's (its denoiser's prediction)."""
     x0 = traj["latents"][rows, -1]
     noise = torch.randn_like(x0)
-    size = len(rows)
-    t = torch.as_tensor(
-        rng.integers(pipe.scheduler.config.num_train_timesteps, size=size), device=x0.device
-    )
-    x_t, c = pipe.scheduler.add_noise(x0, noise, t), traj["prompt_embeds"][rows]
+    num_train_timesteps = pipe.scheduler.config.num_train_timesteps
+    t = torch.as_tensor(rng.integers(num_train_timesteps, size=len(rows)), device=x0.device)
+    (x_t, target), c = denoising(pipe.scheduler, x0, noise, t), traj["prompt_embeds"][rows]
     prediction = guided_prediction(
         pipe.unet, x_t, t, c, traj["negative_embeds"], cfg.guidance_scale, policy.predict
     )
-    if pipe.scheduler.config.prediction_type == "v_prediction":
-        target = pipe.scheduler.get_velocity(x0, noise, t)
-    else:
-        target = noise
     return ddpo.rwr_loss(prediction, target, weights[rows])
+
+
+def denoising(scheduler, x0, noise, t):
+    """x_t, x0 noised at t, and what the model predicts there, the target it was trained on: the
+    noise, or for a v-prediction model v = sqrt(abar_t) noise - sqrt(1 - abar_t) x_0, by the
+    scheduler's get_velocity (which a model family may define otherwise: a flow's noise - x_0)."""
+    v = scheduler.config.prediction_type == "v_prediction"
+    return scheduler.add_noise(x0, noise, t), scheduler.get_velocity(x0, noise, t) if v else noise
 
 
 if __name__ == "__main__":

@@ -37,16 +37,15 @@ def matching_log_prob(prediction, target):
 
 
 def noised(pipe, x0, t, seeds):
-    """x_t of the clean samples x0 at timesteps t, each with its own noise drawn from its seed (the
-    same noise when the old log-prob is computed and when the step trains), and the target."""
+    """x_t of the clean samples x0 at timesteps t and the target (train.denoising), each with its
+    own noise drawn from its seed (the same noise when the old log-prob is computed and when the
+    step trains)."""
+    from train import denoising
+
     noise = torch.stack(
         [torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(int(s))) for s in seeds]
     ).to(x0.device, x0.dtype)
-    scheduler = pipe.scheduler
-    x_t = scheduler.add_noise(x0, noise, t)
-    if scheduler.config.prediction_type == "v_prediction":  # a flow's velocity too (families)
-        return x_t, scheduler.get_velocity(x0, noise, t)
-    return x_t, noise
+    return denoising(pipe.scheduler, x0, noise, t)
 
 
 def log_probs(cfg, run, traj, rows, k, seeds):
