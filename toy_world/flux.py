@@ -5,10 +5,10 @@ guidance input (dev) or without (schnell), and FLUX.1-dev's scheduler (dynamic s
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+from transformers import CLIPTextConfig, CLIPTextModel, T5EncoderModel
 
 from toy_world.pretrain import clip_config, make_tokenizer, make_vae
-from toy_world.sd3 import make_t5_tokenizer
+from toy_world.sd3 import make_t5_tokenizer, t5_config
 
 # FLUX.1-dev's scheduler, as its scheduler_config.json ships it
 FLUX_SCHEDULER = dict(
@@ -41,18 +41,7 @@ def build_flux_pipeline(
     torch.manual_seed(seed)
     tokenizer = make_tokenizer(words, max_length)
     t5_tokenizer = make_t5_tokenizer(words, max_length)
-    t5 = T5Config(
-        vocab_size=len(t5_tokenizer.get_vocab()),
-        d_model=2 * text_dim,
-        d_kv=8,
-        d_ff=4 * text_dim,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
+    t5 = t5_config(t5_tokenizer, text_dim)
     transformer = FluxTransformer2DModel(
         patch_size=1,
         in_channels=16,

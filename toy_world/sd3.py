@@ -58,6 +58,23 @@ def make_t5_tokenizer(words, max_length=8):
     return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=max_length)
 
 
+def t5_config(tokenizer, text_dim):
+    """A small T5 encoder's config for the tokenizer, twice text_dim wide (SD3 pads the two CLIP
+    encoders' tokens to T5's width; FLUX's transformer projects T5's tokens from it)."""
+    return T5Config(
+        vocab_size=len(tokenizer.get_vocab()),
+        d_model=2 * text_dim,
+        d_kv=8,
+        d_ff=4 * text_dim,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+
+
 def build_sd3_pipeline(
     image_size=16,
     vae_channels=(16, 32),
@@ -82,18 +99,7 @@ def build_sd3_pipeline(
     tokenizer = make_tokenizer(words, max_length)
     clip = dict(clip_config(tokenizer, text_dim), projection_dim=text_dim)
     t5_tokenizer = make_t5_tokenizer(words, max_length)
-    t5 = T5Config(
-        vocab_size=len(t5_tokenizer.get_vocab()),
-        d_model=2 * text_dim,  # SD3 pads the two CLIP encoders' tokens to T5's width
-        d_kv=8,
-        d_ff=4 * text_dim,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
+    t5 = t5_config(t5_tokenizer, text_dim)
     latent_size = image_size // 2 ** (len(vae_channels) - 1)
     # SD3's VAE's scaling and shift
     vae = vae or make_vae(image_size, vae_channels, scaling_factor=1.5305, shift_factor=0.0609)
