@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from machinery.config import BUNDLED_MODEL  # noqa: E402
 from machinery.pipeline import load_pipeline  # noqa: E402
-from page import made_by, provenance, save_json, write_block  # noqa: E402
+from page import parse_with_result_flags, provenance, report  # noqa: E402
 from sampler import decode  # noqa: E402
 
 CHUNKS = (64, 32, 16, 8)
@@ -63,21 +63,12 @@ def main(argv=None):
     )
     parser.add_argument("--repeats", type=int, default=12, help="decodes of each size; 2 warm up")
     parser.add_argument("--model", default=str(BUNDLED_MODEL))
-    parser.add_argument("--keep", type=Path, help="a JSON file to keep the result in")
-    parser.add_argument("--page", type=Path, help="write the kept result's table into this page")
-    args = parser.parse_args(argv)
-    if args.page and not args.keep:
-        parser.error("--page writes the kept result: give --keep too")
+    args = parse_with_result_flags(parser, argv)
     if args.repeats < 3:
         parser.error("--repeats must be at least 3: the first two warm up")
     command = f"python benchmarks/decode_batch.py --repeats {args.repeats}"
     result = {"seconds": measure(args.model, args.repeats), "command": command, **provenance()}
-    print(table(result))
-    if args.keep:
-        save_json(args.keep, result)
-    if args.page:
-        write_block(args.page, "decode_batch", table(result) + "\n\n" + made_by(command, [result]))
-    return result
+    return report(args, "decode_batch", result, table)
 
 
 if __name__ == "__main__":

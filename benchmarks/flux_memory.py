@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from machinery.families.flux import LORA_TARGETS  # noqa: E402
-from page import made_by, provenance, save_json, write_block  # noqa: E402
+from page import parse_with_result_flags, provenance, report  # noqa: E402
 
 GIB = 2**30
 
@@ -214,20 +214,11 @@ def main(argv=None):
     )
     parser.add_argument("--rank", type=int, default=64, help="LoRA rank (Flow-GRPO's FLUX: 64)")
     parser.add_argument("--reduced", action="store_true", help="a few layers, small inputs")
-    parser.add_argument("--keep", type=Path, help="a JSON file to keep the result in")
-    parser.add_argument("--page", type=Path, help="write the kept result's table into this page")
-    args = parser.parse_args(argv)
-    if args.page and not args.keep:
-        parser.error("--page writes the kept result: give --keep too")
+    args = parse_with_result_flags(parser, argv)
     command = f"python benchmarks/flux_memory.py --rank {args.rank}"
     command += " --reduced" if args.reduced else ""
     result = {**measure(args.reduced, args.rank), "command": command, **provenance()}
-    print(table(result))
-    if args.keep:
-        save_json(args.keep, result)
-    if args.page:
-        write_block(args.page, "flux_memory", table(result) + "\n\n" + made_by(command, [result]))
-    return result
+    return report(args, "flux_memory", result, table)
 
 
 if __name__ == "__main__":

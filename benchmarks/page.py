@@ -115,3 +115,25 @@ def measured_or_kept(report, path, measure):
 def write_table(page, name, table, results):
     """table(results' runs) into page, with the line that says what made them, where and when."""
     write_block(page, name, f"{table(results['runs'])}\n\n{made_by(results['command'], [results])}")
+
+
+def parse_with_result_flags(parser, argv):
+    """The arguments of a benchmark that measures one result, with --keep (the JSON file it is
+    kept in) and --page (the page its table is written into, from the kept result) added."""
+    parser.add_argument("--keep", type=Path, help="a JSON file to keep the result in")
+    parser.add_argument("--page", type=Path, help="write the kept result's table into this page")
+    args = parser.parse_args(argv)
+    if args.page and not args.keep:
+        parser.error("--page writes the kept result: give --keep too")
+    return args
+
+
+def report(args, name, result, table):
+    """result's table printed, the result kept in --keep, and the table with the line on what made
+    it written into --page as the block name."""
+    print(table(result))
+    if args.keep:
+        save_json(args.keep, result)
+    if args.page:
+        write_block(args.page, name, f"{table(result)}\n\n{made_by(result['command'], [result])}")
+    return result

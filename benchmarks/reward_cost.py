@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from machinery.learned_rewards import ocr  # noqa: E402
 from machinery.learned_rewards.clipscore import similarity  # noqa: E402
-from page import made_by, provenance, save_json, write_block  # noqa: E402
+from page import parse_with_result_flags, provenance, report  # noqa: E402
 from rewards import jpeg_compressibility  # noqa: E402
 from toy_world.pretrain import make_tokenizer  # noqa: E402
 
@@ -186,23 +186,14 @@ def main(argv=None):
     )
     parser.add_argument("--repeats", type=int, default=6, help="calls of each case; 1 warms up")
     parser.add_argument("--reduced", action="store_true", help="tiny CLIPs and batches")
-    parser.add_argument("--keep", type=Path, help="a JSON file to keep the result in")
-    parser.add_argument("--page", type=Path, help="write the kept result's table into this page")
-    args = parser.parse_args(argv)
-    if args.page and not args.keep:
-        parser.error("--page writes the kept result: give --keep too")
+    args = parse_with_result_flags(parser, argv)
     if args.repeats < 2:
         parser.error("--repeats must be at least 2: the first warms up")
     command = f"python benchmarks/reward_cost.py --repeats {args.repeats}"
     command += " --reduced" if args.reduced else ""
     result = {"cases": measure(args.reduced, args.repeats), "command": command, **provenance()}
     result["threads"] = torch.get_num_threads()
-    print(table(result))
-    if args.keep:
-        save_json(args.keep, result)
-    if args.page:
-        write_block(args.page, "reward_cost", table(result) + "\n\n" + made_by(command, [result]))
-    return result
+    return report(args, "reward_cost", result, table)
 
 
 if __name__ == "__main__":
