@@ -20,6 +20,15 @@ and the figures in --keep (docs/cpu-demo) and writes the table into --page (docs
 
 runs the command with more flags (--train-args), into a block of the page of its own (--block),
 drawing and keeping no figures (--no-figures).
+
+    python benchmarks/cpu_demo.py --model toy_world/tiny-words --reward ocr --out runs/words-demo \
+        --keep docs/learns-to-write --page docs/learns-to-write.md      # the model that writes
+
+runs `--reward ocr` instead: the table has the OCR reward, the share of words read exactly and the
+share of images in the asked colour (toy_world.words.colour_fidelity). Then the base model and each
+seed's tuned one sample the same noise, N_SAME per prompt on all 48 prompts: the same three
+measures, and the diversity, the mean RMS distance between two samples of a prompt (same_noise.json
+in each kept run, the base's in the kept folder).
 """
 
 import argparse
@@ -38,16 +47,19 @@ sys.path.insert(0, str(ROOT))
 
 import toy_world  # noqa: E402
 from machinery.config import BUNDLED_MODEL, PRESETS  # noqa: E402
+from machinery.learned_rewards import ocr  # noqa: E402
 from machinery.pipeline import load_pipeline  # noqa: E402
 from machinery.epoch_log import save_grid  # noqa: E402
 from page import keep_run, made_by, provenance, write_block  # noqa: E402
 from rewards import jpeg_kilobytes  # noqa: E402
 from sampler import sample_trajectories  # noqa: E402
+from toy_world import words  # noqa: E402
 
 LAST = 5  # the epochs at the end whose mean is the result
+N_SAME = 4  # samples a prompt from the same noise, base and tuned (--reward ocr)
 
 
-def run_seed(seed, out, model=None, train_args=()):
+def run_seed(seed, out, model=None, train_args=(), reward="jpeg"):
     if not (out / "run.json").is_file():  # else a finished run: read it again
         shutil.rmtree(out, ignore_errors=True)  # train.py writes only into an empty folder
         record, start = provenance(), time.time()  # the commit the run starts from
@@ -56,7 +68,7 @@ def run_seed(seed, out, model=None, train_args=()):
                 sys.executable,
                 str(ROOT / "train.py"),
                 "--reward",
-                "jpeg",
+                reward,
                 "--seed",
                 str(seed),
                 "--out",
@@ -70,15 +82,11 @@ def run_seed(seed, out, model=None, train_args=()):
         (out / "run.json").write_text(json.dumps(record) + "\n")
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     epochs = [m for m in metrics if "reward_mean" in m]  # not an evaluation's row of its own
-    first, last, tail = epochs[0], epochs[-1], epochs[-LAST:]
-    tail_kb = statistics.mean(-m["reward_mean"] for m in tail)
+    first, tail = epochs[0], epochs[-LAST:]
     tail_fidelity = statistics.mean(m["fidelity"] for m in tail)
     return {
         "seed": seed,
-        "first_kb": -first["reward_mean"],
-        "last5_kb": tail_kb,
-        "cut_last5": 1 + tail_kb / first["reward_mean"],
-        "cut_last": 1 - last["reward_mean"] / first["reward_mean"],
+        **SUMMARIES[reward](first, epochs[-1], tail),
         "first_fidelity": first["fidelity"],
         "last5_fidelity": tail_fidelity,
         "kept_last5": tail_fidelity / first["fidelity"],
@@ -86,55 +94,150 @@ def run_seed(seed, out, model=None, train_args=()):
     }
 
 
-@torch.no_grad()
-def before_after(lora_dir, path, model, n=8):
-    """Base and fine-tuned model on the same prompts and the same initial noise, one row each."""
+def jpeg_summary(first, last, tail):
+    """A JPEG run: the mean size, first epoch and last LAST, and the cuts."""
+    tail_kb = statistics.mean(-m["reward_mean"] for m in tail)
+    return {
+        "first_kb": -first["reward_mean"],
+        "last5_kb": tail_kb,
+        "cut_last5": 1 + tail_kb / first["reward_mean"],
+        "cut_last": 1 - last["reward_mean"] / first["reward_mean"],
+    }
+
+
+def ocr_summary(first, last, tail):
+    """An OCR run: the mean reward and the share of words read exactly, first epoch and last LAST."""
+    tail_exact = statistics.mean(m["reward_exact"] for m in tail)
+    return {
+        "first_ocr": first["reward_mean"],
+        "last5_ocr": statistics.mean(m["reward_mean"] for m in tail),
+        "first_exact": first["reward_exact"],
+        "last5_exact": tail_exact,
+        "gain_exact": 100 * (tail_exact - first["reward_exact"]),
+    }
+
+
+SUMMARIES = {"jpeg": jpeg_summary, "ocr": ocr_summary}
+
+
+def sample(pipe, prompts, seed=0):
+    """The preset's sampling of prompts, from noise drawn by seed."""
     preset = PRESETS["tiny"]
-    prompts = toy_world.PROMPTS[::2][:n]
+    return sample_trajectories(
+        pipe,
+        prompts,
+        preset["num_steps"],
+        preset["guidance_scale"],
+        generator=torch.Generator().manual_seed(seed),
+        policy=pipe.family.POLICY,
+    )["images"]
+
+
+@torch.no_grad()
+def same_noise(pipe, read):
+    """Exact share, OCR reward, colour fidelity and diversity of N_SAME samples of each prompt."""
+    prompts = [p for p in words.PROMPTS for _ in range(N_SAME)]
+    images = sample(pipe, prompts)
+    scores = read(images, prompts)
+    groups = images.double().view(len(words.PROMPTS), N_SAME, -1)
+    distances = torch.cdist(groups, groups) / groups.shape[-1] ** 0.5  # RMS, [0, 1] units
+    pairs = N_SAME * (N_SAME - 1)
+    return {
+        "exact": (scores == 1).double().mean().item(),
+        "ocr": scores.double().mean().item(),
+        "fidelity": words.colour_fidelity(images, prompts).double().mean().item(),
+        "diversity": (distances.sum(dim=(1, 2)) / pairs).mean().item(),
+    }
+
+
+@torch.no_grad()
+def before_after(lora_dir, path, model, reward, n=8):
+    """Base and fine-tuned model on the same prompts and the same initial noise, one row each."""
+    prompts = (words.PROMPTS[::7] if reward == "ocr" else toy_world.PROMPTS[::2])[:n]
     pipe = load_pipeline(model)
-    rows = []
-    for tuned in (False, True):
-        if tuned:
-            pipe.load_lora_weights(lora_dir)
-        traj = sample_trajectories(
-            pipe,
-            prompts,
-            preset["num_steps"],
-            preset["guidance_scale"],
-            generator=torch.Generator().manual_seed(0),
-            policy=pipe.family.POLICY,
-        )
-        rows.append(traj["images"])
-    images = torch.cat(rows)
-    fidelity = toy_world.judge(images, prompts * 2).tolist()
-    captions = [
-        f"{'tuned' if k >= n else 'base'} {kb:.2f} kB\n{p[2:]} {f:.1f}"
-        for k, (p, kb, f) in enumerate(zip(prompts * 2, jpeg_kilobytes(images).tolist(), fidelity))
-    ]
+    base = sample(pipe, prompts)
+    pipe.load_lora_weights(lora_dir)
+    images = torch.cat([base, sample(pipe, prompts)])
+    rows = ["base"] * n + ["tuned"] * n
+    if reward == "ocr":
+        read = ocr.load()
+        scores, readings = read(images, prompts * 2).tolist(), read.readings
+        fidelity = words.colour_fidelity(images, prompts * 2).tolist()
+        captions = [
+            f"{row} read {text!r}\n{p.split()[-1]} {r:.2f} {f:.0f}"
+            for row, text, p, r, f in zip(rows, readings, prompts * 2, scores, fidelity)
+        ]
+    else:
+        kilobytes = jpeg_kilobytes(images).tolist()
+        fidelity = toy_world.judge(images, prompts * 2).tolist()
+        captions = [
+            f"{row} {kb:.2f} kB\n{p[2:]} {f:.1f}"
+            for row, p, kb, f in zip(rows, prompts * 2, kilobytes, fidelity)
+        ]
     save_grid(images, captions, path, cols=n)
 
 
-def medians(results):
+def same_noise_all(args, runs):
+    """same_noise of the base model (kept as base_same_noise.json) and of each seed's LoRA."""
+    base_path = args.keep / "base_same_noise.json"
+    read, pipe = ocr.load(), None
+    for seed, out in [(None, None), *runs]:
+        path = base_path if seed is None else out / "same_noise.json"
+        if path.is_file():
+            continue
+        pipe = pipe or load_pipeline(args.model)
+        if seed is not None:
+            pipe.unload_lora_weights()
+            pipe.load_lora_weights(out / "lora")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(same_noise(pipe, read)) + "\n")
+    base = json.loads(base_path.read_text())
+    rows = ["| model | exact | OCR reward | colour | diversity |", "|---|---|---|---|---|"]
+    for name, path in [
+        ("base", base_path),
+        *((f"seed {s}", o / "same_noise.json") for s, o in runs),
+    ]:
+        m = json.loads(path.read_text())
+        rows.append(
+            f"| {name} | {m['exact']:.3f} | {m['ocr']:.3f} | {m['fidelity']:.3f} "
+            f"| {m['diversity']:.4f} ({m['diversity'] / base['diversity']:.2f} of the base's) |"
+        )
+    return "\n".join(rows)
+
+
+def medians(results, columns):
     """Each column's median over the seeds."""
-    return {k: statistics.median(r[k] for r in results) for k in COLUMNS}
+    return {k: statistics.median(r[k] for r in results) for k in columns}
 
 
-def table(results):
+def table(results, reward="jpeg"):
     """The page's table: one row a seed, then the median."""
+    columns = {**COLUMNS[reward], **FIDELITY}
     rows = [(str(r["seed"]), r) for r in results]
-    rows.append(("median", medians(results)))
-    lines = ["| seed | " + " | ".join(COLUMNS.values()) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    rows.append(("median", medians(results, columns)))
+    lines = ["| seed | " + " | ".join(columns.values()) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, r in rows:
-        cells = [FORMATS.get(k, "{:.3f}").format(r[k]) for k in COLUMNS]
+        cells = [FORMATS.get(k, "{:.3f}").format(r[k]) for k in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 COLUMNS = {
-    "first_kb": "first epoch kB",
-    "last5_kb": f"last {LAST} epochs kB",
-    "cut_last5": f"cut, last {LAST}",
-    "cut_last": "cut, last epoch",
+    "jpeg": {
+        "first_kb": "first epoch kB",
+        "last5_kb": f"last {LAST} epochs kB",
+        "cut_last5": f"cut, last {LAST}",
+        "cut_last": "cut, last epoch",
+    },
+    "ocr": {
+        "first_exact": "first epoch exact",
+        "last5_exact": f"last {LAST} exact",
+        "gain_exact": "gain, points",
+        "first_ocr": "first OCR reward",
+        "last5_ocr": f"last {LAST} OCR reward",
+    },
+}
+FIDELITY = {
     "first_fidelity": "first fidelity",
     "last5_fidelity": f"last {LAST} fidelity",
     "kept_last5": "kept",
@@ -143,6 +246,7 @@ COLUMNS = {
 FORMATS = {
     "cut_last5": "{:.1%}",
     "cut_last": "{:.1%}",
+    "gain_exact": "{:+.1f}",
     "kept_last5": "{:.2f}",
     "wall_seconds": "{:.0f}",
 }
@@ -160,6 +264,11 @@ def keep(args, results):
     }
     for seed in args.seeds:
         keep_run(args.out / f"seed{seed}", args.keep / f"seed{seed}")
+        if (args.out / f"seed{seed}" / "same_noise.json").is_file():
+            shutil.copyfile(
+                args.out / f"seed{seed}" / "same_noise.json",
+                args.keep / f"seed{seed}" / "same_noise.json",
+            )
     if args.no_figures:
         return
     for name, path in figures.items():
@@ -173,8 +282,9 @@ def main():
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument(
-        "--model", type=Path, help="a bundled model other than the DDIM one (tiny preset)"
+        "--model", type=Path, help="a bundled model other than the DDIM one (its preset)"
     )
+    parser.add_argument("--reward", default="jpeg", choices=tuple(COLUMNS))
     parser.add_argument("--out", type=Path, default=Path("runs/cpu-demo"))
     parser.add_argument("--keep", type=Path, default=ROOT / "docs" / "cpu-demo")
     parser.add_argument("--page", type=Path, default=ROOT / "docs" / "cpu-demo.md")
@@ -184,20 +294,25 @@ def main():
         "--no-figures", action="store_true", help="the table only: no figures drawn or kept"
     )
     args = parser.parse_args()
+    model = args.model or BUNDLED_MODEL
     train_args = args.train_args.split()
     runs = [(seed, args.out / f"seed{seed}") for seed in args.seeds]
-    results = [run_seed(seed, out, args.model, train_args) for seed, out in runs]
-    print(table(results))
+    results = [run_seed(seed, out, args.model, train_args, args.reward) for seed, out in runs]
+    body = table(results, args.reward)
+    if args.reward == "ocr":
+        body += "\n\nFrom the same noise:\n\n" + same_noise_all(args, runs)
+    print(body)
     lora = args.out / f"seed{args.seeds[0]}" / "lora"
     if lora.is_dir() and not args.no_figures:  # kept results have no weights: the figure stays
-        before_after(lora, args.out / "before_after.png", args.model or BUNDLED_MODEL)
+        before_after(lora, args.out / "before_after.png", model, args.reward)
     if args.out.resolve() != args.keep.resolve():
         keep(args, results)
     seeds = " ".join(str(seed) for seed in args.seeds)
-    model = f" --model {args.model}" if args.model else ""
+    flags = f" --model {args.model}" if args.model else ""
+    flags += f" --reward {args.reward}" if args.reward != "jpeg" else ""
     given = f' --train-args="{args.train_args}"' if args.train_args else ""
-    command = f"python benchmarks/cpu_demo.py{model} --seeds {seeds}{given}"
-    write_block(args.page, args.block, table(results) + "\n\n" + made_by(command, results))
+    command = f"python benchmarks/cpu_demo.py{flags} --seeds {seeds}{given}"
+    write_block(args.page, args.block, body + "\n\n" + made_by(command, results))
 
 
 if __name__ == "__main__":

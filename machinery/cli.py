@@ -14,7 +14,7 @@ from pathlib import Path
 from machinery import checks, families
 from machinery.config import (
     ALGO_SETTINGS,
-    BUNDLED_FLOW_MODEL,
+    BUNDLED_PRESETS,
     BUNDLED_MODEL,
     EVAL_PROMPTS_COPY,
     GROUPS,
@@ -140,10 +140,10 @@ def resolve(given):
         print(f"--model auto: {why} (choose with --model)")
         sources["model"] = "auto: " + ("CUDA is available" if cuda else "no CUDA device")
     if preset == "auto":
-        bundled = {BUNDLED_MODEL.resolve(), BUNDLED_FLOW_MODEL.resolve()}
-        preset = "tiny" if Path(model).resolve() in bundled else "paper"
+        bundled = {path.resolve(): name for path, name in BUNDLED_PRESETS.items()}
+        preset = bundled.get(Path(model).resolve(), "paper")
         sources["preset"] = (
-            f"auto: {'a bundled model' if preset == 'tiny' else 'not a bundled model'}"
+            f"auto: {'a bundled model' if preset != 'paper' else 'not a bundled model'}"
         )
     algo, reward = given.get("algo", Config.algo), given.get("reward", Config.reward)
     layers = [

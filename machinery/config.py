@@ -18,6 +18,7 @@ from machinery.reward_specs import REWARD_NAMES, SETTINGS, RewardSettings
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 BUNDLED_MODEL = ROOT / "toy_world" / "tiny-shapes"
 BUNDLED_FLOW_MODEL = ROOT / "toy_world" / "tiny-flow"  # SD3's shape (docs/flow-models.md)
+BUNDLED_WORDS_MODEL = ROOT / "toy_world" / "tiny-words"  # writes words (docs/learns-to-write.md)
 SD14 = "CompVis/stable-diffusion-v1-4"
 # the run folder's lock file (run_folder.claim): a folder holding only it counts as empty
 LOCK = ".lock"
@@ -51,6 +52,11 @@ PRESETS = {
         clip_range=8e-4,
     ),
 }
+# tiny-words: the tiny preset on the words world's prompts; its latents have 16 x 8 x 8 elements,
+# so the clip range is tiny's over sqrt(1024 / 256) = 2
+PRESETS["words"] = {**PRESETS["tiny"], "prompts": "words", "clip_range": 4e-4}
+# the preset --preset auto picks for each bundled model (any other model: the paper's)
+BUNDLED_PRESETS = {BUNDLED_MODEL: "tiny", BUNDLED_FLOW_MODEL: "tiny", BUNDLED_WORDS_MODEL: "words"}
 # Each algorithm's own settings: over the preset's, under the tuned ones and the flags given.
 ALGO_SETTINGS = {
     # DDPO_IS: 4 clipped updates per epoch (minibatches of 64); DDPO_SF and PXPO: on-policy, one
@@ -104,8 +110,8 @@ class Config(RewardSettings):
     )
     preset: str = arg(
         "auto",
-        "settings to start from: the paper's, or tiny for the bundled model on a CPU; auto: tiny "
-        "with the bundled model",
+        "settings to start from: the paper's, tiny for the bundled models on a CPU, words for "
+        "tiny-words; auto: the bundled model's own, else the paper's",
         choices=("auto", *PRESETS),
     )
     lora_rank: int = arg(

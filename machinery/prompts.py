@@ -4,6 +4,7 @@ one prompt a line. train.draw_prompts draws c ~ p(c) from the set."""
 from pathlib import Path
 
 import toy_world
+from toy_world import words
 from machinery.errors import fail
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -30,6 +31,9 @@ PROMPT_SETS = {
     "shapes": lambda: toy_world.PROMPTS,
     "shapes_train": lambda: toy_world.TRAIN,  # 10 of the 15, for training
     "shapes_heldout": lambda: toy_world.HELDOUT,  # the other 5, never trained on
+    "words": lambda: words.PROMPTS,  # the words world's 48 (toy_world/words.py)
+    "words_train": lambda: words.TRAIN,  # 36 of them, which tiny-words was pretrained on
+    "words_heldout": lambda: words.HELDOUT,  # the other 12
 }
 
 

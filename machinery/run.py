@@ -95,8 +95,8 @@ class Run(contextlib.ExitStack):
             if cfg.per_prompt_stat_tracking
             else None
         )
-        # then the toy world's judge reports fidelity
-        self.toy_prompts = set(self.prompt_set) <= set(toy_world.PROMPTS)
+        # the toy world's judge reports fidelity, when the prompts are all of one of its worlds
+        self.judge = toy_world.fidelity_judge(self.prompt_set)
         self.out, self.history, self.progress = Path(cfg.out), [], self.rank == 0
         # this process's share of an epoch's samples, and its rows among every process's
         self.share = cfg.samples_per_epoch // self.world
@@ -219,9 +219,11 @@ class Run(contextlib.ExitStack):
                 f"with --resume {self.out}"
             )
         terms = getattr(self.reward_fn, "terms", {})  # --rewards: each term's raw scores
+        details = getattr(self.reward_fn, "details", {})  # a reward's own measures (ocr: exact)
         self.term_means = {
-            f"reward_mean_{name}": parallel.gather(value.float().to(self.device)).mean().item()
-            for name, value in terms.items()
+            f"reward_{kind}{name}": parallel.gather(value.float().to(self.device)).mean().item()
+            for kind, values in (("mean_", terms), ("", details))
+            for name, value in values.items()
         }
         self.start = time.time()
         return parallel.gather_objects(prompts), rewards
@@ -240,8 +242,8 @@ class Run(contextlib.ExitStack):
                 f"{cfg.lr} (the others as in {out / 'config.json'})"
             )
         judged = (
-            parallel.gather(toy_world.judge(traj["images"], prompts).to(self.device))
-            if self.toy_prompts
+            parallel.gather(self.judge(traj["images"], prompts).to(self.device))
+            if self.judge
             else None
         )
         self.history.append(
@@ -253,7 +255,7 @@ class Run(contextlib.ExitStack):
                 "reward_queries": (epoch + 1) * cfg.samples_per_epoch,
                 **stats,
                 **successors.group_stats(cfg, rewards),
-                **({"fidelity": judged.mean().item()} if self.toy_prompts else {}),
+                **({"fidelity": judged.mean().item()} if self.judge else {}),
                 **self.eval_metrics,
                 "sample_seconds": self.sample_seconds,
                 "train_seconds": train_seconds,

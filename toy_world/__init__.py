@@ -133,3 +133,15 @@ def judge(images, prompts):
         seen = classify(mask)
         scores.append(0.0 if seen is None else 1.0 if seen == parse(prompt)[1] else 0.5)
     return images.new_tensor(scores).float().cpu()
+
+
+def fidelity_judge(prompts):
+    """The judge of these prompts' fidelity, or None when they are not all of one of the toy's
+    worlds: judge for the shapes, words.colour_fidelity (the asked colour) for the words."""
+    from toy_world import words  # here: words imports this module
+
+    if set(prompts) <= set(PROMPTS):
+        return judge
+    if set(prompts) <= set(words.PROMPTS):
+        return words.colour_fidelity
+    return None

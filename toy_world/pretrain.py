@@ -28,7 +28,7 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from diffusers.optimization import get_cosine_schedule_with_warmup
+from diffusers.optimization import get_cosine_schedule_with_warmup, get_scheduler
 from diffusers.training_utils import EMAModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -57,19 +57,21 @@ class Config:
     kl_weight: float = 1e-6
     edge_weight: float = 3.0
     edge_steps: int = 1200  # the last VAE steps, once the squared error is small
+    latent_channels: int = 4  # SD 1.x's; SD3 and FLUX have 16
     dataset_size: int = 20000  # images encoded once for phase 2
     unet_steps: int = 4500
     unet_batch: int = 64
     unet_lr: float = 1e-3
+    unet_schedule: str = "cosine"  # or constant_with_warmup: step N's model is an N-step run's
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
     save_every: int = 1000
 
 
-def make_tokenizer(words, max_length=8):
+def make_tokenizer(words, max_length=8, symbols="-,.'"):
     """A CLIP BPE tokenizer whose merges spell each given word as one token; any other text
-    falls back to single characters."""
-    chars = sorted(set(string.ascii_lowercase + string.digits + "-,.'"))
+    falls back to single characters (letters, digits and the symbols)."""
+    chars = sorted(set(string.ascii_lowercase + string.digits + symbols))
     vocab = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
     merges = []
     for word in words:
@@ -99,13 +101,13 @@ def clip_config(tokenizer, text_dim, text_layers=2):
     )
 
 
-def make_vae(image_size, vae_channels, **options):
-    """A random-weight VAE: 3 x image_size^2 images <-> 4-channel latents, downsampling by
+def make_vae(image_size, vae_channels, latent_channels=4, **options):
+    """A random-weight VAE: 3 x image_size^2 images <-> latents, downsampling by
     2 ** (len(vae_channels) - 1); options: more of its config (SD3's scaling and shift)."""
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        latent_channels=4,
+        latent_channels=latent_channels,
         block_out_channels=vae_channels,
         layers_per_block=1,
         down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
@@ -126,16 +128,18 @@ def build_pipeline(
     max_length=8,
     seed=0,
     family="sd1",
+    latent_channels=4,
+    symbols="-,.'",
 ):
     """A random-weight SD-1.x-shaped pipeline; the VAE downsamples by 2 ** (len(vae_channels) - 1).
     family "sd2": SD 2.x's differences, v-prediction and linear projections in the UNet's attention.
     family "sdxl": SDXL's, a second text encoder (with a projection: the pooled embedding) whose
     tokens join the first's, and a UNet that also takes the pooled embedding and 6 size and crop ids."""
     torch.manual_seed(seed)
-    tokenizer = make_tokenizer(words, max_length)
+    tokenizer = make_tokenizer(words, max_length, symbols)
     text_config = clip_config(tokenizer, text_dim, text_layers)
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
-    vae = make_vae(image_size, vae_channels)
+    vae = make_vae(image_size, vae_channels, latent_channels)
     attention = ("CrossAttnDownBlock2D",) * (len(unet_channels) - 1)
     xl = (
         dict(
@@ -150,8 +154,8 @@ def build_pipeline(
     unet = UNet2DConditionModel(
         **{
             "sample_size": image_size // 2 ** (len(vae_channels) - 1),
-            "in_channels": 4,
-            "out_channels": 4,
+            "in_channels": latent_channels,
+            "out_channels": latent_channels,
             "block_out_channels": unet_channels,
             "layers_per_block": 1,
             "down_block_types": attention + ("DownBlock2D",),
@@ -192,7 +196,7 @@ def build_pipeline(
     )
 
 
-def train_vae(vae, cfg, rng):
+def train_vae(vae, cfg, rng, world=toy_world):
     """Phase 1: reconstruct world images through the 4 x 8 x 8 latent: squared error on the
     posterior mean (sampling the posterior at its initial std of 1 drowns the signal and stalls a
     short CPU run), plus a tiny KL that keeps the latents near unit scale. The shape's pixels (the
@@ -206,7 +210,7 @@ def train_vae(vae, cfg, rng):
     schedule = get_cosine_schedule_with_warmup(optimizer, 100, cfg.vae_steps)
     start = time.time()
     for step in range(cfg.vae_steps):
-        images = torch.from_numpy(toy_world.sample_batch(cfg.vae_batch, rng)[0]) * 2 - 1
+        images = torch.from_numpy(world.sample_batch(cfg.vae_batch, rng)[0]) * 2 - 1
         posterior = vae.encode(images).latent_dist
         reconstruction = vae.decode(posterior.mode()).sample
         saturation = images.amax(dim=1, keepdim=True) - images.amin(
@@ -227,11 +231,11 @@ def train_vae(vae, cfg, rng):
 
 
 @torch.no_grad()
-def encode_dataset(vae, cfg, rng):
+def encode_dataset(vae, cfg, rng, world=toy_world):
     """Encode a fixed set of world images once: latents (posterior means) and captions."""
     latents, prompts = [], []
     for _ in range(cfg.dataset_size // 250):
-        images, batch_prompts = toy_world.sample_batch(250, rng)
+        images, batch_prompts = world.sample_batch(250, rng)
         images = torch.from_numpy(images)
         latents.append(vae.encode(images * 2 - 1).latent_dist.mode())
         prompts.extend(batch_prompts)
@@ -244,7 +248,9 @@ def train_unet(pipe, dataset, prompts, cfg, rng):
     params = list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters())
     pipe.unet.requires_grad_(True), pipe.text_encoder.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-4)
-    schedule = get_cosine_schedule_with_warmup(optimizer, 200, cfg.unet_steps)
+    schedule = get_scheduler(
+        cfg.unet_schedule, optimizer, num_warmup_steps=200, num_training_steps=cfg.unet_steps
+    )
     ema = EMAModel(params, decay=cfg.ema_decay)
     scaling = pipe.vae.config.scaling_factor
     start = time.time()
@@ -275,6 +281,7 @@ def train_unet(pipe, dataset, prompts, cfg, rng):
             ema.store(params), ema.copy_to(params)
             pipe.save_pretrained(cfg.out)
             ema.restore(params)
+            print(f"saved step {step + 1} to {cfg.out}", flush=True)
     pipe.unet.requires_grad_(False), pipe.text_encoder.requires_grad_(False)
 
 
@@ -288,26 +295,31 @@ def parse_config(config_class, argv, description):
     return config_class(**vars(parser.parse_args(argv)))
 
 
-def main(argv=None):
-    cfg = parse_config(Config, argv, __doc__)
+def pretrain(pipe, cfg, world=toy_world):
+    """Both phases on a world (a module with sample_batch(n, rng)): the VAE, then the UNet and
+    text encoder on its latents."""
     rng = np.random.default_rng(cfg.seed)
-    words = ["a", *toy_world.COLOURS, *toy_world.SHAPES]
-    pipe = build_pipeline(image_size=toy_world.SIZE, words=words, seed=cfg.seed)
     print(
         f"parameters: unet {sum(p.numel() for p in pipe.unet.parameters()) / 1e6:.2f}M, "
         f"vae {sum(p.numel() for p in pipe.vae.parameters()) / 1e6:.2f}M, "
         f"text encoder {sum(p.numel() for p in pipe.text_encoder.parameters()) / 1e6:.2f}M",
         flush=True,
     )
-    train_vae(pipe.vae, cfg, rng)
+    train_vae(pipe.vae, cfg, rng, world)
     pipe.vae.save_pretrained(f"{cfg.out}/vae")  # inspectable before phase 2 ends
-    dataset, prompts = encode_dataset(pipe.vae, cfg, rng)
+    dataset, prompts = encode_dataset(pipe.vae, cfg, rng, world)
     pipe.vae.register_to_config(
         scaling_factor=1 / dataset.std().item()
     )  # unit-variance latents, as SD's 0.18215
     pipe.vae.requires_grad_(False)
     train_unet(pipe, dataset, prompts, cfg, rng)
     return pipe
+
+
+def main(argv=None):
+    cfg = parse_config(Config, argv, __doc__)
+    words = ["a", *toy_world.COLOURS, *toy_world.SHAPES]
+    return pretrain(build_pipeline(image_size=toy_world.SIZE, words=words, seed=cfg.seed), cfg)
 
 
 if __name__ == "__main__":

@@ -66,7 +66,8 @@ def ocr_score(reading, text):
 
 def ocr(read):
     """The reward, given read(image) -> the text an OCR model reads in an 8-bit BGR image (H, W, 3).
-    Its `readings` hold what was read in the last batch, for a look."""
+    Its `readings` hold what was read in the last batch, for a look; its `details`, which images
+    were read exactly (the run logs their share as reward_exact)."""
 
     import torch  # here, not above: checks.py reads unreadable() before torch loads
 
@@ -75,7 +76,9 @@ def ocr(read):
         bgr = pixels.flip(1).permute(0, 2, 3, 1).cpu().numpy()
         score.readings = [read(np.ascontiguousarray(image)) for image in bgr]
         scores = [ocr_score(reading, target(p)) for reading, p in zip(score.readings, prompts)]
-        return torch.tensor(scores, dtype=torch.float32, device=images.device)
+        scores = torch.tensor(scores, dtype=torch.float32, device=images.device)
+        score.details = {"exact": (scores == 1).float()}
+        return scores
 
     return score
 
