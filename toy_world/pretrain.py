@@ -62,6 +62,7 @@ class Config:
     unet_steps: int = 4500
     unet_batch: int = 64
     unet_lr: float = 1e-3
+    ink_weight: float = 0.0  # the ink's latent cells weigh 1 + this in phase 2's loss
     unet_schedule: str = "cosine"  # or constant_with_warmup: step N's model is an N-step run's
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
@@ -232,19 +233,27 @@ def train_vae(vae, cfg, rng, world=toy_world):
 
 @torch.no_grad()
 def encode_dataset(vae, cfg, rng, world=toy_world):
-    """Encode a fixed set of world images once: latents (posterior means) and captions."""
-    latents, prompts = [], []
+    """Encode a fixed set of world images once: latents (posterior means), captions, and where
+    the ink is: a mask (N, 1, h, w) of the latent cells whose pixels include a saturated one (the
+    shape's or the word's; the backgrounds are neutral)."""
+    latents, prompts, ink = [], [], []
     for _ in range(cfg.dataset_size // 250):
         images, batch_prompts = world.sample_batch(250, rng)
         images = torch.from_numpy(images)
         latents.append(vae.encode(images * 2 - 1).latent_dist.mode())
         prompts.extend(batch_prompts)
-    return torch.cat(latents), prompts
+        saturated = (images.amax(dim=1, keepdim=True) - images.amin(dim=1, keepdim=True)) > 0.3
+        ink.append(F.adaptive_max_pool2d(saturated.float(), latents[-1].shape[-2:]))
+    return torch.cat(latents), prompts, torch.cat(ink)
 
 
-def train_unet(pipe, dataset, prompts, cfg, rng):
+def train_unet(pipe, dataset, prompts, ink, cfg, rng):
     """Phase 2: the noise-prediction loss ||eps - eps_theta(x_t, t, c)||^2 on scaled latents,
-    training the UNet and the text encoder together, with EMA weights kept for sampling."""
+    training the UNet and the text encoder together, with EMA weights kept for sampling. With
+    cfg.ink_weight, the latent cells with ink weigh 1 + ink_weight in it: a word's letters are a
+    few cells of the latent, and which word the caption asks for barely moves the plain loss
+    (measured on the words world: 0.0355 against 0.0354 at t = 300 with the wrong word), so the
+    model learns to draw the world's words long before it learns to draw the one asked for."""
     params = list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters())
     pipe.unet.requires_grad_(True), pipe.text_encoder.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-4)
@@ -268,7 +277,11 @@ def train_unet(pipe, dataset, prompts, cfg, rng):
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (len(rows),))
         noisy = pipe.scheduler.add_noise(latents, noise, timesteps)
-        loss = F.mse_loss(pipe.unet(noisy, timesteps, pipe.text_encoder(ids)[0]).sample, noise)
+        prediction = pipe.unet(noisy, timesteps, pipe.text_encoder(ids)[0]).sample
+        if cfg.ink_weight:
+            loss = ((1 + cfg.ink_weight * ink[rows]) * (prediction - noise) ** 2).mean()
+        else:
+            loss = F.mse_loss(prediction, noise)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step(), schedule.step(), optimizer.zero_grad()
@@ -307,12 +320,12 @@ def pretrain(pipe, cfg, world=toy_world):
     )
     train_vae(pipe.vae, cfg, rng, world)
     pipe.vae.save_pretrained(f"{cfg.out}/vae")  # inspectable before phase 2 ends
-    dataset, prompts = encode_dataset(pipe.vae, cfg, rng, world)
+    dataset, prompts, ink = encode_dataset(pipe.vae, cfg, rng, world)
     pipe.vae.register_to_config(
         scaling_factor=1 / dataset.std().item()
     )  # unit-variance latents, as SD's 0.18215
     pipe.vae.requires_grad_(False)
-    train_unet(pipe, dataset, prompts, cfg, rng)
+    train_unet(pipe, dataset, prompts, ink, cfg, rng)
     return pipe
 
 

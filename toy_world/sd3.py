@@ -201,7 +201,7 @@ def main(argv=None):
     cfg = parse_config(Config, argv, __doc__)
     rng = np.random.default_rng(cfg.seed)
     vae = AutoencoderKL.from_pretrained(cfg.vae).requires_grad_(False)
-    dataset, prompts = encode_dataset(vae, cfg, rng)
+    dataset, prompts, _ = encode_dataset(vae, cfg, rng)
     # SD3's latents are shifted, then scaled: to zero mean and unit variance here
     vae.register_to_config(shift_factor=dataset.mean().item())
     vae.register_to_config(scaling_factor=1 / (dataset - dataset.mean()).std().item())

@@ -1,7 +1,7 @@
 """The toy world's words: 64 x 64 images of one short word in capitals, for the OCR reward.
 
 Each image shows one word of WORDS in one of the world's colours, drawn in PIL's default font at
-16 to 22 px somewhere on a plain light neutral background, captioned `the word "CAT" in red`: the
+16 to 22 px near the centre of a plain light neutral background, captioned `the word "CAT" in red`: the
 quotes are what the OCR reward reads (machinery/learned_rewards/ocr.py). The OCR model reads every
 word drawn here exactly; the bundled model tiny-words draws them less well, which leaves its OCR
 reward room to rise. Yellow is left out: on a light background it is too faint to read.
@@ -9,7 +9,6 @@ reward room to rise. Yellow is left out: on a light background it is too faint t
 """
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import toy_world
@@ -24,6 +23,7 @@ HELDOUT = [
 ]
 TRAIN = [prompt for prompt in PROMPTS if prompt not in HELDOUT]
 FONT_SIZES = range(16, 23)
+JITTER = 4  # pixels the word moves from the centre, either way on each axis
 MIN_INK = 30  # pixels of a colour that make a word in it (a 16 px word drawn here shows 70 or more)
 
 
@@ -47,8 +47,8 @@ def render(prompt, rng):
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default(size=int(rng.choice(FONT_SIZES)))
     left, top, right, bottom = draw.textbbox((0, 0), word, font=font)
-    x = rng.integers(3, SIZE - (right - left) - 2) - left
-    y = rng.integers(3, SIZE - (bottom - top) - 2) - top
+    x, y = (SIZE - (right - left)) // 2 - left, (SIZE - (bottom - top)) // 2 - top  # centred
+    x, y = x + rng.integers(-JITTER, JITTER + 1), y + rng.integers(-JITTER, JITTER + 1)
     draw.text(
         (int(x), int(y)), word, fill=tuple(int(round(c * 255)) for c in COLOURS[colour]), font=font
     )
@@ -64,6 +64,8 @@ def sample_batch(n, rng, prompts=TRAIN):
 def colour_fidelity(images, prompts):
     """1 for each image (B, 3, H, W) in [0, 1] that shows its prompt's colour, else 0: at least
     MIN_INK pixels within toy_world.MATCH_DISTANCE of it, and no fewer than of any other colour."""
+    import torch  # here, not above: --help reads the prompt sets before torch loads
+
     pixels = images.detach().float().cpu()
     close = torch.stack(
         [
