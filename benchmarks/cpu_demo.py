@@ -139,7 +139,7 @@ def same_noise(pipe, read):
     prompts = [p for p in words.PROMPTS for _ in range(N_SAME)]
     images = sample(pipe, prompts)
     scores = read(images, prompts)
-    groups = images.double().view(len(words.PROMPTS), N_SAME, -1)
+    groups = images.double().reshape(len(words.PROMPTS), N_SAME, -1)
     distances = torch.cdist(groups, groups) / groups.shape[-1] ** 0.5  # RMS, [0, 1] units
     pairs = N_SAME * (N_SAME - 1)
     return {
@@ -153,12 +153,12 @@ def same_noise(pipe, read):
 @torch.no_grad()
 def before_after(lora_dir, path, model, reward, n=8):
     """Base and fine-tuned model on the same prompts and the same initial noise, one row each."""
-    prompts = (words.PROMPTS[::7] if reward == "ocr" else toy_world.PROMPTS[::2])[:n]
+    prompts = (words.PROMPTS[::6] if reward == "ocr" else toy_world.PROMPTS[::2])[:n]
     pipe = load_pipeline(model)
     base = sample(pipe, prompts)
     pipe.load_lora_weights(lora_dir)
     images = torch.cat([base, sample(pipe, prompts)])
-    rows = ["base"] * n + ["tuned"] * n
+    rows = ["base"] * len(prompts) + ["tuned"] * len(prompts)
     if reward == "ocr":
         read = ocr.load()
         scores, readings = read(images, prompts * 2).tolist(), read.readings
@@ -174,7 +174,7 @@ def before_after(lora_dir, path, model, reward, n=8):
             f"{row} {kb:.2f} kB\n{p[2:]} {f:.1f}"
             for row, p, kb, f in zip(rows, prompts * 2, kilobytes, fidelity)
         ]
-    save_grid(images, captions, path, cols=n)
+    save_grid(images, captions, path, cols=len(prompts))
 
 
 def same_noise_all(args, runs):
