@@ -1,29 +1,40 @@
-"""The bundled model: loads offline from the repository, samples a batch, and is what --model auto
-picks on a machine without CUDA."""
+"""The bundled models: tiny-shapes and tiny-words load offline from the repository and sample a
+batch; tiny-shapes is what --model auto picks on a machine without CUDA."""
 
 import os
 
+import pytest
 import torch
 
 import toy_world
 from machinery import cli, config
 from machinery.pipeline import load_pipeline
 from sampler import sample_trajectories
+from toy_world import words
 
 
-def test_bundled_model_loads_offline_and_samples_a_batch(monkeypatch):
+@pytest.mark.parametrize(
+    "model, prompts, channels",
+    [
+        (config.BUNDLED_MODEL, toy_world.PROMPTS, 4),
+        (config.BUNDLED_WORDS_MODEL, words.PROMPTS, 16),  # the model that writes
+    ],
+    ids=["tiny-shapes", "tiny-words"],
+)
+def test_bundled_model_loads_offline_and_samples_a_batch(monkeypatch, model, prompts, channels):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    pipe = load_pipeline(config.BUNDLED_MODEL)
-    size_mb = sum(f.stat().st_size for f in config.BUNDLED_MODEL.rglob("*") if f.is_file()) / 1e6
+    pipe = load_pipeline(model)
+    size_mb = sum(f.stat().st_size for f in model.rglob("*") if f.is_file()) / 1e6
     assert size_mb <= 15
     traj = sample_trajectories(
         pipe,
-        toy_world.PROMPTS[:4],
+        prompts[:4],
         num_steps=5,
         guidance_scale=3.0,
         generator=torch.Generator().manual_seed(0),
     )
-    assert traj["images"].shape == (4, 3, 64, 64) and traj["latents"].shape == (4, 6, 4, 8, 8)
+    assert traj["images"].shape == (4, 3, 64, 64)
+    assert traj["latents"].shape == (4, 6, channels, 8, 8)
     assert torch.isfinite(traj["log_probs"]).all()
 
 
