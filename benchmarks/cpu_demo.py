@@ -178,26 +178,24 @@ def before_after(lora_dir, path, model, reward, n=8):
 
 
 def same_noise_all(args, runs):
-    """same_noise of the base model (kept as base_same_noise.json) and of each seed's LoRA."""
-    base_path = args.keep / "base_same_noise.json"
+    """same_noise of the base model (kept as base_same_noise.json) and of each seed's LoRA, each
+    measured once (a kept file is read again), as the page's table."""
+    models = [("base", args.keep / "base_same_noise.json", None)]
+    models += [(f"seed {seed}", out / "same_noise.json", out / "lora") for seed, out in runs]
     read, pipe = ocr.load(), None
-    for seed, out in [(None, None), *runs]:
-        path = base_path if seed is None else out / "same_noise.json"
+    for _, path, lora in models:
         if path.is_file():
             continue
         pipe = pipe or load_pipeline(args.model)
-        if seed is not None:
-            pipe.unload_lora_weights()
-            pipe.load_lora_weights(out / "lora")
+        pipe.unload_lora_weights()
+        if lora:
+            pipe.load_lora_weights(lora)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(same_noise(pipe, read)) + "\n")
-    base = json.loads(base_path.read_text())
+    measured = [(name, json.loads(path.read_text())) for name, path, _ in models]
+    base = measured[0][1]
     rows = ["| model | exact | OCR reward | colour | diversity |", "|---|---|---|---|---|"]
-    for name, path in [
-        ("base", base_path),
-        *((f"seed {s}", o / "same_noise.json") for s, o in runs),
-    ]:
-        m = json.loads(path.read_text())
+    for name, m in measured:
         rows.append(
             f"| {name} | {m['exact']:.3f} | {m['ocr']:.3f} | {m['fidelity']:.3f} "
             f"| {m['diversity']:.4f} ({m['diversity'] / base['diversity']:.2f} of the base's) |"
@@ -263,12 +261,7 @@ def keep(args, results):
         "before_after.png": args.out / "before_after.png",
     }
     for seed in args.seeds:
-        keep_run(args.out / f"seed{seed}", args.keep / f"seed{seed}")
-        if (args.out / f"seed{seed}" / "same_noise.json").is_file():
-            shutil.copyfile(
-                args.out / f"seed{seed}" / "same_noise.json",
-                args.keep / f"seed{seed}" / "same_noise.json",
-            )
+        keep_run(args.out / f"seed{seed}", args.keep / f"seed{seed}", also=("same_noise.json",))
     if args.no_figures:
         return
     for name, path in figures.items():

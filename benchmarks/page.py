@@ -74,11 +74,12 @@ def write_block(page, name, body):
     aside.replace(page)
 
 
-def keep_run(run, kept):
-    """A finished run's result files (metrics, run.json, wall time, settings) copied into kept, its
-    settings' paths in this checkout written from its root: no weights, no samples."""
+def keep_run(run, kept, also=()):
+    """A finished run's result files (metrics, run.json, wall time, settings, and the files named
+    in also, where they are) copied into kept, its settings' paths in this checkout written from
+    its root: no weights, no samples."""
     kept.mkdir(parents=True, exist_ok=True)
-    for name in ("metrics.jsonl", "run.json", "wall_seconds.txt"):
+    for name in ("metrics.jsonl", "run.json", "wall_seconds.txt", *also):
         if (run / name).is_file():
             shutil.copyfile(run / name, kept / name)
     settings = json.loads((run / "config.json").read_text())
