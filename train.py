@@ -54,7 +54,7 @@ def main(argv=None, reward_fn=None):
             prompts = draw_prompts(run.prompt_set, run.rng, run.share, cfg.samples_per_prompt)
             w, eta, batch_size = cfg.guidance_scale, cfg.eta, cfg.sample_batch_size
             settings = (cfg.num_steps, w, eta, batch_size, run.generator)
-            with run.autocast:  # beyond the paper: sampling_options (machinery/run.py)
+            with run.autocast, run.sampling_weights():  # beyond the paper: machinery/run.py
                 options = run.sampling_options(epoch, prompts)
                 traj = sample_trajectories(run.pipe, prompts, *settings, run.policy, **options)
             # 2. reward r(x_0, c) of the decoded images

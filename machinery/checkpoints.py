@@ -1,10 +1,10 @@
 """Checkpoints: what `train.py --resume` needs to continue a run exactly after epoch N, kept as
 checkpoints/epoch_N.pt in its run folder (run_folder.py writes the rest of the folder).
 
-A checkpoint holds the trainable weights, the optimiser, the per-prompt reward buffers, every
-process's random streams, the metrics so far, and the run's id from config.json: resume takes only
-the folder's own. It holds only tensors and plain Python data, so that it loads with
-torch.load(weights_only=True), which runs no code.
+A checkpoint holds the trainable weights (and NFT's sampling policy's), the optimiser, the
+per-prompt reward buffers, every process's random streams, the metrics so far, and the run's id
+from config.json: resume takes only the folder's own. It holds only tensors and plain Python data,
+so that it loads with torch.load(weights_only=True), which runs no code.
 """
 
 import pickle
@@ -46,6 +46,7 @@ def save(run):
             "rng": streams,
             "trainable": {name: p for name, p in unet.state_dict().items() if name in trainable},
             "buffers": run.tracker.state_dict() if run.tracker is not None else {},
+            "old_policy": run.old_policy.state_dict() if run.old_policy is not None else {},
         }
         write(run.out, state, run.cfg.keep_checkpoints)
 
@@ -168,6 +169,8 @@ def restore(state, run):
     optimizer.load_state_dict(state["optimizer"])
     if tracker is not None:
         tracker.load_state_dict(state["buffers"])
+    if run.old_policy is not None:  # --algo nft's sampling policy
+        run.old_policy.load_state_dict(state["old_policy"])
     own = state["rng"][rank]
     rng.bit_generator.state = own["numpy"]
     torch.set_rng_state(own["torch"])

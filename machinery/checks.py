@@ -111,6 +111,9 @@ def check_algorithm(cfg):
             "--kl-coef works with ddpo-is, ddpo-sf and pxpo, whose updates score the sampled "
             f"steps; {cfg.algo} regresses on fresh noise instead"
         )
+    if cfg.algo == "nft" and (cfg.shared_noise or cfg.train_window):  # it samples with the ODE
+        flag = "--shared-noise" if cfg.shared_noise else "--train-window"
+        fail(f"{flag} does not apply to --algo nft: its sampler is deterministic (no step's noise)")
     if cfg.algo in ON_POLICY and (cfg.updates_per_epoch > 1 or cfg.inner_epochs > 1):
         fail(
             f"--algo {cfg.algo} is on-policy: one update per epoch (--updates-per-epoch 1, "

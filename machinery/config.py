@@ -71,6 +71,8 @@ ALGO_SETTINGS = {
     "rwr-sparse": dict(updates_per_epoch=4, inner_epochs=5),
     # beyond the paper: AWM, DDPO_IS's clipped ratio on the pretraining loss (machinery/matching.py)
     "awm": dict(updates_per_epoch=4),
+    # beyond the paper: DiffusionNFT, guidance-free, beta 1 as its code (config/nft.py); nft.py
+    "nft": dict(updates_per_epoch=4, guidance_scale=1.0, beta=1.0),
 }
 ALGOS = tuple(ALGO_SETTINGS)
 # the on-policy ones: one update on each epoch's samples (checks.check_algorithm refuses more)
@@ -155,7 +157,7 @@ class Config(RewardSettings):
         "ddpo-is",
         "DDPO_IS (clipped importance sampling), DDPO_SF (REINFORCE), reward-weighted regression "
         "(dense or top 10 %%), pixel-wise PXPO (ddpo.py); beyond the paper, AWM "
-        "(machinery/matching.py)",
+        "(machinery/matching.py) and DiffusionNFT (machinery/nft.py)",
         choices=ALGOS,
     )
     epochs: int = arg(100, "epochs, each one round of sampling and updates")
@@ -191,7 +193,15 @@ class Config(RewardSettings):
     )
     buffer_size: int = arg(32, "rewards kept per prompt for its statistics")
     min_count: int = arg(16, "rewards a prompt needs before its own statistics replace the batch's")
-    beta: float = arg(0.2, "rwr: inverse temperature of the weights exp(beta * r)")
+    beta: float = arg(0.2, "rwr: inverse temperature of exp(beta * r); nft: its beta, 1 by default")
+    nft_decay: int = arg(
+        1,
+        "nft: the sampling policy's EMA decay schedule after s optimiser steps, DiffusionNFT's "
+        "decay types: 0, none (it is the trained weights each epoch); 1, min(0.001 s, 0.5); 2, 0 "
+        "for 75 steps, then min(0.0075 (s - 75), 0.999)",
+        choices=(0, 1, 2),
+        group=BEYOND,
+    )
     # beyond the paper: what DDPO's successors changed
     # (successors.py; docs/extensions.md, "What DDPO's successors changed")
     samples_per_prompt: int = arg(
@@ -230,7 +240,7 @@ class Config(RewardSettings):
     kl_coef: float = arg(
         0.0,
         "weight of the KL(policy || base model) penalty on the trained steps (0: the paper's "
-        "DDPO; leash.policy_kl)",
+        "DDPO; leash.policy_kl); nft: of its code's squared distance to the base prediction",
         group=BEYOND,
     )
     eval_every: int = arg(
@@ -298,8 +308,7 @@ class Config(RewardSettings):
     )
     reward_retries: int = arg(
         3,
-        "a served reward: tries after a failed request, waiting 1, 2, 4 ... s, before the run "
-        "stops",
+        "a served reward: tries after a failed request, waiting 1, 2, 4 ... s, before it stops",
         group=RUN,
     )
     reward_format: str = arg(

@@ -28,6 +28,7 @@ from collections import defaultdict
 import torch
 
 import ddpo
+from machinery import nft
 from sampler import guided_prediction
 
 
@@ -94,4 +95,5 @@ def awm_update(cfg, run, traj, advantages):
     return {**epoch_means(stats), "skipped_updates": skipped}
 
 
-UPDATES = {"awm": awm_update}  # the algorithms whose update is not train.update's
+# the algorithms whose update is not train.update's
+UPDATES = {"awm": awm_update, "nft": nft.nft_update}

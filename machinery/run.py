@@ -23,6 +23,7 @@ from machinery import (
     checkpoints,
     config,
     epoch_log,
+    nft,
     parallel,
     run_folder,
     successors,
@@ -70,6 +71,7 @@ class Run(contextlib.ExitStack):
         self.pipe = load_model(cfg, self.device, dtype)
         self.policy = self.pipe.family.POLICY
         self.params = add_trainable(self.pipe, cfg.lora_rank)
+        self.old_policy = nft.old_policy(cfg, self.params)  # NFT's sampling policy, else None
         # the base policy, before any update
         self.base = base_policy(self.pipe.unet, cfg.lora_rank) if config.base_needed(cfg) else None
         if cfg.gradient_checkpointing:
@@ -185,7 +187,14 @@ class Run(contextlib.ExitStack):
         # the VAE decodes --batch-size images at a time: on a CPU a decode of the bundled
         # model's 64 images at once takes 2.4 times as long (docs/speed.md)
         decoding = {"decode_batch_size": cfg.batch_size}
+        if self.old_policy is not None:  # NFT samples with the ODE
+            extra.update(nft.sampling_options(cfg.num_steps))
         return {"progress": self.progress, "after_batch": check, **decoding, **extra}
+
+    def sampling_weights(self):
+        """The weights that sample an epoch: NFT's sampling policy (machinery/nft.py), else the
+        trained ones."""
+        return self.old_policy.weights() if self.old_policy else contextlib.nullcontext()
 
     def after_batch(self, epoch, first_batch, images, prompts, first, total):
         """Once a batch is sampled: your own reward's output is checked on the epoch's first batch

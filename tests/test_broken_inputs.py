@@ -214,6 +214,10 @@ CASES = {
         lambda w, r: ["--train-window", "1", "--algo", "rwr"],
         "--train-window",
     ),
+    "train window with nft": (
+        lambda w, r: ["--train-window", "1", "--algo", "nft"],
+        "--train-window",
+    ),
     "eval steps past the timesteps": (
         lambda w, r: ["--eval-num-steps", "1000"],
         "--eval-num-steps",
