@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end in a reduced mode (a smoke test: no timing is asserted)."""
 
+import argparse
 import importlib.metadata
 import importlib.util
 import json
@@ -506,6 +507,17 @@ def test_time_to_target_finds_the_first_evaluation_of_a_held_target_and_counts_t
         time_to_target.choose({1e-3: slow, 2e-3: fast, 4e-3: none}) == 2e-3
         and time_to_target.choose({1e-3: none}) == 1e-3
     )
+
+
+def test_time_to_target_tunes_every_recipe_on_as_many_rates_its_own_grid_or_the_ones_given():
+    recipes = ["paper", "awm", "nft"]
+    grids = time_to_target.grid(argparse.Namespace(recipes=recipes, lrs=None))
+    assert grids["awm"] != grids["paper"] != grids["nft"]
+    assert len({len(g) for g in grids.values()}) == 1
+    tasks = time_to_target.interleaved(recipes, range(len(time_to_target.LRS)), grids)
+    assert tasks[:3] == [(r, grids[r][0]) for r in recipes] and len(tasks) == 3 * 4
+    given = time_to_target.grid(argparse.Namespace(recipes=recipes, lrs=[1e-3]))
+    assert all(g == [1e-3] for g in given.values())
 
 
 def test_time_to_target_stops_a_run_once_its_target_is_held_and_reuses_it(
