@@ -10,6 +10,7 @@ import torch
 
 import toy_world
 from ddpo import scalar
+from machinery import nft
 from machinery.leash import KLToBase
 from machinery.epoch_log import save_grid
 from sampler import sample_trajectories
@@ -36,24 +37,28 @@ def evaluate(cfg, pipe, base, prompts, trained, reward_fn, autocast, out, epoch)
     held-out prompts when the prompts hold both (section 6.3)."""
     start = time.time()
     generator = torch.Generator(pipe.unet.device).manual_seed(EVAL_SEED)
-    measure = KLToBase(pipe, base, cfg.eta, pipe.family.POLICY)
+    num_steps, measure = cfg.eval_num_steps or cfg.num_steps, None
+    if cfg.algo == "nft":  # NFT's policy samples with the ODE, whose steps have no KL to measure
+        options = nft.sampling_options(num_steps)
+    else:
+        measure = KLToBase(pipe, base, cfg.eta, pipe.family.POLICY)
+        options = {"on_step": measure}
     with autocast:
         traj = sample_trajectories(
             pipe,
             prompts,
-            cfg.eval_num_steps or cfg.num_steps,
+            num_steps,
             cfg.guidance_scale,
             cfg.eta,
             cfg.sample_batch_size,
             generator,
             pipe.family.POLICY,
-            on_step=measure,
             decode_batch_size=cfg.batch_size,
+            **options,
         )
-    values = {
-        "reward_mean": scalar(reward_fn(traj["images"], prompts).float().cpu()),
-        "kl_to_base": measure.kl().float().mean(dim=1).cpu(),
-    }
+    values = {"reward_mean": scalar(reward_fn(traj["images"], prompts).float().cpu())}
+    if measure is not None:
+        values["kl_to_base"] = measure.kl().float().mean(dim=1).cpu()
     judge = toy_world.fidelity_judge(prompts)
     if judge:
         values["fidelity"] = judge(traj["images"], prompts)
