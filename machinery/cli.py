@@ -120,8 +120,8 @@ def parse_args(argv=None, description=None):
 
 def resolve(given):
     """The settings of a new run, in layers, each over the one before: the paper's defaults
-    (Config), the preset, the model family's (families.SETTINGS), the algorithm's own
-    (ALGO_SETTINGS), the preset's tuned ones (TUNED), the flags given; then the values derived.
+    (Config), the preset, the algorithm's own (ALGO_SETTINGS), the model family's
+    (families.SETTINGS), the preset's tuned ones (TUNED), the flags given; then the values derived.
     Returns the Config and where each value came from."""
     model, preset = given.pop("model", "auto"), given.pop("preset", "auto")
     sources = {
@@ -148,8 +148,9 @@ def resolve(given):
     algo, reward = given.get("algo", Config.algo), given.get("reward", Config.reward)
     layers = [
         (f"preset {preset}", PRESETS[preset]),
-        ("the model family's (machinery/families)", families.settings(model)),
         (f"algorithm {algo}", ALGO_SETTINGS[algo]),
+        # over the algorithm's: a model's own (FLUX dev's guidance is an input, not nft's CFG)
+        ("the model family's (machinery/families)", families.settings(model)),
         (
             f"tuned for {reward} and {algo} (config.TUNED)",
             TUNED.get(preset, {}).get((reward, algo), {}),

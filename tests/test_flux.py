@@ -17,6 +17,7 @@ from test_flow import OPTIONS, reference_mean_std
 
 import sample
 import train
+from machinery.cli import parse_args
 from machinery.families import flux, sd3
 from machinery.pipeline import add_trainable, autocast, load_pipeline
 from sampler import sample_trajectories
@@ -209,6 +210,9 @@ def test_dev_guides_at_3_5_by_default_and_schnell_refuses_a_guidance_scale_in_on
     if dev:
         train.main(flux_run(tmp_path / "run", 1, flux_dir))
         assert json.loads((tmp_path / "run" / "config.json").read_text())["guidance_scale"] == 3.5
+        # guidance-free NFT keeps it too: dev's guidance is an input of one forward, not CFG
+        nft = parse_args(flux_run(tmp_path / "nft", 1, flux_dir, "--algo", "nft"))
+        assert nft.guidance_scale == 3.5
         return
     with pytest.raises(SystemExit) as exit:
         train.main(flux_run(tmp_path / "run", 1, flux_dir, "--guidance-scale", "3.5"))

@@ -1,8 +1,9 @@
 """DiffusionNFT (--algo nft, machinery/nft.py): its loss against a float64 formula; at the sampling
 policy's weights its gradient is the advantage-weighted regression on the samples (zero at A = 0);
 every model's prediction gives back the clean sample it was made from; the sampling policy's
-decay schedule, swap and EMA; one epoch trains and resumes exactly on the bundled DDIM model (the
-SD3-shaped pipeline: test_flow's OPTIONS)."""
+decay schedule, swap and EMA; it trains, evaluates and resumes exactly on the bundled DDIM model
+(the SD3- and FLUX-shaped pipelines: test_flow's OPTIONS), and an epoch trains on SD 2.x's
+v-prediction and on SDXL."""
 
 import json
 
@@ -123,3 +124,17 @@ def test_nft_trains_and_evaluates_without_guidance_and_resumes_exactly_on_the_dd
     evaluated = [m for m in straight if "eval_reward_mean" in m]
     assert len(evaluated) == 3 and not any("eval_kl_to_base" in m for m in evaluated)
     assert metrics(tmp_path / "resumed") == straight
+
+
+@pytest.mark.parametrize("family", ["tiny_sd2_pipeline_dir", "tiny_sdxl_pipeline_dir"])
+def test_an_epoch_of_nft_trains_on_a_v_prediction_model_and_on_sdxl(family, request, tmp_path):
+    out = tmp_path / "run"
+    train.main(
+        [
+            *("--model", str(request.getfixturevalue(family)), "--algo", "nft"),
+            *("--out", str(out), "--epochs", "1", "--samples-per-epoch", "8"),
+            *("--batch-size", "2", "--num-steps", "3", "--prompts", "simple_animals"),
+        ]
+    )
+    (trained,) = metrics(out)
+    assert trained["loss"] > 0 and trained["skipped_updates"] == 0

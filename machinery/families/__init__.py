@@ -22,7 +22,7 @@ FAMILIES = {  # model_index.json's _class_name -> this folder's module
     "StableDiffusion3Pipeline": "sd3",  # a flow model, with Flow-GRPO's SDE step
     "FluxPipeline": "flux",  # FLUX.1 dev and schnell: the same, guidance an input
 }
-# A family's settings over the paper's (under the algorithm's and the flags), from the model's own
+# A family's settings over the paper's and the algorithm's (under the flags), from the model's own
 # files, read before anything loads: read(file) -> that JSON file of the model as a dict.
 SETTINGS = {  # FluxPipeline's guidance: 3.5 where the transformer takes it (dev), 1: none (schnell)
     "FluxPipeline": lambda read: dict(
