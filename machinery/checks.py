@@ -109,7 +109,7 @@ def check_algorithm(cfg):
     if cfg.kl_coef > 0 and (cfg.algo.startswith("rwr") or cfg.algo == "awm"):
         fail(
             "--kl-coef works with ddpo-is, ddpo-sf and pxpo, whose updates score the sampled "
-            f"steps; {cfg.algo} regresses on fresh noise instead"
+            f"steps, and nft (its code's distance to the base); {cfg.algo} has no such term"
         )
     if cfg.algo == "nft" and (cfg.shared_noise or cfg.train_window):  # it samples with the ODE
         flag = "--shared-noise" if cfg.shared_noise else "--train-window"

@@ -26,8 +26,9 @@ update by an EMA whose decay rises with the optimiser steps (OldPolicy; return_d
 169-189, applied at 1034-1039). As the code samples (config/nft.py): deterministically (the ODE:
 DDIM with eta 0, the flow's Euler step, where the code uses its second-order "dpm2" solver) and
 without guidance (w 1: one forward a step, not two); it trains the conditional prediction. The
-code's squared distance to the base model's prediction (lines 966-970, weight train.beta) is
---kl-coef here, 0 by default. Models that predict the noise or v are trained on the same x0
+code's squared distance to the base model's prediction (lines 966-970, weight train.beta, 1e-4
+in its configs) is --kl-coef here, 0 by default (docs/algorithms.md: the other differences).
+Models that predict the noise or v are trained on the same x0
 (clean_prediction): each x0 is affine in its prediction with weights summing to one, so mixing
 predictions is mixing their x0. Not ported: the code's second EMA of the trained weights (decay
 0.9, train.ema) that it evaluates and saves; here the trained weights are the ones evaluated and
@@ -104,12 +105,14 @@ class OldPolicy:
         with torch.no_grad():
             for p, old in zip(self.params, self.old):
                 p.copy_(old)
+        torch.clear_autocast_cache()  # autocast keeps a low-precision copy of each weight by tensor
         try:
             yield
         finally:
             with torch.no_grad():
                 for p, theta in zip(self.params, trained):
                     p.copy_(theta)
+            torch.clear_autocast_cache()  # else the trained forward would reuse the old weights'
 
     def follow(self, steps):
         """After `steps` more optimiser steps: old <- d old + (1 - d) theta, d = decay(every

@@ -100,6 +100,22 @@ def test_the_sampling_policy_swaps_in_its_weights_and_follows_the_trained_ones_b
     assert fresh.steps == 100 and torch.equal(fresh.old[0], old.old[0])
 
 
+def test_under_mixed_precision_the_trained_forward_sees_the_trained_weights_not_the_old():
+    """Autocast caches a weight's bf16 copy by tensor: the swap in and out must not leave the old
+    weights' copy for the trained forward of the same autocast block."""
+    layer = torch.nn.Linear(4, 4)
+    old = nft.OldPolicy(list(layer.parameters()), decay_type=1)
+    with torch.no_grad():
+        layer.weight.add_(1.0)  # the trained weights move away from the sampling policy's
+    x = torch.ones(2, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad(), old.weights():
+            y_old = layer(x)
+        y_theta = layer(x)
+    torch.testing.assert_close(y_theta.float(), layer(x), atol=0.1, rtol=0.02)
+    assert (y_theta.float() - y_old.float()).abs().min() > 3  # 4 inputs of 1, each weight +1
+
+
 def metrics(out):
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in m.items() if not k.endswith("_seconds")} for m in lines]
