@@ -141,7 +141,7 @@ def policy_loss(algo, log_prob, element_log_prob, old_log_prob, advantages, clip
         return ddpo_sf_loss(log_prob, advantages, clip_max)
     if algo == "pxpo":  # every latent position its own advantage
         return pxpo_loss(element_log_prob, advantages, clip_max)
-    raise ValueError(f"algo {algo!r}: no loss of the steps' log-probs (rwr: rwr_loss)")
+    raise ValueError(f"algo {algo!r}: no loss of the steps' log-probs (rwr: rwr_loss; nft: nft.py)")
 
 
 @torch.no_grad()

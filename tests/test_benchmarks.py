@@ -571,7 +571,8 @@ def test_time_to_target_stops_a_run_once_its_target_is_held_and_reuses_it(
     )
     page = (tmp_path / "page.md").read_text()  # the table, with the commit and machine it ran on
     assert "<!-- begin time_to_target" in page and "| group4 | `--samples-per-prompt 4" in page
-    assert "Made by `python benchmarks/time_to_target.py --jobs 2`: commit `" in page
+    made_by = "Made by `python benchmarks/time_to_target.py --jobs 2 --recipes group4 --train-args "
+    assert made_by in page and "`: commit `" in page
 
 
 def test_a_run_killed_three_times_at_random_moments_resumes_to_the_straight_runs_outputs(
