@@ -60,18 +60,28 @@ def log_probs(cfg, run, traj, rows, k, seeds):
     return matching_log_prob(prediction, target)
 
 
+def plan(cfg, run, traj):
+    """The minibatches and steps train.update draws (train.shuffled_microbatches), over every step
+    of the schedule, for an update that trains on fresh noise (AWM's, NFT's): the batches, each
+    sample's trained steps, and the microbatches an optimiser step takes."""
+    from train import shuffled_microbatches
+
+    num_samples, device = len(traj["latents"]), traj["latents"].device
+    steps = torch.arange(traj["timesteps"].shape[1], device=device)
+    train_steps = max(1, int(len(steps) * cfg.timestep_fraction))
+    microbatches = num_samples // (cfg.updates_per_epoch * cfg.batch_size)
+    batches = shuffled_microbatches(cfg, num_samples, run.rng, device, steps, train_steps)
+    return batches, train_steps, microbatches
+
+
 def awm_update(cfg, run, traj, advantages):
     """AWM's update on this process's samples: the minibatches and steps train.update draws, each
     state's noise seeded once; the old log-probs of every state first, without gradient, then the
     clipped-ratio loss of each minibatch, its gradients accumulated into cfg.updates_per_epoch
     optimiser steps a pass."""
-    from train import epoch_means, fused_steps, optimizer_step, shuffled_microbatches
+    from train import epoch_means, fused_steps, optimizer_step
 
-    num_samples, device = len(traj["log_probs"]), traj["latents"].device
-    steps = torch.arange(traj["timesteps"].shape[1], device=device)
-    train_steps = max(1, int(len(steps) * cfg.timestep_fraction))
-    microbatches = num_samples // (cfg.updates_per_epoch * cfg.batch_size)
-    batches = shuffled_microbatches(cfg, num_samples, run.rng, device, steps, train_steps)
+    batches, train_steps, microbatches = plan(cfg, run, traj)
     forwards = [
         (rows, k, each, run.rng.integers(2**62, size=len(rows)))
         for samples, step_order in batches

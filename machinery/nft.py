@@ -161,13 +161,10 @@ def nft_update(cfg, run, traj, advantages):
     """NFT's update on this process's samples: the minibatches and steps train.update draws, each
     state noised afresh from its clean sample; the gradients accumulate into cfg.updates_per_epoch
     optimiser steps a pass. Then the sampling policy follows the trained weights."""
-    from train import denoising, epoch_means, fused_steps, optimizer_step, shuffled_microbatches
+    from machinery.matching import plan
+    from train import denoising, epoch_means, fused_steps, optimizer_step
 
-    num_samples, device = len(traj["latents"]), traj["latents"].device
-    steps = torch.arange(traj["timesteps"].shape[1], device=device)
-    train_steps = max(1, int(len(steps) * cfg.timestep_fraction))
-    microbatches = num_samples // (cfg.updates_per_epoch * cfg.batch_size)
-    batches = shuffled_microbatches(cfg, num_samples, run.rng, device, steps, train_steps)
+    batches, train_steps, microbatches = plan(cfg, run, traj)
     stats, skipped = defaultdict(list), 0
     for i, (samples, step_order) in enumerate(batches):
         for rows, k, each in fused_steps(samples, step_order, train_steps, cfg.steps_per_forward):
